@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+app = Celery("quota")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+# The beat schedule lives here and nowhere else.
+app.conf.beat_schedule = {
+    "expire-leases": {"task": "quotas.tasks.expire_leases", "schedule": 2.0},
+}

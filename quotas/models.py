@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.exceptions import ValidationError
+from django.db import models
+from simple_history.models import HistoricalRecords
+
+from providers.models import LanguageModel, Pool
+from tenants.models import Feature, Tenant
+
+
+class Metric(models.TextChoices):
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    INPUT_TOKENS = "input_tokens", "input tokens"
+    OUTPUT_TOKENS = "output_tokens", "output tokens"
+    COST_USD = "cost_usd", "USD"
+    CONCURRENT = "concurrent", "concurrent requests"
+
+
+class Window(models.TextChoices):
+    MINUTE = "minute"
+    HOUR = "hour"
+    DAY = "day"
+    MONTH = "month"
+
+
+class Enforcement(models.TextChoices):
+    HARD = "hard", "hard (refuse)"
+    SOFT = "soft", "soft (admit and alert)"
+    SHADOW = "shadow", "shadow (admit and record)"
+
+
+DEFAULT_ALERT_AT = [0.5, 0.8, 1.0]
+
+
+def default_alert_at() -> list[float]:
+    return list(DEFAULT_ALERT_AT)
+
+
+class Limit(models.Model):
+    """One rule: a scope, a metric, a window, an amount and an enforcement.
+
+    The rules a limit must satisfy live in `quotas.validation` and run from `clean()`, so
+    the admin, `quota apply` and the services all refuse the same things with the same words.
+    """
+
+    tenant = models.ForeignKey(
+        Tenant, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    feature = models.ForeignKey(
+        Feature, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    pool = models.ForeignKey(
+        Pool, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    model = models.ForeignKey(
+        LanguageModel, null=True, blank=True, on_delete=models.CASCADE, related_name="limits"
+    )
+    metric = models.CharField(max_length=16, choices=Metric.choices)
+    window = models.CharField(
+        max_length=8,
+        choices=Window.choices,
+        blank=True,
+        help_text="minute: a continuously refilling token bucket; hour, day, month: a calendar "
+        "budget in the tenant's time zone. Concurrency limits take no window.",
+    )
+    amount = models.DecimalField(
+        max_digits=20,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text="The cap. For a feature on a pool it is the feature's ceiling.",
+    )
+    guaranteed = models.DecimalField(
+        max_digits=20,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text="For a feature on a pool: the share of the pool no other feature can take.",
+    )
+    enforcement = models.CharField(
+        max_length=8, choices=Enforcement.choices, default=Enforcement.HARD
+    )
+    alert_at = models.JSONField(
+        default=default_alert_at,
+        blank=True,
+        help_text="Fractions of the amount at which the owners are alerted, e.g. [0.5, 0.8, 1.0].",
+    )
+    history = HistoricalRecords()
+
+    class Meta:
+        ordering = ["tenant__slug", "feature__slug", "pool__slug", "model__name", "metric"]
+
+    def __str__(self) -> str:
+        from quotas.validation import limit_describe
+
+        return limit_describe(self)
+
+    def clean(self) -> None:
+        from quotas.validation import limit_validate
+
+        limit_validate(self)
+
+    @property
+    def is_budget(self) -> bool:
+        return self.window in (Window.HOUR, Window.DAY, Window.MONTH)
+
+    @property
+    def amount_value(self) -> Decimal | None:
+        return self.amount
+
+
+class ApiKey(models.Model):
+    """A tenant's credential for the reservation API. Only an HMAC of the secret is kept."""
+
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+    features = models.ManyToManyField(
+        Feature,
+        blank=True,
+        related_name="api_keys",
+        help_text="Narrow the key to these features; none means every feature of the tenant.",
+    )
+    name = models.CharField(max_length=200, blank=True)
+    prefix = models.CharField(max_length=16, unique=True, editable=False)
+    hashed_secret = models.CharField(max_length=64, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    history = HistoricalRecords(
+        excluded_fields=["hashed_secret", "last_used_at"], m2m_fields=[features]
+    )
+
+    class Meta:
+        ordering = ["tenant__slug", "name"]
+        verbose_name = "API key"
+
+    def __str__(self) -> str:
+        return f"{self.name or 'key'} ({self.prefix}…)"
+
+    def clean(self) -> None:
+        if self.revoked_at is not None and self.created_at and self.revoked_at < self.created_at:
+            raise ValidationError({"revoked_at": "A key cannot be revoked before it was created."})

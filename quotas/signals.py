@@ -1,0 +1,48 @@
+"""Every saved change to the configuration bumps the config version in Redis, once the
+transaction commits, so that every web process reloads its in-process plan."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from django.db import transaction
+from django.db.models.signals import m2m_changed, post_delete, post_save
+
+from providers.models import LanguageModel, Pool, Provider
+from quotas.models import ApiKey, Limit
+from quotas.store import config_version_bump
+from tenants.models import Feature, Tenant
+
+log = logging.getLogger(__name__)
+
+CONFIG_MODELS = (Tenant, Feature, Provider, LanguageModel, Pool, Limit, ApiKey)
+
+
+def _bump_after_commit(**_: Any) -> None:
+    transaction.on_commit(_bump_now)
+
+
+def _bump_now() -> None:
+    try:
+        config_version_bump()
+    except redis.RedisError:
+        # Processes also reload on a timer, so a missed bump delays a change, never loses it.
+        log.warning("could not bump the config version in Redis", exc_info=True)
+
+
+for _model in CONFIG_MODELS:
+    post_save.connect(
+        _bump_after_commit, sender=_model, dispatch_uid=f"bump-save-{_model.__name__}"
+    )
+    post_delete.connect(
+        _bump_after_commit, sender=_model, dispatch_uid=f"bump-delete-{_model.__name__}"
+    )
+for _through in (
+    Tenant.owners.through,
+    Feature.pools.through,
+    Pool.served_models.through,
+    ApiKey.features.through,
+):
+    m2m_changed.connect(_bump_after_commit, sender=_through, dispatch_uid=f"bump-m2m-{_through}")

@@ -1,0 +1,207 @@
+"""The rules a limit must satisfy, and the words it is shown in.
+
+One place, used by the admin (through `Limit.clean`), by `quota apply` and by the services.
+Errors are keyed by field so that each caller can say where the problem is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING
+
+from django.core.exceptions import ValidationError
+
+if TYPE_CHECKING:
+    from quotas.models import Limit
+
+TOKEN_METRICS = {"tokens", "input_tokens", "output_tokens"}
+_Add = Callable[[str, str], None]
+
+WHOLE_METRICS = TOKEN_METRICS | {"requests", "concurrent"}
+WINDOW_WORDS = {"minute": "per minute", "hour": "per hour", "day": "per day", "month": "per month"}
+METRIC_WORDS = {
+    "requests": "requests",
+    "tokens": "tokens",
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+    "cost_usd": "USD",
+    "concurrent": "concurrent requests",
+}
+
+
+def limit_validate(limit: Limit) -> None:
+    errors: dict[str, list[str]] = {}
+
+    def add(field: str, message: str) -> None:
+        errors.setdefault(field, []).append(message)
+
+    _check_scope(limit, add)
+    _check_window(limit, add)
+    _check_amounts(limit, add)
+    _check_alert_at(limit, add)
+    if not errors:
+        _check_guarantee_fits_pool(limit, add)
+        _check_unique(limit, add)
+    if errors:
+        raise ValidationError(errors)
+
+
+def _check_scope(limit: Limit, add: _Add) -> None:
+    tenant, feature, pool, model = limit.tenant, limit.feature, limit.pool, limit.model
+    if not (tenant or feature or pool or model):
+        add("tenant", "A limit needs a scope: a tenant, feature, pool or model (or several).")
+    if feature is not None:
+        if tenant is None:
+            limit.tenant = feature.tenant
+        elif feature.tenant_id != tenant.pk:
+            add("feature", f"no feature '{feature.slug}' in tenant '{tenant.slug}'")
+    if (
+        model is not None
+        and pool is not None
+        and not pool.served_models.filter(pk=model.pk).exists()
+    ):
+        add("model", f"pool '{pool.slug}' does not serve model '{model.name}'")
+
+
+def _check_window(limit: Limit, add: _Add) -> None:
+    if limit.metric == "concurrent":
+        if limit.window:
+            add(
+                "window",
+                "A concurrency limit counts calls in flight at any instant; it takes no window.",
+            )
+    elif not limit.window:
+        add("window", "Choose a window: minute, hour, day or month.")
+    elif limit.window not in WINDOW_WORDS:
+        add("window", f"'{limit.window}' is not a window (minute, hour, day or month).")
+
+
+def _check_amounts(limit: Limit, add: _Add) -> None:
+    if limit.amount is None and limit.guaranteed is None:
+        add("amount", "Give an amount (or, for a feature on a pool, a guaranteed share).")
+    for field in ("amount", "guaranteed"):
+        value: Decimal | None = getattr(limit, field)
+        if value is None:
+            continue
+        if value <= 0:
+            add(field, f"The {field} must be greater than zero.")
+        elif limit.metric in WHOLE_METRICS and value != value.to_integral_value():
+            add(field, f"The {field} of a {METRIC_WORDS[limit.metric]} limit is a whole number.")
+    if limit.guaranteed is not None:
+        if not (limit.feature_id and limit.pool_id):
+            add("guaranteed", "A guaranteed share is given to a feature on a pool: name both.")
+        if limit.window != "minute" or limit.metric not in TOKEN_METRICS | {"requests"}:
+            add("guaranteed", "A guaranteed share applies to per-minute token or request limits.")
+        if limit.enforcement != "hard":
+            add("guaranteed", "A guaranteed share is only meaningful on a hard limit.")
+        if limit.amount is not None and limit.amount < limit.guaranteed:
+            add("amount", "The ceiling (amount) cannot be below the guaranteed share.")
+
+
+def _check_alert_at(limit: Limit, add: _Add) -> None:
+    values = limit.alert_at
+    if values in (None, ""):
+        limit.alert_at = []
+        return
+    ok = isinstance(values, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and 0 < v <= 2 for v in values
+    )
+    if not ok:
+        add("alert_at", "Alert thresholds are fractions of the amount, e.g. [0.5, 0.8, 1.0].")
+    else:
+        limit.alert_at = sorted(set(values))
+
+
+def _check_guarantee_fits_pool(limit: Limit, add: _Add) -> None:
+    from quotas.models import Limit as LimitModel
+
+    pool, guaranteed = limit.pool, limit.guaranteed
+    if guaranteed is None or pool is None:
+        return
+    capacity = (
+        LimitModel.objects.filter(
+            pool=pool, tenant=None, feature=None, model=None, metric=limit.metric, window="minute"
+        )
+        .values_list("amount", flat=True)
+        .first()
+    )
+    metric = METRIC_WORDS[limit.metric]
+    if capacity is None:
+        add(
+            "guaranteed",
+            f"pool '{pool.slug}' has no per-minute {metric} limit to guarantee a share of",
+        )
+        return
+    others = (
+        LimitModel.objects.filter(pool=pool, metric=limit.metric, window="minute")
+        .exclude(guaranteed=None)
+        .exclude(pk=limit.pk)
+        .values_list("guaranteed", flat=True)
+    )
+    total = sum((g for g in others if g is not None), Decimal(0)) + guaranteed
+    if total > capacity:
+        add(
+            "guaranteed",
+            f"guarantees on pool '{pool.slug}' would add up to {_number(total)} {metric} per "
+            f"minute, more than its capacity of {_number(capacity)}",
+        )
+
+
+def _check_unique(limit: Limit, add: _Add) -> None:
+    from quotas.models import Limit as LimitModel
+
+    twins = LimitModel.objects.filter(
+        tenant=limit.tenant,
+        feature=limit.feature,
+        pool=limit.pool,
+        model=limit.model,
+        metric=limit.metric,
+        window=limit.window,
+    ).exclude(pk=limit.pk)
+    if twins.exists():
+        add("metric", f"This scope already has a {limit_describe_rule(limit)} limit.")
+
+
+def limit_scope_words(limit: Limit) -> str:
+    """'acme / chat on openai-shared for gpt-4o-mini'; 'everything' for an empty scope."""
+    words = [" / ".join(part.slug for part in (limit.tenant, limit.feature) if part is not None)]
+    if limit.pool is not None:
+        words.append(f"on {limit.pool.slug}")
+    if limit.model is not None:
+        words.append(f"for {limit.model.name}")
+    return " ".join(w for w in words if w) or "everything"
+
+
+def limit_describe_rule(limit: Limit) -> str:
+    metric = METRIC_WORDS.get(limit.metric, limit.metric)
+    if limit.metric == "concurrent":
+        return metric
+    return f"{metric} {WINDOW_WORDS.get(limit.window, limit.window)}"
+
+
+def limit_describe(limit: Limit) -> str:
+    """A limit in words: 'acme / chat on openai-shared: 20,000 tokens per minute, guaranteed'."""
+    parts = []
+    if limit.amount is not None:
+        parts.append(f"{_amount_words(limit, limit.amount)} {limit_describe_rule(limit)}")
+        if limit.guaranteed is not None:
+            parts.append(f"of which {_amount_words(limit, limit.guaranteed)} guaranteed")
+    elif limit.guaranteed is not None:
+        parts.append(f"{_amount_words(limit, limit.guaranteed)} {limit_describe_rule(limit)}")
+        parts.append("guaranteed")
+    if limit.enforcement != "hard":
+        parts.append(f"{limit.enforcement} (not enforced)")
+    return f"{limit_scope_words(limit)}: {', '.join(parts)}"
+
+
+def _amount_words(limit: Limit, value: Decimal) -> str:
+    if limit.metric == "cost_usd":
+        return f"${value.normalize():,f}"
+    return _number(value)
+
+
+def _number(value: Decimal) -> str:
+    if value == value.to_integral_value():
+        return f"{int(value):,}"
+    return f"{value.normalize():,f}"
