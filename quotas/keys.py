@@ -1,0 +1,68 @@
+"""API keys: created once, shown once, stored as a lookup prefix and an HMAC of the whole key."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from quotas.models import ApiKey
+from tenants.models import Feature, Tenant
+
+KEY_SCHEME = "qk"
+PREFIX_BYTES = 6
+SECRET_BYTES = 24
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    api_key: ApiKey
+    secret: str  # the whole key, shown to the person once and never stored
+
+
+def api_key_hash(secret: str, *, pepper: str) -> str:
+    return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def api_key_split(secret: str) -> str | None:
+    """The lookup prefix of a presented key, or None when it is not shaped like one of ours."""
+    parts = secret.split("_")
+    if len(parts) != 3 or parts[0] != KEY_SCHEME or not parts[1] or not parts[2]:
+        return None
+    return parts[1]
+
+
+@transaction.atomic
+def api_key_create(
+    *, tenant: Tenant, features: Iterable[Feature] = (), name: str = ""
+) -> IssuedKey:
+    features = list(features)
+    strangers = [f.slug for f in features if f.tenant_id != tenant.pk]
+    if strangers:
+        raise ValidationError(
+            {"features": f"not features of tenant '{tenant.slug}': {', '.join(strangers)}"}
+        )
+    prefix = secrets.token_hex(PREFIX_BYTES)
+    secret = f"{KEY_SCHEME}_{prefix}_{secrets.token_urlsafe(SECRET_BYTES)}"
+    api_key = ApiKey.objects.create(
+        tenant=tenant,
+        name=name,
+        prefix=prefix,
+        hashed_secret=api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER),
+    )
+    api_key.features.set(features)
+    return IssuedKey(api_key=api_key, secret=secret)
+
+
+def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
+    if api_key.revoked_at is None:
+        api_key.revoked_at = timezone.now()
+        api_key.save(update_fields=["revoked_at"])
+    return api_key
