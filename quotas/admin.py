@@ -1,0 +1,215 @@
+"""Admin for limits and API keys. Isolation between tenants lives in `quotas.admin_scoping`."""
+
+from __future__ import annotations
+
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
+
+from quotas.admin_scoping import AuditedAdmin, TenantScopedMixin, VisibleErrorsForm, is_scoped
+from quotas.keys import api_key_create, api_key_revoke
+from quotas.models import ApiKey, Limit
+from quotas.validation import limit_describe
+
+admin.site.site_header = "LLM quota administration"
+admin.site.site_title = "LLM quota admin"
+
+RelatedOnly = admin.RelatedOnlyFieldListFilter
+
+
+class LimitForm(VisibleErrorsForm):
+    """Validation is `Limit.clean` (through ModelForm), the same rules `quota apply` uses."""
+
+    class Meta:
+        model = Limit
+        fields = "__all__"
+
+
+class LimitWordsMixin:
+    @admin.display(description="limit")
+    def in_words(self, limit: Limit) -> str:
+        return limit_describe(limit) if limit.pk else "-"
+
+
+def limit_readonly_fields(request: HttpRequest) -> tuple[str, ...]:
+    # A guaranteed share is carved out of a pool every tenant shares: allocating it is the
+    # platform's decision, and an owner claiming it all would starve other tenants' guarantees.
+    return ("in_words", "guaranteed") if is_scoped(request.user) else ("in_words",)
+
+
+class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # type: ignore[type-arg]
+    """The limits of one feature, on the feature's page; their tenant is the feature's."""
+
+    model = Limit
+    form = LimitForm
+    fk_name = "feature"
+    fields = (
+        "in_words",
+        "pool",
+        "model",
+        "metric",
+        "window",
+        "amount",
+        "guaranteed",
+        "enforcement",
+        "alert_at",
+    )
+    autocomplete_fields = ("pool", "model")
+    extra = 0
+    show_change_link = True
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return limit_readonly_fields(request)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Limit]:
+        return super().get_queryset(request).select_related("tenant", "feature", "pool", "model")
+
+
+@admin.register(Limit)
+class LimitAdmin(LimitWordsMixin, AuditedAdmin):
+    form = LimitForm
+    list_display = ("in_words", "tenant", "feature", "pool", "model", "metric", "window")
+    list_filter = (
+        "metric",
+        "window",
+        "enforcement",
+        ("tenant", RelatedOnly),
+        ("pool", RelatedOnly),
+    )
+    list_select_related = ("tenant", "feature", "pool", "model")
+    search_fields = ("tenant__slug", "feature__slug", "pool__slug", "model__name")
+    autocomplete_fields = ("tenant", "feature", "pool", "model")
+    fieldsets = (
+        (
+            "Scope",
+            {
+                "fields": ("in_words", "tenant", "feature", "pool", "model"),
+                "description": "Which calls the limit counts: any combination of tenant, "
+                "feature, pool and model.",
+            },
+        ),
+        ("Rule", {"fields": ("metric", "window", "amount", "guaranteed", "enforcement")}),
+        ("Alerts", {"fields": ("alert_at",)}),
+    )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        return limit_readonly_fields(request)
+
+    def formfield_for_foreignkey(
+        self, db_field: Any, request: HttpRequest, **kwargs: Any
+    ) -> forms.ModelChoiceField | None:
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if field is not None and db_field.name == "tenant" and is_scoped(request.user):
+            # A limit without a tenant binds every tenant on its pool or model: the platform's.
+            field.required = True
+        return field
+
+
+class ApiKeyForm(VisibleErrorsForm):
+    class Meta:
+        model = ApiKey
+        fields = ("tenant", "name", "features")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        tenant = cleaned.get("tenant") or (self.instance.tenant if self.instance.pk else None)
+        strangers = [
+            f.slug for f in cleaned.get("features", ()) if tenant and f.tenant_id != tenant.pk
+        ]
+        if strangers:
+            self.add_error("features", f"Not features of tenant '{tenant}': {', '.join(strangers)}")
+        return cleaned
+
+
+# The secret travels from `save_form` to `response_add` within one request and is dropped
+# with it; it never reaches the session, a message cookie or the database.
+_issued_secrets: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(AuditedAdmin):
+    form = ApiKeyForm
+    list_display = (
+        "__str__",
+        "tenant",
+        "prefix",
+        "narrowed_to",
+        "created_at",
+        "last_used_at",
+        "is_active",
+    )
+    list_filter = (("tenant", RelatedOnly), ("revoked_at", admin.EmptyFieldListFilter))
+    list_select_related = ("tenant",)
+    search_fields = ("name", "prefix", "tenant__slug")
+    autocomplete_fields = ("tenant", "features")
+    actions = ("revoke",)
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        if obj is None:
+            return ("tenant", "name", "features")
+        return ("tenant", "name", "features", "prefix", "created_at", "last_used_at", "revoked_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        # A key stays with the tenant it was issued for; revoking is the "revoke" action.
+        return ("tenant", "prefix", "created_at", "last_used_at", "revoked_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
+        return super().get_queryset(request).prefetch_related("features")
+
+    @admin.display(description="narrowed to")
+    def narrowed_to(self, api_key: ApiKey) -> str:
+        return ", ".join(f.slug for f in api_key.features.all()) or "every feature"
+
+    @admin.display(description="active", boolean=True)
+    def is_active(self, api_key: ApiKey) -> bool:
+        return api_key.revoked_at is None
+
+    def save_form(self, request: HttpRequest, form: Any, change: bool) -> Any:
+        if change:
+            return super().save_form(request, form, change)
+        issued = api_key_create(
+            tenant=form.cleaned_data["tenant"],
+            features=form.cleaned_data["features"],
+            name=form.cleaned_data["name"],
+        )
+        _issued_secrets[request] = issued.secret
+        return issued.api_key
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: Any, change: bool) -> None:
+        if change:  # a new key was saved, with its features, by `api_key_create`
+            super().save_model(request, obj, form, change)
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        if change:
+            super().save_related(request, form, formsets, change)
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        secret = _issued_secrets.pop(request, None)
+        if secret is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"API key {obj}: copy it now",
+            "opts": self.opts,
+            "api_key": obj,
+            "secret": secret,
+            "change_url": reverse("admin:quotas_apikey_change", args=[obj.pk]),
+        }
+        return TemplateResponse(request, "admin/quotas/apikey/secret_once.html", context)
+
+    @admin.action(description="Revoke the selected API keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        keys = list(queryset.filter(revoked_at=None))
+        for api_key in keys:
+            api_key_revoke(api_key=api_key)
+        self.message_user(request, f"Revoked {len(keys)} API key(s).", messages.SUCCESS)

@@ -1,0 +1,247 @@
+"""Tenant isolation for the admin: one rule, applied to every way the admin reaches a row.
+
+Superusers see everything. Every other staff user is scoped to the tenants listing them as
+owners, whatever permissions they hold: Django's permissions say *what kind* of thing a user
+may touch, this module says *which rows*. A model the rules do not know is hidden from scoped
+users (fail closed), so a new model cannot leak by being forgotten here.
+
+The rule reaches changelists, change, delete and history pages (through `get_queryset` and the
+history overrides), autocomplete (it asks the related admin's `get_queryset`), raw-id popups
+(changelists), inlines, and the choices of every foreign key and many-to-many form field, so a
+forged POST naming another tenant's id fails form validation instead of attaching to it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django import forms
+from django.contrib.admin.utils import unquote
+from django.contrib.auth import get_user_model
+from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
+from django.db.models import Field, Model, Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from simple_history.admin import SimpleHistoryAdmin
+
+from providers.models import LanguageModel, Pool, Provider
+from quotas.models import ApiKey, Limit
+from tenants.models import Feature, Tenant
+
+if TYPE_CHECKING:
+    from django.contrib.admin.options import BaseModelAdmin
+    from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+    from django.db.models.fields.related import ForeignKey, ManyToManyField
+
+    User = AbstractBaseUser | AnonymousUser
+    _AdminBase = BaseModelAdmin[Any]
+else:
+    _AdminBase = object
+
+M = TypeVar("M", bound=Model)
+
+# The field that names a row's tenant (the Tenant row itself is its own tenant). Historical
+# models keep the same field names, so the same lookups scope their history.
+TENANT_FIELD: dict[type[Model], str] = {
+    Tenant: "id",
+    Feature: "tenant",
+    Limit: "tenant",
+    ApiKey: "tenant",
+}
+# Shared infrastructure: every owner may see it (read-only, see `SharedConfigAdmin`).
+SHARED_MODELS: frozenset[type[Model]] = frozenset({Provider, LanguageModel, Pool})
+
+
+def is_scoped(user: User) -> bool:
+    return not getattr(user, "is_superuser", False)
+
+
+def owned_tenants(user: User) -> QuerySet[Tenant]:
+    return Tenant.objects.filter(owners=user.pk)
+
+
+def _base_model(model: type[Model]) -> type[Model]:
+    """The tracked model behind a simple_history historical model, or the model itself."""
+    base: type[Model] = getattr(model, "instance_type", model)
+    return base
+
+
+def scope_queryset(user: User, queryset: QuerySet[M]) -> QuerySet[M]:
+    """The rows of `queryset` (a model or its history) that `user` may see in the admin."""
+    if not is_scoped(user):
+        return queryset
+    model = _base_model(queryset.model)
+    if model in SHARED_MODELS:
+        return queryset
+    if model in TENANT_FIELD:
+        return queryset.filter(**{f"{TENANT_FIELD[model]}__in": owned_tenants(user).values("pk")})
+    if model is get_user_model():
+        return queryset.filter(_tenant_people(user))
+    return queryset.none()
+
+
+def _tenant_people(user: User) -> Q:
+    """The owners and feature owners of the user's tenants: whom an owner may name as an owner,
+    without the admin listing every account on the platform."""
+    tenants = owned_tenants(user).values("pk")
+    tenant_owners = Tenant.owners.through.objects.filter(tenant__in=tenants).values("user_id")
+    feature_owners = Feature.objects.filter(tenant__in=tenants).values("owner_id")
+    return Q(pk__in=tenant_owners) | Q(pk__in=feature_owners)
+
+
+def in_scope(user: User, obj: Model) -> bool:
+    """Whether `user` may see `obj`, judged from the object's own (possibly historical) values."""
+    if not is_scoped(user):
+        return True
+    model = _base_model(type(obj))
+    if model in SHARED_MODELS:
+        return True
+    if model not in TENANT_FIELD:
+        return False
+    field = model._meta.get_field(TENANT_FIELD[model])
+    assert isinstance(field, Field)
+    tenant_id = getattr(obj, field.attname)
+    return owned_tenants(user).filter(pk=tenant_id).exists()
+
+
+class TenantScopedMixin(_AdminBase):
+    """Scopes a ModelAdmin or an inline: its rows, its permissions, its form field choices."""
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Any]:
+        return scope_queryset(request.user, super().get_queryset(request))
+
+    def formfield_for_foreignkey(
+        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> forms.ModelChoiceField | None:
+        kwargs["queryset"] = self._scoped_choices(db_field, request, kwargs.get("queryset"))
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
+
+    def formfield_for_manytomany(
+        self, db_field: ManyToManyField[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> forms.ModelMultipleChoiceField | None:
+        kwargs["queryset"] = self._scoped_choices(db_field, request, kwargs.get("queryset"))
+        return super().formfield_for_manytomany(db_field, request, **kwargs)
+
+    def _scoped_choices(
+        self, db_field: Any, request: HttpRequest, queryset: QuerySet[Any] | None
+    ) -> QuerySet[Any]:
+        if queryset is None:
+            db = getattr(self.model._default_manager, "db", None)
+            queryset = self.get_field_queryset(db, db_field, request)
+        if queryset is None:
+            queryset = db_field.remote_field.model._default_manager.all()
+        return scope_queryset(request.user, queryset)
+
+    # For a ModelAdmin `obj` is the row; for an inline it is the parent row. Either way a row
+    # outside the user's tenants grants nothing, even when reached without `get_queryset`.
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_view_permission(request, obj)
+        return allowed and (obj is None or in_scope(request.user, obj))
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_change_permission(request, obj)
+        return allowed and (obj is None or in_scope(request.user, obj))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        allowed = super().has_delete_permission(request, obj)
+        return allowed and (obj is None or in_scope(request.user, obj))
+
+
+class AuditedAdmin(TenantScopedMixin, SimpleHistoryAdmin):
+    """A scoped admin whose history pages (who, when, what changed) are scoped too.
+
+    simple_history falls back to the latest historical record when an object is not in
+    `get_queryset`, and its version page looks records up without any queryset; both would show
+    another tenant's rows, so both are narrowed here. Its version page also saves a POSTed
+    revert after checking only *view* permission; a revert is a change, so it needs change.
+    """
+
+    def get_history_queryset(
+        self, request: HttpRequest, history_manager: Any, pk_name: str, object_id: Any
+    ) -> QuerySet[Any]:
+        records = super().get_history_queryset(request, history_manager, pk_name, object_id)
+        return scope_queryset(request.user, records)
+
+    def history_view(
+        self, request: HttpRequest, object_id: str, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        self._refuse_out_of_scope(request, unquote(object_id))
+        response: HttpResponse = super().history_view(request, object_id, extra_context)
+        return response
+
+    def history_form_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        version_id: str,
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        self._refuse_out_of_scope(request, unquote(object_id))
+        record = self._history_record(request, unquote(object_id), version_id)
+        if request.method == "POST" and not self.has_change_permission(request, record.instance):
+            raise PermissionDenied
+        response: HttpResponse = super().history_form_view(
+            request, object_id, version_id, extra_context
+        )
+        return response
+
+    def _refuse_out_of_scope(self, request: HttpRequest, object_id: str) -> None:
+        """404 when the object exists but outside the user's tenants; a deleted object's
+        history stays reachable through its (scoped) historical records."""
+        if self.get_object(request, object_id) is not None:
+            return
+        try:
+            exists = self.model._default_manager.filter(pk=object_id).exists()
+        except (ValueError, ValidationError):
+            exists = False
+        if exists:
+            raise Http404
+
+    def _history_record(self, request: HttpRequest, object_id: str, version_id: str) -> Any:
+        manager = getattr(self.model._meta, "simple_history_manager_attribute", "history")
+        records = scope_queryset(request.user, getattr(self.model, manager).all())
+        try:
+            return records.get(**{self.model._meta.pk.attname: object_id, "history_id": version_id})
+        except (records.model.DoesNotExist, ValueError, ValidationError) as e:
+            raise Http404 from e
+
+
+class SharedReadOnlyMixin(_AdminBase):
+    """Providers, models and pools are the platform's: owners may look, only superusers change
+    anything, whatever permissions a group hands out."""
+
+    def has_add_permission(self, request: HttpRequest, *args: Any) -> bool:
+        return not is_scoped(request.user) and super().has_add_permission(request, *args)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not is_scoped(request.user) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not is_scoped(request.user) and super().has_delete_permission(request, obj)
+
+
+class SharedConfigAdmin(SharedReadOnlyMixin, AuditedAdmin):
+    """An audited admin of shared infrastructure."""
+
+
+class VisibleErrorsForm(forms.ModelForm):  # type: ignore[type-arg]
+    """Puts model errors about fields the form does not show (read-only for this user) at the
+    top of the form, where Django would otherwise raise ValueError and answer with a 500."""
+
+    def add_error(self, field: str | None, error: ValidationError | str | Any) -> None:
+        if field is None and isinstance(error, ValidationError) and hasattr(error, "error_dict"):
+            error = ValidationError(self._rekeyed(error.error_dict))
+        elif field is not None and field not in self.fields:
+            field, error = None, ValidationError(f"{field}: {error}")
+        super().add_error(field, error)
+
+    def _rekeyed(self, errors: dict[str, list[ValidationError]]) -> dict[str, list[Any]]:
+        rekeyed: dict[str, list[Any]] = {}
+        for name, messages in errors.items():
+            if name == NON_FIELD_ERRORS or name in self.fields:
+                rekeyed.setdefault(name, []).extend(messages)
+            else:
+                label = name.replace("_", " ")
+                rekeyed.setdefault(NON_FIELD_ERRORS, []).extend(
+                    f"{label}: {message}" for e in messages for message in e.messages
+                )
+        return rekeyed

@@ -1,0 +1,95 @@
+"""Admin for tenants and features. Isolation between tenants lives in `quotas.admin_scoping`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from quotas.admin import LimitInline
+from quotas.admin_scoping import AuditedAdmin, TenantScopedMixin, VisibleErrorsForm, is_scoped
+from tenants.models import Feature, Tenant
+
+RelatedOnly = admin.RelatedOnlyFieldListFilter
+
+
+class FeatureSummaryInline(TenantScopedMixin, admin.TabularInline):  # type: ignore[type-arg]
+    """A tenant's features at a glance; each is edited on its own page, with its limits."""
+
+    model = Feature
+    fields = ("slug", "name", "owner", "priority", "status")
+    readonly_fields = fields
+    extra = 0
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class TenantForm(VisibleErrorsForm):
+    class Meta:
+        model = Tenant
+        fields = "__all__"
+
+
+@admin.register(Tenant)
+class TenantAdmin(AuditedAdmin):
+    form = TenantForm
+    list_display = ("slug", "name", "timezone", "status", "owner_list")
+    list_filter = ("status",)
+    search_fields = ("slug", "name")
+    autocomplete_fields = ("owners",)
+    inlines = (FeatureSummaryInline,)
+
+    def get_queryset(self, request: HttpRequest) -> Any:
+        return super().get_queryset(request).prefetch_related("owners")
+
+    @admin.display(description="owners")
+    def owner_list(self, tenant: Tenant) -> str:
+        return ", ".join(user.get_username() for user in tenant.owners.all())
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        # Who owns a tenant decides who sees it, so only superusers grant it; the slug names
+        # the tenant in config files and API clients.
+        return ("slug", "owners") if is_scoped(request.user) else ()
+
+    def get_inlines(self, request: HttpRequest, obj: Any) -> Any:
+        return self.inlines if obj is not None else ()
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return not is_scoped(request.user) and super().has_add_permission(request)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return not is_scoped(request.user) and super().has_delete_permission(request, obj)
+
+
+class FeatureForm(VisibleErrorsForm):
+    class Meta:
+        model = Feature
+        fields = "__all__"
+
+
+@admin.register(Feature)
+class FeatureAdmin(AuditedAdmin):
+    form = FeatureForm
+    list_display = ("__str__", "name", "owner", "priority", "status")
+    list_filter = ("status", "priority", ("tenant", RelatedOnly), ("pools", RelatedOnly))
+    list_select_related = ("tenant", "owner")
+    search_fields = ("slug", "name", "tenant__slug", "owner__email")
+    autocomplete_fields = ("tenant", "pools")
+    inlines = (LimitInline,)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        # Moving a feature would strand its limits and API keys in the old tenant.
+        return ("tenant",) if obj is not None else ()
+
+    def get_inlines(self, request: HttpRequest, obj: Any) -> Any:
+        # A limit's checks look its feature up in the database, so limits come once it is saved.
+        return self.inlines if obj is not None else ()
