@@ -81,3 +81,27 @@ class LimitFactory(factory.django.DjangoModelFactory):
     metric = "tokens"
     window = "minute"
     amount = Decimal(1000)
+
+
+class ApiKeyFactory(factory.django.DjangoModelFactory):
+    """A stored key row; to hold a usable secret, issue one with `quotas.keys.api_key_create`."""
+
+    class Meta:
+        model = "quotas.ApiKey"
+
+    tenant = factory.SubFactory(TenantFactory)
+    name = factory.Sequence(lambda n: f"key-{n}")
+    prefix = factory.Sequence(lambda n: f"{n:012x}")
+    hashed_secret = factory.Sequence(lambda n: f"{n:064x}")
+
+
+class TenantOwnerFactory(UserFactory):
+    """A staff user (not a superuser) in the "Tenant owners" group, which grants admin access;
+    list them in `Tenant.owners` to give them tenants."""
+
+    @factory.post_generation
+    def owner_group(self, create: bool, extracted: object, **kwargs: object) -> None:
+        from django.contrib.auth.models import Group
+
+        if create:
+            self.groups.add(Group.objects.get(name="Tenant owners"))
