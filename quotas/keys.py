@@ -33,7 +33,7 @@ def api_key_hash(secret: str, *, pepper: str) -> str:
 
 def api_key_split(secret: str) -> str | None:
     """The lookup prefix of a presented key, or None when it is not shaped like one of ours."""
-    parts = secret.split("_")
+    parts = secret.split("_", 2)
     if len(parts) != 3 or parts[0] != KEY_SCHEME or not parts[1] or not parts[2]:
         return None
     return parts[1]

@@ -164,13 +164,14 @@ def _check_unique(limit: Limit, add: _Add) -> None:
 
 
 def limit_scope_words(limit: Limit) -> str:
-    """'acme / chat on openai-shared for gpt-4o-mini'; 'everything' for an empty scope."""
-    words = [" / ".join(part.slug for part in (limit.tenant, limit.feature) if part is not None)]
+    """'acme / chat on openai-shared for gpt-4o-mini'; a bare pool limit is 'openai-shared'."""
+    who = " / ".join(part.slug for part in (limit.tenant, limit.feature) if part is not None)
+    words = [who] if who else []
     if limit.pool is not None:
-        words.append(f"on {limit.pool.slug}")
+        words.append(f"on {limit.pool.slug}" if who else limit.pool.slug)
     if limit.model is not None:
-        words.append(f"for {limit.model.name}")
-    return " ".join(w for w in words if w) or "everything"
+        words.append(f"for {limit.model.name}" if words else limit.model.name)
+    return " ".join(words) or "everything"
 
 
 def limit_describe_rule(limit: Limit) -> str:

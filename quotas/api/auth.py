@@ -1,0 +1,68 @@
+"""Bearer API keys, resolved from the in-process plan (no SQL per request)."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from django.conf import settings
+from django_ratelimit.core import is_ratelimited
+from rest_framework.authentication import BaseAuthentication
+from rest_framework.request import Request
+
+from quotas.errors import QuotaError
+from quotas.keys import api_key_hash, api_key_split
+from quotas.plan import KeyInfo, plans
+
+FAILED_AUTH_RATE = "30/m"
+
+
+class ApiPrincipal:
+    """What DRF calls the user: the API key, with the tenant it belongs to."""
+
+    is_authenticated = True
+
+    def __init__(self, key: KeyInfo) -> None:
+        self.key = key
+
+
+class ApiKeyAuthentication(BaseAuthentication):
+    def authenticate(self, request: Request) -> tuple[ApiPrincipal, None]:
+        header = request.META.get("HTTP_AUTHORIZATION", "")
+        scheme, _, secret = header.partition(" ")
+        if scheme.lower() != "bearer" or not secret.strip():
+            self._fail(request, "Send the API key as 'Authorization: Bearer <key>'.")
+        secret = secret.strip()
+        prefix = api_key_split(secret)
+        key = plans.get().keys.get(prefix) if prefix else None
+        if key is not None and key.revoked:
+            self._fail(request, "This API key was revoked.")
+        expected = key.hashed_secret if key else "0" * 64
+        presented = api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER)
+        if key is None or not hmac.compare_digest(expected, presented):
+            self._fail(request, "Unknown API key.")
+        assert key is not None
+        return ApiPrincipal(key), None
+
+    def authenticate_header(self, request: Request) -> str:
+        return 'Bearer realm="api"'
+
+    @staticmethod
+    def _fail(request: Request, message: str) -> Any:
+        # Only failures count, so a client with a valid key never pays for the throttle.
+        limited = is_ratelimited(
+            request._request,
+            group="api-auth-failures",
+            key="ip",
+            rate=FAILED_AUTH_RATE,
+            increment=True,
+        )
+        if limited:
+            raise QuotaError(
+                "rate_limited",
+                "Too many failed authentication attempts from this address; wait a minute.",
+                headers={"Retry-After": "60"},
+            )
+        raise QuotaError(
+            "unauthenticated", message, headers={"WWW-Authenticate": 'Bearer realm="api"'}
+        )

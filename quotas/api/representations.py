@@ -1,0 +1,131 @@
+"""How reservations, settlements and limits look in API responses."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from quotas.engine import LeaseView, Settled
+from quotas.engine.types import LimitState
+from quotas.plan import NANO, Plan
+from quotas.reservations import Reserved, limit_body
+
+WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+
+
+def iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def usd(nano: float) -> float:
+    return round(nano / float(NANO), 9)
+
+
+def reserved_body(reserved: Reserved) -> dict[str, Any]:
+    granted = reserved.granted
+    return {
+        "id": granted.reservation_id,
+        "status": "held",
+        "feature": reserved.feature.slug,
+        "model": reserved.model,
+        "pool": granted.pool,
+        "priority": reserved.priority,
+        "input_tokens_estimated": reserved.estimated,
+        "reserved": {
+            "input_tokens": reserved.input_tokens,
+            "output_tokens": granted.output_tokens,
+            "cost_usd": usd(granted.cost_nusd),
+        },
+        "granted": {
+            "output_tokens": granted.output_tokens,
+            "partial": granted.output_tokens < reserved.requested_output_tokens,
+        },
+        "expires_at": iso(granted.expires_ms),
+        "limits": [_limit(reserved.plan, state, granted.now_ms) for state in granted.limits],
+        "would_refuse": [_name(reserved.plan, i) for i in granted.would_refuse],
+        "degraded": False,
+    }
+
+
+def _limit(plan: Plan, state: LimitState, now_ms: int) -> dict[str, Any]:
+    body = limit_body(plan, state.limit_id, state.cap, state.remaining, None)
+    if state.reset_ms is not None:
+        body["reset"] = iso(state.reset_ms)
+        body["reset_seconds"] = max(0, math.ceil((state.reset_ms - now_ms) / 1000))
+    return body
+
+
+def _name(plan: Plan, limit_id: int) -> str:
+    limit = plan.limits.get(limit_id)
+    return limit.name if limit else f"limit {limit_id}"
+
+
+def lease_body(lease: LeaseView) -> dict[str, Any]:
+    data = lease.data
+    meta = data.get("meta") or {}
+    reserved = data.get("r") or {}
+    body: dict[str, Any] = {
+        "id": data["id"],
+        "status": data["st"],
+        "feature": meta.get("feature"),
+        "model": meta.get("model"),
+        "pool": data.get("pool"),
+        "priority": meta.get("priority"),
+        "input_tokens_estimated": bool(int(meta.get("estimated", 0))),
+        "reserved": {
+            "input_tokens": reserved.get("in_"),
+            "output_tokens": reserved.get("out"),
+            "cost_usd": usd(reserved.get("cost", 0)),
+        },
+        "created_at": iso(data["created"]),
+        "expires_at": iso(data["e"]),
+    }
+    if data.get("res"):
+        body.update(settled_body(Settled(result=data["res"])))
+        body["status"] = data["st"]
+    return body
+
+
+def settled_body(settled: Settled) -> dict[str, Any]:
+    res = settled.result
+    refunded = res.get("refunded") or {}
+    return {
+        "id": res["id"],
+        "status": res["status"],
+        "lease_expired": bool(res.get("lease_expired")),
+        "usage": {
+            "input_tokens": res["input_tokens"],
+            "cached_input_tokens": res["cached_input_tokens"],
+            "output_tokens": res["output_tokens"],
+            "cost_usd": usd(res["cost_nusd"]),
+        },
+        "refunded": {
+            "input_tokens": refunded.get("input_tokens", 0),
+            "output_tokens": refunded.get("output_tokens", 0),
+            "cost_usd": usd(refunded.get("cost_nusd", 0)),
+        },
+        "overrun": refunded.get("output_tokens", 0) < 0 or refunded.get("input_tokens", 0) < 0,
+    }
+
+
+def ratelimit_headers(limits: list[dict[str, Any]]) -> dict[str, str]:
+    """IETF RateLimit-Policy / RateLimit for the tightest token or request limit."""
+    candidates = [
+        lim
+        for lim in limits
+        if lim["metric"] != "cost_usd"
+        and lim["enforcement"] == "hard"
+        and lim["limit"]
+        and lim["window"] is not None
+    ]
+    if not candidates:
+        return {}
+    tight = min(candidates, key=lambda lim: lim["remaining"] / lim["limit"])
+    name = f"{tight['metric']}-{tight['window']}"
+    window = WINDOW_SECONDS.get(tight["window"], 0)
+    policy = f'"{name}";q={tight["limit"]}' + (f";w={window}" if window else "")
+    return {
+        "RateLimit-Policy": policy,
+        "RateLimit": f'"{name}";r={tight["remaining"]};t={tight.get("reset_seconds", 0)}',
+    }

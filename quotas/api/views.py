@@ -1,0 +1,126 @@
+"""The reservation API (v1). Views validate, call one service, and render."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.serializers import Serializer
+from rest_framework.views import APIView
+
+from quotas import reservations
+from quotas.api.auth import ApiPrincipal
+from quotas.api.representations import (
+    lease_body,
+    ratelimit_headers,
+    reserved_body,
+    settled_body,
+)
+from quotas.api.serializers import (
+    CommitSerializer,
+    ExtendSerializer,
+    ReleaseSerializer,
+    ReserveSerializer,
+)
+from quotas.errors import QuotaError
+from quotas.reservations import CommitInput, Reserved, ReserveInput, body_hash
+from quotas.usage import feature_usage
+
+ERRORS = {
+    400: OpenApiResponse(description="invalid_request"),
+    401: OpenApiResponse(description="unauthenticated"),
+    403: OpenApiResponse(description="forbidden"),
+    404: OpenApiResponse(description="not_found"),
+    409: OpenApiResponse(description="conflict"),
+    423: OpenApiResponse(description="feature_paused"),
+    429: OpenApiResponse(description="rate_limited or budget_exhausted"),
+    503: OpenApiResponse(description="unavailable"),
+}
+
+
+class QuotaView(APIView):
+    def principal(self, request: Request) -> ApiPrincipal:
+        user = request.user
+        assert isinstance(user, ApiPrincipal)
+        return user
+
+    @staticmethod
+    def validated(serializer_class: type[Serializer], request: Request) -> dict[str, Any]:
+        data = request.data if request.data is not None else {}
+        serializer = serializer_class(data=data)
+        serializer.is_valid(raise_exception=True)
+        return dict(serializer.validated_data)
+
+    def handle_exception(self, exc: Exception) -> Response:
+        if isinstance(exc, QuotaError) and "limit" in exc.extra:
+            limit = dict(exc.extra["limit"])
+            limit["reset_seconds"] = int(exc.headers.get("Retry-After", "0"))
+            exc.headers.update(ratelimit_headers([limit]))
+        return super().handle_exception(exc)
+
+
+class ReservationListView(QuotaView):
+    @extend_schema(request=ReserveSerializer, responses={201: dict, **ERRORS})
+    def post(self, request: Request) -> Response:
+        raw = request.data if isinstance(request.data, dict) else {}
+        data = self.validated(ReserveSerializer, request)
+        hashed = body_hash({k: v for k, v in raw.items() if k != "idempotency_key"})
+        outcome = reservations.reservation_reserve(
+            key=self.principal(request).key,
+            data=ReserveInput(**data, body_hash=hashed),
+        )
+        if isinstance(outcome, Reserved):
+            body = reserved_body(outcome)
+            return Response(body, status=201, headers=ratelimit_headers(body["limits"]))
+        return Response(lease_body(outcome), status=200)
+
+
+class ReservationDetailView(QuotaView):
+    @extend_schema(responses={200: dict, **ERRORS})
+    def get(self, request: Request, reservation_id: str) -> Response:
+        lease = reservations.reservation_get(
+            key=self.principal(request).key, reservation_id=reservation_id
+        )
+        return Response(lease_body(lease))
+
+
+class ReservationCommitView(QuotaView):
+    @extend_schema(request=CommitSerializer, responses={200: dict, **ERRORS})
+    def post(self, request: Request, reservation_id: str) -> Response:
+        data = self.validated(CommitSerializer, request)
+        settled = reservations.reservation_commit(
+            key=self.principal(request).key,
+            reservation_id=reservation_id,
+            data=CommitInput(**data, body_hash=body_hash(data)),
+        )
+        return Response(settled_body(settled))
+
+
+class ReservationReleaseView(QuotaView):
+    @extend_schema(request=ReleaseSerializer, responses={200: dict, **ERRORS})
+    def post(self, request: Request, reservation_id: str) -> Response:
+        self.validated(ReleaseSerializer, request)
+        settled = reservations.reservation_release(
+            key=self.principal(request).key, reservation_id=reservation_id
+        )
+        return Response(settled_body(settled))
+
+
+class ReservationExtendView(QuotaView):
+    @extend_schema(request=ExtendSerializer, responses={200: dict, **ERRORS})
+    def post(self, request: Request, reservation_id: str) -> Response:
+        data = self.validated(ExtendSerializer, request)
+        lease = reservations.reservation_extend(
+            key=self.principal(request).key,
+            reservation_id=reservation_id,
+            ttl_seconds=data["ttl_seconds"],
+        )
+        return Response(lease_body(lease))
+
+
+class FeatureUsageView(QuotaView):
+    @extend_schema(responses={200: dict, **ERRORS})
+    def get(self, request: Request, slug: str) -> Response:
+        return Response(feature_usage(key=self.principal(request).key, slug=slug))

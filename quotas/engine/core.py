@@ -1,0 +1,265 @@
+"""The engine: one EVALSHA per decision, typed results."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from quotas.engine.scripts import Scripts
+from quotas.engine.types import (
+    Check,
+    Conflict,
+    Existing,
+    Granted,
+    LeaseView,
+    LimitState,
+    Missing,
+    Owner,
+    Refused,
+    ReserveCall,
+    Settled,
+    Stale,
+    Usage,
+)
+
+Reply = dict[str, Any]
+
+
+class KeySpace:
+    """Every key carries one hash tag, so a decision's keys share a Redis Cluster slot."""
+
+    def __init__(self, tag: str) -> None:
+        self.prefix = f"q:{{{tag}}}:"
+        self.version = self.prefix + "config_version"
+        self.leases = self.prefix + "leases"
+        self.events = self.prefix + "events"
+        self.lease_prefix = self.prefix + "r:"
+
+    def lease(self, reservation_id: str) -> str:
+        return self.lease_prefix + reservation_id
+
+    def idempotency(self, tenant_id: int, key: str) -> str:
+        return f"{self.prefix}idem:{tenant_id}:{key}"
+
+    def bucket(self, limit_id: int) -> str:
+        return f"{self.prefix}b:{limit_id}"
+
+    def guarantee(self, limit_id: int) -> str:
+        return f"{self.prefix}g:{limit_id}"
+
+    def concurrency(self, limit_id: int) -> str:
+        return f"{self.prefix}c:{limit_id}"
+
+    def period(self, limit_id: int, start_ms: int) -> str:
+        return f"{self.prefix}p:{limit_id}:{start_ms}"
+
+
+class Engine:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        hash_tag: str,
+        retention_ms: int = 86_400_000,
+        stream_maxlen: int = 1_000_000,
+        clock_offset_ms: int = 0,
+    ) -> None:
+        self.client = client
+        self.keys = KeySpace(hash_tag)
+        self.scripts = Scripts(client)
+        self.retention_ms = retention_ms
+        self.stream_maxlen = stream_maxlen
+        # Tests move the clock; production leaves it at zero and Redis TIME rules.
+        self.clock_offset_ms = clock_offset_ms
+
+    def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale:
+        keys = [
+            self.keys.version,
+            self.keys.lease(call.reservation_id),
+            self.keys.leases,
+            self.keys.events,
+            self._idempotency_key(call),
+        ]
+        for option in call.options:
+            for check in option.checks:
+                keys.extend(check.redis_keys())
+                keys.extend(k for k, _ in check.guards)
+        reply = self.scripts.call("reserve", keys, self._reserve_payload(call))
+        return self._reserve_result(reply)
+
+    def commit(
+        self, *, reservation_id: str, owner: Owner, usage: Usage, version: int | None
+    ) -> Settled | Conflict | Missing | Stale:
+        payload = self._owner_payload(owner, version)
+        payload["usage"] = {
+            "in_": usage.input_tokens,
+            "cached": usage.cached_input_tokens,
+            "out": usage.output_tokens,
+            "requests": 1,
+            "hash": usage.body_hash,
+            "extra": usage.extra,
+        }
+        return self._settle_result(self._lease_call("commit", reservation_id, payload))
+
+    def release(
+        self, *, reservation_id: str, owner: Owner, version: int | None
+    ) -> Settled | Conflict | Missing | Stale:
+        payload = self._owner_payload(owner, version)
+        return self._settle_result(self._lease_call("release", reservation_id, payload))
+
+    def extend(
+        self, *, reservation_id: str, owner: Owner, ttl_ms: int, version: int | None
+    ) -> LeaseView | Conflict | Missing | Stale:
+        payload = self._owner_payload(owner, version)
+        payload["ttl_ms"] = ttl_ms
+        return self._lease_result(self._lease_call("extend", reservation_id, payload))
+
+    def peek(
+        self, *, reservation_id: str, owner: Owner, version: int | None
+    ) -> LeaseView | Conflict | Missing | Stale:
+        payload = self._owner_payload(owner, version)
+        return self._lease_result(self._lease_call("peek", reservation_id, payload))
+
+    def reap(self, *, batch: int = 500) -> int:
+        payload = {
+            "lease_prefix": self.keys.lease_prefix,
+            "maxlen": self.stream_maxlen,
+            "retention_ms": self.retention_ms,
+            "clock_offset_ms": self.clock_offset_ms,
+            "batch": batch,
+        }
+        keys = [self.keys.version, self.keys.leases, self.keys.events]
+        return int(self.scripts.call("reap", keys, payload))
+
+    def inspect(self, checks: list[Check]) -> list[dict[str, Any]]:
+        """The current state of some limits (used, remaining, reset_ms), changing nothing."""
+        if not checks:
+            return []
+        keys = [k for check in checks for k in check.redis_keys()]
+        payload = {"clock_offset_ms": self.clock_offset_ms, "checks": [c.as_lua() for c in checks]}
+        return _as_list(self.scripts.call("inspect", keys, payload))
+
+    def now_ms(self) -> int:
+        seconds, micros = self.client.time()
+        return seconds * 1000 + micros // 1000 + self.clock_offset_ms
+
+    def now_ms_estimate(self) -> int:
+        """This node's clock, only to pick candidate periods; Redis's clock decides."""
+        return int(time.time() * 1000) + self.clock_offset_ms
+
+    # -- payloads -------------------------------------------------------------------------
+
+    def _idempotency_key(self, call: ReserveCall) -> str:
+        if call.idempotency_key:
+            return self.keys.idempotency(call.tenant_id, call.idempotency_key)
+        return self.keys.idempotency(call.tenant_id, "-")
+
+    def _reserve_payload(self, call: ReserveCall) -> dict[str, Any]:
+        return {
+            "version": call.version,
+            "id": call.reservation_id,
+            "tenant": call.tenant_id,
+            "feature": call.feature_id,
+            "ttl_ms": call.ttl_ms,
+            "retention_ms": self.retention_ms,
+            "maxlen": self.stream_maxlen,
+            "lease_prefix": self.keys.lease_prefix,
+            "clock_offset_ms": self.clock_offset_ms,
+            "idem_hash": call.idempotency_hash if call.idempotency_key else "",
+            "in_": call.input_tokens,
+            "out": call.max_output_tokens,
+            "min_out": call.min_output_tokens,
+            "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
+            "prices": dict(zip("ico", call.prices, strict=True)),
+            "meta": call.meta,
+            "options": [
+                {"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in call.options
+            ],
+        }
+
+    def _owner_payload(self, owner: Owner, version: int | None) -> dict[str, Any]:
+        return {
+            "version": version,
+            "tenant": owner.tenant_id,
+            "features": list(owner.feature_ids),
+            "maxlen": self.stream_maxlen,
+            "retention_ms": self.retention_ms,
+            "clock_offset_ms": self.clock_offset_ms,
+        }
+
+    def _lease_call(self, script: str, reservation_id: str, payload: dict[str, Any]) -> Reply:
+        keys = [
+            self.keys.version,
+            self.keys.lease(reservation_id),
+            self.keys.leases,
+            self.keys.events,
+        ]
+        reply: Reply = self.scripts.call(script, keys, payload)
+        return reply
+
+    # -- replies --------------------------------------------------------------------------
+
+    @staticmethod
+    def _reserve_result(reply: Reply) -> Granted | Refused | Existing | Conflict | Stale:
+        if reply.get("stale"):
+            return Stale()
+        if reply.get("conflict"):
+            return Conflict(state="idempotency")
+        if "existing" in reply:
+            return Existing(lease=LeaseView(data=reply["existing"], now_ms=reply["now_ms"]))
+        if reply["granted"]:
+            return Granted(
+                reservation_id=reply["id"],
+                pool=reply["pool"],
+                output_tokens=int(reply["out"]),
+                cost_nusd=int(reply["cost"]),
+                expires_ms=int(reply["expires_ms"]),
+                now_ms=int(reply["now_ms"]),
+                limits=tuple(
+                    LimitState(
+                        limit_id=d["id"],
+                        cap=int(d["cap"]),
+                        remaining=d["remaining"],
+                        reset_ms=d.get("reset_ms"),
+                    )
+                    for d in _as_list(reply["limits"])
+                ),
+                would_refuse=tuple(_as_list(reply["soft"])),
+            )
+        retry = reply.get("retry_ms")
+        return Refused(
+            reason=reply["reason"],
+            limit_id=reply["limit"],
+            remaining=reply["remaining"],
+            cap=int(reply["cap"]),
+            needed=int(reply["needed"]),
+            retry_after_ms=None if retry is None else max(0, int(retry)),
+            now_ms=int(reply["now_ms"]),
+        )
+
+    @staticmethod
+    def _settle_result(reply: Reply) -> Settled | Conflict | Missing | Stale:
+        if reply.get("stale"):
+            return Stale()
+        if reply.get("missing"):
+            return Missing()
+        if "conflict" in reply:
+            return Conflict(state=reply["conflict"])
+        return Settled(result=reply["result"])
+
+    @staticmethod
+    def _lease_result(reply: Reply) -> LeaseView | Conflict | Missing | Stale:
+        if reply.get("stale"):
+            return Stale()
+        if reply.get("missing"):
+            return Missing()
+        if "conflict" in reply:
+            return Conflict(state=reply["conflict"])
+        return LeaseView(data=reply["lease"], now_ms=int(reply["now_ms"]))
+
+
+def _as_list(value: Any) -> list[Any]:
+    """Lua's cjson writes an empty array as {}."""
+    return list(value) if isinstance(value, list) else []

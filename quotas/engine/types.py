@@ -1,0 +1,161 @@
+"""Plain data in and out of the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    key: str
+    start_ms: int
+    stop_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One limit as the engine sees it: where its state lives and how much it holds."""
+
+    limit_id: int
+    kind: str  # b: minute bucket, p: calendar budget, c: concurrency, g: guarantee
+    metric: str
+    cap: int
+    enforcement: str = "hard"  # hard, soft or shadow
+    key: str = ""
+    periods: tuple[Period, ...] = ()
+    floor: int = 0
+    guards: tuple[tuple[str, int], ...] = ()  # (key, cap) of other features' guarantees
+
+    def redis_keys(self) -> list[str]:
+        return [self.key] if self.key else [p.key for p in self.periods]
+
+    def as_lua(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": self.limit_id,
+            "kind": self.kind,
+            "m": self.metric,
+            "cap": self.cap,
+            "enf": self.enforcement,
+        }
+        if self.key:
+            data["k"] = self.key
+        if self.periods:
+            data["periods"] = [
+                {"k": p.key, "start": p.start_ms, "stop": p.stop_ms} for p in self.periods
+            ]
+        if self.floor:
+            data["floor"] = self.floor
+        if self.guards:
+            data["guards"] = [{"k": k, "cap": cap} for k, cap in self.guards]
+        return data
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOption:
+    pool: str
+    checks: tuple[Check, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who asks: a reservation is visible only to its tenant (and a narrowed key's features)."""
+
+    tenant_id: int
+    feature_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveCall:
+    reservation_id: str
+    version: int
+    tenant_id: int
+    feature_id: int
+    options: tuple[PoolOption, ...]
+    input_tokens: int
+    max_output_tokens: int
+    min_output_tokens: int
+    cost_fixed: int  # nano-USD of the input
+    cost_per_output: float  # nano-USD per output token
+    prices: tuple[float, float, float]  # nano-USD per input, cached input, output token
+    ttl_ms: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str = ""
+    idempotency_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    body_hash: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    limit_id: int
+    cap: int
+    remaining: float
+    reset_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    reservation_id: str
+    pool: str
+    output_tokens: int
+    cost_nusd: int
+    expires_ms: int
+    now_ms: int
+    limits: tuple[LimitState, ...]
+    would_refuse: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: Literal["rate_limited", "budget_exhausted", "concurrency"]
+    limit_id: int
+    remaining: float
+    cap: int
+    needed: int
+    retry_after_ms: int | None  # None: it can never fit
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseView:
+    """A reservation as stored: its state, what it reserved, and its settlement if any."""
+
+    data: dict[str, Any]
+    now_ms: int
+
+    @property
+    def state(self) -> str:
+        return str(self.data["st"])
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    lease: LeaseView
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stale:
+    """The plan is older than the configuration: reload it and ask again."""

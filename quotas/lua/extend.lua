@@ -1,0 +1,22 @@
+-- extend.lua: move the expiry of a held reservation (long calls and streams).
+--
+-- KEYS[1]  config version                                q:{tag}:config_version
+-- KEYS[2]  lease key               q:{tag}:r:<id>
+-- KEYS[3]  index of held leases    q:{tag}:leases
+-- KEYS[4]  usage event stream      q:{tag}:events
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features, maxlen, retention_ms, clock_offset_ms, ttl_ms (from now)
+--
+-- Returns JSON: {lease = {...}}, {missing = true}, or {conflict = state} when the
+-- reservation is no longer held (committed, released or already expired).
+
+local req = cjson.decode(ARGV[1])
+local now = now_ms() + (req.clock_offset_ms or 0)
+if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
+if not lease then return cjson.encode({missing = true}) end
+if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
+lease.e = now + req.ttl_ms
+lease.ttl_ms = req.ttl_ms
+redis.call('SET', KEYS[2], cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
+redis.call('ZADD', KEYS[3], lease.e, lease.id)
+return cjson.encode({lease = lease, now_ms = now})

@@ -1,0 +1,26 @@
+-- inspect.lua: the current state of some limits, for usage pages; changes nothing.
+--
+-- KEYS[1..]  the limit keys named below
+-- ARGV[1]    JSON: clock_offset_ms, checks = [{id, kind, cap, k | periods, guards}] as for
+--            reserve.lua
+--
+-- Returns JSON: [{id, used, remaining, reset_ms}] in the order given.
+
+local req = cjson.decode(ARGV[1])
+local now = now_ms() + (req.clock_offset_ms or 0)
+local states = {}
+for i, check in ipairs(req.checks) do
+  observe(check, now)
+  local state = {id = check.id, now_ms = now}
+  if check.kind == 'b' or check.kind == 'g' then
+    state.used = check.cap - check.level
+    state.remaining = check.level
+    state.reset_ms = now + math.ceil((check.cap - check.level) * 60000 / check.cap)
+  else
+    state.used = check.used
+    state.remaining = check.cap - check.used
+    state.reset_ms = check.reset_ms
+  end
+  states[i] = state
+end
+return cjson.encode(states)

@@ -1,0 +1,24 @@
+-- release.lua: the call did not happen; refund everything the reservation took.
+--
+-- KEYS[1]  config version                                q:{tag}:config_version
+-- KEYS[2]  lease key               q:{tag}:r:<id>
+-- KEYS[3]  index of held leases    q:{tag}:leases
+-- KEYS[4]  usage event stream      q:{tag}:events
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features (a narrowed key's feature ids, or empty), maxlen,
+--          retention_ms, clock_offset_ms
+--
+-- Returns JSON: {result = {...}} (a repeated release returns the same result),
+-- {missing = true}, or {conflict = state} (already committed, or expired: an expired lease
+-- was charged in full because the call may have happened; commit it with its usage instead).
+
+local req = cjson.decode(ARGV[1])
+local now = now_ms() + (req.clock_offset_ms or 0)
+if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
+if not lease then return cjson.encode({missing = true}) end
+if lease.st == 'released' then return cjson.encode({result = lease.res}) end
+if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
+local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release'}
+local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
+                      req.retention_ms, now)
+return cjson.encode({result = result})

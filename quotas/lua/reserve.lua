@@ -1,0 +1,169 @@
+-- reserve.lua: check every applicable limit and debit all of them or none.
+--
+-- KEYS[1]  config version                                q:{tag}:config_version
+-- KEYS[2]  lease key of the new reservation            q:{tag}:r:<id>
+-- KEYS[3]  index of held leases by expiry (zset)        q:{tag}:leases
+-- KEYS[4]  usage event stream                           q:{tag}:events
+-- KEYS[5]  idempotency key (a per-request dummy if none) q:{tag}:idem:<tenant>:<key>
+-- KEYS[6..] every limit key the plan below may touch (buckets, budget periods, counters)
+-- ARGV[1]  JSON request:
+--   version (of the compiled plan), id, tenant, ttl_ms, retention_ms, maxlen, lease_prefix, clock_offset_ms, idem_hash,
+--   in_ (input tokens), out (max output tokens), min_out (smallest acceptable grant),
+--   feature, cost = {a, b} (nano-USD for `out`), prices = {i, c, o} (nano-USD per input,
+--   cached input and output token, kept in the lease to price the commit), meta (event fields), options: [{pool, checks: [check]}] in the order to try, where
+--   check = {id, kind = 'b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee,
+--            m = metric (sets the amount: tokens = in_ + out, cost_usd = cost.a + cost.b * out, ...),
+--            k = key (or periods = [{k, start, stop}] for 'p'), cap,
+--            floor (capacity kept for higher priority classes),
+--            guards = [{k, cap}] (other features' guarantees, kept unless spent),
+--            enf = 'hard' | 'soft' | 'shadow'}
+--
+-- Returns JSON, one of:
+--   {granted = true, id, pool, out, expires_ms, now_ms, limits = [...], soft = [limit ids]}
+--   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
+--    limit, retry_ms (absent when the request can never fit), remaining, cap, now_ms}
+--   {conflict = true}                  idempotency key reused with another body
+--   {stale = true}                     the plan is older than the configuration
+--   {existing = lease}                 idempotency key replayed: the first reservation
+
+local req = cjson.decode(ARGV[1])
+local now = now_ms() + (req.clock_offset_ms or 0)
+local lease_key, index_key, stream, idem_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+
+reap(index_key, stream, req.maxlen, req.retention_ms, req.lease_prefix, now, 16)
+
+if req.idem_hash ~= '' then
+  local seen = redis.call('HMGET', idem_key, 'id', 'hash')
+  if seen[1] then
+    if seen[2] ~= req.idem_hash then return cjson.encode({conflict = true}) end
+    local raw = redis.call('GET', req.lease_prefix .. seen[1])
+    if raw then return cjson.encode({existing = cjson.decode(raw), now_ms = now}) end
+  end
+end
+
+-- Amount a check takes is linear in the output tokens granted: a + ceil(b * out).
+local function shape(check)
+  local m = check.m
+  if m == 'tokens' then check.a, check.b = req.in_, 1
+  elseif m == 'input_tokens' then check.a, check.b = req.in_, 0
+  elseif m == 'output_tokens' then check.a, check.b = 0, 1
+  elseif m == 'cost_usd' then check.a, check.b = req.cost.a, req.cost.b
+  else check.a, check.b = 1, 0 end
+end
+
+-- Milliseconds until `need` fits in a check that refused, or nil when it never will.
+local function retry_ms(check, need)
+  if check.kind == 'p' then
+    if need > check.cap then return nil end
+    return check.reset_ms - now
+  end
+  if check.kind == 'c' then return nil end
+  if check.growth <= 0 or need > check.cap - (check.floor or 0) then return nil end
+  return math.ceil((need - check.headroom) * 60000 / check.growth)
+end
+
+local function refusal(check, need)
+  local reason = 'rate_limited'
+  if check.kind == 'p' then reason = 'budget_exhausted' end
+  if check.kind == 'c' then reason = 'concurrency' end
+  return {granted = false, reason = reason, limit = check.id, remaining = check.headroom,
+          cap = check.cap, needed = need, retry_ms = retry_ms(check, need), now_ms = now}
+end
+
+-- Largest grant of output tokens every hard check admits, or nil and the refusal.
+local function fit(option)
+  local out = req.out
+  local worst = nil
+  for _, check in ipairs(option.checks) do
+    shape(check)
+    observe(check, now)
+    if check.enf == 'hard' and check.kind ~= 'g' then
+      local need = amount_for(check, req.min_out)
+      if need > check.headroom then
+        local r = refusal(check, need)
+        -- wait for the slowest limit: retrying earlier would still be refused
+        if worst == nil or (r.retry_ms or math.huge) > (worst.retry_ms or math.huge) then
+          worst = r
+        end
+      elseif check.b > 0 then
+        out = math.min(out, math.floor((check.headroom - check.a) / check.b))
+      end
+    end
+  end
+  if worst then return nil, worst end
+  return math.max(out, req.min_out), nil
+end
+
+local function debit(check, out)
+  local amount = amount_for(check, out)
+  check.amt = amount
+  if check.kind == 'b' then
+    bucket_store(check.k, check.cap, check.level - amount, now)
+  elseif check.kind == 'g' then
+    check.took = math.max(0, math.min(check.level, amount))
+    bucket_store(check.k, check.cap, check.level - check.took, now)
+  else
+    redis.call('INCRBY', check.k, int(amount))
+    if check.kind == 'p' then redis.call('PEXPIREAT', check.k, check.reset_ms + 172800000) end
+  end
+end
+
+local function describe(check)
+  local d = {id = check.id, cap = check.cap}
+  if check.kind == 'p' then
+    d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
+  elseif check.kind == 'c' then
+    d.remaining = check.cap - check.used - 1
+  else
+    local level = check.level - (check.took or check.amt)
+    d.remaining = math.floor(level)
+    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
+  end
+  return d
+end
+
+local function grant(option, out)
+  local soft, limits, recorded = {}, {}, {}
+  for _, check in ipairs(option.checks) do
+    if check.enf ~= 'hard' and amount_for(check, out) > check.headroom then
+      soft[#soft + 1] = check.id
+    end
+    debit(check, out)
+    if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
+    recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
+                               amt = check.amt, took = check.took}
+  end
+  local expires = now + req.ttl_ms
+  local lease = {id = req.id, st = 'held', tenant = req.tenant, feature = req.feature,
+                 pool = option.pool, created = now, e = expires, ck = recorded, soft = soft,
+                 r = {in_ = req.in_, out = out, cost = amount_for(req.cost, out)},
+                 meta = req.meta, ttl_ms = req.ttl_ms, prices = req.prices}
+  lease.meta.pool = option.pool
+  redis.call('SET', lease_key, cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
+  redis.call('ZADD', index_key, expires, req.id)
+  if req.idem_hash ~= '' then
+    redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idem_hash)
+    redis.call('PEXPIRE', idem_key, req.ttl_ms + req.retention_ms)
+  end
+  local ev = event_base(lease, 'reserved', now)
+  ev.granted_output_tokens = out
+  emit(stream, req.maxlen, ev)
+  return {granted = true, id = req.id, pool = option.pool, out = out, expires_ms = expires,
+          now_ms = now, limits = limits, soft = soft, cost = lease.r.cost}
+end
+
+local best = nil
+for _, option in ipairs(req.options) do
+  local out, refused = fit(option)
+  if out then return cjson.encode(grant(option, out)) end
+  if best == nil or (refused.retry_ms or math.huge) < (best.retry_ms or math.huge) then
+    best = refused
+  end
+end
+
+local ev = {type = 'refused', rid = req.id, at_ms = now, reason = best.reason,
+            limit = best.limit, reserved_input_tokens = req.in_, reserved_output_tokens = req.out}
+for name, value in pairs(req.meta) do ev[name] = value end
+emit(stream, req.maxlen, ev)
+return cjson.encode(best)

@@ -1,0 +1,412 @@
+"""Reservation services: the hot path. Each call is plan lookups in memory and one EVALSHA."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from quotas.engine import (
+    Conflict,
+    Engine,
+    Existing,
+    Granted,
+    LeaseView,
+    Missing,
+    Owner,
+    Refused,
+    ReserveCall,
+    Settled,
+    Stale,
+    Usage,
+)
+from quotas.errors import QuotaError, invalid, not_found
+from quotas.estimate import estimate_tokens
+from quotas.plan import NANO, PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
+from quotas.store import get_redis
+
+log = logging.getLogger(__name__)
+STALE_RETRIES = 3
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    return Engine(
+        get_redis(),
+        hash_tag=settings.QUOTA_HASH_TAG,
+        retention_ms=settings.QUOTA_LEASE_RETENTION_SECONDS * 1000,
+        stream_maxlen=settings.QUOTA_STREAM_MAXLEN,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveInput:
+    feature: str
+    model: str
+    max_output_tokens: int
+    input_tokens: int | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    min_output_tokens: int | None = None
+    priority: str | None = None
+    pool: str | None = None
+    ttl_seconds: int = 60
+    idempotency_key: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    body_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitInput:
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int = 0
+    finish_reason: str = ""
+    upstream_status: int | None = None
+    latency_ms: int | None = None
+    body_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """A granted reservation, with what the plan knows about the limits it touched."""
+
+    granted: Granted
+    plan: Plan
+    feature: FeatureInfo
+    model: str
+    priority: str
+    input_tokens: int
+    estimated: bool
+    requested_output_tokens: int
+
+
+def body_hash(data: dict[str, Any]) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def owner_of(key: KeyInfo) -> Owner:
+    return Owner(tenant_id=key.tenant_id, feature_ids=key.feature_ids)
+
+
+# -- reserve ---------------------------------------------------------------------------------
+
+
+def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved | LeaseView:
+    """Reserve the worst case of one LLM call, or raise QuotaError saying why not.
+
+    Returns a LeaseView instead when an idempotency key replays an earlier reservation.
+    """
+    reservation_id = "rsv_" + secrets.token_hex(12)
+    for _ in range(STALE_RETRIES):
+        plan = plans.get()
+        feature = _feature_for(plan, key, data.feature)
+        priority = _priority(feature, data.priority)
+        pools = _pools(plan, feature, data)
+        input_tokens, estimated = _input_tokens(data, pools[0])
+        call = _reserve_call(
+            plan, key, feature, pools, data, priority, input_tokens, reservation_id, estimated
+        )
+        try:
+            result = get_engine().reserve(call)
+        except redis.RedisError as exc:
+            return _store_down(exc, pools[0])
+        if isinstance(result, Stale):
+            plans.reload(older_than=plan)
+            continue
+        return _reserve_outcome(result, plan, feature, data, priority, input_tokens, estimated)
+    raise QuotaError(
+        "unavailable", "The configuration is changing; try again.", headers={"Retry-After": "1"}
+    )
+
+
+def _feature_for(plan: Plan, key: KeyInfo, slug: str) -> FeatureInfo:
+    feature = plan.features.get((key.tenant_id, slug))
+    if feature is None:
+        raise not_found(f"feature '{slug}'")
+    if key.feature_ids and feature.id not in key.feature_ids:
+        raise QuotaError("forbidden", f"This API key may not act for feature '{slug}'.")
+    if feature.status == "paused" or plan.tenants[feature.tenant_id].status != "active":
+        raise QuotaError("feature_paused", f"Feature '{slug}' is paused by its owner.")
+    return feature
+
+
+def _priority(feature: FeatureInfo, asked: str | None) -> str:
+    if asked is None:
+        return feature.priority
+    if asked not in PRIORITY_RANK:
+        raise invalid({"priority": f"'{asked}' is not one of {', '.join(PRIORITY_RANK)}."})
+    if PRIORITY_RANK[asked] < PRIORITY_RANK[feature.priority]:
+        raise invalid(
+            {
+                "priority": f"A request may lower its priority below its feature's "
+                f"class ({feature.priority}), never raise it."
+            }
+        )
+    return asked
+
+
+def _pools(plan: Plan, feature: FeatureInfo, data: ReserveInput) -> list[PoolInfo]:
+    pools = plan.candidate_pools(feature, data.model, data.pool)
+    if pools:
+        return pools
+    if not any(data.model in p.models for p in plan.pools):
+        raise not_found(f"model '{data.model}'")
+    if data.pool is not None:
+        raise invalid(
+            {
+                "pool": f"Pool '{data.pool}' does not serve '{data.model}' for "
+                f"feature '{feature.slug}'."
+            }
+        )
+    raise invalid(
+        {"model": f"No pool that feature '{feature.slug}' may use serves '{data.model}'."}
+    )
+
+
+def _input_tokens(data: ReserveInput, pool: PoolInfo) -> tuple[int, bool]:
+    if data.input_tokens is not None:
+        return data.input_tokens, False
+    model = pool.models[data.model]
+    count = estimate_tokens(
+        chars_per_token=model.chars_per_token, prompt=data.prompt, messages=data.messages
+    )
+    return count, True
+
+
+def _reserve_call(
+    plan: Plan,
+    key: KeyInfo,
+    feature: FeatureInfo,
+    pools: list[PoolInfo],
+    data: ReserveInput,
+    priority: str,
+    input_tokens: int,
+    reservation_id: str,
+    estimated: bool,
+) -> ReserveCall:
+    engine = get_engine()
+    model = pools[0].models[data.model]
+    options = plan.options(
+        feature, pools, data.model, priority, engine.keys, engine.now_ms_estimate()
+    )
+    tenant = plan.tenants[feature.tenant_id]
+    meta = {
+        "tenant": tenant.slug,
+        "feature": feature.slug,
+        "model": data.model,
+        "priority": priority,
+        "key": key.prefix,
+        "estimated": int(estimated),
+    }
+    return ReserveCall(
+        reservation_id=reservation_id,
+        version=plan.version,
+        tenant_id=feature.tenant_id,
+        feature_id=feature.id,
+        options=options,
+        input_tokens=input_tokens,
+        max_output_tokens=data.max_output_tokens,
+        min_output_tokens=(
+            data.max_output_tokens if data.min_output_tokens is None else data.min_output_tokens
+        ),
+        cost_fixed=model.cost_nusd(input_tokens, 0, 0),
+        cost_per_output=float(model.output_nusd),
+        prices=(float(model.input_nusd), float(model.cached_input_nusd), float(model.output_nusd)),
+        ttl_ms=data.ttl_seconds * 1000,
+        meta=meta,
+        idempotency_key=data.idempotency_key or "",
+        idempotency_hash=data.body_hash,
+    )
+
+
+def _reserve_outcome(
+    result: Granted | Refused | Existing | Conflict,
+    plan: Plan,
+    feature: FeatureInfo,
+    data: ReserveInput,
+    priority: str,
+    input_tokens: int,
+    estimated: bool,
+) -> Reserved | LeaseView:
+    if isinstance(result, Granted):
+        return Reserved(
+            result,
+            plan,
+            feature,
+            data.model,
+            priority,
+            input_tokens,
+            estimated,
+            data.max_output_tokens,
+        )
+    if isinstance(result, Existing):
+        return result.lease
+    if isinstance(result, Conflict):
+        raise QuotaError("conflict", "This idempotency key was used with another request body.")
+    raise refusal_error(result, plan)
+
+
+def refusal_error(refused: Refused, plan: Plan) -> QuotaError:
+    limit = plan.limits.get(refused.limit_id)
+    described = limit_body(plan, refused.limit_id, refused.cap, refused.remaining, None)
+    retry_ms = refused.retry_after_ms
+    headers: dict[str, str] = {}
+    if retry_ms is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
+    elif refused.reason == "concurrency":
+        retry_ms = 1000
+        headers["Retry-After"] = "1"
+    code = "budget_exhausted" if refused.reason == "budget_exhausted" else "rate_limited"
+    name = limit.name if limit else f"limit {refused.limit_id}"
+    if refused.retry_after_ms is None and refused.reason != "concurrency":
+        message = f"The request needs more than the limit '{name}' can ever admit."
+    elif code == "budget_exhausted":
+        message = f"Budget exhausted: '{name}'. It resets in {headers['Retry-After']} s."
+    else:
+        message = f"Rate limited by '{name}'. Retry in {headers['Retry-After']} s."
+    return QuotaError(code, message, headers=headers, limit=described, retry_after_ms=retry_ms)
+
+
+def limit_body(
+    plan: Plan, limit_id: int, cap: int, remaining: float, reset_ms: int | None
+) -> dict[str, Any]:
+    """A limit as the API shows it, in the metric's own units (USD for cost)."""
+    limit = plan.limits.get(limit_id)
+    metric = limit.metric if limit else ""
+
+    def show(units: float) -> float | int:
+        return round(units / float(NANO), 9) if metric == "cost_usd" else math.floor(units)
+
+    body: dict[str, Any] = {
+        "id": limit_id,
+        "name": limit.name if limit else "",
+        "scope": limit.scope if limit else {},
+        "metric": metric,
+        "window": (limit.window or None) if limit else None,
+        "enforcement": limit.enforcement if limit else "hard",
+        "limit": show(cap),
+        "remaining": show(max(0.0, remaining)),
+    }
+    if reset_ms is not None:
+        body["reset"] = reset_ms
+    return body
+
+
+# -- commit, release, extend, read -----------------------------------------------------------
+
+
+def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) -> Settled:
+    extra = {"finish_reason": data.finish_reason}
+    if data.upstream_status is not None:
+        extra["upstream_status"] = str(data.upstream_status)
+    if data.latency_ms is not None:
+        extra["latency_ms"] = str(data.latency_ms)
+    usage = Usage(
+        input_tokens=data.input_tokens,
+        output_tokens=data.output_tokens,
+        cached_input_tokens=data.cached_input_tokens,
+        body_hash=data.body_hash,
+        extra=extra,
+    )
+    result = _with_plan(
+        lambda version: get_engine().commit(
+            reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
+        )
+    )
+    if isinstance(result, Conflict):
+        if result.state == "released":
+            raise QuotaError("conflict", "This reservation was released; it cannot be committed.")
+        raise QuotaError("conflict", "This reservation was already committed with other usage.")
+    assert isinstance(result, Settled)
+    return result
+
+
+def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
+    result = _with_plan(
+        lambda version: get_engine().release(
+            reservation_id=reservation_id, owner=owner_of(key), version=version
+        )
+    )
+    if isinstance(result, Conflict):
+        if result.state == "expired":
+            raise QuotaError(
+                "conflict",
+                "This reservation expired and was charged in full; "
+                "commit it with its actual usage instead.",
+            )
+        raise QuotaError("conflict", f"This reservation is already {result.state}.")
+    assert isinstance(result, Settled)
+    return result
+
+
+def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
+    result = _with_plan(
+        lambda version: get_engine().extend(
+            reservation_id=reservation_id,
+            owner=owner_of(key),
+            ttl_ms=ttl_seconds * 1000,
+            version=version,
+        )
+    )
+    if isinstance(result, Conflict):
+        raise QuotaError(
+            "conflict",
+            f"This reservation is {result.state}; only a held reservation can be extended.",
+        )
+    assert isinstance(result, LeaseView)
+    return result
+
+
+def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
+    result = _with_plan(
+        lambda version: get_engine().peek(
+            reservation_id=reservation_id, owner=owner_of(key), version=version
+        )
+    )
+    assert isinstance(result, LeaseView)
+    return result
+
+
+def _with_plan(call: Any) -> Any:
+    """Run an engine call with the current plan's version; reload and retry if it is stale."""
+    for _ in range(STALE_RETRIES):
+        plan = plans.get()
+        try:
+            result = call(plan.version)
+        except redis.RedisError as exc:
+            log.warning("store unavailable: %s", exc)
+            raise QuotaError(
+                "unavailable",
+                "The quota store is unavailable; try again shortly.",
+                headers={"Retry-After": "1"},
+            ) from exc
+        if isinstance(result, Stale):
+            plans.reload(older_than=plan)
+            continue
+        if isinstance(result, Missing):
+            raise not_found("reservation")
+        return result
+    raise QuotaError(
+        "unavailable", "The configuration is changing; try again.", headers={"Retry-After": "1"}
+    )
+
+
+def _store_down(exc: redis.RedisError, pool: PoolInfo) -> Reserved | LeaseView:
+    log.warning(
+        "store unavailable on reserve (pool %s is fail-%s): %s", pool.slug, pool.fail_mode, exc
+    )
+    raise QuotaError(
+        "unavailable",
+        "The quota store is unavailable; try again shortly.",
+        headers={"Retry-After": "1"},
+    )
