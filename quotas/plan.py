@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import redis
+
 from providers.models import LanguageModel, Pool
 from quotas.engine import Check, PoolOption
 from quotas.engine.core import KeySpace
@@ -315,7 +317,7 @@ class Plan:
 def plan_load() -> Plan:
     """Read the whole configuration. The version is read first: a change that lands while
     loading bumps it again, and the next call reloads."""
-    version = config_version_read()
+    version = _version_or_unknown()
     tenants = {t.id: TenantInfo(t.id, t.slug, t.timezone, t.status) for t in Tenant.objects.all()}
     pool_ids: dict[int, list[int]] = defaultdict(list)
     for feature_id, pool_id in Feature.pools.through.objects.values_list("feature_id", "pool_id"):
@@ -349,6 +351,15 @@ def plan_load() -> Plan:
     return Plan(
         version, tenants, features, pools, limits, _keys(), dict(by_tenant), dict(guarantees)
     )
+
+
+def _version_or_unknown() -> int:
+    """With the store down the plan still loads (fail-open pools need it); version -1 never
+    matches, so the first call once the store is back reloads."""
+    try:
+        return config_version_read()
+    except redis.RedisError:
+        return -1
 
 
 def _model_info(m: LanguageModel) -> ModelInfo:
@@ -425,7 +436,7 @@ class PlanCache:
         if plan is None:
             return self.reload(older_than=None)
         if time.monotonic() - plan.checked_at > RECHECK_SECONDS:
-            if config_version_read() != plan.version:
+            if _version_or_unknown() != plan.version:
                 return self.reload(older_than=plan)
             plan.checked_at = time.monotonic()
         return plan

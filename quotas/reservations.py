@@ -14,6 +14,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from quotas.degraded import DEGRADED_PREFIX, is_degraded_id, spool_event, spool_flush, spool_size
 from quotas.engine import (
     Conflict,
     Engine,
@@ -119,7 +120,9 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved | Lease
         try:
             result = get_engine().reserve(call)
         except redis.RedisError as exc:
-            return _store_down(exc, pools[0])
+            result = _store_down(exc, call, pools[0])
+        else:
+            _flush_spool()
         if isinstance(result, Stale):
             plans.reload(older_than=plan)
             continue
@@ -332,6 +335,8 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
 
 
 def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
+    if is_degraded_id(reservation_id):
+        return _degraded_settle(key, reservation_id, "released", Usage(0, 0))
     result = _with_plan(
         lambda version: get_engine().release(
             reservation_id=reservation_id, owner=owner_of(key), version=version
@@ -377,6 +382,35 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
     return result
 
 
+def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
+    """A degraded reservation has no lease to settle: its usage is recorded as reported."""
+    event = {
+        "type": outcome,
+        "rid": reservation_id,
+        "key": key.prefix,
+        "degraded": 1,
+        "at_ms": get_engine().now_ms_estimate(),
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+        **usage.extra,
+    }
+    spool_event(event)
+    _flush_spool()
+    result = {
+        "id": reservation_id,
+        "status": outcome,
+        "lease_expired": False,
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cost_nusd": 0,
+        "refunded": {},
+        "degraded": True,
+    }
+    return Settled(result=result)
+
+
 def _with_plan(call: Any) -> Any:
     """Run an engine call with the current plan's version; reload and retry if it is stale."""
     for _ in range(STALE_RETRIES):
@@ -401,12 +435,61 @@ def _with_plan(call: Any) -> Any:
     )
 
 
-def _store_down(exc: redis.RedisError, pool: PoolInfo) -> Reserved | LeaseView:
+def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Granted:
+    """Closed pools refuse; open pools admit, unenforced, and owe the ledger an event."""
     log.warning(
-        "store unavailable on reserve (pool %s is fail-%s): %s", pool.slug, pool.fail_mode, exc
+        "store unavailable on reserve (pool %s fails %s): %s", pool.slug, pool.fail_mode, exc
     )
-    raise QuotaError(
-        "unavailable",
-        "The quota store is unavailable; try again shortly.",
-        headers={"Retry-After": "1"},
+    if pool.fail_mode != "open":
+        raise QuotaError(
+            "unavailable",
+            "The quota store is unavailable; try again shortly.",
+            headers={"Retry-After": "1"},
+        ) from exc
+    now = get_engine().now_ms_estimate()
+    reservation_id = DEGRADED_PREFIX + call.reservation_id.removeprefix("rsv_")
+    cost = call.cost_fixed + math.ceil(call.cost_per_output * call.max_output_tokens)
+    spool_event(
+        {
+            **call.meta,
+            "type": "reserved",
+            "rid": reservation_id,
+            "at_ms": now,
+            "pool": pool.slug,
+            "degraded": 1,
+            "reserved_input_tokens": call.input_tokens,
+            "reserved_output_tokens": call.max_output_tokens,
+            "reserved_cost_nusd": cost,
+        }
     )
+    return Granted(
+        reservation_id=reservation_id,
+        pool=pool.slug,
+        output_tokens=call.max_output_tokens,
+        cost_nusd=cost,
+        expires_ms=now + call.ttl_ms,
+        now_ms=now,
+        limits=(),
+        would_refuse=(),
+        degraded=True,
+    )
+
+
+def _flush_spool() -> None:
+    if spool_size():
+        engine = get_engine()
+        try:
+            spool_flush(engine.client, engine.keys.events, engine.stream_maxlen)
+        except redis.RedisError:
+            log.warning("degraded events still waiting for the store", exc_info=True)
+
+
+def leases_expire(*, batch: int = 500) -> int:
+    """Expire held reservations whose time is up; charged as reserved, slots freed."""
+    engine = get_engine()
+    total = 0
+    while True:
+        done = engine.reap(batch=batch)
+        total += done
+        if done < batch:
+            return total

@@ -44,7 +44,7 @@ def reserved_body(reserved: Reserved) -> dict[str, Any]:
         "expires_at": iso(granted.expires_ms),
         "limits": [_limit(reserved.plan, state, granted.now_ms) for state in granted.limits],
         "would_refuse": [_name(reserved.plan, i) for i in granted.would_refuse],
-        "degraded": False,
+        "degraded": granted.degraded,
     }
 
 
@@ -106,6 +106,7 @@ def settled_body(settled: Settled) -> dict[str, Any]:
             "cost_usd": usd(refunded.get("cost_nusd", 0)),
         },
         "overrun": refunded.get("output_tokens", 0) < 0 or refunded.get("input_tokens", 0) < 0,
+        "degraded": bool(res.get("degraded")),
     }
 
 

@@ -73,7 +73,10 @@ class ReservationListView(QuotaView):
         )
         if isinstance(outcome, Reserved):
             body = reserved_body(outcome)
-            return Response(body, status=201, headers=ratelimit_headers(body["limits"]))
+            headers = ratelimit_headers(body["limits"])
+            if body["degraded"]:
+                headers["Quota-Degraded"] = "store-unavailable; admitted without enforcement"
+            return Response(body, status=201, headers=headers)
         return Response(lease_body(outcome), status=200)
 
 

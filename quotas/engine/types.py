@@ -111,6 +111,7 @@ class Granted:
     now_ms: int
     limits: tuple[LimitState, ...]
     would_refuse: tuple[int, ...]
+    degraded: bool = False  # admitted unenforced: the store was down and the pool fails open
 
 
 @dataclass(frozen=True, slots=True)
