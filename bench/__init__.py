@@ -1,0 +1,1 @@
+"""HTTP benchmarks, run on demand with `python -m bench` (never as tests)."""

@@ -1,0 +1,213 @@
+"""The scenarios and how each is measured against the running server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+
+import httpx
+import redis
+
+from bench.openloop import Request, fixed_rate_run
+from bench.redisstats import command_counts, round_trips
+from bench.report import Row
+from bench.results import LoadResult
+from bench.server import Server, ServerOptions, server_start
+from bench.wrk import WrkOptions, wrk_run
+
+RESERVE_BODY = {
+    "feature": "chat",
+    "model": "bench-model",
+    "input_tokens": 100,
+    "max_output_tokens": 100,
+}
+COMMIT_BODY = {"input_tokens": 100, "output_tokens": 50}
+SAMPLE_REQUESTS = 200
+
+
+class ReserveApiMissing(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    path: str
+    script: str = "post.lua"
+
+    @property
+    def pairs(self) -> bool:
+        return self.script == "pairs.lua"
+
+
+BARE = Scenario("bare view (1 EVALSHA)", "/bench/bare")
+RATELIMITED = Scenario("django-ratelimit view", "/bench/ratelimited")
+RESERVE = Scenario("reserve", "/api/v1/reservations")
+PAIRS = Scenario("reserve+commit", "/api/v1/reservations", "pairs.lua")
+
+
+@dataclass
+class Runs:
+    bare: Row | None = None
+    ratelimited: Row | None = None
+    reserve: dict[int, Row] = field(default_factory=dict)  # by configured feature count
+    pairs: Row | None = None
+    half_peak: dict[str, Row] = field(default_factory=dict)  # by scenario name
+    missing: str | None = None
+
+    def first_reserve(self) -> Row | None:
+        return next(iter(self.reserve.values()), None)
+
+    def rows(self) -> list[Row]:
+        peaks = [self.bare, self.ratelimited, self.first_reserve(), self.pairs]
+        more = list(self.reserve.values())[1:] + list(self.half_peak.values())
+        return [row for row in peaks + more if row is not None]
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    api_key: str
+    redis: redis.Redis
+    server: Server | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.args.port}"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+    def start(self) -> None:
+        a = self.args
+        options = ServerOptions(a.port, a.workers, a.worker_class, a.threads)
+        self.server = server_start(options, env={})
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def closed_loop(self, scenario: Scenario, name: str | None = None) -> Row:
+        """Peak throughput: wrk at a fixed number of connections, after a warm-up."""
+        if self.args.warmup:
+            self._wrk(scenario, self.args.warmup)
+        before = command_counts(self.redis)
+        result = self._wrk(scenario, self.args.duration)
+        work = command_counts(self.redis).minus(before)
+        row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario))
+        print(f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms", flush=True)
+        return row
+
+    def fixed_rate(self, scenario: Scenario, rate: float) -> Row:
+        """Latency at a given throughput, from an open-loop generator."""
+        body = json.dumps(RESERVE_BODY).encode()
+        request = Request("127.0.0.1", self.args.port, scenario.path, body, self.api_key)
+        before = command_counts(self.redis)
+        result = fixed_rate_run(
+            request=request,
+            rate=rate,
+            seconds=self.args.fixed_duration,
+            connections=self.args.connections,
+        )
+        work = command_counts(self.redis).minus(before)
+        name = f"{scenario.name.split(' (')[0]} @ {rate:,.0f}/s fixed"
+        row = Row(name, result, work, closed_loop=False)
+        print(f"  {row.name}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms", flush=True)
+        return row
+
+    def sample_round_trips(self, scenario: Scenario) -> dict[str, float]:
+        """Redis round trips per request, from sequential requests watched with MONITOR."""
+        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
+            counts, requests = round_trips(
+                self.redis, lambda: sum(_send(client, scenario) for _ in range(SAMPLE_REQUESTS))
+            )
+        return counts.per(requests)
+
+    def _wrk(self, scenario: Scenario, seconds: float) -> LoadResult:
+        options = WrkOptions(threads=self.args.wrk_threads, connections=self.args.connections)
+        env = {
+            "BENCH_KEY": self.api_key,
+            "BENCH_BODY": json.dumps(RESERVE_BODY),
+            "BENCH_COMMIT_BODY": json.dumps(COMMIT_BODY),
+        }
+        return wrk_run(
+            url=self.base_url + scenario.path,
+            script=scenario.script,
+            seconds=seconds,
+            options=options,
+            env=env,
+        )
+
+
+def _send(client: httpx.Client, scenario: Scenario) -> int:
+    """One request of the scenario (for pairs: a reserve and its commit); returns how many."""
+    response = client.post(scenario.path, json=RESERVE_BODY)
+    if not scenario.pairs:
+        return 1
+    client.post(f"{scenario.path}/{response.json()['id']}/commit", json=COMMIT_BODY)
+    return 2
+
+
+def probe_baselines(bench: Bench) -> None:
+    for scenario in (BARE, RATELIMITED):
+        response = httpx.post(bench.base_url + scenario.path, json=RESERVE_BODY, timeout=10)
+        if response.status_code != 200:
+            raise SystemExit(
+                f"{scenario.path} answered {response.status_code}: {response.text[:300]}"
+            )
+
+
+def probe_reserve(bench: Bench) -> None:
+    """One reserve and its commit, so that a missing or broken API fails before any load."""
+    url = bench.base_url + RESERVE.path
+    response = httpx.post(url, json=RESERVE_BODY, headers=bench.headers, timeout=30)
+    if response.status_code == 404 and "json" not in response.headers.get("content-type", ""):
+        raise ReserveApiMissing(
+            f"POST {RESERVE.path} answered 404: the reservation API is not routed in this tree."
+        )
+    if response.status_code != 201:
+        raise ReserveApiMissing(
+            f"POST {RESERVE.path} answered {response.status_code}, not 201: {response.text[:300]}"
+        )
+    commit_url = f"{url}/{response.json()['id']}/commit"
+    committed = httpx.post(commit_url, json=COMMIT_BODY, headers=bench.headers, timeout=30)
+    if committed.status_code != 200:
+        raise ReserveApiMissing(
+            f"POST .../commit answered {committed.status_code}, not 200: {committed.text[:300]}"
+        )
+
+
+def measure_peaks(bench: Bench, runs: Runs) -> None:
+    runs.bare = bench.closed_loop(BARE)
+    runs.ratelimited = bench.closed_loop(RATELIMITED)
+    if bench.args.baseline_only:
+        return
+    try:
+        probe_reserve(bench)
+    except ReserveApiMissing as missing:
+        runs.missing = str(missing)
+        return
+    features = bench.args.features[0]
+    runs.reserve[features] = bench.closed_loop(RESERVE, f"reserve ({features:,} features)")
+    runs.pairs = bench.closed_loop(PAIRS, f"reserve+commit ({features:,} features)")
+
+
+def measure_half_peaks(bench: Bench, runs: Runs) -> None:
+    peaks = {BARE: runs.bare, RATELIMITED: runs.ratelimited, RESERVE: runs.first_reserve()}
+    for scenario, peak in peaks.items():
+        if peak is not None:
+            runs.half_peak[scenario.name] = bench.fixed_rate(scenario, peak.result.rps / 2)
+
+
+def measure_config_sizes(bench: Bench, runs: Runs) -> None:
+    from bench.fixtures import features_grow
+
+    for count in bench.args.features[1:]:
+        bench.stop()
+        print(f"  configuring {count:,} features ...", flush=True)
+        features_grow(count)
+        bench.start()
+        runs.reserve[count] = bench.closed_loop(RESERVE, f"reserve ({count:,} features)")

@@ -1,0 +1,158 @@
+"""Reservation API throughput and latency over HTTP, against two baselines in the same run.
+
+    .venv/bin/python -m bench [--duration 10] [--connections 32] [--features 10,100000]
+
+The app runs under gunicorn (workers = cores by default) with the bench settings: the
+product's settings plus /bench/bare (one EVALSHA of a 3-bucket token-bucket script) and
+/bench/ratelimited (django-ratelimit on the same Redis). wrk drives each scenario at a fixed
+number of connections (closed loop) for the peak; an open-loop generator then holds half of
+each peak to measure p99 there. The load generators share the machine's cores with the server.
+The benchmark starts its own Redis (so that INFO commandstats counts only its commands) and
+uses its own database (var/bench.sqlite3, wiped at start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from pathlib import Path
+
+import django
+
+from bench.harness import (
+    Bench,
+    Runs,
+    measure_config_sizes,
+    measure_half_peaks,
+    measure_peaks,
+    probe_baselines,
+)
+from bench.redisserver import redis_server_start
+from bench.report import checks_text, redis_breakdown, table
+from bench.server import ServerOptions
+from bench.targets import targets
+from bench.wrk import wrk_require
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    cores = os.cpu_count() or 1
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    p.add_argument("--warmup", type=float, default=3, help="seconds of load before each run")
+    p.add_argument("--fixed-duration", type=float, help="seconds per half-of-peak run")
+    p.add_argument("--no-fixed", action="store_true", help="skip the half-of-peak runs")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--wrk-threads", type=int, default=cores)
+    p.add_argument("--workers", type=int, default=cores, help="gunicorn workers")
+    p.add_argument("--worker-class", choices=["sync", "gthread"], default="gthread")
+    p.add_argument("--threads", type=int, default=4, help="threads per gthread worker")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--features", default="10,100000", help="feature counts, comma-separated")
+    p.add_argument("--baseline-only", action="store_true", help="only the two baseline views")
+    p.add_argument("--database-url", help="default: sqlite:///var/bench.sqlite3")
+    args = p.parse_args(argv)
+    args.fixed_duration = args.fixed_duration or args.duration
+    args.features = [int(n) for n in args.features.split(",")]
+    return args
+
+
+def configure(args: argparse.Namespace, redis_url: str) -> None:
+    """Points the settings, here and in gunicorn, at the benchmark's database and Redis."""
+    os.environ.update(
+        DJANGO_SETTINGS_MODULE="bench.settings",
+        REDIS_URL=redis_url,
+        DATABASE_URL=args.database_url or f"sqlite:///{ROOT / 'var' / 'bench.sqlite3'}",
+        LOG_LEVEL="WARNING",
+    )
+    django.setup()
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def prepare_config(features: int) -> str:
+    from bench.fixtures import config_create, database_reset, features_grow
+
+    database_reset()
+    api_key = config_create()
+    features_grow(features)
+    return api_key
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """Share of all cores busy over `seconds`, from /proc/stat (Linux)."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
+
+
+def warn_if_busy() -> None:
+    busy = cpu_busy()
+    if busy > 0.15:
+        print(
+            f"WARNING: the cores were {busy:.0%} busy before the run, with other work: "
+            "the figures below will be low and noisy.",
+            flush=True,
+        )
+
+
+def describe(args: argparse.Namespace) -> str:
+    server = ServerOptions(args.port, args.workers, args.worker_class, args.threads).describe()
+    return (
+        f"{os.cpu_count()} cores; {server}; wrk {args.wrk_threads} threads x "
+        f"{args.connections} connections, {args.duration:g} s per run after {args.warmup:g} s "
+        f"warm-up; half-of-peak runs open-loop (Python asyncio) for {args.fixed_duration:g} s; "
+        "load generators and Redis on the same cores."
+    )
+
+
+def measure(bench: Bench) -> Runs:
+    runs = Runs()
+    bench.start()
+    try:
+        probe_baselines(bench)
+        measure_peaks(bench, runs)
+        if not bench.args.no_fixed:
+            measure_half_peaks(bench, runs)
+        if runs.first_reserve() is not None:
+            measure_config_sizes(bench, runs)
+    finally:
+        bench.stop()
+    return runs
+
+
+def print_report(args: argparse.Namespace, runs: Runs) -> None:
+    print()
+    print(describe(args))
+    print(table(runs.rows(), runs.bare, runs.ratelimited))
+    print()
+    print(redis_breakdown(runs.rows()))
+    if runs.first_reserve() is not None:
+        print()
+        print(checks_text(targets(runs)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    wrk_require()
+    redis_server = redis_server_start()
+    try:
+        configure(args, redis_server.url)
+        print(f"configuring {args.features[0]:,} features ...", flush=True)
+        bench = Bench(args, prepare_config(args.features[0]), redis_server.client())
+        print(describe(args), flush=True)
+        warn_if_busy()
+        runs = measure(bench)
+    finally:
+        redis_server.stop()
+    print_report(args, runs)
+    if runs.missing:
+        raise SystemExit(f"\nRESERVE NOT MEASURED: {runs.missing}")

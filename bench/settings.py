@@ -1,0 +1,7 @@
+"""The product's settings plus the baseline views of the benchmark, nothing else changed."""
+
+from __future__ import annotations
+
+from config.settings import *  # noqa: F403
+
+ROOT_URLCONF = "bench.urls"

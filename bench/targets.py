@@ -1,0 +1,64 @@
+"""The targets the reservation API is held to, checked against one run's measurements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bench.report import Check, Row
+
+if TYPE_CHECKING:
+    from bench.harness import Runs
+
+P99_AT_HALF_PEAK_MS = 5.0
+
+
+def targets(runs: Runs) -> list[Check]:
+    reserve = runs.first_reserve()
+    if reserve is None or runs.bare is None or runs.ratelimited is None:
+        return []
+    checks = [
+        _ratio_check("reserve >= 0.8x the bare view", reserve, runs.bare, 0.8),
+        _ratio_check("reserve >= 1.1x the django-ratelimit view", reserve, runs.ratelimited, 1.1),
+        _one_call("exactly one Redis call per reserve", reserve),
+    ]
+    if runs.pairs is not None:
+        checks.append(_one_call("exactly one Redis call per reserve and per commit", runs.pairs))
+    half = runs.half_peak.get("reserve")
+    if half is not None:
+        checks.append(
+            Check(
+                f"reserve p99 <= {P99_AT_HALF_PEAK_MS:g} ms at half of peak",
+                f"{half.result.p99_ms:.2f} ms at {half.result.rps:,.0f} req/s",
+                half.result.p99_ms <= P99_AT_HALF_PEAK_MS,
+            )
+        )
+    checks.extend(_size_checks(runs))
+    return checks
+
+
+def _ratio_check(claim: str, row: Row, base: Row, at_least: float) -> Check:
+    ratio = row.result.rps / base.result.rps if base.result.rps else 0.0
+    return Check(claim, f"{ratio:.2f}x", ratio >= at_least)
+
+
+def _one_call(claim: str, row: Row) -> Check:
+    calls, evalsha = row.calls_per_request() or 0.0, row.evalsha_per_request()
+    measured = f"{calls:.3f} Redis calls/request (MONITOR), {evalsha:.3f} EVALSHA/request"
+    return Check(claim, measured, round(calls, 2) == 1.0 and round(evalsha, 2) == 1.0)
+
+
+def _size_checks(runs: Runs) -> list[Check]:
+    sizes = sorted(runs.reserve)
+    smallest = runs.reserve[sizes[0]]
+    checks = []
+    for size in sizes[1:]:
+        row = runs.reserve[size]
+        cost = smallest.result.rps / row.result.rps if row.result.rps else float("inf")
+        checks.append(
+            Check(
+                f"reserve cost with {size:,} features within 1.2x of {sizes[0]:,}",
+                f"{cost:.2f}x the time per request",
+                cost <= 1.2,
+            )
+        )
+    return checks
