@@ -9,6 +9,7 @@ from django.http import HttpRequest
 
 from providers.models import LanguageModel, Pool, Provider
 from quotas.admin_scoping import (
+    OwnRowsInlineFormSet,
     SharedConfigAdmin,
     SharedReadOnlyMixin,
     TenantScopedMixin,
@@ -18,6 +19,7 @@ from quotas.admin_scoping import (
 
 class LanguageModelInline(SharedReadOnlyMixin, TenantScopedMixin, admin.TabularInline):  # type: ignore[type-arg]
     model = LanguageModel
+    formset = OwnRowsInlineFormSet
     fields = ("name", "input_per_mtok", "cached_input_per_mtok", "output_per_mtok")
     extra = 0
     show_change_link = True

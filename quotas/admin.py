@@ -12,7 +12,13 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from quotas.admin_scoping import AuditedAdmin, TenantScopedMixin, VisibleErrorsForm, is_scoped
+from quotas.admin_scoping import (
+    AuditedAdmin,
+    OwnRowsInlineFormSet,
+    TenantScopedMixin,
+    VisibleErrorsForm,
+    is_scoped,
+)
 from quotas.keys import api_key_create, api_key_revoke
 from quotas.models import ApiKey, Limit
 from quotas.validation import limit_describe
@@ -48,6 +54,7 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
 
     model = Limit
     form = LimitForm
+    formset = OwnRowsInlineFormSet
     fk_name = "feature"
     fields = (
         "in_words",

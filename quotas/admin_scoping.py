@@ -20,6 +20,7 @@ from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
 from django.db.models import Field, Model, Q, QuerySet
+from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse
 from simple_history.admin import SimpleHistoryAdmin
 
@@ -221,6 +222,17 @@ class SharedReadOnlyMixin(_AdminBase):
 
 class SharedConfigAdmin(SharedReadOnlyMixin, AuditedAdmin):
     """An audited admin of shared infrastructure."""
+
+
+class OwnRowsInlineFormSet(BaseInlineFormSet):  # type: ignore[type-arg]
+    """Refuses a row whose id is not one of the parent's (scoped) rows. Django accepts any id
+    of the model there and then silently drops the row; an error says what happened."""
+
+    def add_fields(self, form: forms.Form, index: int | None) -> None:
+        super().add_fields(form, index)
+        id_field = form.fields.get(self.model._meta.pk.name)
+        if isinstance(id_field, forms.ModelChoiceField):
+            id_field.queryset = self.get_queryset()
 
 
 class VisibleErrorsForm(forms.ModelForm):  # type: ignore[type-arg]

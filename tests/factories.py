@@ -99,6 +99,9 @@ class TenantOwnerFactory(UserFactory):
     """A staff user (not a superuser) in the "Tenant owners" group, which grants admin access;
     list them in `Tenant.owners` to give them tenants."""
 
+    class Meta:
+        skip_postgeneration_save = True
+
     @factory.post_generation
     def owner_group(self, create: bool, extracted: object, **kwargs: object) -> None:
         from django.contrib.auth.models import Group
