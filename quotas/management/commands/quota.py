@@ -169,13 +169,12 @@ def run_key_revoke(command: Command, options: dict[str, Any]) -> None:
 
 def run_key_list(command: Command, options: dict[str, Any]) -> None:
     tenant = _tenant(options["tenant"])
-    rows = [("PREFIX", "NAME", "FEATURES", "CREATED", "REVOKED")]
+    rows = [("PREFIX", "NAME", "FEATURES", "CREATED (UTC)", "REVOKED (UTC)")]
     for key in ApiKey.objects.filter(tenant=tenant).prefetch_related("features"):
         features = ", ".join(sorted(f.slug for f in key.features.all())) or "(all)"
+        created = f"{key.created_at:%Y-%m-%d %H:%M}"
         revoked = f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "-"
-        rows.append(
-            (key.prefix, key.name or "-", features, f"{key.created_at:%Y-%m-%d %H:%M}", revoked)
-        )
+        rows.append((key.prefix, key.name or "-", features, created, revoked))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         command.stdout.write(
