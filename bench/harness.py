@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from bench.openloop import Request, fixed_rate_run
-from bench.redisstats import command_counts, round_trips
+from bench.redisstats import command_counts, round_trips, wait_quiet
 from bench.report import Row
 from bench.results import LoadResult
 from bench.server import Server, ServerOptions, server_start
@@ -94,9 +94,11 @@ class Bench:
         """Peak throughput: wrk at a fixed number of connections, after a warm-up."""
         if self.args.warmup:
             self._wrk(scenario, self.args.warmup)
+        wait_quiet(self.redis)
         before = command_counts(self.redis)
         result = self._wrk(scenario, self.args.duration)
         work = command_counts(self.redis).minus(before)
+        wait_quiet(self.redis)
         row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario))
         print(f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms", flush=True)
         return row
@@ -105,6 +107,7 @@ class Bench:
         """Latency at a given throughput, from an open-loop generator."""
         body = json.dumps(RESERVE_BODY).encode()
         request = Request("127.0.0.1", self.args.port, scenario.path, body, self.api_key)
+        wait_quiet(self.redis)
         before = command_counts(self.redis)
         result = fixed_rate_run(
             request=request,

@@ -10,6 +10,7 @@ exact there too. Both are server-wide, which is why the benchmark runs its own R
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,6 +52,19 @@ def command_counts(client: redis.Redis) -> CommandCounts:
         if name.removeprefix("cmdstat_") not in IGNORED
     }
     return CommandCounts(calls=calls)
+
+
+def wait_quiet(client: redis.Redis, timeout_s: float = 15.0) -> None:
+    """Waits until Redis serves nothing but this probe: the server still answers requests a
+    load generator left in flight when it stopped, and those belong to no run."""
+    deadline = time.monotonic() + timeout_s
+    last = client.info("stats")["total_commands_processed"]
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = client.info("stats")["total_commands_processed"]
+        if now - last <= 1:
+            return
+        last = now
 
 
 def round_trips(client: redis.Redis, send: Callable[[], int]) -> tuple[CommandCounts, int]:
