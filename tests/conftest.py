@@ -32,11 +32,11 @@ def redis_db() -> Iterator[redis.Redis]:
     assert index != 0, f"tests must not use Redis database 0 ({settings.REDIS_URL})"
     client.flushdb()
     plans.clear()
-    get_engine().clock_offset_ms = 0
+    get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
     yield client
     client.flushdb()
     plans.clear()
-    get_engine().clock_offset_ms = 0
+    get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
 
 
 @dataclass

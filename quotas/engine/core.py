@@ -71,8 +71,9 @@ class Engine:
         self.scripts = Scripts(client)
         self.retention_ms = retention_ms
         self.stream_maxlen = stream_maxlen
-        # Tests move the clock; production leaves it at zero and Redis TIME rules.
+        # Tests move or stop the clock; production leaves both alone and Redis TIME rules.
         self.clock_offset_ms = clock_offset_ms
+        self.frozen_ms: int | None = None
 
     def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale:
         keys = [
@@ -127,7 +128,7 @@ class Engine:
             "lease_prefix": self.keys.lease_prefix,
             "maxlen": self.stream_maxlen,
             "retention_ms": self.retention_ms,
-            "clock_offset_ms": self.clock_offset_ms,
+            **self._clock(),
             "batch": batch,
         }
         keys = [self.keys.version, self.keys.leases, self.keys.events]
@@ -138,16 +139,25 @@ class Engine:
         if not checks:
             return []
         keys = [k for check in checks for k in check.redis_keys()]
-        payload = {"clock_offset_ms": self.clock_offset_ms, "checks": [c.as_lua() for c in checks]}
+        payload = {**self._clock(), "checks": [c.as_lua() for c in checks]}
         return _as_list(self.scripts.call("inspect", keys, payload))
 
     def now_ms(self) -> int:
+        if self.frozen_ms is not None:
+            return self.frozen_ms
         seconds, micros = self.client.time()
         return seconds * 1000 + micros // 1000 + self.clock_offset_ms
 
     def now_ms_estimate(self) -> int:
         """This node's clock, only to pick candidate periods; Redis's clock decides."""
+        if self.frozen_ms is not None:
+            return self.frozen_ms
         return int(time.time() * 1000) + self.clock_offset_ms
+
+    def _clock(self) -> dict[str, int]:
+        if self.frozen_ms is not None:
+            return {"clock_ms": self.frozen_ms}
+        return {"clock_offset_ms": self.clock_offset_ms}
 
     # -- payloads -------------------------------------------------------------------------
 
@@ -166,7 +176,7 @@ class Engine:
             "retention_ms": self.retention_ms,
             "maxlen": self.stream_maxlen,
             "lease_prefix": self.keys.lease_prefix,
-            "clock_offset_ms": self.clock_offset_ms,
+            **self._clock(),
             "idem_hash": call.idempotency_hash if call.idempotency_key else "",
             "in_": call.input_tokens,
             "out": call.max_output_tokens,
@@ -186,7 +196,7 @@ class Engine:
             "features": list(owner.feature_ids),
             "maxlen": self.stream_maxlen,
             "retention_ms": self.retention_ms,
-            "clock_offset_ms": self.clock_offset_ms,
+            **self._clock(),
         }
 
     def _lease_call(self, script: str, reservation_id: str, payload: dict[str, Any]) -> Reply:

@@ -4,8 +4,9 @@
 -- KEYS[2]  lease key               q:{tag}:r:<id>
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
--- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features (a narrowed key's feature ids, or empty), maxlen,
---          retention_ms, clock_offset_ms, usage = {in_, cached, out, cost (nano-USD),
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant,
+--          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock,
+--          usage = {in_, cached, out, cost (nano-USD),
 --          requests (1), hash (of the commit body), extra (event fields: finish_reason,
 --          upstream_status, latency_ms)}
 --
@@ -17,7 +18,7 @@
 -- {conflict = state} (released, or committed with another body).
 
 local req = cjson.decode(ARGV[1])
-local now = now_ms() + (req.clock_offset_ms or 0)
+local now = clock(req)
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end

@@ -4,13 +4,14 @@
 -- KEYS[2]  lease key               q:{tag}:r:<id>
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
--- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features, maxlen, retention_ms, clock_offset_ms, ttl_ms (from now)
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features,
+--          maxlen, retention_ms, clock, ttl_ms (from now)
 --
 -- Returns JSON: {lease = {...}}, {missing = true}, or {conflict = state} when the
 -- reservation is no longer held (committed, released or already expired).
 
 local req = cjson.decode(ARGV[1])
-local now = now_ms() + (req.clock_offset_ms or 0)
+local now = clock(req)
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end

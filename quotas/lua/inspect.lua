@@ -1,13 +1,13 @@
 -- inspect.lua: the current state of some limits, for usage pages; changes nothing.
 --
 -- KEYS[1..]  the limit keys named below
--- ARGV[1]    JSON: clock_offset_ms, checks = [{id, kind, cap, k | periods, guards}] as for
+-- ARGV[1]    JSON: clock, checks = [{id, kind, cap, k | periods, guards}] as for
 --            reserve.lua
 --
 -- Returns JSON: [{id, used, remaining, reset_ms}] in the order given.
 
 local req = cjson.decode(ARGV[1])
-local now = now_ms() + (req.clock_offset_ms or 0)
+local now = clock(req)
 local states = {}
 for i, check in ipairs(req.checks) do
   observe(check, now)

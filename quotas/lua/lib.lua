@@ -23,6 +23,13 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
+-- The decision's clock (`clock` in the headers): Redis TIME, plus `clock_offset_ms`, or a
+-- fixed `clock_ms`; tests move or stop it, production sends neither.
+local function clock(req)
+  if req.clock_ms then return req.clock_ms end
+  return now_ms() + (req.clock_offset_ms or 0)
+end
+
 -- Level of a token bucket of capacity `cap` refilling cap per 60 s, at `now`.
 local function bucket_level(key, cap, now)
   local st = redis.call('HMGET', key, 'v', 't')
@@ -38,8 +45,9 @@ local function bucket_store(key, cap, level, now)
     return
   end
   redis.call('HSET', key, 'v', tostring(level), 't', tostring(now))
-  -- a bucket left alone refills; once it would be full the key can go
-  redis.call('PEXPIRE', key, math.ceil((cap - level) * 60000 / cap) + 1000)
+  -- a bucket left alone refills; once it would be full the key can go (with a margin, so
+  -- that a clock that is stopped or moved in tests keeps its keys)
+  redis.call('PEXPIRE', key, math.ceil((cap - level) * 60000 / cap) + 300000)
 end
 
 local function counter(key)

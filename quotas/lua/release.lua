@@ -4,15 +4,15 @@
 -- KEYS[2]  lease key               q:{tag}:r:<id>
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
--- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features (a narrowed key's feature ids, or empty), maxlen,
---          retention_ms, clock_offset_ms
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant,
+--          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock
 --
 -- Returns JSON: {result = {...}} (a repeated release returns the same result),
 -- {missing = true}, or {conflict = state} (already committed, or expired: an expired lease
 -- was charged in full because the call may have happened; commit it with its usage instead).
 
 local req = cjson.decode(ARGV[1])
-local now = now_ms() + (req.clock_offset_ms or 0)
+local now = clock(req)
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end

@@ -7,12 +7,15 @@
 -- KEYS[5]  idempotency key (a per-request dummy if none) q:{tag}:idem:<tenant>:<key>
 -- KEYS[6..] every limit key the plan below may touch (buckets, budget periods, counters)
 -- ARGV[1]  JSON request:
---   version (of the compiled plan), id, tenant, ttl_ms, retention_ms, maxlen, lease_prefix, clock_offset_ms, idem_hash,
+--   version (of the compiled plan), id, tenant, ttl_ms, retention_ms, maxlen, lease_prefix,
+--   clock, idem_hash,
 --   in_ (input tokens), out (max output tokens), min_out (smallest acceptable grant),
 --   feature, cost = {a, b} (nano-USD for `out`), prices = {i, c, o} (nano-USD per input,
---   cached input and output token, kept in the lease to price the commit), meta (event fields), options: [{pool, checks: [check]}] in the order to try, where
+--   cached input and output token, kept in the lease to price the commit), meta (event
+--   fields), options: [{pool, checks: [check]}] in the order to try, where
 --   check = {id, kind = 'b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee,
---            m = metric (sets the amount: tokens = in_ + out, cost_usd = cost.a + cost.b * out, ...),
+--            m = metric (sets the amount: tokens = in_ + out,
+--                cost_usd = cost.a + cost.b * out, ...),
 --            k = key (or periods = [{k, start, stop}] for 'p'), cap,
 --            floor (capacity kept for higher priority classes),
 --            guards = [{k, cap}] (other features' guarantees, kept unless spent),
@@ -27,7 +30,7 @@
 --   {existing = lease}                 idempotency key replayed: the first reservation
 
 local req = cjson.decode(ARGV[1])
-local now = now_ms() + (req.clock_offset_ms or 0)
+local now = clock(req)
 local lease_key, index_key, stream, idem_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
 
