@@ -1,0 +1,94 @@
+"""The hot path: no SQL, one Redis call per decision, cluster-ready keys, live config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from quotas.plan import plans
+from quotas.reservations import get_engine
+from tests.conftest import World
+
+
+@pytest.fixture
+def redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every command the process sends to Redis, by name."""
+    sent: list[str] = []
+    original = redis.Redis.execute_command
+
+    def counting(self: redis.Redis, *args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).upper())
+        return original(self, *args, **options)
+
+    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    return sent
+
+
+def _limits(world: World) -> None:
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)
+    world.limit(pool=world.pool, metric="requests", amount=500)
+    world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=50_000)
+    world.limit(tenant=world.tenant, metric="tokens", window="day", amount=1_000_000)
+    world.limit(tenant=world.tenant, metric="cost_usd", window="month", amount=100)
+    world.limit(tenant=world.tenant, metric="concurrent", window="", amount=10)
+
+
+def test_reserve_and_commit_each_take_one_redis_call_and_no_sql(
+    world: World, reserve: Any, redis_commands: list[str], django_assert_num_queries: Any
+) -> None:
+    _limits(world)
+    warm = reserve()  # loads the plan and the scripts
+    assert warm.status_code == 201
+
+    redis_commands.clear()
+    with django_assert_num_queries(0):
+        granted = reserve()
+    assert granted.status_code == 201
+    assert redis_commands == ["EVALSHA"]
+
+    redis_commands.clear()
+    with django_assert_num_queries(0):
+        done = world.client().post(
+            f"/api/v1/reservations/{granted.json()['id']}/commit",
+            {"input_tokens": 10, "output_tokens": 10},
+            format="json",
+        )
+    assert done.status_code == 200
+    assert redis_commands == ["EVALSHA"]
+
+
+def test_every_key_of_a_decision_carries_the_same_hash_tag(
+    world: World, reserve: Any, redis_db: redis.Redis
+) -> None:
+    _limits(world)
+    world.pool.protect = {"interactive": 0.3}
+    world.pool.save()
+    rid = reserve(idempotency_key="k1").json()["id"]
+    world.client().post(
+        f"/api/v1/reservations/{rid}/commit", {"input_tokens": 1, "output_tokens": 1}, format="json"
+    )
+    reserve(ttl_seconds=1)
+
+    keys = [k.decode() for k in redis_db.keys("*")]
+    assert len(keys) >= 6
+    prefix = get_engine().keys.prefix
+    assert prefix == "q:{quota}:"
+    assert all(k.startswith(prefix) for k in keys), keys
+
+
+def test_a_saved_config_change_reaches_the_next_reservation_without_a_restart(
+    world: World, reserve: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    assert reserve().status_code == 201
+    loaded = plans.get()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        world.chat.status = "paused"
+        world.chat.save()
+
+    refused = reserve()
+    assert refused.status_code == 423
+    assert refused.json()["error"] == "feature_paused"
+    assert plans.get() is not loaded
