@@ -113,21 +113,19 @@ class TenantScopedMixin(_AdminBase):
     def formfield_for_foreignkey(
         self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
     ) -> forms.ModelChoiceField | None:
-        kwargs["queryset"] = self._scoped_choices(db_field, request, kwargs.get("queryset"))
+        kwargs["queryset"] = self._scoped_choices(db_field, request, **kwargs)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def formfield_for_manytomany(
         self, db_field: ManyToManyField[Any, Any], request: HttpRequest, **kwargs: Any
     ) -> forms.ModelMultipleChoiceField | None:
-        kwargs["queryset"] = self._scoped_choices(db_field, request, kwargs.get("queryset"))
+        kwargs["queryset"] = self._scoped_choices(db_field, request, **kwargs)
         return super().formfield_for_manytomany(db_field, request, **kwargs)
 
-    def _scoped_choices(
-        self, db_field: Any, request: HttpRequest, queryset: QuerySet[Any] | None
-    ) -> QuerySet[Any]:
-        if queryset is None:
-            db = getattr(self.model._default_manager, "db", None)
-            queryset = self.get_field_queryset(db, db_field, request)
+    def _scoped_choices(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> QuerySet[Any]:
+        queryset = kwargs.get("queryset")
+        if queryset is None:  # what Django would offer: the related admin's ordering, if any
+            queryset = self.get_field_queryset(kwargs.get("using"), db_field, request)
         if queryset is None:
             queryset = db_field.remote_field.model._default_manager.all()
         return scope_queryset(request.user, queryset)

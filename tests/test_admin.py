@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.contrib import admin
 from django.db import connection
 from django.db.models import Model
 from django.test import Client
@@ -19,6 +20,7 @@ from quotas.keys import api_key_hash, api_key_split
 from quotas.models import ApiKey, Limit
 from tenants.models import Feature, Tenant
 from tests.factories import (
+    ApiKeyFactory,
     FeatureFactory,
     LanguageModelFactory,
     LimitFactory,
@@ -49,6 +51,7 @@ def bravo(db: None) -> Bravo:
     feature = FeatureFactory(tenant=tenant, slug="report", owner=owner)
     limit = LimitFactory(tenant=tenant, feature=feature, amount=Decimal(5_000))
     root = UserFactory(username="root@example.com", is_superuser=True)
+    ApiKeyFactory(tenant=tenant)
     return Bravo(owner, root, pool, tenant, feature, limit)
 
 
@@ -102,6 +105,7 @@ class TestApiKeys:
         response = self.create(client, bravo)
 
         assert response.status_code == 200
+        assert "no-store" in response["Cache-Control"]
         secret = response.context["secret"]
         assert secret in response.content.decode()
         api_key = ApiKey.objects.get(name="ci")
@@ -261,3 +265,19 @@ def test_owner_sees_the_admin_index_with_their_models(bravo: Bravo) -> None:
     response = login(bravo.owner).get(reverse("admin:index"))
     models = {m["object_name"] for app in response.context["app_list"] for m in app["models"]}
     assert {"Tenant", "Feature", "Limit", "ApiKey", "Pool", "Provider", "LanguageModel"} <= models
+
+
+@pytest.mark.parametrize("user", ["owner", "root"])
+def test_every_admin_page_renders(bravo: Bravo, user: str) -> None:
+    client = login(getattr(bravo, user))
+    for model_admin in admin.site._registry.values():
+        opts = model_admin.model._meta
+        if opts.app_label not in {"tenants", "providers", "quotas"}:
+            continue
+        changelist = client.get(reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"))
+        assert changelist.status_code == 200, opts
+        row = changelist.context["cl"].result_list[0]
+        for view in ("change", "history"):
+            name = f"admin:{opts.app_label}_{opts.model_name}_{view}"
+            response = client.get(reverse(name, args=[row.pk]))
+            assert response.status_code == 200, (name, response.status_code)
