@@ -41,7 +41,10 @@ else:
 M = TypeVar("M", bound=Model)
 
 # The field that names a row's tenant (the Tenant row itself is its own tenant). Historical
-# models keep the same field names, so the same lookups scope their history.
+# models keep the same field names, so the same lookups scope their history. A limit with no
+# tenant (a pool's or a model's own capacity) belongs to no owner and is invisible to owners:
+# it caps every tenant at once, so it is the platform's to set, and hiding it keeps a single
+# rule everywhere instead of a second, read-only road that would need its own isolation.
 TENANT_FIELD: dict[type[Model], str] = {
     Tenant: "id",
     Feature: "tenant",
