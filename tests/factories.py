@@ -64,6 +64,7 @@ class PoolFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Pool
         django_get_or_create = ("slug",)
+        skip_postgeneration_save = True
 
     slug = factory.Sequence(lambda n: f"pool-{n}")
     provider = factory.SubFactory(ProviderFactory)
