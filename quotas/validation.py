@@ -196,7 +196,8 @@ def limit_describe(limit: Limit) -> str:
     return f"{limit_scope_words(limit)}: {', '.join(parts)}"
 
 
-def _amount_words(limit: Limit, value: Decimal) -> str:
+def _amount_words(limit: Limit, value: Decimal | int | str) -> str:
+    value = Decimal(str(value))  # unsaved rows may still hold an int or a str
     if limit.metric == "cost_usd":
         return f"${value.normalize():,f}"
     return _number(value)
