@@ -175,10 +175,12 @@ def limit_scope_words(limit: Limit) -> str:
 
 
 def limit_describe_rule(limit: Limit) -> str:
+    """'tokens per minute', 'concurrent requests'; cost reads '$500 per month', so no 'USD'."""
     metric = METRIC_WORDS.get(limit.metric, limit.metric)
     if limit.metric == "concurrent":
         return metric
-    return f"{metric} {WINDOW_WORDS.get(limit.window, limit.window)}"
+    window = WINDOW_WORDS.get(limit.window, limit.window)
+    return window if limit.metric == "cost_usd" else f"{metric} {window}"
 
 
 def limit_describe(limit: Limit) -> str:
@@ -199,7 +201,7 @@ def limit_describe(limit: Limit) -> str:
 def _amount_words(limit: Limit, value: Decimal | int | str) -> str:
     value = Decimal(str(value))  # unsaved rows may still hold an int or a str
     if limit.metric == "cost_usd":
-        return f"${value.normalize():,f}"
+        return f"${value:,.2f}" if value == value.quantize(Decimal("0.01")) else f"${value:,f}"
     return _number(value)
 
 
