@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from bench.harness import Runs
 
 P99_AT_HALF_PEAK_MS = 5.0
+OCCASIONAL = 0.05  # other commands per request below this are not on every request
 
 
 def targets(runs: Runs) -> list[Check]:
@@ -42,13 +43,17 @@ def _ratio_check(claim: str, row: Row, base: Row, at_least: float) -> Check:
 
 
 def _one_call(claim: str, row: Row) -> Check:
+    """One EVALSHA per request, and nothing else per request: a command seen once in the
+    sample (a new connection's HELLO, a periodic config-version GET) is not per request."""
     calls = row.calls_per_request() or 0.0
     evalsha = row.trips.get("evalsha", 0.0)
-    others = ", ".join(f"{n} {v:.3f}" for n, v in row.trips.items() if n != "evalsha")
+    others = {n: v for n, v in row.trips.items() if n != "evalsha"}
+    words = ", ".join(f"{n} {v:.3f}" for n, v in others.items())
     measured = f"{calls:.3f} Redis calls/request: EVALSHA {evalsha:.3f}" + (
-        f", {others}" if others else ""
+        f", {words}" if words else ""
     )
-    return Check(claim, measured, round(calls, 2) == 1.0 and round(evalsha, 2) == 1.0)
+    ok = round(evalsha, 2) == 1.0 and sum(others.values()) < OCCASIONAL
+    return Check(claim, measured, ok)
 
 
 def _size_checks(runs: Runs) -> list[Check]:
