@@ -364,6 +364,26 @@ def test_lowering_a_capacity_below_its_guarantees_is_refused(tmp_path: Path) -> 
     assert Limit.objects.get(guaranteed=None).amount == 1000
 
 
+def test_lowering_a_capacity_below_guarantees_set_elsewhere_is_refused_at_the_capacity(
+    tmp_path: Path,
+) -> None:
+    apply(tmp_path, base_config())
+    guarantee = {
+        "scope": {"tenant": "acme", "feature": "chat", "pool": "shared"},
+        "metric": "tokens",
+        "window": "minute",
+        "guaranteed": 600,
+    }
+    apply(tmp_path, {"limits": [guarantee]})  # another file, say the tenant's own
+    config = base_config()
+    config["limits"][0]["amount"] = 500
+
+    assert apply_refused(tmp_path, config) == [
+        "limits[0].amount: guarantees on pool 'shared' would add up to 600 tokens per "
+        "minute, more than its capacity of 500"
+    ]
+
+
 def test_pools_take_their_position_from_the_file_unless_given(tmp_path: Path) -> None:
     config = base_config()
     config["pools"] = [

@@ -18,6 +18,7 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db.models import Q
 
+from providers.models import LanguageModel
 from quotas.configfile.apply import Applier, Skip
 from quotas.configfile.report import Change
 from quotas.configfile.schema import Entry
@@ -101,15 +102,17 @@ def _resolve_scope(app: Applier, scope: dict[str, str], path: str) -> dict[str, 
     """The scope's objects by name. Every missing name is reported, not only the first."""
     found: dict[str, Any] = {}
     broken = False
-    for name, find in (("tenant", _tenant), ("pool", _pool), ("feature", _feature)):
+    # In this order: a feature is looked up in its tenant, a model at its pool's provider.
+    for name, find in (
+        ("tenant", _tenant),
+        ("pool", _pool),
+        ("feature", _feature),
+        ("model", _model),
+    ):
         try:
             found[name] = find(app, scope, found, f"{path}.{name}")
         except Skip:
             broken = True
-    try:
-        found["model"] = _model(app, scope, found, f"{path}.model")
-    except Skip:
-        broken = True
     if broken:
         raise Skip
     return found
@@ -137,8 +140,6 @@ def _feature(app: Applier, scope: dict[str, str], found: dict[str, Any], path: s
 def _model(app: Applier, scope: dict[str, str], found: dict[str, Any], path: str) -> Any:
     """By name at the pool's provider; without a pool, a name unique across providers, or
     `provider/name` where it is not."""
-    from providers.models import LanguageModel
-
     if "model" not in scope:
         return None
     name = scope["model"]
@@ -153,6 +154,8 @@ def _model(app: Applier, scope: dict[str, str], found: dict[str, Any], path: str
         owners = ", ".join(sorted(m.provider.slug for m in candidates))
         app.errors.add(path, f"model '{name}' exists at {owners}: write provider/{name}")
         raise Skip
+    if not candidates and any(k[0] == "model" and k[1][1] == name for k in app.failed):
+        raise Skip  # its own entry failed and says why
     return app.find(
         "model", name, path, candidates[0] if candidates else None, f"no model '{name}'"
     )
