@@ -4,7 +4,9 @@ tenants with their owners and features; limits follow in `apply_limits`.
 Every entry is attempted even after another failed, so that one run lists every error; the
 caller rolls the whole transaction back if there was any. An entry that fails is remembered,
 and entries that refer to it are skipped quietly: its own error already says what to fix,
-and "no tenant 'acme'" after "tenants[0].timezone: ..." would only mislead.
+and "no tenant 'acme'" after "tenants[0].timezone: ..." would only mislead. An entry with
+some names missing from a list (a pool's models, a tenant's owners) is still written with
+the rest, so that its other errors show in the same run.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Applier:
         self.owners: dict[str, User] = {}
 
     def run(self, document: Mapping[str, list[Entry]], *, prune: bool) -> None:
-        from quotas.configfile.apply_limits import apply_limits
+        from quotas.configfile.apply_limits import apply_limits  # it builds on this module
 
         for entry in document["providers"]:
             self.provider(entry)
