@@ -42,6 +42,7 @@ def limit_validate(limit: Limit) -> None:
     _check_alert_at(limit, add)
     if not errors:
         _check_guarantee_fits_pool(limit, add)
+        _check_capacity_covers_guarantees(limit, add)
         _check_unique(limit, add)
     if errors:
         raise ValidationError(errors)
@@ -145,6 +146,30 @@ def _check_guarantee_fits_pool(limit: Limit, add: _Add) -> None:
             "guaranteed",
             f"guarantees on pool '{pool.slug}' would add up to {_number(total)} {metric} per "
             f"minute, more than its capacity of {_number(capacity)}",
+        )
+
+
+def _check_capacity_covers_guarantees(limit: Limit, add: _Add) -> None:
+    """Lowering a pool's capacity must not leave its guarantees uncovered."""
+    from quotas.models import Limit as LimitModel
+
+    pool, amount = limit.pool, limit.amount
+    is_capacity = pool is not None and not (limit.tenant or limit.feature or limit.model)
+    if not is_capacity or limit.window != "minute" or amount is None or pool is None:
+        return
+    guaranteed = (
+        LimitModel.objects.filter(pool=pool, metric=limit.metric, window="minute")
+        .exclude(guaranteed=None)
+        .exclude(pk=limit.pk)
+        .values_list("guaranteed", flat=True)
+    )
+    total = sum((g for g in guaranteed if g is not None), Decimal(0))
+    if total > Decimal(str(amount)):
+        add(
+            "amount",
+            f"guarantees on pool '{pool.slug}' would add up to {_number(total)} "
+            f"{METRIC_WORDS[limit.metric]} per minute, more than its capacity of "
+            f"{_number(Decimal(str(amount)))}",
         )
 
 

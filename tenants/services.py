@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
 from django.core.validators import validate_email
 from django.db import models, transaction
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from providers.models import Pool
 
 M = TypeVar("M", bound=models.Model)
+OWNER_GROUP = "Tenant owners"  # created by migration tenants 0002
 
 
 @dataclass(frozen=True)
@@ -123,12 +125,26 @@ def tenant_upsert(
     status: str = Tenant.Status.ACTIVE,
     owners: Iterable[User] = (),
 ) -> Upserted[Tenant]:
-    return model_upsert(
+    owners = list(owners)
+    upserted = model_upsert(
         Tenant,
         lookup={"slug": slug},
         values={"name": name, "timezone": timezone, "status": status},
         m2m={"owners": owners},
     )
+    owners_admit(users=owners)
+    return upserted
+
+
+def owners_admit(*, users: Iterable[User]) -> None:
+    """Tenant owners use the admin: they need the owner group's model permissions (which
+    rows they see is decided by their tenants, in quotas.admin_scoping)."""
+    group = Group.objects.filter(name=OWNER_GROUP).first()
+    if group is None:
+        return
+    for user in users:
+        if user.pk is not None:
+            user.groups.add(group)
 
 
 def feature_upsert(

@@ -150,6 +150,14 @@ def test_owners_become_staff_users_without_a_password(tmp_path: Path) -> None:
     ]
 
 
+def test_tenant_owners_join_the_owner_group_so_they_can_use_the_admin(tmp_path: Path) -> None:
+    apply(tmp_path, base_config())
+
+    ops = get_user_model().objects.get(username="ops@acme.example")
+    assert [g.name for g in ops.groups.all()] == ["Tenant owners"]
+    assert ops.has_perm("tenants.change_feature")
+
+
 def test_an_existing_user_is_used_as_it_is(tmp_path: Path) -> None:
     user_model = get_user_model()
     # A stand-in for a password hash: hashing a real one costs seconds on a small machine.
@@ -357,8 +365,8 @@ def test_lowering_a_capacity_below_its_guarantees_is_refused(tmp_path: Path) -> 
 
     errors = apply_refused(tmp_path, config)
 
-    assert errors == [
-        "limits[1].guaranteed: guarantees on pool 'shared' would add up to 600 tokens per "
+    assert errors == [  # the line that changed is the one to blame
+        "limits[0].amount: guarantees on pool 'shared' would add up to 600 tokens per "
         "minute, more than its capacity of 500"
     ]
     assert Limit.objects.get(guaranteed=None).amount == 1000

@@ -521,3 +521,33 @@ def test_an_api_key_cannot_be_revoked_before_it_was_created() -> None:
 def test_a_valid_file_still_applies(tmp_path: Path) -> None:
     """The refusals above come from the one change each made to this file."""
     assert apply(tmp_path, base_config()).splitlines()[-1].startswith("12 created")
+
+
+def test_a_pool_capacity_cannot_be_lowered_below_its_guarantees(db: None) -> None:
+    from decimal import Decimal
+
+    from quotas.models import Limit
+    from tests.factories import FeatureFactory, PoolFactory
+
+    pool = PoolFactory(slug="cap")
+    feature = FeatureFactory()
+    capacity = Limit.objects.create(pool=pool, metric="tokens", window="minute", amount=10_000)
+    Limit.objects.create(
+        tenant=feature.tenant,
+        feature=feature,
+        pool=pool,
+        metric="tokens",
+        window="minute",
+        guaranteed=Decimal(6000),
+    )
+
+    capacity.amount = Decimal(5000)
+    with pytest.raises(ValidationError) as refused:
+        capacity.full_clean()
+
+    assert refused.value.message_dict == {
+        "amount": [
+            "guarantees on pool 'cap' would add up to 6,000 tokens per minute, "
+            "more than its capacity of 5,000"
+        ]
+    }

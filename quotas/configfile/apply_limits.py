@@ -5,8 +5,8 @@ A guaranteed share is checked against its pool's capacity and the other guarante
 are stored at that moment, so moving 10,000 tokens of guarantee from one feature to another
 could be refused half-way. Hence three phases: guarantees that shrink (freeing room), then
 limits without guarantees (the pools' capacities), then guarantees that are new or grow.
-Lowering a capacity is not checked from the capacity's side, so once everything is written
-the guarantees on every pool whose capacity changed are checked again.
+A capacity is checked against the stored guarantees when it is written; once everything is
+written the guarantees on every pool whose capacity changed or was pruned are checked again.
 """
 
 from __future__ import annotations
