@@ -8,6 +8,8 @@ loses the oldest events, and says so in the log.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 from collections import deque
@@ -17,14 +19,33 @@ import redis
 
 log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
+SIGNATURE_CHARS = 16
 SPOOL_LIMIT = 100_000
 
 _spool: deque[dict[str, Any]] = deque(maxlen=SPOOL_LIMIT)
 _lock = threading.Lock()
 
 
+def degraded_id(*, tenant_id: int, nonce: str, secret: str) -> str:
+    """A degraded reservation has no lease, so its id carries proof of its tenant."""
+    return f"{DEGRADED_PREFIX}{nonce}{_signature(tenant_id, nonce, secret)}"
+
+
 def is_degraded_id(reservation_id: str) -> bool:
     return reservation_id.startswith(DEGRADED_PREFIX)
+
+
+def degraded_id_belongs(reservation_id: str, *, tenant_id: int, secret: str) -> bool:
+    body = reservation_id.removeprefix(DEGRADED_PREFIX)
+    nonce, signature = body[:-SIGNATURE_CHARS], body[-SIGNATURE_CHARS:]
+    if not nonce or len(signature) != SIGNATURE_CHARS:
+        return False
+    return hmac.compare_digest(signature, _signature(tenant_id, nonce, secret))
+
+
+def _signature(tenant_id: int, nonce: str, secret: str) -> str:
+    message = f"{tenant_id}:{nonce}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:SIGNATURE_CHARS]
 
 
 def spool_event(event: dict[str, Any]) -> None:

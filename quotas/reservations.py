@@ -14,7 +14,14 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from quotas.degraded import DEGRADED_PREFIX, is_degraded_id, spool_event, spool_flush, spool_size
+from quotas.degraded import (
+    degraded_id,
+    degraded_id_belongs,
+    is_degraded_id,
+    spool_event,
+    spool_flush,
+    spool_size,
+)
 from quotas.engine import (
     Conflict,
     Engine,
@@ -102,10 +109,10 @@ def owner_of(key: KeyInfo) -> Owner:
 # -- reserve ---------------------------------------------------------------------------------
 
 
-def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved | LeaseView:
+def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
     """Reserve the worst case of one LLM call, or raise QuotaError saying why not.
 
-    Returns a LeaseView instead when an idempotency key replays an earlier reservation.
+    The same idempotency key and body return the first reservation, answered as the first time.
     """
     reservation_id = "rsv_" + secrets.token_hex(12)
     for _ in range(STALE_RETRIES):
@@ -211,6 +218,8 @@ def _reserve_call(
         "key": key.prefix,
         "estimated": int(estimated),
     }
+    if data.metadata:
+        meta["metadata"] = json.dumps(data.metadata, separators=(",", ":"))
     return ReserveCall(
         reservation_id=reservation_id,
         version=plan.version,
@@ -240,7 +249,9 @@ def _reserve_outcome(
     priority: str,
     input_tokens: int,
     estimated: bool,
-) -> Reserved | LeaseView:
+) -> Reserved:
+    if isinstance(result, Existing):
+        result = result.granted  # a replay answers as the first call did
     if isinstance(result, Granted):
         return Reserved(
             result,
@@ -252,8 +263,6 @@ def _reserve_outcome(
             estimated,
             data.max_output_tokens,
         )
-    if isinstance(result, Existing):
-        return result.lease
     if isinstance(result, Conflict):
         raise QuotaError("conflict", "This idempotency key was used with another request body.")
     raise refusal_error(result, plan)
@@ -321,6 +330,8 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
         body_hash=data.body_hash,
         extra=extra,
     )
+    if is_degraded_id(reservation_id):
+        return _degraded_settle(key, reservation_id, "committed", usage)
     result = _with_plan(
         lambda version: get_engine().commit(
             reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
@@ -355,6 +366,8 @@ def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
 
 
 def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
+    if is_degraded_id(reservation_id):
+        return _degraded_lease(key, reservation_id, ttl_seconds)
     result = _with_plan(
         lambda version: get_engine().extend(
             reservation_id=reservation_id,
@@ -384,6 +397,7 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
 
 def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
     """A degraded reservation has no lease to settle: its usage is recorded as reported."""
+    _check_degraded_owner(key, reservation_id)
     event = {
         "type": outcome,
         "rid": reservation_id,
@@ -409,6 +423,27 @@ def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usa
         "degraded": True,
     }
     return Settled(result=result)
+
+
+def _check_degraded_owner(key: KeyInfo, reservation_id: str) -> None:
+    secret = settings.QUOTA_API_KEY_PEPPER
+    if not degraded_id_belongs(reservation_id, tenant_id=key.tenant_id, secret=secret):
+        raise not_found("reservation")
+
+
+def _degraded_lease(key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
+    """A degraded reservation holds nothing to extend; a long call may go on regardless."""
+    _check_degraded_owner(key, reservation_id)
+    now = get_engine().now_ms_estimate()
+    data = {
+        "id": reservation_id,
+        "st": "held",
+        "created": now,
+        "e": now + ttl_seconds * 1000,
+        "meta": {"degraded": 1},
+        "r": {},
+    }
+    return LeaseView(data=data, now_ms=now)
 
 
 def _with_plan(call: Any) -> Any:
@@ -447,7 +482,11 @@ def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Gra
             headers={"Retry-After": "1"},
         ) from exc
     now = get_engine().now_ms_estimate()
-    reservation_id = DEGRADED_PREFIX + call.reservation_id.removeprefix("rsv_")
+    reservation_id = degraded_id(
+        tenant_id=call.tenant_id,
+        nonce=call.reservation_id.removeprefix("rsv_"),
+        secret=settings.QUOTA_API_KEY_PEPPER,
+    )
     cost = call.cost_fixed + math.ceil(call.cost_per_output * call.max_output_tokens)
     spool_event(
         {

@@ -244,12 +244,6 @@ def test_a_key_narrowed_to_chat_may_not_touch_a_batch_reservation(
 # -- the throttle's store ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ApiKeyAuthentication._fail calls django_ratelimit.is_ratelimited against the Redis "
-    "cache; when Redis is unreachable cache.add raises redis.ConnectionError, which nothing "
-    "catches, so a request with a bad key answers 500 internal_error instead of 401",
-)
 def test_a_bad_key_is_unauthenticated_even_when_the_throttle_store_is_down(world: Any) -> None:
     from django.test import override_settings
 

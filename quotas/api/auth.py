@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import redis
 from django.conf import settings
 from django_ratelimit.core import is_ratelimited
 from rest_framework.authentication import BaseAuthentication
@@ -35,13 +36,13 @@ class ApiKeyAuthentication(BaseAuthentication):
         secret = secret.strip()
         prefix = api_key_split(secret)
         key = plans.get().keys.get(prefix) if prefix else None
-        if key is not None and key.revoked:
-            self._fail(request, "This API key was revoked.")
         expected = key.hashed_secret if key else "0" * 64
         presented = api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER)
         if key is None or not hmac.compare_digest(expected, presented):
             self._fail(request, "Unknown API key.")
         assert key is not None
+        if key.revoked:  # said only to the holder of the secret: prefixes leak nothing
+            self._fail(request, "This API key was revoked.")
         return ApiPrincipal(key), None
 
     def authenticate_header(self, request: Request) -> str:
@@ -50,13 +51,16 @@ class ApiKeyAuthentication(BaseAuthentication):
     @staticmethod
     def _fail(request: Request, message: str) -> Any:
         # Only failures count, so a client with a valid key never pays for the throttle.
-        limited = is_ratelimited(
-            request._request,
-            group="api-auth-failures",
-            key="ip",
-            rate=FAILED_AUTH_RATE,
-            increment=True,
-        )
+        try:
+            limited = is_ratelimited(
+                request._request,
+                group="api-auth-failures",
+                key="ip",
+                rate=FAILED_AUTH_RATE,
+                increment=True,
+            )
+        except redis.RedisError:
+            limited = False  # the throttle's store is down: still answer 401, never a 500
         if limited:
             raise QuotaError(
                 "rate_limited",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -80,6 +81,7 @@ def lease_body(lease: LeaseView) -> dict[str, Any]:
         },
         "created_at": iso(data["created"]),
         "expires_at": iso(data["e"]),
+        "metadata": json.loads(meta.get("metadata", "{}")),
     }
     if data.get("res"):
         body.update(settled_body(Settled(result=data["res"])))

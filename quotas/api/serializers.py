@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rest_framework import serializers
@@ -10,6 +11,7 @@ from tenants.models import Priority
 
 MAX_TOKENS = 10_000_000
 MAX_TTL = 3600
+MAX_METADATA_BYTES = 4096
 
 
 class StrictIntegerField(serializers.IntegerField):
@@ -54,6 +56,14 @@ class ReserveSerializer(StrictSerializer):
     ttl_seconds = StrictIntegerField(min_value=1, max_value=MAX_TTL, default=60)
     idempotency_key = serializers.CharField(max_length=200, required=False)
     metadata = serializers.DictField(required=False, default=dict)
+
+    def validate_metadata(self, value: dict[str, Any]) -> dict[str, Any]:
+        if len(json.dumps(value, default=str)) > MAX_METADATA_BYTES:
+            raise serializers.ValidationError(
+                f"Keep metadata under {MAX_METADATA_BYTES} bytes of JSON; it travels with "
+                "every event of the reservation."
+            )
+        return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         given = [name for name in ("input_tokens", "messages", "prompt") if name in attrs]

@@ -25,7 +25,7 @@ from quotas.api.serializers import (
     ReserveSerializer,
 )
 from quotas.errors import QuotaError
-from quotas.reservations import CommitInput, Reserved, ReserveInput, body_hash
+from quotas.reservations import CommitInput, ReserveInput, body_hash
 from quotas.usage import feature_usage
 
 ERRORS = {
@@ -71,13 +71,11 @@ class ReservationListView(QuotaView):
             key=self.principal(request).key,
             data=ReserveInput(**data, body_hash=hashed),
         )
-        if isinstance(outcome, Reserved):
-            body = reserved_body(outcome)
-            headers = ratelimit_headers(body["limits"])
-            if body["degraded"]:
-                headers["Quota-Degraded"] = "store-unavailable; admitted without enforcement"
-            return Response(body, status=201, headers=headers)
-        return Response(lease_body(outcome), status=200)
+        body = reserved_body(outcome)
+        headers = ratelimit_headers(body["limits"])
+        if body["degraded"]:
+            headers["Quota-Degraded"] = "store-unavailable; admitted without enforcement"
+        return Response(body, status=201, headers=headers)
 
 
 class ReservationDetailView(QuotaView):

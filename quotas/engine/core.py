@@ -218,26 +218,10 @@ class Engine:
         if reply.get("conflict"):
             return Conflict(state="idempotency")
         if "existing" in reply:
-            return Existing(lease=LeaseView(data=reply["existing"], now_ms=reply["now_ms"]))
+            lease = LeaseView(data=reply["existing"], now_ms=reply["now_ms"])
+            return Existing(lease=lease, granted=_granted(reply["existing"]["reply"]))
         if reply["granted"]:
-            return Granted(
-                reservation_id=reply["id"],
-                pool=reply["pool"],
-                output_tokens=int(reply["out"]),
-                cost_nusd=int(reply["cost"]),
-                expires_ms=int(reply["expires_ms"]),
-                now_ms=int(reply["now_ms"]),
-                limits=tuple(
-                    LimitState(
-                        limit_id=d["id"],
-                        cap=int(d["cap"]),
-                        remaining=d["remaining"],
-                        reset_ms=d.get("reset_ms"),
-                    )
-                    for d in _as_list(reply["limits"])
-                ),
-                would_refuse=tuple(_as_list(reply["soft"])),
-            )
+            return _granted(reply)
         retry = reply.get("retry_ms")
         return Refused(
             reason=reply["reason"],
@@ -268,6 +252,27 @@ class Engine:
         if "conflict" in reply:
             return Conflict(state=reply["conflict"])
         return LeaseView(data=reply["lease"], now_ms=int(reply["now_ms"]))
+
+
+def _granted(reply: Reply) -> Granted:
+    return Granted(
+        reservation_id=reply["id"],
+        pool=reply["pool"],
+        output_tokens=int(reply["out"]),
+        cost_nusd=int(reply["cost"]),
+        expires_ms=int(reply["expires_ms"]),
+        now_ms=int(reply["now_ms"]),
+        limits=tuple(
+            LimitState(
+                limit_id=d["id"],
+                cap=int(d["cap"]),
+                remaining=d["remaining"],
+                reset_ms=d.get("reset_ms"),
+            )
+            for d in _as_list(reply["limits"])
+        ),
+        would_refuse=tuple(_as_list(reply["soft"])),
+    )
 
 
 def _as_list(value: Any) -> list[Any]:

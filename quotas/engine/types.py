@@ -139,7 +139,10 @@ class LeaseView:
 
 @dataclass(frozen=True, slots=True)
 class Existing:
+    """An idempotency key replayed: the reservation as it is, and the first answer."""
+
     lease: LeaseView
+    granted: Granted
 
 
 @dataclass(frozen=True, slots=True)

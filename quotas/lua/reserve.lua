@@ -27,7 +27,8 @@
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
 --   {stale = true}                     the plan is older than the configuration
---   {existing = lease}                 idempotency key replayed: the first reservation
+--   {existing = lease}                 idempotency key replayed: the first reservation,
+--                                      whose `reply` is the first answer
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
@@ -138,22 +139,26 @@ local function grant(option, out)
                                amt = check.amt, took = check.took}
   end
   local expires = now + req.ttl_ms
+  local cost = amount_for(req.cost, out)
+  local reply = {granted = true, id = req.id, pool = option.pool, out = out,
+                 expires_ms = expires, now_ms = now, limits = limits, soft = soft, cost = cost}
   local lease = {id = req.id, st = 'held', tenant = req.tenant, feature = req.feature,
                  pool = option.pool, created = now, e = expires, ck = recorded, soft = soft,
-                 r = {in_ = req.in_, out = out, cost = amount_for(req.cost, out)},
+                 r = {in_ = req.in_, out = out, cost = cost},
                  meta = req.meta, ttl_ms = req.ttl_ms, prices = req.prices}
   lease.meta.pool = option.pool
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
-  redis.call('ZADD', index_key, expires, req.id)
   if req.idem_hash ~= '' then
+    -- a replay of the same request answers exactly as the first time
+    lease.reply = reply
     redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idem_hash)
     redis.call('PEXPIRE', idem_key, req.ttl_ms + req.retention_ms)
   end
+  redis.call('SET', lease_key, cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
+  redis.call('ZADD', index_key, expires, req.id)
   local ev = event_base(lease, 'reserved', now)
   ev.granted_output_tokens = out
   emit(stream, req.maxlen, ev)
-  return {granted = true, id = req.id, pool = option.pool, out = out, expires_ms = expires,
-          now_ms = now, limits = limits, soft = soft, cost = lease.r.cost}
+  return reply
 end
 
 local best = nil
