@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 import redis
 
+from bench.cpu import group_cpu_seconds
 from bench.openloop import Request, fixed_rate_run
 from bench.redisstats import command_counts, round_trips, wait_quiet
 from bench.report import Row
@@ -68,11 +69,28 @@ class Runs:
         return [row for row in peaks + more if row is not None]
 
 
+@dataclass(frozen=True)
+class CpuMark:
+    """CPU seconds used so far by the server's process group and by Redis."""
+
+    app: float
+    redis: float
+
+    def per_request_ms(self, before: CpuMark, requests: int) -> tuple[float, float]:
+        if not requests:
+            return 0.0, 0.0
+        return (
+            (self.app - before.app) * 1000 / requests,
+            (self.redis - before.redis) * 1000 / requests,
+        )
+
+
 @dataclass
 class Bench:
     args: argparse.Namespace
     api_key: str
     redis: redis.Redis
+    redis_pgid: int
     server: Server | None = None
 
     @property
@@ -103,16 +121,21 @@ class Bench:
                 _send(c, scenario)
                 fast = fast + 1 if time.monotonic() - started < PRIME_FAST_S else 0
 
+    def cpu_mark(self) -> CpuMark:
+        app = group_cpu_seconds(self.server.process.pid) if self.server else 0.0
+        return CpuMark(app=app, redis=group_cpu_seconds(self.redis_pgid))
+
     def closed_loop(self, scenario: Scenario, name: str | None = None) -> Row:
         """Peak throughput: wrk at a fixed number of connections, after a warm-up."""
         if self.args.warmup:
             self._wrk(scenario, self.args.warmup)
         wait_quiet(self.redis)
-        before = command_counts(self.redis)
+        before, cpu_before = command_counts(self.redis), self.cpu_mark()
         result = self._wrk(scenario, self.args.duration)
         work = command_counts(self.redis).minus(before)
+        cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
         wait_quiet(self.redis)
-        row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario))
+        row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario), cpu)
         print(f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms", flush=True)
         return row
 
@@ -121,7 +144,7 @@ class Bench:
         body = json.dumps(RESERVE_BODY).encode()
         request = Request("127.0.0.1", self.args.port, scenario.path, body, self.api_key)
         wait_quiet(self.redis)
-        before = command_counts(self.redis)
+        before, cpu_before = command_counts(self.redis), self.cpu_mark()
         result = fixed_rate_run(
             request=request,
             rate=rate,
@@ -129,8 +152,9 @@ class Bench:
             connections=self.args.connections,
         )
         work = command_counts(self.redis).minus(before)
+        cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
         name = f"{scenario.name.split(' (')[0]} @ {rate:,.0f}/s fixed"
-        row = Row(name, result, work, closed_loop=False)
+        row = Row(name, result, work, cpu_ms=cpu, closed_loop=False)
         print(f"  {row.name}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms", flush=True)
         return row
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 
 from bench.redisstats import CommandCounts
@@ -14,6 +15,7 @@ class Row:
     result: LoadResult
     work: CommandCounts  # INFO commandstats delta over the run, script-internal calls included
     trips: dict[str, float] = field(default_factory=dict)  # client commands per request
+    cpu_ms: tuple[float, float] = (0.0, 0.0)  # CPU per request: the app's, Redis's
     closed_loop: bool = True
 
     def calls_per_request(self) -> float | None:
@@ -28,8 +30,14 @@ class Row:
 
 HEADER = (
     f"{'scenario':<34} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} "
-    f"{'redis calls/req':>15} {'evalsha/req':>11} {'cmds/req':>8} {'x bare':>6} "
-    f"{'x ratelimit':>11}"
+    f"{'redis calls':>11} {'evalsha':>7} {'cmds':>5} {'app cpu ms':>10} {'redis cpu ms':>12} "
+    f"{'x bare':>6} {'x ratelimit':>11}"
+)
+LEGEND = (
+    "Per request: redis calls = commands the app sent (MONITOR sample); evalsha, cmds = "
+    "EVALSHA and all commands Redis ran, scripts' included (INFO commandstats); app cpu, "
+    "redis cpu = CPU time of gunicorn's processes and of Redis. x bare, x ratelimit: req/s "
+    "ratios."
 )
 
 
@@ -41,17 +49,19 @@ def _ratio(row: Row, base: Row | None) -> str:
 
 def _row_line(row: Row, bare: Row | None, ratelimited: Row | None) -> str:
     r, calls = row.result, row.calls_per_request()
+    app_ms, redis_ms = row.cpu_ms
     return (
         f"{row.name:<34} {r.rps:>7,.0f} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} {r.errors:>6} "
-        f"{'-' if calls is None else f'{calls:.2f}':>15} {row.evalsha_per_request():>11.2f} "
-        f"{row.work_per_request():>8.2f} {_ratio(row, bare):>6} {_ratio(row, ratelimited):>11}"
+        f"{'-' if calls is None else f'{calls:.2f}':>11} {row.evalsha_per_request():>7.2f} "
+        f"{row.work_per_request():>5.1f} {app_ms:>10.2f} {redis_ms:>12.3f} "
+        f"{_ratio(row, bare):>6} {_ratio(row, ratelimited):>11}"
     )
 
 
 def table(rows: list[Row], bare: Row | None, ratelimited: Row | None) -> str:
     lines = [HEADER, "-" * len(HEADER)]
     lines.extend(_row_line(row, bare, ratelimited) for row in rows)
-    return "\n".join(lines)
+    return "\n".join([*lines, "", textwrap.fill(LEGEND, width=100)])
 
 
 def redis_breakdown(rows: list[Row]) -> str:

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from pathlib import Path
 
 import django
 
+from bench.cpu import machine_busy
 from bench.harness import (
     Bench,
     Runs,
@@ -81,21 +81,8 @@ def prepare_config(features: int) -> str:
     return api_key
 
 
-def cpu_busy(seconds: float = 1.0) -> float:
-    """Share of all cores busy over `seconds`, from /proc/stat (Linux)."""
-
-    def sample() -> tuple[int, int]:
-        fields = [int(n) for n in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
-
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
 def warn_if_busy() -> None:
-    busy = cpu_busy()
+    busy = machine_busy()
     if busy > 0.15:
         print(
             f"WARNING: the cores were {busy:.0%} busy before the run, with other work: "
@@ -147,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         configure(args, redis_server.url)
         print(f"configuring {args.features[0]:,} features ...", flush=True)
-        bench = Bench(args, prepare_config(args.features[0]), redis_server.client())
+        bench = Bench(
+            args, prepare_config(args.features[0]), redis_server.client(), redis_server.process.pid
+        )
         print(describe(args), flush=True)
         warn_if_busy()
         runs = measure(bench)
