@@ -131,7 +131,9 @@ CELERY_TIMEZONE = "UTC"
 QUOTA_HASH_TAG = env.str("QUOTA_HASH_TAG", default="quota")
 QUOTA_API_KEY_PEPPER = env.str("QUOTA_API_KEY_PEPPER", default=SECRET_KEY)
 QUOTA_LEASE_RETENTION_SECONDS = env.int("QUOTA_LEASE_RETENTION_SECONDS", default=86400)
-QUOTA_STREAM_MAXLEN = env.int("QUOTA_STREAM_MAXLEN", default=1_000_000)
+# 0: the usage stream is trimmed only by the ledger, below what it has acknowledged. A
+# positive cap bounds Redis memory when no ledger runs, at the price of losing events.
+QUOTA_STREAM_MAXLEN = env.int("QUOTA_STREAM_MAXLEN", default=0)
 
 LOGGING = {
     "version": 1,

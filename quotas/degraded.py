@@ -69,7 +69,7 @@ def spool_flush(client: redis.Redis, stream: str, maxlen: int) -> int:
     try:
         pipe = client.pipeline(transaction=False)
         for event in events:
-            pipe.xadd(stream, event, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+            pipe.xadd(stream, event, maxlen=maxlen or None, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
     except redis.RedisError:
         with _lock:

@@ -1109,13 +1109,6 @@ def test_lease_expiry_racing_commits_and_the_reaper_settles_each_lease_once(
 
 
 @pytest.mark.django_db
-@pytest.mark.xfail(
-    strict=True,
-    reason="reserve.lua fit() sizes a partial grant as floor((headroom - a) / b) output tokens "
-    "and then debits a + ceil(b * out): with a per-token output price that is not exact in "
-    "binary (here 12.3 nano-USD), b * out rounds up past the headroom and the hard budget "
-    "ends 1 nano-USD over its amount",
-)
 def test_a_partial_grant_never_takes_a_cost_budget_past_its_amount(world: World) -> None:
     model = LanguageModelFactory(
         name="odd-price",

@@ -63,7 +63,7 @@ class Engine:
         *,
         hash_tag: str,
         retention_ms: int = 86_400_000,
-        stream_maxlen: int = 1_000_000,
+        stream_maxlen: int = 0,
         clock_offset_ms: int = 0,
     ) -> None:
         self.client = client

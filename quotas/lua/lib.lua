@@ -55,9 +55,15 @@ local function counter(key)
 end
 
 -- Amount a check takes for `out` output tokens: linear in out (a + b * out).
+-- Round a charge up to a whole unit, ignoring the binary noise of prices like 12.3 per token
+-- (12.3 * 10500 is 129150.00000000001 in floating point, not a unit more).
+local function ceil_units(x)
+  return math.ceil(x - 1e-6)
+end
+
 local function amount_for(check, out)
   if check.b == 0 then return check.a end
-  return check.a + math.ceil(check.b * out)
+  return check.a + ceil_units(check.b * out)
 end
 
 -- Actual amount of a metric once usage is known.
@@ -107,7 +113,12 @@ local function emit(stream, maxlen, fields)
       flat[#flat + 1] = tostring(value)
     end
   end
-  redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(flat))
+  if maxlen > 0 then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(flat))
+  else
+    -- uncapped: the ledger trims the stream below what every consumer has acknowledged
+    redis.call('XADD', stream, '*', unpack(flat))
+  end
 end
 
 local function event_base(lease, kind, now)
@@ -158,7 +169,7 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
     -- priced with the model's prices as they were when the reservation was made
     local p = lease.prices
     local fresh = math.max(0, usage.in_ - usage.cached)
-    usage.cost = math.ceil(fresh * p.i + usage.cached * p.c + usage.out * p.o)
+    usage.cost = ceil_units(fresh * p.i + usage.cached * p.c + usage.out * p.o)
   end
   for _, check in ipairs(lease.ck) do
     if check.kind == 'c' then
