@@ -32,6 +32,7 @@ INSTALLED_APPS = [
     "tenants",
     "providers",
     "quotas",
+    "ledger",
 ]
 
 MIDDLEWARE = [
