@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,10 +10,12 @@ import redis
 
 from quotas.engine.scripts import Scripts
 from quotas.engine.types import (
+    BudgetAdjustment,
     Check,
     Conflict,
     Existing,
     Granted,
+    LeaseRestore,
     LeaseView,
     LimitState,
     Missing,
@@ -20,6 +23,7 @@ from quotas.engine.types import (
     Refused,
     ReserveCall,
     Settled,
+    Snapshot,
     Stale,
     Usage,
 )
@@ -141,6 +145,43 @@ class Engine:
         keys = [k for check in checks for k in check.redis_keys()]
         payload = {**self._clock(), "checks": [c.as_lua() for c in checks]}
         return _as_list(self.scripts.call("inspect", keys, payload))
+
+    # -- the ledger's side: snapshots, recovery, trimming ----------------------------------
+
+    def snapshot(self, counter_keys: list[str], *, group: str) -> Snapshot:
+        """Counters and the events `group` has not acknowledged, at one instant."""
+        reply = self.scripts.call("snapshot", [self.keys.events, *counter_keys], {"group": group})
+        values = tuple(None if v is False else int(v) for v in _as_list(reply["values"]))
+        entries = tuple(
+            (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+            for entry_id, flat in _as_list(reply["entries"])
+        )
+        return Snapshot(values=values, entries=entries)
+
+    def rebuild(
+        self, adjustments: list[BudgetAdjustment], leases: list[LeaseRestore]
+    ) -> dict[str, int]:
+        """Add to budget counters and write missing leases with their slots, atomically."""
+        payload = {
+            "adjust": [{"by": a.by, "expire_at": a.expire_at_ms} for a in adjustments],
+            "leases": [
+                {
+                    "key": self.keys.lease(r.reservation_id),
+                    "id": r.reservation_id,
+                    "lease": json.dumps(r.lease, separators=(",", ":")),
+                    "e": r.expires_ms,
+                    "px": max(1, r.expires_ms - self.now_ms()) + self.retention_ms,
+                    "slots": list(r.slots),
+                }
+                for r in leases
+            ],
+        }
+        keys = [self.keys.leases, *(a.key for a in adjustments)]
+        return dict(self.scripts.call("rebuild", keys, payload))
+
+    def trim_events(self) -> int:
+        """Drop the usage events that every consumer group has acknowledged."""
+        return int(self.scripts.call("trim", [self.keys.events], {}))
 
     def now_ms(self) -> int:
         if self.frozen_ms is not None:

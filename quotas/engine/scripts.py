@@ -11,7 +11,18 @@ import redis
 from redis.commands.core import Script
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
-SCRIPT_NAMES = ("reserve", "commit", "release", "extend", "peek", "reap", "inspect")
+SCRIPT_NAMES = (
+    "reserve",
+    "commit",
+    "release",
+    "extend",
+    "peek",
+    "reap",
+    "inspect",
+    "snapshot",
+    "trim",
+    "rebuild",
+)
 
 
 @cache

@@ -163,3 +163,26 @@ class Missing:
 @dataclass(frozen=True, slots=True)
 class Stale:
     """The plan is older than the configuration: reload it and ask again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Counters and the usage events not yet acknowledged by a group, read at one instant."""
+
+    values: tuple[int | None, ...]
+    entries: tuple[tuple[str, dict[str, str]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetAdjustment:
+    key: str
+    by: int  # units to add (negative to take away)
+    expire_at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRestore:
+    reservation_id: str
+    lease: dict[str, Any]  # the lease as reserve.lua writes it
+    expires_ms: int
+    slots: tuple[str, ...]  # concurrency counters it holds

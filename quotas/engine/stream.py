@@ -1,0 +1,89 @@
+"""The usage stream as a consumer group reads it: read, reclaim, acknowledge.
+
+Each consumer is one process; an entry read by a consumer stays pending until it is
+acknowledged, so a consumer that dies leaves its entries for another to reclaim once they
+have been idle long enough.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+Entry = tuple[str, dict[str, str]]
+
+
+def _entries(raw: Any) -> list[Entry]:
+    """(id, fields) with text ids and values; entries deleted meanwhile come back as None."""
+    return [
+        (_text(entry_id), {_text(k): _text(v) for k, v in fields.items()})
+        for entry_id, fields in raw or []
+        if fields is not None
+    ]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class UsageStream:
+    def __init__(self, client: redis.Redis, key: str, group: str) -> None:
+        self.client = client
+        self.key = key
+        self.group = group
+
+    def ensure_group(self) -> None:
+        """Create the group at the start of the stream (a fresh or wiped Redis has none)."""
+        try:
+            self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read(self, consumer: str, *, count: int, block_ms: int | None = None) -> list[Entry]:
+        """Entries never delivered to any consumer of the group."""
+        reply: Any = self.client.xreadgroup(
+            self.group, consumer, {self.key: ">"}, count=count, block=block_ms
+        )
+        return _entries(reply[0][1]) if reply else []
+
+    def claim(self, consumer: str, *, min_idle_ms: int, count: int) -> list[Entry]:
+        """Entries that some consumer (maybe a dead one) has held unacknowledged too long."""
+        reply = self.client.xautoclaim(
+            self.key, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0", count=count
+        )
+        return _entries(reply[1])
+
+    def ack(self, ids: list[str]) -> int:
+        return int(self.client.xack(self.key, self.group, *ids)) if ids else 0
+
+    def pending(self) -> int:
+        try:
+            return int(self.client.xpending(self.key, self.group)["pending"])
+        except redis.ResponseError:
+            return 0
+
+    def backlog(self) -> int:
+        """Entries not yet acknowledged: pending ones and those never delivered."""
+        try:
+            groups = self.client.xinfo_groups(self.key)
+        except redis.ResponseError:
+            return 0
+        for info in groups:
+            if _text(info["name"]) == self.group:
+                return int(info.get("lag") or 0) + int(info["pending"])
+        return int(self.client.xlen(self.key))
+
+    def forget_idle_consumers(self, *, idle_ms: int) -> int:
+        """Drop consumers that hold nothing and have not read for `idle_ms` (dead processes)."""
+        dropped = 0
+        try:
+            consumers = self.client.xinfo_consumers(self.key, self.group)
+        except redis.ResponseError:
+            return 0
+        for info in consumers:
+            if int(info["pending"]) == 0 and int(info["idle"]) >= idle_ms:
+                self.client.xgroup_delconsumer(self.key, self.group, _text(info["name"]))
+                dropped += 1
+        return dropped
