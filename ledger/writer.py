@@ -1,0 +1,100 @@
+"""Writing a batch of ledger rows: one statement per table, idempotent by reservation id.
+
+PostgreSQL gets the rows through COPY into a temporary table and one INSERT ... SELECT ...
+ON CONFLICT; other databases (SQLite in development) through executemany of the same upsert.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import connection
+
+from ledger.events import (
+    IDENTITY_FLAG,
+    IDENTITY_NUMBER,
+    IDENTITY_TEXT,
+    OUTCOME,
+    REFUSAL_COLUMNS,
+    USAGE_COLUMNS,
+    Row,
+)
+from ledger.models import Refusal, UsageEvent
+
+USAGE_TABLE = UsageEvent._meta.db_table
+REFUSAL_TABLE = Refusal._meta.db_table
+STAGE_TABLE = "ledger_usage_stage"
+
+
+def _rank(table: str) -> str:
+    return f"(CASE {table}.state WHEN 'held' THEN 0 WHEN 'expired' THEN 1 ELSE 2 END)"
+
+
+def _merge_clause() -> str:
+    """rows_merge() in SQL: identity kept from whichever event had it, outcome from the
+    furthest state."""
+    t = USAGE_TABLE
+    newer = f"{_rank('excluded')} > {_rank(t)}"
+    sets = [
+        f"{c} = CASE WHEN {t}.{c} = '' THEN excluded.{c} ELSE {t}.{c} END" for c in IDENTITY_TEXT
+    ]
+    sets += [f"{c} = COALESCE({t}.{c}, excluded.{c})" for c in IDENTITY_NUMBER]
+    sets += [f"{c} = ({t}.{c} OR excluded.{c})" for c in IDENTITY_FLAG]
+    sets += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {t}.{c} END" for c in OUTCOME]
+    sets.append("ingested_ms = excluded.ingested_ms")
+    return "ON CONFLICT (rid) DO UPDATE SET " + ", ".join(sets)
+
+
+def _columns(names: tuple[str, ...]) -> str:
+    return ", ".join(names)
+
+
+def usage_rows_write(rows: list[Row]) -> None:
+    if not rows:
+        return
+    if connection.vendor == "postgresql":
+        _usage_copy(rows)
+    else:
+        _usage_executemany(rows)
+
+
+def _values(rows: list[Row], names: tuple[str, ...]) -> list[tuple[Any, ...]]:
+    return [tuple(row[name] for name in names) for row in rows]
+
+
+def _usage_executemany(rows: list[Row]) -> None:
+    marks = ", ".join(["%s"] * len(USAGE_COLUMNS))
+    sql = (
+        f"INSERT INTO {USAGE_TABLE} ({_columns(USAGE_COLUMNS)}) VALUES ({marks}) {_merge_clause()}"
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, _values(rows, USAGE_COLUMNS))
+
+
+def _usage_copy(rows: list[Row]) -> None:
+    columns = _columns(USAGE_COLUMNS)
+    with connection.cursor() as cursor:
+        # the table lives as long as the connection; its rows as long as the transaction
+        cursor.execute(
+            f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} ON COMMIT DELETE ROWS AS "
+            f"SELECT {columns} FROM {USAGE_TABLE} WITH NO DATA"
+        )
+        with cursor.copy(f"COPY {STAGE_TABLE} ({columns}) FROM STDIN") as copy:
+            for values in _values(rows, USAGE_COLUMNS):
+                copy.write_row(values)
+        cursor.execute(
+            f"INSERT INTO {USAGE_TABLE} ({columns}) SELECT {columns} FROM {STAGE_TABLE} "
+            f"{_merge_clause()}"
+        )
+
+
+def refusal_rows_write(rows: list[Row]) -> None:
+    if not rows:
+        return
+    marks = ", ".join(["%s"] * len(REFUSAL_COLUMNS))
+    sql = (
+        f"INSERT INTO {REFUSAL_TABLE} ({_columns(REFUSAL_COLUMNS)}) VALUES ({marks}) "
+        "ON CONFLICT (rid) DO NOTHING"
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, _values(rows, REFUSAL_COLUMNS))
