@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "providers",
     "quotas",
     "ledger",
+    "alerts",
 ]
 
 MIDDLEWARE = [
