@@ -1,0 +1,204 @@
+"""A compiled plan: which checks a reservation of a feature on a pool must pass."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from quotas.engine import Check, PoolOption
+from quotas.engine.core import KeySpace
+from quotas.engine.periods import periods_around
+from quotas.engine.types import Period
+from quotas.plan.infos import (
+    FeatureInfo,
+    KeyInfo,
+    LimitInfo,
+    ModelInfo,
+    PoolInfo,
+    TenantInfo,
+)
+
+
+@dataclass(slots=True)
+class Plan:
+    version: int
+    tenants: dict[int, TenantInfo]
+    features: dict[tuple[int, str], FeatureInfo]
+    pools: list[PoolInfo]  # in the order to try
+    limits: dict[int, LimitInfo]
+    keys: dict[str, KeyInfo]
+    by_tenant: dict[int | None, list[LimitInfo]]
+    guarantees: dict[int, list[LimitInfo]]  # by pool
+    checked_at: float = field(default_factory=time.monotonic)
+    _options: dict[tuple[object, ...], tuple[tuple[PoolOption, ...], int]] = field(
+        default_factory=dict
+    )
+
+    def candidate_pools(self, feature: FeatureInfo, model: str, pool: str | None) -> list[PoolInfo]:
+        allowed = set(feature.pool_ids)
+        return [
+            p
+            for p in self.pools
+            if model in p.models
+            and (not allowed or p.id in allowed)
+            and (pool is None or p.slug == pool)
+        ]
+
+    def options(
+        self,
+        feature: FeatureInfo,
+        pools: list[PoolInfo],
+        model: str,
+        priority: str,
+        keyspace: KeySpace,
+        now_ms: int,
+    ) -> tuple[PoolOption, ...]:
+        """The checks of every candidate pool, compiled once and kept until a period ends."""
+        memo_key = (feature.id, tuple(p.id for p in pools), model, priority, keyspace.prefix)
+        memo = self._options.get(memo_key)
+        if memo is not None and now_ms < memo[1]:
+            return memo[0]
+        compiled, valid_until = [], 2**62
+        for pool in pools:
+            checks, until = self._checks(
+                feature, pool, pool.models[model], priority, keyspace, now_ms
+            )
+            compiled.append(PoolOption(pool=pool.slug, checks=checks))
+            valid_until = min(valid_until, until)
+        result = tuple(compiled)
+        self._options[memo_key] = (result, valid_until)
+        return result
+
+    def _checks(
+        self,
+        feature: FeatureInfo,
+        pool: PoolInfo,
+        model: ModelInfo,
+        priority: str,
+        keyspace: KeySpace,
+        now_ms: int,
+    ) -> tuple[tuple[Check, ...], int]:
+        checks: list[Check] = []
+        valid_until = 2**62
+        candidates = self.by_tenant.get(feature.tenant_id, []) + self.by_tenant.get(None, [])
+        for limit in candidates:
+            if not limit.applies(feature, pool.id, model.id):
+                continue
+            if limit.window in ("hour", "day", "month"):
+                check = self._budget_check(limit, keyspace, now_ms)
+                valid_until = min(valid_until, check.periods[1].stop_ms)
+                checks.append(check)
+            else:
+                checks.extend(self._minute_checks(limit, feature, pool, priority, keyspace))
+        return tuple(checks), valid_until
+
+    def feature_limits(self, feature: FeatureInfo) -> list[LimitInfo]:
+        """Every limit that can apply to a feature's reservations, whatever the model."""
+        allowed = set(feature.pool_ids) or {p.id for p in self.pools}
+        candidates = self.by_tenant.get(feature.tenant_id, []) + self.by_tenant.get(None, [])
+        return [
+            limit
+            for limit in candidates
+            if limit.feature_id in (None, feature.id)
+            and (limit.pool_id is None or limit.pool_id in allowed)
+        ]
+
+    def inspection_check(self, limit: LimitInfo, keyspace: KeySpace, now_ms: int) -> Check:
+        """The check that reads a limit's state (no priority floor: usage, not admission)."""
+        if limit.window in ("hour", "day", "month"):
+            return self._budget_check(limit, keyspace, now_ms)
+        if limit.metric == "concurrent":
+            return Check(
+                limit.id,
+                "c",
+                "concurrent",
+                limit.units(limit.amount or Decimal(0)),
+                key=keyspace.concurrency(limit.id),
+            )
+        if limit.amount is None:
+            return Check(
+                limit.id,
+                "g",
+                limit.metric,
+                limit.guaranteed_units,
+                key=keyspace.guarantee(limit.id),
+            )
+        return Check(
+            limit.id, "b", limit.metric, limit.units(limit.amount), key=keyspace.bucket(limit.id)
+        )
+
+    @staticmethod
+    def _budget_check(limit: LimitInfo, keyspace: KeySpace, now_ms: int) -> Check:
+        prev, start, stop, after = periods_around(limit.timezone, limit.window, now_ms)
+        assert limit.amount is not None
+        periods = (
+            Period(keyspace.period(limit.id, prev), prev, start),
+            Period(keyspace.period(limit.id, start), start, stop),
+            Period(keyspace.period(limit.id, stop), stop, after),
+        )
+        return Check(
+            limit.id,
+            "p",
+            limit.metric,
+            limit.units(limit.amount),
+            enforcement=limit.enforcement,
+            periods=periods,
+        )
+
+    def _minute_checks(
+        self,
+        limit: LimitInfo,
+        feature: FeatureInfo,
+        pool: PoolInfo,
+        priority: str,
+        keyspace: KeySpace,
+    ) -> list[Check]:
+        enforcement = limit.enforcement
+        if limit.metric == "concurrent":
+            assert limit.amount is not None
+            return [
+                Check(
+                    limit.id,
+                    "c",
+                    "concurrent",
+                    limit.units(limit.amount),
+                    enforcement=enforcement,
+                    key=keyspace.concurrency(limit.id),
+                )
+            ]
+        checks = []
+        if limit.guaranteed is not None:
+            checks.append(
+                Check(
+                    limit.id,
+                    "g",
+                    limit.metric,
+                    limit.guaranteed_units,
+                    key=keyspace.guarantee(limit.id),
+                )
+            )
+        if limit.amount is not None:
+            cap = limit.units(limit.amount)
+            floor: int = 0
+            guards: tuple[tuple[str, int], ...] = ()
+            if limit.is_pool_capacity:
+                floor = int(cap * pool.protected_share_above(priority))
+                guards = tuple(
+                    (keyspace.guarantee(g.id), g.guaranteed_units)
+                    for g in self.guarantees.get(pool.id, [])
+                    if g.metric == limit.metric and g.feature_id != feature.id
+                )
+            checks.append(
+                Check(
+                    limit.id,
+                    "b",
+                    limit.metric,
+                    cap,
+                    enforcement=enforcement,
+                    key=keyspace.bucket(limit.id),
+                    floor=floor,
+                    guards=guards,
+                )
+            )
+        return checks
