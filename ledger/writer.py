@@ -86,6 +86,8 @@ def _usage_copy(rows: list[Row]) -> None:
             f"INSERT INTO {USAGE_TABLE} ({columns}) SELECT {columns} FROM {STAGE_TABLE} "
             f"{_merge_clause()}"
         )
+        # emptied now too: a caller's outer transaction would keep the rows past this batch
+        cursor.execute(f"TRUNCATE {STAGE_TABLE}")
 
 
 def refusal_rows_write(rows: list[Row]) -> None:
