@@ -23,6 +23,7 @@ ensure_venv() {
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
     .venv/bin/pip install --quiet -e '.[dev]'
+    .venv/bin/pip install --quiet -e ./sdk
     touch .venv/.installed
   fi
   mkdir -p var
