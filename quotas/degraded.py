@@ -11,11 +11,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import math
 import threading
 from collections import deque
 from typing import Any
 
 import redis
+
+from quotas.engine import (
+    Engine,
+    Granted,
+    LeaseView,
+    Missing,
+    Owner,
+    ReserveCall,
+    Settled,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
@@ -76,3 +88,104 @@ def spool_flush(client: redis.Redis, stream: str, maxlen: int) -> int:
             _spool.extendleft(reversed(events))
         raise
     return len(events)
+
+
+def degraded_admit(*, engine: Engine, call: ReserveCall, pool_slug: str, secret: str) -> Granted:
+    """Admit a reservation unenforced: the store is down and its pool fails open."""
+    now = engine.now_ms_estimate()
+    reservation_id = degraded_id(
+        tenant_id=call.tenant_id, nonce=call.reservation_id.removeprefix("rsv_"), secret=secret
+    )
+    cost = call.cost_fixed + math.ceil(call.cost_per_output * call.max_output_tokens)
+    spool_event(
+        {
+            **call.meta,
+            "type": "reserved",
+            "rid": reservation_id,
+            "at_ms": now,
+            "pool": pool_slug,
+            "degraded": 1,
+            "reserved_input_tokens": call.input_tokens,
+            "reserved_output_tokens": call.max_output_tokens,
+            "reserved_cost_nusd": cost,
+        }
+    )
+    return Granted(
+        reservation_id=reservation_id,
+        pool=pool_slug,
+        output_tokens=call.max_output_tokens,
+        cost_nusd=cost,
+        expires_ms=now + call.ttl_ms,
+        now_ms=now,
+        limits=(),
+        would_refuse=(),
+        degraded=True,
+    )
+
+
+def degraded_settle(
+    *,
+    engine: Engine,
+    owner: Owner,
+    key_prefix: str,
+    reservation_id: str,
+    outcome: str,
+    usage: Usage,
+    secret: str,
+) -> Settled | Missing:
+    """A degraded reservation has no lease to settle: its usage is recorded as reported."""
+    if not degraded_id_belongs(reservation_id, tenant_id=owner.tenant_id, secret=secret):
+        return Missing()
+    spool_event(
+        {
+            "type": outcome,
+            "rid": reservation_id,
+            "key": key_prefix,
+            "degraded": 1,
+            "at_ms": engine.now_ms_estimate(),
+            "input_tokens": usage.input_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "output_tokens": usage.output_tokens,
+            **usage.extra,
+        }
+    )
+    spool_drain(engine)
+    result = {
+        "id": reservation_id,
+        "status": outcome,
+        "lease_expired": False,
+        "input_tokens": usage.input_tokens,
+        "cached_input_tokens": usage.cached_input_tokens,
+        "output_tokens": usage.output_tokens,
+        "cost_nusd": 0,
+        "refunded": {},
+        "degraded": True,
+    }
+    return Settled(result=result)
+
+
+def degraded_lease(
+    *, engine: Engine, owner: Owner, reservation_id: str, ttl_ms: int, secret: str
+) -> LeaseView | Missing:
+    """A degraded reservation holds nothing to extend; a long call may go on regardless."""
+    if not degraded_id_belongs(reservation_id, tenant_id=owner.tenant_id, secret=secret):
+        return Missing()
+    now = engine.now_ms_estimate()
+    data = {
+        "id": reservation_id,
+        "st": "held",
+        "created": now,
+        "e": now + ttl_ms,
+        "meta": {"degraded": 1},
+        "r": {},
+    }
+    return LeaseView(data=data, now_ms=now)
+
+
+def spool_drain(engine: Engine) -> None:
+    """Write what the spool holds once the store answers; keep it while it does not."""
+    if spool_size():
+        try:
+            spool_flush(engine.client, engine.keys.events, engine.stream_maxlen)
+        except redis.RedisError:
+            log.warning("degraded events still waiting for the store", exc_info=True)

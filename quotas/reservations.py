@@ -5,26 +5,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import secrets
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import redis
 from django.conf import settings
 
 from quotas.degraded import (
-    degraded_id,
-    degraded_id_belongs,
+    degraded_admit,
+    degraded_lease,
+    degraded_settle,
     is_degraded_id,
-    spool_event,
-    spool_flush,
-    spool_size,
+    spool_drain,
 )
 from quotas.engine import (
     Conflict,
-    Engine,
     Existing,
     Granted,
     LeaseView,
@@ -38,21 +34,12 @@ from quotas.engine import (
 )
 from quotas.errors import QuotaError, invalid, not_found
 from quotas.estimate import estimate_tokens
-from quotas.plan import NANO, PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
-from quotas.store import get_redis
+from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
+from quotas.refusals import refusal_error
+from quotas.store import get_engine
 
 log = logging.getLogger(__name__)
 STALE_RETRIES = 3
-
-
-@lru_cache(maxsize=1)
-def get_engine() -> Engine:
-    return Engine(
-        get_redis(),
-        hash_tag=settings.QUOTA_HASH_TAG,
-        retention_ms=settings.QUOTA_LEASE_RETENTION_SECONDS * 1000,
-        stream_maxlen=settings.QUOTA_STREAM_MAXLEN,
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +116,7 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         except redis.RedisError as exc:
             result = _store_down(exc, call, pools[0])
         else:
-            _flush_spool()
+            spool_drain(get_engine())
         if isinstance(result, Stale):
             plans.reload(older_than=plan)
             continue
@@ -268,55 +255,6 @@ def _reserve_outcome(
     raise refusal_error(result, plan)
 
 
-def refusal_error(refused: Refused, plan: Plan) -> QuotaError:
-    limit = plan.limits.get(refused.limit_id)
-    described = limit_body(plan, refused.limit_id, refused.cap, refused.remaining, None)
-    retry_ms = refused.retry_after_ms
-    headers: dict[str, str] = {}
-    if retry_ms is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_ms / 1000)))
-    elif refused.reason == "concurrency":
-        retry_ms = 1000
-        headers["Retry-After"] = "1"
-    code = "budget_exhausted" if refused.reason == "budget_exhausted" else "rate_limited"
-    name = limit.name if limit else f"limit {refused.limit_id}"
-    if refused.retry_after_ms is None and refused.reason != "concurrency":
-        message = f"The request needs more than the limit '{name}' can ever admit."
-    elif code == "budget_exhausted":
-        message = f"Budget exhausted: '{name}'. It resets in {headers['Retry-After']} s."
-    else:
-        message = f"Rate limited by '{name}'. Retry in {headers['Retry-After']} s."
-    return QuotaError(code, message, headers=headers, limit=described, retry_after_ms=retry_ms)
-
-
-def limit_body(
-    plan: Plan, limit_id: int, cap: int, remaining: float, reset_ms: int | None
-) -> dict[str, Any]:
-    """A limit as the API shows it, in the metric's own units (USD for cost)."""
-    limit = plan.limits.get(limit_id)
-    metric = limit.metric if limit else ""
-
-    def show(units: float) -> float | int:
-        return round(units / float(NANO), 9) if metric == "cost_usd" else math.floor(units)
-
-    body: dict[str, Any] = {
-        "id": limit_id,
-        "name": limit.name if limit else "",
-        "scope": limit.scope if limit else {},
-        "metric": metric,
-        "window": (limit.window or None) if limit else None,
-        "enforcement": limit.enforcement if limit else "hard",
-        "limit": show(cap),
-        "remaining": show(max(0.0, remaining)),
-    }
-    if reset_ms is not None:
-        body["reset"] = reset_ms
-    return body
-
-
-# -- commit, release, extend, read -----------------------------------------------------------
-
-
 def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) -> Settled:
     extra = {"finish_reason": data.finish_reason}
     if data.upstream_status is not None:
@@ -367,7 +305,15 @@ def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
 
 def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
     if is_degraded_id(reservation_id):
-        return _degraded_lease(key, reservation_id, ttl_seconds)
+        return _found(
+            degraded_lease(
+                engine=get_engine(),
+                owner=owner_of(key),
+                reservation_id=reservation_id,
+                ttl_ms=ttl_seconds * 1000,
+                secret=settings.QUOTA_API_KEY_PEPPER,
+            )
+        )
     result = _with_plan(
         lambda version: get_engine().extend(
             reservation_id=reservation_id,
@@ -395,57 +341,6 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
     return result
 
 
-def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
-    """A degraded reservation has no lease to settle: its usage is recorded as reported."""
-    _check_degraded_owner(key, reservation_id)
-    event = {
-        "type": outcome,
-        "rid": reservation_id,
-        "key": key.prefix,
-        "degraded": 1,
-        "at_ms": get_engine().now_ms_estimate(),
-        "input_tokens": usage.input_tokens,
-        "cached_input_tokens": usage.cached_input_tokens,
-        "output_tokens": usage.output_tokens,
-        **usage.extra,
-    }
-    spool_event(event)
-    _flush_spool()
-    result = {
-        "id": reservation_id,
-        "status": outcome,
-        "lease_expired": False,
-        "input_tokens": usage.input_tokens,
-        "cached_input_tokens": usage.cached_input_tokens,
-        "output_tokens": usage.output_tokens,
-        "cost_nusd": 0,
-        "refunded": {},
-        "degraded": True,
-    }
-    return Settled(result=result)
-
-
-def _check_degraded_owner(key: KeyInfo, reservation_id: str) -> None:
-    secret = settings.QUOTA_API_KEY_PEPPER
-    if not degraded_id_belongs(reservation_id, tenant_id=key.tenant_id, secret=secret):
-        raise not_found("reservation")
-
-
-def _degraded_lease(key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
-    """A degraded reservation holds nothing to extend; a long call may go on regardless."""
-    _check_degraded_owner(key, reservation_id)
-    now = get_engine().now_ms_estimate()
-    data = {
-        "id": reservation_id,
-        "st": "held",
-        "created": now,
-        "e": now + ttl_seconds * 1000,
-        "meta": {"degraded": 1},
-        "r": {},
-    }
-    return LeaseView(data=data, now_ms=now)
-
-
 def _with_plan(call: Any) -> Any:
     """Run an engine call with the current plan's version; reload and retry if it is stale."""
     for _ in range(STALE_RETRIES):
@@ -470,6 +365,17 @@ def _with_plan(call: Any) -> Any:
     )
 
 
+def leases_expire(*, batch: int = 500) -> int:
+    """Expire held reservations whose time is up; charged as reserved, slots freed."""
+    engine = get_engine()
+    total = 0
+    while True:
+        done = engine.reap(batch=batch)
+        total += done
+        if done < batch:
+            return total
+
+
 def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Granted:
     """Closed pools refuse; open pools admit, unenforced, and owe the ledger an event."""
     log.warning(
@@ -481,54 +387,25 @@ def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Gra
             "The quota store is unavailable; try again shortly.",
             headers={"Retry-After": "1"},
         ) from exc
-    now = get_engine().now_ms_estimate()
-    reservation_id = degraded_id(
-        tenant_id=call.tenant_id,
-        nonce=call.reservation_id.removeprefix("rsv_"),
+    return degraded_admit(
+        engine=get_engine(), call=call, pool_slug=pool.slug, secret=settings.QUOTA_API_KEY_PEPPER
+    )
+
+
+def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
+    settled = degraded_settle(
+        engine=get_engine(),
+        owner=owner_of(key),
+        key_prefix=key.prefix,
+        reservation_id=reservation_id,
+        outcome=outcome,
+        usage=usage,
         secret=settings.QUOTA_API_KEY_PEPPER,
     )
-    cost = call.cost_fixed + math.ceil(call.cost_per_output * call.max_output_tokens)
-    spool_event(
-        {
-            **call.meta,
-            "type": "reserved",
-            "rid": reservation_id,
-            "at_ms": now,
-            "pool": pool.slug,
-            "degraded": 1,
-            "reserved_input_tokens": call.input_tokens,
-            "reserved_output_tokens": call.max_output_tokens,
-            "reserved_cost_nusd": cost,
-        }
-    )
-    return Granted(
-        reservation_id=reservation_id,
-        pool=pool.slug,
-        output_tokens=call.max_output_tokens,
-        cost_nusd=cost,
-        expires_ms=now + call.ttl_ms,
-        now_ms=now,
-        limits=(),
-        would_refuse=(),
-        degraded=True,
-    )
+    return _found(settled)
 
 
-def _flush_spool() -> None:
-    if spool_size():
-        engine = get_engine()
-        try:
-            spool_flush(engine.client, engine.keys.events, engine.stream_maxlen)
-        except redis.RedisError:
-            log.warning("degraded events still waiting for the store", exc_info=True)
-
-
-def leases_expire(*, batch: int = 500) -> int:
-    """Expire held reservations whose time is up; charged as reserved, slots freed."""
-    engine = get_engine()
-    total = 0
-    while True:
-        done = engine.reap(batch=batch)
-        total += done
-        if done < batch:
-            return total
+def _found(result: Any) -> Any:
+    if isinstance(result, Missing):
+        raise not_found("reservation")
+    return result

@@ -1,4 +1,5 @@
-"""The one Redis client of the process, and the config version that invalidates caches."""
+"""The one Redis client and engine of the process, and the config version that invalidates
+caches."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from functools import lru_cache
 
 import redis
 from django.conf import settings
+
+from quotas.engine import Engine
 
 
 @lru_cache(maxsize=1)
@@ -15,6 +18,16 @@ def get_redis() -> redis.Redis:
         socket_timeout=2.0,
         socket_connect_timeout=1.0,
         health_check_interval=30,
+    )
+
+
+@lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    return Engine(
+        get_redis(),
+        hash_tag=settings.QUOTA_HASH_TAG,
+        retention_ms=settings.QUOTA_LEASE_RETENTION_SECONDS * 1000,
+        stream_maxlen=settings.QUOTA_STREAM_MAXLEN,
     )
 
 

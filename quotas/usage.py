@@ -9,7 +9,8 @@ import redis
 
 from quotas.errors import QuotaError, not_found
 from quotas.plan import KeyInfo, plans
-from quotas.reservations import get_engine, limit_body
+from quotas.refusals import limit_body
+from quotas.reservations import get_engine
 
 
 def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from typing import Any
 from quotas.engine import LeaseView, Settled
 from quotas.engine.types import LimitState
 from quotas.plan import NANO, Plan
-from quotas.reservations import Reserved, limit_body
+from quotas.refusals import limit_body
+from quotas.reservations import Reserved
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 
