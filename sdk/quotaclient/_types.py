@@ -103,8 +103,10 @@ class Usage:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "cached_input_tokens": min(self.cached_input_tokens, self.input_tokens),
-            "finish_reason": self.finish_reason,
         }
+        # Sent only when known: the server refuses a blank one (while defaulting to blank).
+        if self.finish_reason:
+            body["finish_reason"] = self.finish_reason
         if self.upstream_status is not None:
             body["upstream_status"] = self.upstream_status
         if self.latency_ms is not None:

@@ -1,0 +1,56 @@
+"""The real quota server as the SDK sees it: the live test server, the world's API key, and
+the usage events the server wrote to Redis (the only place where a commit's finish reason,
+upstream status and latency can be read back)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.core.servers.basehttp import WSGIRequestHandler
+from quotaclient import AsyncQuotaClient, QuotaClient
+
+from tests.conftest import World
+
+EVENTS = f"q:{{{settings.QUOTA_HASH_TAG}}}:events"
+
+
+@dataclass
+class Stack:
+    url: str
+    world: World
+    redis: redis.Redis
+
+    def client(self, **options: Any) -> QuotaClient:
+        return QuotaClient(self.url, self.world.secret, **options)
+
+    def async_client(self, **options: Any) -> AsyncQuotaClient:
+        return AsyncQuotaClient(self.url, self.world.secret, **options)
+
+    def events(self, kind: str | None = None) -> list[dict[str, str]]:
+        decoded = [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in self.redis.xrange(EVENTS)
+        ]
+        return [e for e in decoded if kind is None or e["type"] == kind]
+
+    def event(self, kind: str) -> dict[str, str]:
+        """The one event of that kind: tests make one call at a time."""
+        found = self.events(kind)
+        assert len(found) == 1, found
+        return found[0]
+
+
+def live_stack(
+    live_server: Any, world: World, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Stack]:
+    """Body of each SDK test module's `stack` fixture. The test server writes headers and
+    body separately; without Nagle's delay a keep-alive request takes 1 ms, not 40."""
+    monkeypatch.setattr(WSGIRequestHandler, "disable_nagle_algorithm", True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    yield Stack(str(live_server.url), world, redis_db)
