@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from ledger.commands import add_drift, add_ingest, add_rebuild
 from quotas.configfile import ConfigInvalid, config_apply, config_export, config_load
 from quotas.keys import api_key_create, api_key_revoke, api_key_split
 from quotas.models import ApiKey
@@ -196,4 +197,11 @@ def _feature(tenant: Tenant, slug: str) -> Feature:
     return feature
 
 
-SUBCOMMANDS: list[Callable[[Subparsers], None]] = [add_apply, add_export, add_key]
+SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
+    add_apply,
+    add_export,
+    add_key,
+    add_ingest,
+    add_drift,
+    add_rebuild,
+]

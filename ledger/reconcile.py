@@ -1,0 +1,101 @@
+"""Redis against the ledger: the drift report, its repair, and the rebuild after Redis lost
+its data.
+
+The comparison is exact, not approximate. While it runs it holds the ledger's row lock, so no
+ingest batch commits; at one instant it reads the counters and every stream entry the ledger
+has not acknowledged (one script); entries in the stream are applied on top of the ledger's
+rows (an entry may already be in the ledger, committed but not yet acknowledged: the merge is
+idempotent). Repairs are deltas applied by one script, so a reservation made meanwhile keeps
+its effect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from django.db import transaction
+
+from ledger.budgets import (
+    BudgetPeriod,
+    budget_periods_current,
+    ledger_budget_amounts,
+    overlay_amounts,
+    rows_held,
+)
+from ledger.conf import ledger_setting
+from ledger.events import Resolver, Row, batch_from_entries
+from ledger.leases import lease_for_row
+from ledger.services import ledger_state_lock
+from quotas.engine.types import BudgetAdjustment, LeaseRestore
+from quotas.plan import plans
+from quotas.reservations import get_engine
+
+
+@dataclass(frozen=True)
+class BudgetDrift:
+    period: BudgetPeriod
+    redis: int  # units the counter holds (0 when the key is missing)
+    ledger: int  # units the ledger says it should hold
+
+    @property
+    def drift(self) -> int:
+        return self.redis - self.ledger
+
+
+@dataclass
+class BudgetReport:
+    rows: list[BudgetDrift]
+    held: list[Row] = field(default_factory=list)
+    repaired: int = 0
+    leases_restored: int = 0
+    leases_present: int = 0
+
+    @property
+    def drifted(self) -> list[BudgetDrift]:
+        return [row for row in self.rows if row.drift != 0]
+
+
+def budgets_reconcile(*, repair: bool = False, restore_leases: bool = False) -> BudgetReport:
+    """Compare every calendar budget's current period with the ledger; with `repair`, move
+    each counter to the ledger's amount; with `restore_leases`, also write back the leases of
+    held reservations that Redis no longer has (`quota rebuild` does both)."""
+    report = _budget_report(with_held=restore_leases)
+    if repair or restore_leases:
+        adjustments = [
+            BudgetAdjustment(row.period.key, -row.drift, row.period.expire_at_ms)
+            for row in report.rows
+            if row.drift != 0 or restore_leases
+        ]
+        outcome = get_engine().rebuild(adjustments, _leases(report.held) if restore_leases else [])
+        report.repaired = int(outcome["adjusted"])
+        report.leases_restored = int(outcome["restored"])
+        report.leases_present = int(outcome["present"])
+    return report
+
+
+def _budget_report(*, with_held: bool) -> BudgetReport:
+    plan, engine = plans.get(), get_engine()
+    now_ms = engine.now_ms()
+    periods = budget_periods_current(plan=plan, keyspace=engine.keys, now_ms=now_ms)
+    with transaction.atomic():
+        ledger_state_lock()
+        snapshot = engine.snapshot([p.key for p in periods], group=ledger_setting("LEDGER_GROUP"))
+        pending = batch_from_entries(snapshot.entries, Resolver(plan), int(time.time() * 1000))
+        expected = ledger_budget_amounts(periods)
+        delta = overlay_amounts(periods, pending.usage)
+        held = rows_held(pending.usage.values()) if with_held else []
+    rows = [
+        BudgetDrift(period, value or 0, expected.get(period.key, 0) + delta.get(period.key, 0))
+        for period, value in zip(periods, snapshot.values, strict=True)
+    ]
+    return BudgetReport(rows=rows, held=held)
+
+
+def _leases(held: list[Row]) -> list[LeaseRestore]:
+    plan, engine = plans.get(), get_engine()
+    expires = engine.now_ms() + int(ledger_setting("LEDGER_RESTORED_LEASE_SECONDS") * 1000)
+    restores = (
+        lease_for_row(row, plan=plan, keyspace=engine.keys, expires_ms=expires) for row in held
+    )
+    return [lease for lease in restores if lease is not None]
