@@ -9,6 +9,7 @@ import random
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -116,9 +117,7 @@ class AsyncQuotaClient:
         return await self._send("GET", f"/features/{feature}/usage", resendable=True)
 
     def _waiter(self, max_wait: float | None) -> Waiter:
-        policy = self.retry
-        if max_wait is not None:
-            policy = RetryPolicy(max_wait=max_wait, base=policy.base, cap=policy.cap)
+        policy = self.retry if max_wait is None else replace(self.retry, max_wait=max_wait)
         return Waiter(policy, self.budget, self._rng, self._clock)
 
     async def _send(

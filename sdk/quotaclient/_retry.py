@@ -46,9 +46,9 @@ class RetryBudget:
 
     def try_spend(self) -> bool:
         with self._lock:
-            if self._tokens < 1:
+            if self._tokens < 1 - 1e-9:  # ten deposits of 0.1 add up to 0.999...
                 return False
-            self._tokens -= 1
+            self._tokens = max(0.0, self._tokens - 1)
             return True
 
 

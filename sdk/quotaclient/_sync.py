@@ -7,6 +7,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from types import TracebackType
 from typing import Any
@@ -120,9 +121,7 @@ class QuotaClient:
         return self._send("GET", f"/features/{feature}/usage", resendable=True)
 
     def _waiter(self, max_wait: float | None) -> Waiter:
-        policy = self.retry
-        if max_wait is not None:
-            policy = RetryPolicy(max_wait=max_wait, base=policy.base, cap=policy.cap)
+        policy = self.retry if max_wait is None else replace(self.retry, max_wait=max_wait)
         return Waiter(policy, self.budget, self._rng, self._clock)
 
     def _send(
