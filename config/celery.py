@@ -13,4 +13,5 @@ app.autodiscover_tasks()
 # The beat schedule lives here and nowhere else.
 app.conf.beat_schedule = {
     "expire-leases": {"task": "quotas.tasks.expire_leases", "schedule": 2.0},
+    "evaluate-alerts": {"task": "alerts.tasks.evaluate_alerts", "schedule": 60.0},
 }

@@ -24,6 +24,7 @@ from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse
 from simple_history.admin import SimpleHistoryAdmin
 
+from alerts.models import Alert, AlertRule, Channel, Delivery, Notification
 from providers.models import LanguageModel, Pool, Provider
 from quotas.models import ApiKey, Limit
 from tenants.models import Feature, Tenant
@@ -50,6 +51,7 @@ TENANT_FIELD: dict[type[Model], str] = {
     Feature: "tenant",
     Limit: "tenant",
     ApiKey: "tenant",
+    **dict.fromkeys([Channel, AlertRule, Alert, Notification, Delivery], "tenant"),
 }
 # Shared infrastructure: every owner may see it (read-only, see `SharedConfigAdmin`).
 SHARED_MODELS: frozenset[type[Model]] = frozenset({Provider, LanguageModel, Pool})

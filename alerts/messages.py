@@ -1,0 +1,177 @@
+"""Messages rendered from templates (templates/alerts/): an e-mail (text and HTML), a Slack
+Block Kit payload, and the JSON a webhook receives. Words live in the templates; this module
+only prepares the numbers they show."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from django.conf import settings
+from django.template.loader import render_to_string
+from django.urls import reverse
+
+from alerts.models import Alert, Channel, Notification
+from alerts.transports import Message
+from quotas.plan import NANO
+from quotas.validation import METRIC_WORDS
+
+BAR_CELLS = 20
+
+
+def notification_message(
+    *, notification: Notification, fired: list[Alert], resolved: list[Alert]
+) -> Message:
+    items = [_item(a, "fired") for a in fired] + [_item(a, "resolved") for a in resolved]
+    context = {
+        "notification": notification,
+        "tenant": notification.tenant,
+        "feature": notification.feature,
+        "items": items,
+        "fired_count": len(fired),
+        "resolved_count": len(resolved),
+        "test": False,
+        "site_url": settings.SITE_URL,
+        "alerts_link": _link(reverse("admin:alerts_alert_changelist")),
+    }
+    data = {
+        "type": "alerts",
+        "group": notification.group,
+        "tenant": notification.tenant.slug if notification.tenant else None,
+        "feature": notification.feature.slug if notification.feature else None,
+        "sent_at": notification.created_at.isoformat(),
+        "alerts": [_item_data(item) for item in items],
+    }
+    return _render(context, data)
+
+
+def test_message(*, channel: Channel, now: datetime) -> Message:
+    context = {
+        "tenant": channel.tenant,
+        "feature": channel.feature,
+        "channel": channel,
+        "items": [],
+        "test": True,
+        "site_url": settings.SITE_URL,
+        "alerts_link": _link(reverse("admin:alerts_alert_changelist")),
+    }
+    data = {"type": "test", "channel": channel.name, "sent_at": now.isoformat(), "alerts": []}
+    return _render(context, data)
+
+
+def channel_disabled_message(*, channel: Channel, error: str) -> Message:
+    context = {
+        "channel": channel,
+        "error": error,
+        "link": _link(reverse("admin:alerts_channel_change", args=[channel.pk])),
+    }
+    subject = _line(render_to_string("alerts/channel_disabled_subject.txt", context))
+    text = render_to_string("alerts/channel_disabled.txt", context)
+    html = render_to_string("alerts/channel_disabled.html", context)
+    return Message(subject=subject, text=text, html=html, slack={}, data={})
+
+
+def _render(context: dict[str, Any], data: dict[str, Any]) -> Message:
+    subject = _line(render_to_string("alerts/subject.txt", context))
+    context = {**context, "subject": subject}
+    slack = json.loads(render_to_string("alerts/slack.json", context))
+    return Message(
+        subject=subject,
+        text=render_to_string("alerts/email.txt", context),
+        html=render_to_string("alerts/email.html", context),
+        slack=slack,
+        data={**data, "subject": subject},
+    )
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _link(path: str) -> str:
+    return settings.SITE_URL.rstrip("/") + path
+
+
+def _item(alert: Alert, transition: str) -> dict[str, Any]:
+    details = alert.details or {}
+    fraction = float(details.get("fraction", 0.0))
+    item: dict[str, Any] = {
+        "alert": alert,
+        "kind": alert.kind,
+        "transition": transition,
+        "details": details,
+        "level_percent": _percent(alert.level),
+        "percent": _percent(fraction),
+        "share_percent": _percent(float(details.get("share", 0.0))),
+        "baseline_percent": _percent(float(details.get("baseline_share", 0.0))),
+        "bar": _bar(fraction),
+        "bar_width": min(100, _percent(fraction)),
+        "link": _alert_link(alert),
+    }
+    item.update(_amounts(details))
+    item["title"] = _line(render_to_string("alerts/item_title.txt", item))
+    item["detail"] = render_to_string("alerts/item_detail.txt", item).strip()
+    return item
+
+
+def _amounts(details: dict[str, Any]) -> dict[str, str]:
+    metric = str(details.get("metric", ""))
+    if not metric:
+        return {}
+    zone = ZoneInfo(str(details.get("timezone") or "UTC"))
+    result = {
+        "used_text": _quantity(metric, float(details.get("used", 0))),
+        "cap_text": _quantity(metric, float(details.get("cap", 0))),
+        "remaining_text": _quantity(
+            metric, max(0.0, float(details.get("cap", 0)) - float(details.get("used", 0)))
+        ),
+    }
+    for name in ("reset_ms", "runs_out_ms"):
+        if details.get(name):
+            moment = datetime.fromtimestamp(int(details[name]) / 1000, zone)
+            result[name.replace("_ms", "_text")] = f"{moment:%Y-%m-%d %H:%M} {zone.key}"
+    return result
+
+
+def _quantity(metric: str, units: float) -> str:
+    if metric == "cost_usd":
+        return f"${units / float(NANO):,.2f}"
+    return f"{int(units):,} {METRIC_WORDS.get(metric, metric)}"
+
+
+def _percent(fraction: float) -> int:
+    return round(fraction * 100)
+
+
+def _bar(fraction: float) -> str:
+    filled = max(0, min(BAR_CELLS, round(fraction * BAR_CELLS)))
+    return "█" * filled + "░" * (BAR_CELLS - filled)
+
+
+def _alert_link(alert: Alert) -> str:
+    if alert.limit_id is not None:
+        return _link(reverse("admin:quotas_limit_change", args=[alert.limit_id]))
+    if alert.feature_id is not None:
+        return _link(reverse("admin:tenants_feature_change", args=[alert.feature_id]))
+    return _link(reverse("admin:alerts_alert_change", args=[alert.pk]))
+
+
+def _item_data(item: dict[str, Any]) -> dict[str, Any]:
+    alert: Alert = item["alert"]
+    return {
+        "id": alert.pk,
+        "kind": alert.kind,
+        "state": item["transition"],
+        "title": item["title"],
+        "tenant": alert.tenant.slug if alert.tenant else None,
+        "feature": alert.feature.slug if alert.feature else None,
+        "limit": alert.limit_id,
+        "level": alert.level,
+        "fired_at": alert.fired_at.isoformat(),
+        "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
+        "resolve_reason": alert.resolve_reason or None,
+        "details": item["details"],
+        "link": item["link"],
+    }

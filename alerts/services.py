@@ -1,0 +1,176 @@
+"""Alert services: evaluate the rules, group what changed into messages, deliver them; and
+the writes behind the admin's and the config file's channels.
+
+Evaluation and dispatch are safe to run twice, or in two workers at the same moment: every
+step is a claim (a unique key, a conditional UPDATE) that only one of them wins.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from alerts.budgets import budgets_read, forecasts_evaluate, thresholds_evaluate
+from alerts.conf import alerts_setting
+from alerts.delivery import delivery_create, delivery_send
+from alerts.health import health_evaluate
+from alerts.messages import notification_message, test_message
+from alerts.models import Alert, Channel, Delivery, Notification
+from alerts.rules import RuleBook
+from alerts.selectors import (
+    Route,
+    alert_group,
+    owner_addresses,
+    routes_for,
+    unannounced_alerts,
+)
+from alerts.state import ms_to_datetime
+from alerts.transports import Message
+from quotas.reservations import get_engine
+from tenants.models import Feature, Tenant
+from tenants.services import Upserted, model_upsert
+
+
+@dataclass(frozen=True)
+class RunReport:
+    notifications: int
+    deliveries: int
+
+
+def alerts_run(*, now_ms: int | None = None) -> RunReport:
+    """One beat: evaluate every rule, then send what changed."""
+    if now_ms is None:
+        now_ms = get_engine().now_ms()  # Redis's clock, the one budgets reset by
+    now = ms_to_datetime(now_ms)
+    alerts_evaluate(now_ms=now_ms)
+    notifications = notifications_dispatch(now=now)
+    sent = deliveries_send_pending()
+    return RunReport(notifications=len(notifications), deliveries=sent)
+
+
+def alerts_evaluate(*, now_ms: int) -> None:
+    now = ms_to_datetime(now_ms)
+    rules = RuleBook.load()
+    readings = budgets_read(now_ms=now_ms)
+    thresholds_evaluate(readings=readings, rules=rules, now=now)
+    forecasts_evaluate(readings=readings, rules=rules, now=now)
+    health_evaluate(rules=rules, now=now)
+
+
+def notifications_dispatch(*, now: datetime) -> list[Notification]:
+    """One message per group for everything not yet announced, unless the group already
+    had its message in this storm window: then it waits for the next window."""
+    groups: dict[str, list[Alert]] = defaultdict(list)
+    for alert in unannounced_alerts():
+        groups[alert_group(alert)].append(alert)
+    window = timedelta(seconds=int(alerts_setting("ALERTS_STORM_WINDOW_SECONDS")))
+    window_start = _window_start(now, window)
+    sent = []
+    for group, alerts in groups.items():
+        notification = _notification_claim(group, alerts, window_start=window_start, now=now)
+        if notification is not None:
+            sent.append(notification)
+    return sent
+
+
+def _window_start(now: datetime, window: timedelta) -> datetime:
+    seconds = int(window.total_seconds()) or 1
+    return ms_to_datetime(int(now.timestamp()) // seconds * seconds * 1000)
+
+
+@transaction.atomic
+def _notification_claim(
+    group: str, alerts: list[Alert], *, window_start: datetime, now: datetime
+) -> Notification | None:
+    first = alerts[0]
+    try:
+        with transaction.atomic():
+            notification = Notification.objects.create(
+                group=group,
+                window_start=window_start,
+                tenant=first.tenant,
+                feature=first.feature,
+                created_at=now,
+            )
+    except IntegrityError:
+        return None  # this group had its message in this window (or another worker has it)
+    ids = [a.pk for a in alerts]
+    pending = Alert.objects.filter(pk__in=ids)
+    pending.filter(fired_in__isnull=True).update(fired_in=notification)
+    pending.filter(state=Alert.State.RESOLVED, resolved_in__isnull=True).update(
+        resolved_in=notification
+    )
+    related = ("tenant", "feature__tenant", "feature__owner", "limit")
+    fired = list(notification.fired.select_related(*related).order_by("fired_at", "id"))
+    resolved = list(notification.resolved.select_related(*related).order_by("fired_at", "id"))
+    if not fired and not resolved:
+        transaction.set_rollback(True)  # another worker announced them all meanwhile
+        return None
+    message = notification_message(notification=notification, fired=fired, resolved=resolved)
+    notification.subject = message.subject[:300]
+    notification.message = asdict(message)
+    notification.save(update_fields=["subject", "message"])
+    for route in routes_for(tenant=notification.tenant, feature=notification.feature):
+        delivery_create(
+            route=route, tenant=notification.tenant, now=now, notification_id=notification.pk
+        )
+    return notification
+
+
+def deliveries_send_pending() -> int:
+    """Sends every pending delivery of a notification (each claimed, so sent once);
+    also those a crashed worker left behind."""
+    pending = Delivery.objects.filter(
+        status=Delivery.Status.PENDING, notification__isnull=False
+    ).select_related("notification")
+    sent = 0
+    for delivery in list(pending.order_by("id")):
+        assert delivery.notification is not None
+        message = Message(**delivery.notification.message)
+        if delivery_send(delivery_id=delivery.pk, message=message) is not None:
+            sent += 1
+    return sent
+
+
+def channel_test(*, channel_id: int) -> Delivery:
+    """Sends a test message through the channel now and returns how it went."""
+    channel = Channel.objects.select_related("tenant", "feature__owner").get(pk=channel_id)
+    now = timezone.now()
+    target = channel.target
+    if channel.kind == "email" and not target:
+        target = ",".join(owner_addresses(tenant=channel.tenant, feature=channel.feature))
+    route = Route(channel.kind, target, channel)
+    delivery = delivery_create(route=route, tenant=channel.tenant, now=now, purpose="test")
+    delivery_send(delivery_id=delivery.pk, message=test_message(channel=channel, now=now))
+    delivery.refresh_from_db()
+    return delivery
+
+
+def channel_enable(*, channel_id: int) -> None:
+    Channel.objects.filter(pk=channel_id).update(enabled=True, disabled_reason="", disabled_at=None)
+
+
+def channel_upsert(
+    *,
+    tenant: Tenant | None,
+    name: str,
+    kind: str,
+    target: str = "",
+    feature: Feature | None = None,
+    secret: str | None = None,
+) -> Upserted[Channel]:
+    """Create or update the tenant's channel of this name. A webhook keeps its signing key
+    unless one is given, so re-applying a file never rotates it. A channel disabled after a
+    permanent failure stays disabled until its target changes (or someone enables it)."""
+    values: dict[str, Any] = {"kind": kind, "target": target, "feature": feature}
+    if secret:
+        values["secret"] = secret
+    stored = Channel.objects.filter(tenant=tenant, name=name).first()
+    if stored is not None and stored.target != target:
+        values.update(enabled=True, disabled_reason="", disabled_at=None)
+    return model_upsert(Channel, lookup={"tenant": tenant, "name": name}, values=values)
