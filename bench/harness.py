@@ -28,6 +28,7 @@ COMMIT_BODY = {"input_tokens": 100, "output_tokens": 50}
 SAMPLE_REQUESTS = 200
 PRIME_FAST_IN_A_ROW = 10
 PRIME_FAST_S = 0.1
+FELL_BEHIND = 0.9
 
 
 class ReserveApiMissing(Exception):
@@ -136,7 +137,12 @@ class Bench:
         cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
         wait_quiet(self.redis)
         row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario), cpu)
-        print(f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms", flush=True)
+        counts = ", ".join(f"{name} {n:,}" for name, n in result.counters.items())
+        print(
+            f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms"
+            + (f" ({counts})" if counts else ""),
+            flush=True,
+        )
         return row
 
     def fixed_rate(self, scenario: Scenario, rate: float) -> Row:
@@ -154,6 +160,9 @@ class Bench:
         work = command_counts(self.redis).minus(before)
         cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
         name = f"{scenario.name.split(' (')[0]} @ {rate:,.0f}/s fixed"
+        if result.rps < FELL_BEHIND * rate:
+            # The server (or the machine) could not keep up: latency is queueing from here on.
+            name += " (fell behind)"
         row = Row(name, result, work, cpu_ms=cpu, closed_loop=False)
         print(f"  {row.name}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms", flush=True)
         return row
