@@ -38,6 +38,7 @@ class ReserveApiMissing(Exception):
 @dataclass(frozen=True)
 class Scenario:
     name: str
+    short: str
     path: str
     script: str = "post.lua"
 
@@ -46,10 +47,10 @@ class Scenario:
         return self.script == "pairs.lua"
 
 
-BARE = Scenario("bare view (1 EVALSHA)", "/bench/bare")
-RATELIMITED = Scenario("django-ratelimit view", "/bench/ratelimited")
-RESERVE = Scenario("reserve", "/api/v1/reservations")
-PAIRS = Scenario("reserve+commit", "/api/v1/reservations", "pairs.lua")
+BARE = Scenario("bare view (1 EVALSHA)", "bare", "/bench/bare")
+RATELIMITED = Scenario("django-ratelimit view", "ratelimit", "/bench/ratelimited")
+RESERVE = Scenario("reserve", "reserve", "/api/v1/reservations")
+PAIRS = Scenario("reserve+commit", "pairs", "/api/v1/reservations", "pairs.lua")
 
 
 @dataclass
@@ -159,10 +160,10 @@ class Bench:
         )
         work = command_counts(self.redis).minus(before)
         cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
-        name = f"{scenario.name.split(' (')[0]} @ {rate:,.0f}/s fixed"
+        name = f"{scenario.short} @ {rate:,.0f}/s fixed"
         if result.rps < FELL_BEHIND * rate:
             # The server (or the machine) could not keep up: latency is queueing from here on.
-            name += " (fell behind)"
+            name += " (behind)"
         row = Row(name, result, work, cpu_ms=cpu, closed_loop=False)
         print(f"  {row.name}: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms", flush=True)
         return row
