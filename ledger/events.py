@@ -145,7 +145,7 @@ def usage_row(fields: dict[str, str], resolver: Resolver, now_ms: int) -> Row | 
             row["output_tokens"] or 0,
         )
         row["cost_nusd"] = resolver.price(slugs[2], slugs[3], usage)
-    if row["created_ms"] is None and state == "held":
+    if row["created_ms"] is None:  # a degraded reservation's own events carry no creation time
         row["created_ms"] = _int(get("at_ms"))
     return row
 
