@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import argparse
+from datetime import date
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from django.core.management.base import CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from ledger.provider_usage import PARSERS, ExportInvalid, provider_usage_import
 from ledger.reconcile import BudgetReport, budgets_reconcile
+from ledger.selectors import provider_drift
 from ledger.services import usage_ingest
 
 if TYPE_CHECKING:
@@ -92,3 +96,64 @@ def run_ingest(command: BaseCommand, options: dict[str, Any]) -> None:
     command.stdout.write(
         f"{report.entries} events in {report.batches} batches ({report.reclaimed} reclaimed)."
     )
+
+
+def add_import_usage(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "import-usage",
+        help="import a provider's usage or cost export for one pool (JSON pages or CSV)",
+    )
+    parser.add_argument("files", nargs="+", metavar="FILE")
+    parser.add_argument("--pool", required=True, help="the pool (provider account) it covers")
+    parser.add_argument("--source", required=True, choices=sorted(PARSERS))
+    parser.set_defaults(handler=run_import_usage)
+
+
+def run_import_usage(command: BaseCommand, options: dict[str, Any]) -> None:
+    files = []
+    for path in options["files"]:
+        try:
+            files.append((path, Path(path).read_text(encoding="utf-8")))
+        except OSError as error:
+            raise CommandError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        days = provider_usage_import(pool=options["pool"], source=options["source"], files=files)
+    except ExportInvalid as error:
+        raise CommandError(str(error)) from None
+    command.stdout.write(f"{len(days)} days x models imported for pool '{options['pool']}'.")
+
+
+def add_reconcile(subparsers: Subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reconcile", help="compare imported provider usage with the ledger, per day and model"
+    )
+    parser.add_argument("--pool", required=True)
+    parser.add_argument("--since", type=date.fromisoformat, help="first day, YYYY-MM-DD")
+    parser.add_argument("--until", type=date.fromisoformat, help="last day, YYYY-MM-DD")
+    parser.add_argument("--alerts", action="store_true", help="only rows above the threshold")
+    parser.set_defaults(handler=run_reconcile)
+
+
+def run_reconcile(command: BaseCommand, options: dict[str, Any]) -> None:
+    drift = provider_drift(pool=options["pool"], since=options["since"], until=options["until"])
+    rows = [("DAY", "MODEL", "METRIC", "LEDGER", "PROVIDER", "DIFF", "%", "ALERT")]
+    for d in drift:
+        if options["alerts"] and not d.alert:
+            continue
+        rows.append(
+            (
+                d.day.isoformat(),
+                d.model,
+                d.metric,
+                str(d.ledger),
+                str(d.provider),
+                f"{d.difference:+d}",
+                f"{d.ratio * 100:+.1f}",
+                "ALERT" if d.alert else "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        command.stdout.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    alerts = sum(d.alert for d in drift)
+    command.stdout.write(f"{alerts} of {len(drift)} figures above the alert threshold.")

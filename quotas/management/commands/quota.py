@@ -15,7 +15,13 @@ from typing import Any, TypeAlias
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ledger.commands import add_drift, add_ingest, add_rebuild
+from ledger.commands import (
+    add_drift,
+    add_import_usage,
+    add_ingest,
+    add_rebuild,
+    add_reconcile,
+)
 from quotas.configfile import ConfigInvalid, config_apply, config_export, config_load
 from quotas.keys import api_key_create, api_key_revoke, api_key_split
 from quotas.models import ApiKey
@@ -204,4 +210,6 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_ingest,
     add_drift,
     add_rebuild,
+    add_import_usage,
+    add_reconcile,
 ]
