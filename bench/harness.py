@@ -18,11 +18,14 @@ from bench.results import LoadResult
 from bench.server import Server, ServerOptions, server_start
 from bench.wrk import WrkOptions, wrk_run
 
+# Leases outlive the whole benchmark, so that no run pays for expiring an earlier run's
+# uncommitted reservations (the engine expires due leases as it goes).
 RESERVE_BODY = {
     "feature": "chat",
     "model": "bench-model",
     "input_tokens": 100,
     "max_output_tokens": 100,
+    "ttl_seconds": 3600,
 }
 COMMIT_BODY = {"input_tokens": 100, "output_tokens": 50}
 SAMPLE_REQUESTS = 200
