@@ -16,7 +16,7 @@ from alerts.state import Firing, alert_fire, alert_resolve, ms_to_datetime
 from quotas.engine.periods import periods_around
 from quotas.models import Limit
 from quotas.plan import LimitInfo, plan_load
-from quotas.reservations import get_engine
+from quotas.store import get_engine
 
 BUDGET_WINDOWS = ("hour", "day", "month")
 

@@ -36,24 +36,34 @@ class Context:
 Check = Callable[[Context], dict[str, Any] | None]
 
 
+def _share(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
 def _refusal_spike(ctx: Context) -> dict[str, Any] | None:
     counts, settings = ctx.counts, ctx.settings
-    share = counts.share(counts.refused, with_refused=True)
-    if counts.requests + counts.refused < settings.min_events or share <= settings.threshold:
+    asked = counts.settled + counts.refused
+    share = _share(counts.refused, asked)
+    if asked < settings.min_events or share <= settings.threshold:
         return None
-    return {"refused": counts.refused, "admitted": counts.requests, "share": round(share, 4)}
+    return {"refused": counts.refused, "admitted": counts.settled, "share": round(share, 4)}
 
 
-def _rate_of(field: str) -> Check:
-    def check(ctx: Context) -> dict[str, Any] | None:
-        counts, settings = ctx.counts, ctx.settings
-        part = getattr(counts, field)
-        share = counts.share(part)
-        if counts.requests < settings.min_events or share <= settings.threshold:
-            return None
-        return {field: part, "requests": counts.requests, "share": round(share, 4)}
+def _upstream_429(ctx: Context) -> dict[str, Any] | None:
+    counts, settings = ctx.counts, ctx.settings
+    share = _share(counts.upstream_429, counts.requests)
+    if counts.requests < settings.min_events or share <= settings.threshold:
+        return None
+    share = round(share, 4)
+    return {"upstream_429": counts.upstream_429, "requests": counts.requests, "share": share}
 
-    return check
+
+def _expired_leases(ctx: Context) -> dict[str, Any] | None:
+    counts, settings = ctx.counts, ctx.settings
+    share = _share(counts.expired, counts.settled)
+    if counts.settled < settings.min_events or share <= settings.threshold:
+        return None
+    return {"expired": counts.expired, "requests": counts.settled, "share": round(share, 4)}
 
 
 def _truncation(ctx: Context) -> dict[str, Any] | None:
@@ -67,8 +77,8 @@ def _truncation(ctx: Context) -> dict[str, Any] | None:
         since=ctx.since - timedelta(days=BASELINE_DAYS),
         until=ctx.since,
     )
-    base_share = baseline.share(baseline.truncated)
-    share = counts.share(counts.truncated)
+    base_share = _share(baseline.truncated, baseline.requests)
+    share = _share(counts.truncated, counts.requests)
     if share <= max(TRUNCATION_FLOOR, base_share * settings.threshold):
         return None
     return {
@@ -94,8 +104,8 @@ def _would_refuse(ctx: Context) -> dict[str, Any] | None:
 CHECKS: dict[str, Check] = {
     RuleKind.REFUSAL_SPIKE: _refusal_spike,
     RuleKind.TRUNCATION: _truncation,
-    RuleKind.UPSTREAM_429: _rate_of("upstream_429"),
-    RuleKind.EXPIRED_LEASES: _rate_of("expired"),
+    RuleKind.UPSTREAM_429: _upstream_429,
+    RuleKind.EXPIRED_LEASES: _expired_leases,
     RuleKind.WOULD_REFUSE: _would_refuse,
 }
 

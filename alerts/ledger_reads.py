@@ -24,18 +24,22 @@ _METRIC_EXPRESSIONS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Counts:
-    """One feature's events over a window."""
+    """One feature's events over a window, as the rollups count them: `requests` are the
+    commits, `expired` and `released` the other ends of a reservation, `refused` the
+    reservations refused."""
 
     requests: int = 0
     refused: int = 0
     truncated: int = 0
     upstream_429: int = 0
     expired: int = 0
+    released: int = 0
     would_refuse: int = 0
 
-    def share(self, part: int, *, with_refused: bool = False) -> float:
-        whole = self.requests + (self.refused if with_refused else 0)
-        return part / whole if whole else 0.0
+    @property
+    def settled(self) -> int:
+        """Reservations that ended in the window, however they ended."""
+        return self.requests + self.expired + self.released
 
 
 def _minute_rows(since: datetime, until: datetime) -> QuerySet[UsageRollup]:
@@ -66,6 +70,7 @@ def feature_counts(*, since: datetime, until: datetime) -> dict[tuple[str, str],
             n_truncated=Sum("truncated"),
             n_upstream_429=Sum("upstream_429"),
             n_expired=Sum("expired"),
+            n_released=Sum("released"),
             n_would_refuse=Sum("would_refuse"),
         )
     )
@@ -76,6 +81,7 @@ def feature_counts(*, since: datetime, until: datetime) -> dict[tuple[str, str],
             truncated=row["n_truncated"] or 0,
             upstream_429=row["n_upstream_429"] or 0,
             expired=row["n_expired"] or 0,
+            released=row["n_released"] or 0,
             would_refuse=row["n_would_refuse"] or 0,
         )
         for row in rows
@@ -96,8 +102,9 @@ def would_refuse_limit_ids(
     *, tenant: str, feature: str, since_ms: int, until_ms: int
 ) -> dict[int, int]:
     """How often each soft or shadow limit would have refused one feature's reservations."""
+    # By the moment a reservation ended, as the rollups count it.
     events = UsageEvent.objects.filter(
-        Q(created_ms__gte=since_ms) & Q(created_ms__lt=until_ms),
+        Q(finished_ms__gte=since_ms) & Q(finished_ms__lt=until_ms),
         tenant=tenant,
         feature=feature,
     ).exclude(would_refuse="")

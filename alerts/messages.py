@@ -137,7 +137,10 @@ def _amounts(details: dict[str, Any]) -> dict[str, str]:
 
 def _quantity(metric: str, units: float) -> str:
     if metric == "cost_usd":
-        return f"${units / float(NANO):,.2f}"
+        dollars = units / float(NANO)
+        if dollars >= 1 or dollars == 0:
+            return f"${dollars:,.2f}"
+        return "$" + f"{dollars:.6f}".rstrip("0")  # a budget of a tenth of a cent reads so
     return f"{int(units):,} {METRIC_WORDS.get(metric, metric)}"
 
 

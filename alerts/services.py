@@ -31,7 +31,7 @@ from alerts.selectors import (
 )
 from alerts.state import ms_to_datetime
 from alerts.transports import Message
-from quotas.reservations import get_engine
+from quotas.store import get_engine
 from tenants.models import Feature, Tenant
 from tenants.services import Upserted, model_upsert
 
