@@ -1,0 +1,87 @@
+"""The ledger in the admin: read-only, for superusers (it spans every tenant; owners see their
+usage through the rollups on their own pages). The drift report lives on the usage list."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin, messages
+from django.db.models import Model
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+
+from ledger.models import ProviderUsage, Refusal, UsageEvent, UsageRollup
+from ledger.reconcile import budgets_reconcile
+from ledger.selectors import provider_drift
+
+
+class LedgerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Rows are written by the ingest only; nobody edits the record."""
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return bool(getattr(request.user, "is_superuser", False))
+
+    def has_view_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return bool(getattr(request.user, "is_superuser", False))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Model | None = None) -> bool:
+        return False
+
+
+@admin.register(UsageEvent)
+class UsageEventAdmin(LedgerAdmin):
+    list_display = ("rid", "state", "tenant", "feature", "pool", "model", "input_tokens",
+                    "output_tokens", "cost_nusd", "finish_reason", "created_at")  # fmt: skip
+    list_filter = ("state", "tenant", "pool", "model", "finish_reason", "degraded")
+    search_fields = ("rid", "feature")
+    change_list_template = "admin/ledger/usageevent/change_list.html"
+
+    def get_urls(self) -> list[URLPattern]:
+        drift = path("drift/", self.admin_site.admin_view(self.drift_view), name="ledger_drift")
+        return [drift, *super().get_urls()]
+
+    def drift_view(self, request: HttpRequest) -> HttpResponse:
+        if not getattr(request.user, "is_superuser", False):
+            return HttpResponse(status=403)
+        if request.method == "POST":
+            report = budgets_reconcile(repair=True)
+            messages.success(request, f"{report.repaired} budget counters repaired.")
+            return HttpResponseRedirect(reverse("admin:ledger_drift"))
+        pools = ProviderUsage.objects.values_list("pool", flat=True).distinct()
+        context: dict[str, Any] = {
+            **self.admin_site.each_context(request),
+            "title": "Drift: Redis budgets and provider usage against the ledger",
+            "report": budgets_reconcile(),
+            "provider_alerts": [d for pool in pools for d in provider_drift(pool=pool) if d.alert],
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/ledger/drift.html", context)
+
+
+@admin.register(Refusal)
+class RefusalAdmin(LedgerAdmin):
+    list_display = ("rid", "reason", "limit_id", "tenant", "feature", "model", "at_ms")
+    list_filter = ("reason", "tenant")
+
+
+@admin.register(UsageRollup)
+class UsageRollupAdmin(LedgerAdmin):
+    list_display = ("grain", "start", "tenant", "feature", "pool", "model", "requests",
+                    "output_tokens", "cost_nusd", "refused_rate_limited",
+                    "refused_budget_exhausted", "truncated", "upstream_429", "expired")  # fmt: skip
+    list_filter = ("grain", "tenant", "pool")
+    date_hierarchy = "start"
+
+
+@admin.register(ProviderUsage)
+class ProviderUsageAdmin(LedgerAdmin):
+    list_display = ("pool", "day", "model", "requests", "input_tokens", "output_tokens",
+                    "cost_nusd", "source", "imported_at")  # fmt: skip
+    list_filter = ("pool", "source")
