@@ -118,11 +118,12 @@ def test_an_explicit_commit_is_not_repeated_on_the_way_out(
 
 
 def test_messages_are_sent_for_the_server_to_estimate_the_input(client: QuotaClient) -> None:
+    text = {"type": "text", "text": "Hello " * 100}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 9000}}
     messages = [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": [{"type": "text", "text": "Hello " * 100},
-                                     {"type": "image_url", "image_url": {"url": "data:..."}}]},
-    ]  # fmt: skip
+        {"role": "user", "content": [text, image]},
+    ]
 
     with client.reserve(
         "chat", "gpt-4o-mini", messages=messages, max_output_tokens=10

@@ -264,6 +264,13 @@ def test_everything_but_chat_completions_is_the_clients_own(stack: Stack, fake: 
     assert str(client.base_url) == str(raw.base_url)
 
 
+def test_a_client_used_as_a_context_manager_stays_protected(stack: Stack, fake: FakeOpenAI) -> None:
+    with protected(stack, fake) as client:
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=10)
+
+    assert stack.event("committed")["output_tokens"] == "10"
+
+
 def test_a_client_copied_with_options_stays_protected(stack: Stack, fake: FakeOpenAI) -> None:
     client = protected(stack, fake).with_options(timeout=5)
 

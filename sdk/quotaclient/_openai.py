@@ -57,8 +57,8 @@ def prepare(kwargs: Mapping[str, Any], call: Plan, granted: int) -> dict[str, An
     prepared = dict(kwargs)
     prepared[call.max_param] = max(1, granted // call.choices)
     if call.streaming and not caller_wants_usage_chunk(kwargs):
-        prepared["stream_options"] = {**dict(kwargs.get("stream_options") or {}),
-                                      "include_usage": True}  # fmt: skip
+        options = dict(kwargs.get("stream_options") or {})
+        prepared["stream_options"] = {**options, "include_usage": True}
     return prepared
 
 

@@ -42,8 +42,8 @@ def reserve_request(
     idempotency_key: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> ReserveRequest:
-    given = [name for name, v in (("input_tokens", input_tokens), ("messages", messages),
-                                  ("prompt", prompt)) if v is not None]  # fmt: skip
+    inputs = {"input_tokens": input_tokens, "messages": messages, "prompt": prompt}
+    given = [name for name, value in inputs.items() if value is not None]
     if len(given) != 1:
         raise ValueError("Give exactly one of input_tokens, messages or prompt.")
     body: dict[str, Any] = {

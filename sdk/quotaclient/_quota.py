@@ -35,7 +35,9 @@ class Quota:
     ttl_seconds: int = 60
     max_wait: float | None = None
     metadata: Mapping[str, Any] | None = None
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _lock: threading.Lock = field(
+        default_factory=threading.Lock, init=False, repr=False, compare=False
+    )
 
     def sync_client(self) -> QuotaClient:
         with self._lock:

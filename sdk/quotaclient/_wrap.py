@@ -112,6 +112,22 @@ class Overlay:
     def __repr__(self) -> str:
         return f"<quota-protected {self.__dict__['_overlay_target']!r}>"
 
+    # `with OpenAI() as client:` must go on yielding the protected client. Special methods
+    # are looked up on the type, never through __getattr__.
+    def __enter__(self) -> Overlay:
+        self.__dict__["_overlay_target"].__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> Any:
+        return self.__dict__["_overlay_target"].__exit__(*exc_info)
+
+    async def __aenter__(self) -> Overlay:
+        await self.__dict__["_overlay_target"].__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        return await self.__dict__["_overlay_target"].__aexit__(*exc_info)
+
 
 def rewrap(client: Any, quota: Quota, wrap: Callable[[Any, Quota], Any]) -> dict[str, Any]:
     """`with_options(...)` / `copy(...)` of a wrapped client stay protected."""
