@@ -49,7 +49,7 @@ def alerts_run(*, now_ms: int | None = None) -> RunReport:
     now = ms_to_datetime(now_ms)
     alerts_evaluate(now_ms=now_ms)
     notifications = notifications_dispatch(now=now)
-    sent = deliveries_send_pending()
+    sent = deliveries_send_pending(now=now)
     return RunReport(notifications=len(notifications), deliveries=sent)
 
 
@@ -122,9 +122,16 @@ def _notification_claim(
     return notification
 
 
-def deliveries_send_pending() -> int:
-    """Sends every pending delivery of a notification (each claimed, so sent once);
-    also those a crashed worker left behind."""
+def deliveries_send_pending(*, now: datetime) -> int:
+    """Sends every pending delivery of a notification, each claimed so it is sent once.
+
+    A delivery still "sending" long after it was created belonged to a worker that died:
+    it goes back to pending and is sent again. The message may then arrive twice; losing
+    it is worse."""
+    stuck = now - timedelta(seconds=int(alerts_setting("ALERTS_STUCK_DELIVERY_SECONDS")))
+    Delivery.objects.filter(
+        status=Delivery.Status.SENDING, created_at__lt=stuck, notification__isnull=False
+    ).update(status=Delivery.Status.PENDING)
     pending = Delivery.objects.filter(
         status=Delivery.Status.PENDING, notification__isnull=False
     ).select_related("notification")
