@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -25,9 +25,13 @@ class Stack:
     url: str
     world: World
     redis: redis.Redis
+    clients: list[QuotaClient] = field(default_factory=list)
 
     def client(self, **options: Any) -> QuotaClient:
-        return QuotaClient(self.url, self.world.secret, **options)
+        """A client of the world's tenant, closed (its lease keeper stopped) after the test."""
+        client = QuotaClient(self.url, self.world.secret, **options)
+        self.clients.append(client)
+        return client
 
     def async_client(self, **options: Any) -> AsyncQuotaClient:
         return AsyncQuotaClient(self.url, self.world.secret, **options)
@@ -53,4 +57,7 @@ def live_stack(
     body separately; without Nagle's delay a keep-alive request takes 1 ms, not 40."""
     monkeypatch.setattr(WSGIRequestHandler, "disable_nagle_algorithm", True)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    yield Stack(str(live_server.url), world, redis_db)
+    stack = Stack(str(live_server.url), world, redis_db)
+    yield stack
+    for client in stack.clients:
+        client.close()
