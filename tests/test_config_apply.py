@@ -422,7 +422,8 @@ def test_unknown_keys_are_errors(tmp_path: Path) -> None:
     errors = apply_refused(tmp_path, config)
 
     assert errors == [
-        "alert_channel: unknown key (expected one of providers, pools, tenants, limits)",
+        "alert_channel: unknown key "
+        "(expected one of providers, pools, tenants, limits, alert_channels)",
         "tenants[0].timezon: unknown key "
         "(expected one of slug, name, timezone, status, owners, features)",
         "limits[0].scope.feture: unknown key (expected one of tenant, feature, pool, model)",

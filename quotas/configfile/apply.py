@@ -57,6 +57,10 @@ class Applier:
         for entry in document["tenants"]:
             self.tenant(entry)
         apply_limits(self, document["limits"], prune=prune, **self._declared_scopes(document))
+        from quotas.configfile.alerts import apply_alert_channels  # it builds on this module
+
+        tenants = self._declared_scopes(document)["tenants"]
+        apply_alert_channels(self, document["alert_channels"], prune=prune, tenants=tenants)
 
     def _declared_scopes(self, document: Mapping[str, list[Entry]]) -> dict[str, set[str]]:
         """The tenants and pools the file speaks for: `--prune` only touches their limits."""

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from providers.models import LanguageModel, Pool, Provider
+from quotas.configfile.alerts import alert_channels_export
 from quotas.models import DEFAULT_ALERT_AT, Enforcement, Limit, Metric, Window
 from tenants.models import Feature, Tenant
 
@@ -57,6 +58,8 @@ def config_export() -> str:
         "tenants": [_tenant(t) for t in Tenant.objects.prefetch_related("owners")],
         "limits": _limits(),
     }
+    if channels := alert_channels_export():
+        sections["alert_channels"] = [_Flow(channel) for channel in channels]
     return "\n".join(_dump({name: value}) for name, value in sections.items())
 
 

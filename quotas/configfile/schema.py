@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
+from alerts.transports import TRANSPORTS
 from providers.models import Pool
 from quotas.models import Enforcement, Metric, Window
 from tenants.models import Feature, Priority, Tenant
@@ -167,11 +168,21 @@ LIMIT = {
     "enforcement": Key(choice(Enforcement.values)),
     "alert_at": Key(as_is),
 }
+ALERT_CHANNEL = {  # written by quotas.configfile.alerts
+    "tenant": Key(text),
+    "feature": Key(text),
+    "name": Key(text, required=True),
+    "kind": Key(choice(list(TRANSPORTS)), required=True),
+    "to": Key(text_list),
+    "url": Key(text),
+    "secret": Key(text),
+}
 DOCUMENT = {
     "providers": Key(each=PROVIDER),
     "pools": Key(each=POOL),
     "tenants": Key(each=TENANT),
     "limits": Key(each=LIMIT),
+    "alert_channels": Key(each=ALERT_CHANNEL),
 }
 
 
