@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from quotas.plan import Plan
+from quotas.plan import Plan, plans
 
 Row = dict[str, Any]
 
@@ -89,8 +89,19 @@ class Resolver:
     def __post_init__(self) -> None:
         self.tenants = {t.slug: t.id for t in self.plan.tenants.values()}
         self.pools = {p.slug: p for p in self.plan.pools}
+        self.memo: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
 
     def ids(self, tenant: str, feature: str, pool: str, model: str) -> tuple[Any, ...]:
+        key = (tenant, feature, pool, model)
+        known = self.memo.get(key)
+        if known is None:
+            known = self.memo[key] = self._ids(*key)
+        return known
+
+    def _ids(self, tenant: str, feature: str, pool: str, model: str) -> tuple[Any, ...]:
+        if (tenant not in self.tenants or pool not in self.pools) and plans.get() is not self.plan:
+            self.plan = plans.get()  # configured after this resolver was made
+            self.__post_init__()
         tenant_pk = self.tenants.get(tenant)
         info = self.plan.features.get((tenant_pk, feature)) if tenant_pk else None
         pool_info = self.pools.get(pool)

@@ -67,7 +67,6 @@ class UsageEvent(models.Model):
     class Meta:
         indexes = [
             models.Index(fields=["created_ms"], name="ledger_usage_created"),
-            models.Index(fields=["finished_ms"], name="ledger_usage_finished"),
             models.Index(fields=["ingested_ms"], name="ledger_usage_ingested"),
         ]
 

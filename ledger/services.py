@@ -14,14 +14,16 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 
 from ledger.conf import ledger_setting
-from ledger.events import Resolver, batch_from_entries
+from ledger.events import Batch, Resolver, batch_from_entries
 from ledger.models import LedgerState
 from ledger.writer import refusal_rows_write, usage_rows_write
 from quotas.engine.stream import Entry, UsageStream
@@ -41,6 +43,7 @@ class IngestReport:
     reclaimed: int = 0
 
 
+@lru_cache(maxsize=1)
 def usage_stream() -> UsageStream:
     engine = get_engine()
     return UsageStream(engine.client, engine.keys.events, ledger_setting("LEDGER_GROUP"))
@@ -61,28 +64,72 @@ def usage_ingest(
     stream.ensure_group()
     deadline = time.monotonic() + max_seconds
     batches = entries = reclaimed = 0
-    while claimed := stream.claim(
-        consumer, min_idle_ms=ledger_setting("LEDGER_CLAIM_IDLE_MS"), count=size
-    ):
-        entries_batch_write(stream=stream, entries=claimed)
-        batches, reclaimed = batches + 1, reclaimed + len(claimed)
-    while True:
-        wait = int(min(block_ms, (deadline - time.monotonic()) * 1000))
-        read = stream.read(consumer, count=size, block_ms=wait if wait > 0 else None)
-        if read:
-            entries_batch_write(stream=stream, entries=read)
-            batches, entries = batches + 1, entries + len(read)
-        elif time.monotonic() >= deadline:
-            break
+    with BatchWriter(stream) as writer:
+        idle_ms = ledger_setting("LEDGER_CLAIM_IDLE_MS")
+        while claimed := writer.drained() and stream.claim(
+            consumer, min_idle_ms=idle_ms, count=size
+        ):
+            writer.submit(claimed)
+            batches, reclaimed = batches + 1, reclaimed + len(claimed)
+        while True:
+            wait = int(min(block_ms, (deadline - time.monotonic()) * 1000))
+            read = stream.read(consumer, count=size, block_ms=wait if wait > 0 else None)
+            if read:
+                writer.submit(read)
+                batches, entries = batches + 1, entries + len(read)
+            elif time.monotonic() >= deadline:
+                break
     return IngestReport(batches=batches, entries=entries + reclaimed, reclaimed=reclaimed)
 
 
+class BatchWriter:
+    """Writes each batch (and then acknowledges it); on PostgreSQL, in a thread of its own
+    while the next batch is read and parsed, so that the database works on its core while
+    Python reads. Outside an open transaction only: a thread has its own connection."""
+
+    def __init__(self, stream: UsageStream) -> None:
+        self.stream = stream
+        self.resolver = Resolver(plans.get())
+        background = connection.vendor == "postgresql" and not connection.in_atomic_block
+        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self.pending: Future[None] | None = None
+
+    def __enter__(self) -> BatchWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.drained()
+        finally:
+            if self.pool is not None:
+                self.pool.submit(connection.close).result()
+                self.pool.shutdown()
+
+    def submit(self, entries: list[Entry]) -> None:
+        batch = batch_from_entries(entries, self.resolver, int(time.time() * 1000))
+        if self.pool is None:
+            batch_write(stream=self.stream, batch=batch)
+            return
+        self.drained()
+        self.pending = self.pool.submit(batch_write, stream=self.stream, batch=batch)
+
+    def drained(self) -> bool:
+        """Wait for the batch in flight (raising its error); True to read on."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+        return True
+
+
 def entries_batch_write(*, stream: UsageStream, entries: list[Entry]) -> None:
+    batch = batch_from_entries(entries, Resolver(plans.get()), int(time.time() * 1000))
+    batch_write(stream=stream, batch=batch)
+
+
+def batch_write(*, stream: UsageStream, batch: Batch) -> None:
     """One transaction for the batch; the acknowledgement only once it has committed."""
-    now_ms = int(time.time() * 1000)
-    batch = batch_from_entries(entries, Resolver(plans.get()), now_ms)
     with transaction.atomic():
-        ledger_state_lock(count=len(entries), now_ms=now_ms)
+        ledger_state_lock(count=len(batch.ids), now_ms=int(time.time() * 1000))
         usage_rows_write(list(batch.usage.values()))
         refusal_rows_write(list(batch.refusals.values()))
         _fault("before_commit")

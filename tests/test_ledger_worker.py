@@ -183,7 +183,9 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
     assert doomed.wait(timeout=30) == 75
 
     stream = usage_stream()
-    assert stream.pending() == 4  # read by the dead worker, never acknowledged
+    # read by the dead worker, never acknowledged: its batch, and on PostgreSQL maybe the
+    # next one, read while the first was being written
+    assert stream.pending() in (4, 8)
     workers.database.sync()
     assert UsageEvent.objects.exists() is (point == "after_commit")
 
