@@ -102,7 +102,8 @@ class BatchWriter:
             self.drained()
         finally:
             if self.pool is not None:
-                self.pool.submit(connection.close).result()
+                # the writer thread's own connection (looked up in that thread)
+                self.pool.submit(lambda: connection.close()).result()
                 self.pool.shutdown()
 
     def submit(self, entries: list[Entry]) -> None:
