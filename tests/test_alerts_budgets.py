@@ -10,11 +10,16 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import redis
+from django.conf import settings
 from django.core import mail
 
+import alerts.budgets
+import alerts.services
 from alerts.models import Alert, AlertRule, Delivery, Notification
 from alerts.services import alerts_run
 from ledger.models import Grain, UsageRollup
+from quotas.engine import Engine
 from quotas.models import Limit
 from quotas.store import get_engine
 from tests.conftest import World
@@ -283,3 +288,29 @@ def test_every_delivery_is_recorded(world: World, daily: Limit, reserve: Any, cl
     assert (delivery.kind, delivery.status, delivery.purpose) == ("email", "sent", "alert")
     assert delivery.notification == Notification.objects.get()
     assert delivery.duration_ms is not None and delivery.tenant == world.tenant
+
+
+def test_with_the_store_down_budget_alerts_stay_and_the_ledgers_rules_still_run(
+    world: World, daily: Limit, reserve: Any, clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock(at(9))
+    use(reserve, 8_000)
+    alerts_run(now_ms=at(9))
+    dead = Engine(
+        redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2),
+        hash_tag=settings.QUOTA_HASH_TAG,
+    )
+    monkeypatch.setattr(alerts.budgets, "get_engine", lambda: dead)
+    monkeypatch.setattr(alerts.services, "get_engine", lambda: dead)
+    UsageRollup.objects.create(
+        grain=Grain.MINUTE,
+        start=datetime.fromtimestamp(at(9, 25) / 1000, UTC),
+        tenant="acme",
+        feature="chat",
+        requests=100,
+        upstream_429=30,
+    )
+    alerts_run(now_ms=at(9, 30))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8)]  # nothing resolved blindly
+    assert firing(kind="upstream_429") == [("upstream_429", 0.3)]
+    assert mail.outbox[-1].subject == "[LLM quota] acme/chat: Provider answered 429 to 30% of calls"
