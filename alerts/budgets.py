@@ -78,9 +78,10 @@ def thresholds_evaluate(*, readings: list[Reading], rules: RuleBook, now: dateti
             details = {**alert.details, **(reading.details() if reading else {})}
             alert_resolve(alert_id=alert.id, now=now, reason=reason, details=details)
     for reading in readings:
+        runs_out_ms = _runs_out_at(reading, rules)
         for level in _levels(reading, rules):
             if reading.fraction >= level:
-                alert_fire(firing=_threshold_firing(reading, level), now=now)
+                alert_fire(firing=_threshold_firing(reading, level, runs_out_ms), now=now)
 
 
 def _levels(reading: Reading, rules: RuleBook) -> list[float]:
@@ -105,8 +106,11 @@ def _threshold_gone(
     return ""
 
 
-def _threshold_firing(reading: Reading, level: float) -> Firing:
+def _threshold_firing(reading: Reading, level: float, runs_out_ms: int | None) -> Firing:
     limit = reading.limit
+    details = reading.details()
+    if runs_out_ms is not None:
+        details["runs_out_ms"] = runs_out_ms  # the owner reads the forecast with the threshold
     return Firing(
         key=f"threshold:limit:{limit.id}@{level}:{reading.period_start_ms}",
         kind=RuleKind.THRESHOLD,
@@ -117,7 +121,7 @@ def _threshold_firing(reading: Reading, level: float) -> Firing:
         limit_id=limit.id,
         period_start=ms_to_datetime(reading.period_start_ms),
         period_end=ms_to_datetime(reading.period_end_ms),
-        details=reading.details(),
+        details=details,
     )
 
 

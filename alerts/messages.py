@@ -25,13 +25,14 @@ def notification_message(
     *, notification: Notification, fired: list[Alert], resolved: list[Alert]
 ) -> Message:
     items = [_item(a, "fired") for a in fired] + [_item(a, "resolved") for a in resolved]
+    shown = _collapsed(items)
     context = {
         "notification": notification,
         "tenant": notification.tenant,
         "feature": notification.feature,
-        "items": items,
-        "fired_count": len(fired),
-        "resolved_count": len(resolved),
+        "items": shown,
+        "fired_count": sum(1 for i in shown if i["transition"] == "fired"),
+        "resolved_count": sum(1 for i in shown if i["transition"] == "resolved"),
         "test": False,
         "site_url": settings.SITE_URL,
         "alerts_link": _link(reverse("admin:alerts_alert_changelist")),
@@ -92,6 +93,31 @@ def _line(text: str) -> str:
 
 def _link(path: str) -> str:
     return settings.SITE_URL.rstrip("/") + path
+
+
+def _collapsed(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What a person reads: one line per limit and transition (the highest threshold crossed
+    names the others; a forecast fired with a threshold is said in the threshold's line).
+    Webhooks still get every alert."""
+    thresholds: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+    for item in items:
+        if item["kind"] == "threshold":
+            thresholds.setdefault((item["alert"].limit_id, item["transition"]), []).append(item)
+    shown = []
+    for item in items:
+        alert, transition = item["alert"], item["transition"]
+        group = thresholds.get((alert.limit_id, transition), [])
+        if item["kind"] == "forecast" and transition == "fired" and group:
+            continue
+        if item["kind"] == "threshold":
+            top = max(group, key=lambda i: i["alert"].level)
+            if item is not top:
+                continue
+            levels = sorted(i["level_percent"] for i in group)
+            item = {**item, "levels": [f"{level}%" for level in levels]}
+            item["title"] = _line(render_to_string("alerts/item_title.txt", item))
+        shown.append(item)
+    return shown
 
 
 def _item(alert: Alert, transition: str) -> dict[str, Any]:

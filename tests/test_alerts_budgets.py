@@ -78,7 +78,10 @@ def test_crossing_50_and_80_percent_fires_both_in_one_message_to_the_owner(
     assert firing(limit=daily) == [("threshold", 0.5), ("threshold", 0.8)]
     [sent] = mail.outbox
     assert sent.to == [world.chat.owner.email]
-    assert sent.subject == "[LLM quota] acme/chat: 2 alerts"
+    # one line per limit: the highest threshold crossed names the other
+    assert sent.subject == (
+        "[LLM quota] acme/chat: 80% of the budget used: acme / chat: 10,000 tokens per day"
+    )
     assert "80% of the budget used: acme / chat: 10,000 tokens per day" in sent.body
     assert "8,000 tokens of 10,000 tokens used (80%), 2,000 tokens left" in sent.body
     assert f"{YEAR}-03-11 00:00 Europe/Berlin" in sent.body  # the reset, in the tenant's zone
@@ -124,8 +127,10 @@ def test_a_new_period_resolves_what_fired_in_the_last(
     resolved = Alert.objects.filter(state="resolved")
     assert {a.resolve_reason for a in resolved} == {"a new period began"}
     _, resolved_message = sorted(mail.outbox, key=lambda m: "resolved" in m.subject)
-    assert resolved_message.subject == "[LLM quota] acme/chat: 2 resolved"
-    assert "Back under 80%" in resolved_message.body
+    assert resolved_message.subject == (
+        "[LLM quota] acme/chat: Back under 50% and 80%: acme / chat: 10,000 tokens per day"
+    )
+    assert "Resolved: a new period began." in resolved_message.body
     alerts_run(now_ms=clock(at(0, 6, day=11)))
     assert len(mail.outbox) == 2  # resolved once
 

@@ -66,9 +66,10 @@ def test_a_storm_for_one_feature_is_one_message_per_window(
     alerts_run(now_ms=at(9, 10))
     assert [m.subject for m in mail.outbox] == [
         "[LLM quota] acme/chat: 50% of the budget used: acme / chat: 10,000 tokens per day",
-        "[LLM quota] acme/chat: 2 alerts",
+        "[LLM quota] acme/chat: 100% of the budget used: acme / chat: 10,000 tokens per day",
     ]
-    assert Notification.objects.count() == 2
+    _, second = Notification.objects.order_by("created_at")
+    assert [a.level for a in second.fired.order_by("level")] == [0.8, 1.0]
 
 
 def test_storms_of_different_features_do_not_wait_for_each_other(
