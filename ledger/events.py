@@ -161,7 +161,23 @@ def usage_row(fields: dict[str, str], resolver: Resolver, now_ms: int) -> Row | 
     return row
 
 
+HELD_OUTCOME: Row = {
+    "state": "held",
+    "input_tokens": None,
+    "cached_input_tokens": None,
+    "output_tokens": None,
+    "cost_nusd": None,
+    "finish_reason": "",
+    "upstream_status": None,
+    "latency_ms": None,
+    "lease_expired": False,
+    "finished_ms": None,
+}
+
+
 def _outcome(state: str, fields: dict[str, str]) -> Row:
+    if state == "held":  # half of all events: nothing to read
+        return HELD_OUTCOME
     settled = state in ("committed", "released")
     return {
         "state": state,
