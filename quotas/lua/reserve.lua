@@ -91,7 +91,7 @@ local function fit(option)
           worst = r
         end
       elseif check.b > 0 then
-        local fits = math.floor((check.headroom - check.a) / check.b)
+        local fits = math.min(req.out, math.floor((check.headroom - check.a) / check.b))
         -- the charge rounds up (a + ceil(b * out)); step back where rounding would overshoot
         while fits > req.min_out and amount_for(check, fits) > check.headroom do
           fits = fits - 1
