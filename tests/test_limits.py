@@ -476,3 +476,12 @@ def test_the_first_pool_in_order_that_admits_is_used_and_named(world: World, res
     assert reserve().json()["pool"] == world.pool.slug
     assert reserve().json()["pool"] == "spare"
     assert reserve().status_code == 429
+
+
+def test_a_partial_grant_under_a_huge_cost_budget_is_decided_at_once(
+    world: World, reserve: Any
+) -> None:
+    world.limit(tenant=world.tenant, metric="cost_usd", window="month", amount="1000000000000")
+    granted = reserve(input_tokens=1000, max_output_tokens=4000, min_output_tokens=1)
+    assert granted.status_code == 201
+    assert granted.json()["granted"] == {"output_tokens": 4000, "partial": False}
