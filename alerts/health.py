@@ -20,6 +20,7 @@ from alerts.models import RuleKind
 from alerts.rules import BASELINE_DAYS, TRUNCATION_FLOOR, RuleBook, RuleSettings
 from alerts.selectors import firing_alerts
 from alerts.state import Firing, alert_fire, alert_resolve
+from quotas.models import Limit
 from tenants.models import Feature
 
 
@@ -98,7 +99,9 @@ def _would_refuse(ctx: Context) -> dict[str, Any] | None:
         since_ms=int(ctx.since.timestamp() * 1000),
         until_ms=int(ctx.until.timestamp() * 1000),
     )
-    return {"would_refuse": ctx.counts.would_refuse, "limits": limits}
+    names = {limit.pk: str(limit) for limit in Limit.objects.filter(pk__in=limits)}
+    by_name = {names.get(pk, f"limit {pk} (deleted)"): n for pk, n in sorted(limits.items())}
+    return {"would_refuse": ctx.counts.would_refuse, "limits": by_name}
 
 
 CHECKS: dict[str, Check] = {

@@ -126,8 +126,9 @@ def test_soft_or_shadow_limits_that_would_refuse(world: World) -> None:
         )
     run()
     [alert] = Alert.objects.filter(kind="would_refuse")
-    assert alert.details["limits"] == {str(shadow.pk): 2}
+    assert alert.details["limits"] == {"acme / chat: 100 tokens per day, shadow (not enforced)": 2}
     assert "would have refused 2 reservations" in mail.outbox[0].subject
+    assert "acme / chat: 100 tokens per day, shadow (not enforced) (2)." in mail.outbox[0].body
 
 
 def test_no_would_refuse_no_alert(world: World) -> None:
