@@ -135,6 +135,16 @@ def ledger_budget_amounts(periods: list[BudgetPeriod]) -> dict[str, int]:
     return amounts
 
 
+def _rows_by_rid(rids: list[str], chunk: int = 5000) -> dict[str, Row]:
+    """Stored rows of some reservations, in chunks (a backlog can be long; SQLite caps the
+    number of parameters of one query)."""
+    rows: dict[str, Row] = {}
+    for i in range(0, len(rids), chunk):
+        part = UsageEvent.objects.filter(rid__in=rids[i : i + chunk]).values(*USAGE_COLUMNS)
+        rows.update((row["rid"], row) for row in part)
+    return rows
+
+
 def _scope(row: Row) -> Scope:
     return (row["tenant_pk"], row["feature_pk"], row["pool_pk"], row["model_pk"])
 
@@ -142,10 +152,7 @@ def _scope(row: Row) -> Scope:
 def overlay_amounts(periods: list[BudgetPeriod], pending: dict[str, Row]) -> dict[str, int]:
     """What events not yet acknowledged by the ledger change in each period: each moves its
     reservation from the row the ledger has (if any) to the merged row."""
-    stored = {
-        row["rid"]: row
-        for row in UsageEvent.objects.filter(rid__in=list(pending)).values(*USAGE_COLUMNS)
-    }
+    stored = _rows_by_rid(list(pending))
     delta: dict[str, int] = defaultdict(int)
     for rid, event_row in pending.items():
         before = stored.get(rid)
@@ -174,9 +181,7 @@ def rows_held(pending: Iterable[Row]) -> list[Row]:
         for row in UsageEvent.objects.filter(state="held", degraded=False).values(*USAGE_COLUMNS)
     }
     missing = [rid for rid in pending_by_rid if rid not in held]
-    stored = {
-        r["rid"]: r for r in UsageEvent.objects.filter(rid__in=missing).values(*USAGE_COLUMNS)
-    }
+    stored = _rows_by_rid(missing)
     stored.update(held)
     for rid, event_row in pending_by_rid.items():
         before = stored.get(rid)
