@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django_ratelimit.core import is_ratelimited
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication
 from rest_framework.request import Request
 
@@ -70,3 +71,17 @@ class ApiKeyAuthentication(BaseAuthentication):
         raise QuotaError(
             "unauthenticated", message, headers={"WWW-Authenticate": 'Bearer realm="api"'}
         )
+
+
+class ApiKeyScheme(OpenApiAuthenticationExtension):
+    """How the OpenAPI schema describes the API keys."""
+
+    target_class = ApiKeyAuthentication
+    name = "apiKey"
+
+    def get_security_definition(self, auto_schema: Any) -> dict[str, str]:
+        return {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "An API key of the tenant: `Authorization: Bearer qk_...`.",
+        }
