@@ -104,7 +104,7 @@ class Usage:
             "output_tokens": self.output_tokens,
             "cached_input_tokens": min(self.cached_input_tokens, self.input_tokens),
         }
-        # Sent only when known: the server refuses a blank one (while defaulting to blank).
+        # Sent only when known: older servers refused a blank one (while defaulting to it).
         if self.finish_reason:
             body["finish_reason"] = self.finish_reason
         if self.upstream_status is not None:
