@@ -24,4 +24,5 @@ app.conf.beat_schedule = {
     "ledger-rollups": {"task": "ledger.tasks.ledger_rollups", "schedule": 30.0},
     "ledger-budget-drift": {"task": "ledger.tasks.ledger_budget_drift", "schedule": 600.0},
     "ledger-prune": {"task": "ledger.tasks.ledger_prune_old", "schedule": 3600.0},
+    "evaluate-alerts": {"task": "alerts.tasks.evaluate_alerts", "schedule": 60.0},
 }
