@@ -261,6 +261,7 @@ def test_past_80_percent_of_a_daily_budget_the_owner_gets_one_email_and_one_slac
     assert request.path == "/acme-slack"
     slack_text = str(request.get_json()["blocks"])
     assert "80% of the budget used" in slack_text and "8,500 tokens of 10,000" in slack_text
+    assert "/admin/quotas/limit/" in slack_text  # the button to the limit's admin page
     assert sorted(Delivery.objects.values_list("kind", "status")) == [
         ("email", "sent"),
         ("slack", "sent"),

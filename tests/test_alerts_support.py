@@ -37,6 +37,15 @@ class Received:
 @dataclass
 class Inbox:
     received: list[Received] = field(default_factory=list)
+    unknown: set[str] = field(default_factory=set)  # addresses answered "550 no such user"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        if address in self.unknown:
+            return "550 5.1.1 No such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         parsed = email.message_from_bytes(envelope.original_content or envelope.content)

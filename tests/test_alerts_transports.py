@@ -55,6 +55,19 @@ def test_an_email_channel_without_addresses_writes_to_the_owner(
     assert [m.recipients for m in smtp_inbox.received] == [[world.chat.owner.email]]
 
 
+def test_an_address_the_mail_server_does_not_know_disables_the_channel(
+    world: World, smtp_inbox: Inbox
+) -> None:
+    smtp_inbox.unknown.add("left@acme.example")
+    gone = channel(world, "email", "left@acme.example", feature=world.chat)
+    delivery = channel_test(channel_id=gone.pk)
+    assert (delivery.status, delivery.permanent) == ("failed", True)
+    assert "550" in delivery.error
+    gone.refresh_from_db()
+    assert not gone.enabled
+    assert [m.recipients for m in smtp_inbox.received] == [[world.chat.owner.email]]
+
+
 def test_slack_gets_a_block_kit_message(world: World, httpserver: HTTPServer) -> None:
     httpserver.expect_request("/services/T0/B0/x", method="POST").respond_with_data("ok")
     slack = channel(world, "slack", httpserver.url_for("/services/T0/B0/x"))
