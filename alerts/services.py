@@ -106,6 +106,8 @@ def _window_start(now: datetime, window: timedelta) -> datetime:
 def _notification_claim(
     group: str, alerts: list[Alert], *, window_start: datetime, now: datetime
 ) -> Notification | None:
+    """The group's message for this window with the alerts it claimed, or None when the
+    group had its message in this window or another worker claimed every alert."""
     first = alerts[0]
     try:
         with transaction.atomic():
@@ -117,19 +119,33 @@ def _notification_claim(
                 created_at=now,
             )
     except IntegrityError:
-        return None  # this group had its message in this window (or another worker has it)
-    ids = [a.pk for a in alerts]
+        return None
+    fired, resolved = _alerts_claim(notification, [a.pk for a in alerts])
+    if not fired and not resolved:
+        transaction.set_rollback(True)
+        return None
+    _notification_compose(notification, fired, resolved, now=now)
+    return notification
+
+
+def _alerts_claim(notification: Notification, ids: list[int]) -> tuple[list[Alert], list[Alert]]:
+    """Conditional updates: an alert another worker announced meanwhile is not taken."""
     pending = Alert.objects.filter(pk__in=ids)
     pending.filter(fired_in__isnull=True).update(fired_in=notification)
     pending.filter(state=Alert.State.RESOLVED, resolved_in__isnull=True).update(
         resolved_in=notification
     )
     related = ("tenant", "feature__tenant", "feature__owner", "limit")
-    fired = list(notification.fired.select_related(*related).order_by("fired_at", "id"))
-    resolved = list(notification.resolved.select_related(*related).order_by("fired_at", "id"))
-    if not fired and not resolved:
-        transaction.set_rollback(True)  # another worker announced them all meanwhile
-        return None
+    fired = notification.fired.select_related(*related).order_by("fired_at", "id")
+    resolved = notification.resolved.select_related(*related).order_by("fired_at", "id")
+    return list(fired), list(resolved)
+
+
+def _notification_compose(
+    notification: Notification, fired: list[Alert], resolved: list[Alert], *, now: datetime
+) -> None:
+    """Renders the message once (kept, so a delivery can be sent again) and queues one
+    delivery per route."""
     message = notification_message(notification=notification, fired=fired, resolved=resolved)
     notification.subject = message.subject[:300]
     notification.message = asdict(message)
@@ -138,7 +154,6 @@ def _notification_claim(
         delivery_create(
             route=route, tenant=notification.tenant, now=now, notification_id=notification.pk
         )
-    return notification
 
 
 def deliveries_send_pending(*, now: datetime) -> int:
