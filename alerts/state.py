@@ -70,6 +70,3 @@ def alert_resolve(
     updated = Alert.objects.filter(pk=alert_id, state=Alert.State.FIRING).update(**values)
     return updated == 1
 
-
-def firing_alerts(kind: str) -> list[Alert]:
-    return list(Alert.objects.filter(kind=kind, state=Alert.State.FIRING))
