@@ -47,13 +47,13 @@ def provider_drift_floor(metric: str) -> int:
     return int(ledger_setting("LEDGER_PROVIDER_DRIFT_MIN_TOKENS"))
 
 
-def provider_drift_alerts(drift: ProviderDrift) -> bool:
+def provider_drift_alerts(*, metric: str, ledger: int, provider: int) -> bool:
     """The alert rule: the difference is above the ratio of the larger figure, and above the
     metric's floor."""
     ratio = float(ledger_setting("LEDGER_PROVIDER_DRIFT_RATIO"))
-    difference = abs(drift.difference)
-    return difference > ratio * max(abs(drift.ledger), abs(drift.provider)) and (
-        difference >= provider_drift_floor(drift.metric)
+    difference = abs(provider - ledger)
+    return difference > ratio * max(abs(ledger), abs(provider)) and (
+        difference >= provider_drift_floor(metric)
     )
 
 
@@ -114,16 +114,6 @@ def provider_drift(
                 theirs = getattr(reported, metric) if reported else 0
                 if theirs is None:
                     continue  # not in the export (Anthropic reports no request counts)
-                row = ProviderDrift(pool, day, model, metric, ours[metric], theirs, False)
-                rows.append(
-                    ProviderDrift(
-                        pool,
-                        day,
-                        model,
-                        metric,
-                        row.ledger,
-                        row.provider,
-                        provider_drift_alerts(row),
-                    )
-                )
+                alert = provider_drift_alerts(metric=metric, ledger=ours[metric], provider=theirs)
+                rows.append(ProviderDrift(pool, day, model, metric, ours[metric], theirs, alert))
     return rows
