@@ -69,4 +69,3 @@ def alert_resolve(
         values["details"] = details
     updated = Alert.objects.filter(pk=alert_id, state=Alert.State.FIRING).update(**values)
     return updated == 1
-
