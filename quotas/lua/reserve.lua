@@ -162,6 +162,7 @@ local function grant(option, out)
   redis.call('ZADD', index_key, expires, req.id)
   local ev = event_base(lease, 'reserved', now)
   ev.granted_output_tokens = out
+  ev.expires_ms = expires
   emit(stream, req.maxlen, ev)
   return reply
 end
