@@ -1,0 +1,8 @@
+"""The noisy-neighbour simulator: DESIGN.md section 1 replayed on the real stack.
+
+A fake provider (`provider.py`) with its own per-minute token and request buckets, an
+interactive chat feature and a flooding batch feature (`traffic.py`) calling it through the
+real `openai` package wrapped by the SDK, once against a pool without limits and once against
+the same pool with the provider's limits and protected headroom (`run.py`), then a table and a
+chart (`report.py`, `chart.py`). `manage.py quota simulate` (`command.py`) runs it.
+"""

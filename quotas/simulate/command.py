@@ -1,0 +1,137 @@
+"""`manage.py quota simulate`: listed in the SUBCOMMANDS of quotas/management/commands/quota.py."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import CommandError, CommandParser
+from django.core.servers.basehttp import (
+    ThreadedWSGIServer,
+    WSGIRequestHandler,
+    get_internal_wsgi_application,
+)
+
+from quotas.store import get_redis
+
+if TYPE_CHECKING:
+    from django.core.management.base import BaseCommand
+
+    Subparsers = argparse._SubParsersAction[CommandParser]
+else:
+    Subparsers = Any
+
+DESCRIPTION = """\
+Replay the starvation story (DESIGN.md section 1) on the real stack: a fake provider with its
+own TPM and RPM buckets, an interactive chat feature and a flooding batch feature sharing one
+pool, both calling through the SDK's wrap_openai. The same traffic runs twice, without the
+platform's limits and with them; a table per feature is printed and a chart written.
+
+It writes a tenant "noisy-sim" with new pools and keys to the database and usage events to
+Redis: run it against a database and a Redis database of its own, e.g.
+  REDIS_URL=redis://127.0.0.1:6379/3 DATABASE_URL=sqlite:///var/simulate.sqlite3 \\
+    python manage.py quota simulate
+"""
+
+
+def add_simulate(subparsers: Subparsers) -> None:
+    from quotas.simulate.traffic import Scenario
+
+    default = Scenario()
+    parser = subparsers.add_parser(
+        "simulate",
+        help="replay the noisy-neighbour story without and with the platform",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--seconds", type=float, default=default.seconds, help="per run")
+    parser.add_argument("--tpm", type=int, default=default.tpm, help="the provider's TPM")
+    parser.add_argument("--rpm", type=int, default=default.rpm, help="the provider's RPM")
+    parser.add_argument("--batch-workers", type=int, default=default.batch_workers)
+    parser.add_argument("--chat-rate", type=float, default=default.chat_rate, help="per second")
+    parser.add_argument("--seed", type=int, default=default.seed)
+    parser.add_argument("--chart", default="var/simulation.png", help="where to write the PNG")
+    parser.add_argument("--markdown", help="also write the table as Markdown to this file")
+    parser.add_argument(
+        "--allow-redis-db0",
+        action="store_true",
+        help="run even though REDIS_URL is database 0 (normally the real data)",
+    )
+    parser.set_defaults(handler=run_simulate)
+
+
+def run_simulate(command: BaseCommand, options: dict[str, Any]) -> None:
+    from quotas.simulate.chart import chart
+    from quotas.simulate.report import markdown, provider_429s, summaries, table
+    from quotas.simulate.run import simulate
+    from quotas.simulate.traffic import Scenario
+
+    _refuse_shared_redis(options["allow_redis_db0"])
+    call_command("migrate", verbosity=0, interactive=False)  # a fresh throwaway database
+    scenario = Scenario(
+        seconds=options["seconds"],
+        tpm=options["tpm"],
+        rpm=options["rpm"],
+        batch_workers=options["batch_workers"],
+        chat_rate=options["chat_rate"],
+        seed=options["seed"],
+    )
+    command.stdout.write(f"two runs of {scenario.seconds:g} s each ...")
+    with api_server() as url:
+        runs = simulate(url, scenario)
+    rows = summaries(runs)
+    command.stdout.write(table(rows))
+    for run in runs:
+        command.stdout.write(f"provider 429s {run.name}: {provider_429s(run)}")
+    command.stdout.write(f"chart: {chart(runs, Path(options['chart']))}")
+    if options["markdown"]:
+        Path(options["markdown"]).write_text(markdown(rows) + "\n", encoding="utf-8")
+        command.stdout.write(f"table: {options['markdown']}")
+
+
+def _refuse_shared_redis(allowed: bool) -> None:
+    index = get_redis().connection_pool.connection_kwargs.get("db", 0)
+    if index == 0 and not allowed:
+        raise CommandError(
+            f"REDIS_URL ({settings.REDIS_URL}) is database 0: give the simulation a Redis "
+            "database of its own (e.g. redis://127.0.0.1:6379/3), or pass --allow-redis-db0."
+        )
+
+
+def quiet_logs() -> None:
+    """A line per call or per refusal would bury the table: the refusals are the point."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("django.request").setLevel(logging.ERROR)
+
+
+class QuietHandler(WSGIRequestHandler):
+    # Without Nagle's delay a keep-alive request takes 1 ms, not 40 (headers and body are
+    # written separately).
+    disable_nagle_algorithm = True
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the simulator's refusals are expected; thousands of lines would hide the table
+
+
+@contextmanager
+def api_server() -> Iterator[str]:
+    """The real API (this project's WSGI app) on a free local port, in threads."""
+    server = ThreadedWSGIServer(("127.0.0.1", 0), QuietHandler, allow_reuse_address=False)
+    server.set_app(get_internal_wsgi_application())
+    quiet_logs()  # after the app: building it sets logging up again
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        host, port = server.server_address[:2]
+        yield f"http://{host!s}:{port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

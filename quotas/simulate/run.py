@@ -1,0 +1,126 @@
+"""Runs the same traffic twice against the real quota server: without the platform's limits
+and with them, each time against a fresh provider account and a fresh pool.
+
+"Without" is a pool with no limits: callers still go through the SDK (so both runs pay the
+same overhead) but every reservation is admitted, as if the callers went straight to the
+provider. "With" is the same pool limited to the provider's own TPM and RPM, with the last
+`protect` share of it kept for interactive traffic.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+from quotaclient import Quota, QuotaClient, wrap_openai
+
+from providers.models import LanguageModel
+from quotas.configfile import config_apply
+from quotas.keys import api_key_create
+from quotas.plan import plans
+from quotas.simulate.provider import Account, Entry, FakeProvider
+from quotas.simulate.traffic import BATCH, CHAT, Call, Clock, Driver, Scenario, drive
+from tenants.models import Tenant
+
+TENANT = "noisy-sim"
+PROVIDER = "sim-provider"
+MODEL = "sim-model"
+OWNER = "owner@noisy-sim.example"
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one run recorded: every logical call, and every answer of the provider."""
+
+    name: str
+    limited: bool
+    scenario: Scenario
+    calls: list[Call]
+    provider_log: list[Entry]
+    seconds: float
+
+
+def config_document(pool: str, scenario: Scenario, limited: bool) -> dict[str, Any]:
+    """The run's configuration as config-as-code (what `quota apply` would read)."""
+    limits = [
+        {"scope": {"pool": pool}, "metric": "tokens", "window": "minute", "amount": scenario.tpm},
+        {"scope": {"pool": pool}, "metric": "requests", "window": "minute", "amount": scenario.rpm},
+    ]
+    features = [
+        {"slug": CHAT, "owner": OWNER, "priority": "interactive"},
+        {"slug": BATCH, "owner": OWNER, "priority": "batch"},
+    ]
+    return {
+        "providers": [
+            {
+                "slug": PROVIDER,
+                "models": [{"name": MODEL, "input_per_mtok": 0.15, "output_per_mtok": 0.60}],
+            }
+        ],
+        "pools": [
+            {
+                "slug": pool,
+                "provider": PROVIDER,
+                "models": [MODEL],
+                **({"protect": {"interactive": scenario.protect}} if limited else {}),
+            }
+        ],
+        "tenants": [{"slug": TENANT, "owners": [OWNER], "features": features}],
+        "limits": limits if limited else [],
+    }
+
+
+def configure(scenario: Scenario, limited: bool) -> tuple[str, str]:
+    """A new pool (so its buckets start full and no earlier run's state is reused) and a new
+    API key; returns (pool slug, key)."""
+    pool = f"sim-{'limited' if limited else 'open'}-{time.time_ns() // 1_000_000}"
+    config_apply(config_document(pool, scenario, limited))
+    tenant = Tenant.objects.get(slug=TENANT)
+    secret = api_key_create(tenant=tenant, name=f"simulator {pool}").secret
+    # The API server runs in this process: drop its plan now rather than wait for its
+    # periodic recheck, which is how a new key becomes known before any reservation.
+    plans.clear()
+    return pool, secret
+
+
+def chars_per_token() -> float:
+    return float(LanguageModel.objects.get(provider__slug=PROVIDER, name=MODEL).chars_per_token)
+
+
+def wrapped_clients(
+    quota: QuotaClient, provider_url: str, pool: str, scenario: Scenario
+) -> dict[str, Any]:
+    """One wrapped OpenAI client per feature; retries are the simulator's, not openai's,
+    so that every upstream 429 is seen and counted."""
+    upstream = openai.OpenAI(base_url=provider_url, api_key="sim", max_retries=0, timeout=30)
+    return {
+        CHAT: wrap_openai(upstream, Quota(CHAT, client=quota, pool=pool)),
+        BATCH: wrap_openai(
+            upstream,
+            Quota(BATCH, client=quota, pool=pool, min_output_tokens=scenario.batch_min_tokens),
+        ),
+    }
+
+
+def run_once(quota_url: str, scenario: Scenario, limited: bool) -> Run:
+    pool, secret = configure(scenario, limited)
+    per_token = chars_per_token()
+    account = Account(scenario.tpm, scenario.rpm, per_token)
+    quota = QuotaClient(quota_url, secret)
+    try:
+        with FakeProvider(account) as provider:
+            clock = Clock()
+            clients = wrapped_clients(quota, provider.url, pool, scenario)
+            calls = drive(Driver(clients, scenario, per_token, clock), scenario)
+            seconds = clock.now()
+    finally:
+        quota.close()
+    name = "with the platform" if limited else "without the platform"
+    return Run(name, limited, scenario, calls, account.entries(), seconds)
+
+
+def simulate(quota_url: str, scenario: Scenario) -> list[Run]:
+    """Both runs, the same traffic (seeded), one after the other."""
+    return [run_once(quota_url, scenario, limited) for limited in (False, True)]
