@@ -33,6 +33,8 @@ def _tokens(ax: Axes, run: Run) -> None:
         ax.plot(per_second(served, run.seconds), label=feature, color=COLOURS[feature])
     ax.axhline(run.scenario.tpm / 60, color="grey", linestyle="--", label="provider TPM / 60")
     ax.axvspan(0, run.scenario.warmup, color="grey", alpha=0.15, label="warm-up (not measured)")
+    # the warm-up's burst (the full bucket) would flatten the steady state: clip it
+    ax.set_ylim(0, run.scenario.tpm / 60 * 2.5)
     ax.set_title(f"{run.name}: tokens served per second")
     ax.set_xlabel("seconds")
     ax.set_ylabel("tokens / s")

@@ -107,7 +107,8 @@ def _refuse_shared_redis(allowed: bool) -> None:
 
 def quiet_logs() -> None:
     """A line per call or per refusal would bury the table: the refusals are the point."""
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for client in ("httpx", "httpx2"):  # openai sends through httpx2
+        logging.getLogger(client).setLevel(logging.WARNING)
     logging.getLogger("django.request").setLevel(logging.ERROR)
 
 

@@ -70,8 +70,10 @@ class Entry:
 class Account:
     """The provider account's limits and its log; thread-safe."""
 
-    def __init__(self, tpm: int, rpm: int, chars_per_token: float) -> None:
-        self.tokens = Bucket(tpm)
+    def __init__(
+        self, tpm: int, rpm: int, chars_per_token: float, tokens_left: float | None = None
+    ) -> None:
+        self.tokens = Bucket(tpm, tpm if tokens_left is None else tokens_left)
         self.requests = Bucket(rpm)
         self.chars_per_token = chars_per_token
         self.started = time.monotonic()

@@ -20,7 +20,7 @@ from providers.models import LanguageModel
 from quotas.configfile import config_apply
 from quotas.keys import api_key_create
 from quotas.plan import plans
-from quotas.simulate.provider import Account, Entry, FakeProvider
+from quotas.simulate.provider import Account, Entry, FakeProvider, Latency
 from quotas.simulate.traffic import BATCH, CHAT, Call, Clock, Driver, Scenario, drive
 from tenants.models import Tenant
 
@@ -104,13 +104,33 @@ def wrapped_clients(
     }
 
 
+def backlog_tokens(scenario: Scenario) -> int:
+    """What the report job already took when the run starts: all but the protected share.
+
+    A per-minute bucket starts full, and a full minute's burst would dominate a run shorter
+    than a minute; so the run starts where the flood would have taken the pool anyway, on
+    the provider's account and on the platform's pool alike."""
+    return int(scenario.tpm * (1 - scenario.protect))
+
+
+def take_backlog(quota: QuotaClient, pool: str, scenario: Scenario) -> None:
+    """The report job's earlier calls, through the API (as the batch feature may: down to
+    the protected share)."""
+    tokens = backlog_tokens(scenario)
+    held = quota.reserve(BATCH, MODEL, input_tokens=tokens - 1, max_output_tokens=1, pool=pool)
+    held.commit(tokens - 1, 1, finish_reason="stop", upstream_status=200)
+
+
 def run_once(quota_url: str, scenario: Scenario, limited: bool) -> Run:
     pool, secret = configure(scenario, limited)
     per_token = chars_per_token()
-    account = Account(scenario.tpm, scenario.rpm, per_token)
+    left = scenario.tpm - backlog_tokens(scenario)
+    account = Account(scenario.tpm, scenario.rpm, per_token, tokens_left=left)
     quota = QuotaClient(quota_url, secret)
     try:
-        with FakeProvider(account) as provider:
+        take_backlog(quota, pool, scenario)
+        latency = Latency(scenario.first_token_s, scenario.per_token_s)
+        with FakeProvider(account, latency) as provider:
             clock = Clock()
             clients = wrapped_clients(quota, provider.url, pool, scenario)
             calls = drive(Driver(clients, scenario, per_token, clock), scenario)

@@ -33,26 +33,27 @@ class Scenario:
     """Sizes and rates. Capacities are real per-minute amounts, kept small so that a run of
     `seconds` shows the steady state: the flood drains the buckets in its first seconds."""
 
-    seconds: float = 30.0
-    # The flood runs alone first (the report job started before people came): it drains the
-    # full buckets, and only what follows is measured: a minute's burst would otherwise
-    # dominate a run shorter than a minute.
-    warmup: float = 5.0
+    seconds: float = 26.0
+    # The flood runs alone first (the report job started before people came) and takes what
+    # the backlog left of the buckets (run.backlog_tokens); only what follows is measured.
+    warmup: float = 3.0
     tpm: int = 30_000
     rpm: int = 300
     protect: float = 0.3  # the share of the pool's per-minute capacity kept for interactive
-    chat_rate: float = 0.7
-    chat_input: tuple[int, int] = (200, 350)  # tokens of conversation so far
-    chat_max_tokens: int = 150
-    chat_reply: tuple[int, int] = (40, 130)  # what the model wants to say: fits max_tokens
+    chat_rate: float = 1.0
+    chat_input: tuple[int, int] = (150, 250)  # tokens of conversation so far
+    chat_max_tokens: int = 120
+    chat_reply: tuple[int, int] = (30, 100)  # what the model wants to say: fits max_tokens
     # People leave after this long; they stop arriving this long before the end, so that
     # every chat is settled when the run ends.
-    chat_patience: float = 8.0
+    chat_patience: float = 6.0
     batch_workers: int = 16
     batch_input: tuple[int, int] = (100, 160)  # chunks: smaller calls than chat's
     batch_max_tokens: int = 100
     batch_min_tokens: int = 30
     batch_reply: tuple[int, int] = (70, 100)
+    first_token_s: float = 0.15  # the provider's latency model
+    per_token_s: float = 0.004
     jitter: float = 0.25
     seed: int = 7
 
