@@ -71,8 +71,9 @@ def test_the_platform_keeps_chat_from_starving(
 
 def test_both_runs_replay_the_same_chat_traffic() -> None:
     assert chat_schedule(SHORT) == chat_schedule(SHORT)
-    assert all(SHORT.warmup < at < SHORT.seconds - SHORT.chat_patience
-               for at, _ in chat_schedule(SHORT))  # fmt: skip
+    assert all(
+        SHORT.warmup < at < SHORT.seconds - SHORT.chat_patience for at, _ in chat_schedule(SHORT)
+    )
 
 
 def test_without_the_platform_the_pool_has_no_limits() -> None:

@@ -74,14 +74,16 @@ COLUMNS = (
 )
 
 
-def _cell(value: object) -> str:
+def _cell(attr: str, value: object) -> str:
+    if attr == "tokens_per_min":
+        return f"{value:,.0f}"
     if isinstance(value, float):
-        return f"{value:,.0f}" if value >= 100 else f"{value:.2f}"
+        return f"{value:.2f}"
     return str(value)
 
 
 def _rows(rows: list[Summary]) -> list[list[str]]:
-    return [[_cell(getattr(row, attr)) for _, attr in COLUMNS] for row in rows]
+    return [[_cell(attr, getattr(row, attr)) for _, attr in COLUMNS] for row in rows]
 
 
 def table(rows: list[Summary]) -> str:
