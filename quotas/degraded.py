@@ -38,25 +38,32 @@ _spool: deque[dict[str, Any]] = deque(maxlen=SPOOL_LIMIT)
 _lock = threading.Lock()
 
 
-def degraded_id(*, tenant_id: int, nonce: str, secret: str) -> str:
-    """A degraded reservation has no lease, so its id carries proof of its tenant."""
-    return f"{DEGRADED_PREFIX}{nonce}{_signature(tenant_id, nonce, secret)}"
+def degraded_id(*, tenant_id: int, feature_id: int, nonce: str, secret: str) -> str:
+    """A degraded reservation has no lease, so its id carries its feature and a proof of
+    its tenant and feature."""
+    signature = _signature(tenant_id, feature_id, nonce, secret)
+    return f"{DEGRADED_PREFIX}{feature_id}-{nonce}{signature}"
 
 
 def is_degraded_id(reservation_id: str) -> bool:
     return reservation_id.startswith(DEGRADED_PREFIX)
 
 
-def degraded_id_belongs(reservation_id: str, *, tenant_id: int, secret: str) -> bool:
-    body = reservation_id.removeprefix(DEGRADED_PREFIX)
+def degraded_id_belongs(reservation_id: str, *, owner: Owner, secret: str) -> bool:
+    """Whether the id is genuine and the caller (its tenant, a narrowed key's features) may
+    act on it."""
+    feature, _, body = reservation_id.removeprefix(DEGRADED_PREFIX).partition("-")
     nonce, signature = body[:-SIGNATURE_CHARS], body[-SIGNATURE_CHARS:]
-    if not nonce or len(signature) != SIGNATURE_CHARS:
+    if not feature.isdigit() or not nonce or len(signature) != SIGNATURE_CHARS:
         return False
-    return hmac.compare_digest(signature, _signature(tenant_id, nonce, secret))
+    if owner.feature_ids and int(feature) not in owner.feature_ids:
+        return False
+    expected = _signature(owner.tenant_id, int(feature), nonce, secret)
+    return hmac.compare_digest(signature, expected)
 
 
-def _signature(tenant_id: int, nonce: str, secret: str) -> str:
-    message = f"{tenant_id}:{nonce}".encode()
+def _signature(tenant_id: int, feature_id: int, nonce: str, secret: str) -> str:
+    message = f"{tenant_id}:{feature_id}:{nonce}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:SIGNATURE_CHARS]
 
 
@@ -94,7 +101,10 @@ def degraded_admit(*, engine: Engine, call: ReserveCall, pool_slug: str, secret:
     """Admit a reservation unenforced: the store is down and its pool fails open."""
     now = engine.now_ms_estimate()
     reservation_id = degraded_id(
-        tenant_id=call.tenant_id, nonce=call.reservation_id.removeprefix("rsv_"), secret=secret
+        tenant_id=call.tenant_id,
+        feature_id=call.feature_id,
+        nonce=call.reservation_id.removeprefix("rsv_"),
+        secret=secret,
     )
     cost = call.cost_fixed + math.ceil(call.cost_per_output * call.max_output_tokens)
     spool_event(
@@ -134,7 +144,7 @@ def degraded_settle(
     secret: str,
 ) -> Settled | Missing:
     """A degraded reservation has no lease to settle: its usage is recorded as reported."""
-    if not degraded_id_belongs(reservation_id, tenant_id=owner.tenant_id, secret=secret):
+    if not degraded_id_belongs(reservation_id, owner=owner, secret=secret):
         return Missing()
     spool_event(
         {
@@ -168,7 +178,7 @@ def degraded_lease(
     *, engine: Engine, owner: Owner, reservation_id: str, ttl_ms: int, secret: str
 ) -> LeaseView | Missing:
     """A degraded reservation holds nothing to extend; a long call may go on regardless."""
-    if not degraded_id_belongs(reservation_id, tenant_id=owner.tenant_id, secret=secret):
+    if not degraded_id_belongs(reservation_id, owner=owner, secret=secret):
         return Missing()
     now = engine.now_ms_estimate()
     data = {

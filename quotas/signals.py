@@ -28,7 +28,8 @@ def _bump_now() -> None:
     try:
         config_version_bump()
     except redis.RedisError:
-        # Processes also reload on a timer, so a missed bump delays a change, never loses it.
+        # Processes also reload every few minutes, so a missed bump delays a change, never loses
+        # it.
         log.warning("could not bump the config version in Redis", exc_info=True)
 
 

@@ -1291,3 +1291,10 @@ def test_the_api_docs_page_is_public(db: Any) -> None:
 
     assert response.status_code == 200
     assert b"/api/schema/" in response.content
+
+
+def test_messages_that_are_not_objects_are_a_bad_request(world: Any, reserve: Any) -> None:
+    response = reserve(messages=["hi", None])
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_request"
+    assert "messages" in response.json()["fields"]

@@ -485,3 +485,64 @@ def test_a_partial_grant_under_a_huge_cost_budget_is_decided_at_once(
     granted = reserve(input_tokens=1000, max_output_tokens=4000, min_output_tokens=1)
     assert granted.status_code == 201
     assert granted.json()["granted"] == {"output_tokens": 4000, "partial": False}
+
+
+# found in review ---------------------------------------------------------------------------
+
+
+def _guaranteed_pool(world: World, capacity: int, guaranteed: int) -> Limit:
+    pool_tpm = world.limit(pool=world.pool, metric="tokens", amount=capacity)
+    world.limit(
+        tenant=world.tenant,
+        feature=world.chat,
+        pool=world.pool,
+        metric="tokens",
+        guaranteed=Decimal(guaranteed),
+    )
+    return pool_tpm
+
+
+def test_a_commit_refunds_the_shared_part_before_the_guarantee(world: World, reserve: Any) -> None:
+    _guaranteed_pool(world, 60_000, 30_000)
+    rid = reserve(feature="chat", input_tokens=20_000, max_output_tokens=20_000).json()["id"]
+    commit(world, rid, input_tokens=20_000, output_tokens=15_000)  # 35k used, 30k of it guaranteed
+
+    # the pool holds 25k; chat's guarantee is spent, so all 25k are batch's to use
+    assert (
+        reserve(feature="batch", input_tokens=12_500, max_output_tokens=12_500).status_code == 201
+    )
+
+
+def test_retry_after_counts_only_guarantees_that_are_refilling(world: World, reserve: Any) -> None:
+    _guaranteed_pool(world, 60_000, 30_000)
+    assert (
+        reserve(feature="batch", input_tokens=15_000, max_output_tokens=15_000).status_code == 201
+    )
+
+    refused = reserve(feature="batch", input_tokens=14_000, max_output_tokens=14_000)
+    assert refused.status_code == 429
+    assert refused.json()["retry_after_ms"] == pytest.approx(28_000, abs=50)  # 1,000 per second
+    advance(28)
+    assert (
+        reserve(feature="batch", input_tokens=14_000, max_output_tokens=14_000).status_code == 201
+    )
+
+
+def test_a_request_beyond_what_others_guarantees_leave_gets_no_retry_time(
+    world: World, reserve: Any
+) -> None:
+    _guaranteed_pool(world, 60_000, 30_000)
+    refused = reserve(feature="batch", input_tokens=20_000, max_output_tokens=20_000)
+    assert refused.status_code == 429
+    assert refused.json()["retry_after_ms"] is None
+
+
+def test_protected_headroom_also_applies_to_a_pools_limit_for_one_model(
+    world: World, reserve: Any
+) -> None:
+    world.pool.protect = {"interactive": 0.5}
+    world.pool.save()
+    world.limit(pool=world.pool, model=world.model, metric="tokens", amount=10_000)
+    assert reserve(feature="batch", input_tokens=3000, max_output_tokens=2000).status_code == 201
+    assert reserve(feature="batch", input_tokens=1, max_output_tokens=1).status_code == 429
+    assert reserve(feature="chat", input_tokens=3000, max_output_tokens=2000).status_code == 201

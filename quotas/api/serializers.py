@@ -130,6 +130,12 @@ def _one_input(body: dict[str, Any]) -> Errors:
     return {}
 
 
+def _messages_are_objects(body: dict[str, Any]) -> Errors:
+    if any(not isinstance(m, dict) for m in body.get("messages", ())):
+        return {"messages": ['Each message must be an object, e.g. {"role": ..., "content": ...}.']}
+    return {}
+
+
 def _min_below_max(body: dict[str, Any]) -> Errors:
     low = body.get("min_output_tokens")
     if low is not None and low > body["max_output_tokens"]:
@@ -189,7 +195,7 @@ RESERVE = Body(
         "idempotency_key": Field(str, required=False, max_length=200),
         "metadata": Field(dict, required=False, default=dict),
     },
-    rules=(_one_input, _min_below_max, _small_metadata),
+    rules=(_one_input, _messages_are_objects, _min_below_max, _small_metadata),
 )
 
 COMMIT = Body(

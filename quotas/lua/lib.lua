@@ -85,8 +85,10 @@ local function adjust(check, delta, now)
     if level > check.cap then level = check.cap end
     bucket_store(check.k, check.cap, level, now)
   elseif check.kind == 'g' then
-    -- a guarantee only ever gives back what was taken from it
-    local back = math.min(check.took, -delta)
+    -- use drains the guarantee first, so a refund fills the shared part first: the guarantee
+    -- gets back only what was taken from it beyond the actual use
+    local actual = check.amt + delta
+    local back = math.max(0, check.took - math.max(0, actual))
     if back > 0 then
       local level = math.min(check.cap, bucket_level(check.k, check.cap, now) + back)
       bucket_store(check.k, check.cap, level, now)
@@ -241,13 +243,17 @@ local function observe(check, now)
   else
     check.level = bucket_level(check.k, check.cap, now)
     local floor = check.floor or 0
-    local growth = check.cap
+    local growth, reserved = check.cap, 0
     for _, guard in ipairs(check.guards or {}) do
-      floor = floor + bucket_level(guard.k, guard.cap, now)
-      growth = growth - guard.cap
+      local kept = bucket_level(guard.k, guard.cap, now)
+      floor = floor + kept
+      reserved = reserved + guard.cap
+      -- a guarantee still refilling takes its share of the refill; a full one takes none
+      if kept < guard.cap then growth = growth - guard.cap end
     end
     check.headroom = check.level - floor
     check.growth = growth
+    check.most = check.cap - (check.floor or 0) - reserved
   end
 end
 

@@ -63,7 +63,8 @@ local function retry_ms(check, need)
     return check.reset_ms - now
   end
   if check.kind == 'c' then return nil end
-  if check.growth <= 0 or need > check.cap - (check.floor or 0) then return nil end
+  -- the most this caller can ever have: capacity less protected shares and others' guarantees
+  if check.growth <= 0 or need > check.most then return nil end
   return math.ceil((need - check.headroom) * 60000 / check.growth)
 end
 

@@ -31,6 +31,7 @@ class Plan:
     by_tenant: dict[int | None, list[LimitInfo]]
     guarantees: dict[int, list[LimitInfo]]  # by pool
     checked_at: float = field(default_factory=time.monotonic)
+    loaded_at: float = field(default_factory=time.monotonic)
     _options: dict[tuple[object, ...], tuple[tuple[PoolOption, ...], int]] = field(
         default_factory=dict
     )
@@ -182,8 +183,9 @@ class Plan:
             cap = limit.units(limit.amount)
             floor: int = 0
             guards: tuple[tuple[str, int], ...] = ()
-            if limit.is_pool_capacity:
+            if limit.is_shared_pool_limit:  # the pool's own, for all models or for one
                 floor = int(cap * pool.protected_share_above(priority))
+            if limit.is_pool_capacity:  # guarantees are shares of the pool's capacity
                 guards = tuple(
                     (keyspace.guarantee(g.id), g.guaranteed_units)
                     for g in self.guarantees.get(pool.id, [])

@@ -80,6 +80,11 @@ class LimitInfo:
     scope: dict[str, str]
 
     @property
+    def is_shared_pool_limit(self) -> bool:
+        """A pool's own limit (of all its models, or of one): protected headroom applies."""
+        return self.pool_id is not None and not (self.tenant_id or self.feature_id)
+
+    @property
     def is_pool_capacity(self) -> bool:
         return self.pool_id is not None and not (self.tenant_id or self.feature_id or self.model_id)
 

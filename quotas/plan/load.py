@@ -18,6 +18,7 @@ from quotas.validation import limit_describe
 from tenants.models import Feature, Tenant
 
 RECHECK_SECONDS = 10.0
+MAX_AGE_SECONDS = 300.0
 
 
 def plan_load() -> Plan:
@@ -130,8 +131,9 @@ def _keys() -> dict[str, KeyInfo]:
 
 
 class PlanCache:
-    """The process's plan, reloaded when Redis says it is stale (and, as a safety net, when
-    the stored version moved and nobody noticed for RECHECK_SECONDS)."""
+    """The process's plan, reloaded when Redis says it is stale; as safety nets, when the
+    stored version moved and nobody noticed for RECHECK_SECONDS, and in any case after
+    MAX_AGE_SECONDS, since a version bump lost to a Redis blip would otherwise never show."""
 
     def __init__(self) -> None:
         self._plan: Plan | None = None
@@ -141,6 +143,8 @@ class PlanCache:
         plan = self._plan
         if plan is None:
             return self.reload(older_than=None)
+        if time.monotonic() - plan.loaded_at > MAX_AGE_SECONDS:
+            return self.reload(older_than=plan)
         if time.monotonic() - plan.checked_at > RECHECK_SECONDS:
             if _version_or_unknown() != plan.version:
                 return self.reload(older_than=plan)
