@@ -83,7 +83,7 @@ def http_figures(output: str) -> list[Figure]:
                 f"{cells[0]} req/s",
                 f"p50 {cells[1]} ms",
                 f"p99 {cells[2]} ms",
-                f"errors {cells[3]}",
+                f"errors {cells[3]}, x bare {cells[9]}, x ratelimit {cells[10]}",
             )
         )
     return figures
@@ -198,7 +198,7 @@ SUITES: dict[str, Callable[[bool], list[Figure]]] = {
 
 
 def table(figures: list[Figure]) -> str:
-    rows = [("suite", "scenario", "throughput", "median", "tail", "")]
+    rows = [("suite", "scenario", "throughput", "median", "tail", "notes")]
     rows += [(f.suite, f.scenario, f.throughput, f.median, f.tail, f.note) for f in figures]
     widths = [max(len(row[i]) for row in rows) for i in range(6)]
     lines = [
