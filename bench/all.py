@@ -83,10 +83,17 @@ def http_figures(output: str) -> list[Figure]:
                 f"{cells[0]} req/s",
                 f"p50 {cells[1]} ms",
                 f"p99 {cells[2]} ms",
-                f"errors {cells[3]}, x bare {cells[9]}, x ratelimit {cells[10]}",
+                http_note(cells),
             )
         )
     return figures
+
+
+def http_note(cells: list[str]) -> str:
+    """Errors, and the ratios to the baselines where the run has them (closed-loop runs)."""
+    if cells[9] == "-":
+        return f"errors {cells[3]}"
+    return f"errors {cells[3]}, x bare {cells[9]}, x ratelimit {cells[10]}"
 
 
 # ledger

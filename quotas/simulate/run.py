@@ -90,11 +90,9 @@ def chars_per_token() -> float:
 
 
 def wrapped_clients(
-    quota: QuotaClient, provider_url: str, pool: str, scenario: Scenario
+    quota: QuotaClient, upstream: openai.OpenAI, pool: str, scenario: Scenario
 ) -> dict[str, Any]:
-    """One wrapped OpenAI client per feature; retries are the simulator's, not openai's,
-    so that every upstream 429 is seen and counted."""
-    upstream = openai.OpenAI(base_url=provider_url, api_key="sim", max_retries=0, timeout=30)
+    """One wrapped OpenAI client per feature, sharing the upstream client."""
     return {
         CHAT: wrap_openai(upstream, Quota(CHAT, client=quota, pool=pool)),
         BATCH: wrap_openai(
@@ -130,9 +128,15 @@ def run_once(quota_url: str, scenario: Scenario, limited: bool) -> Run:
     try:
         take_backlog(quota, pool, scenario)
         latency = Latency(scenario.first_token_s, scenario.per_token_s)
-        with FakeProvider(account, latency) as provider:
+        # Retries are the simulator's, not openai's, so that every upstream 429 is counted.
+        with (
+            FakeProvider(account, latency) as provider,
+            openai.OpenAI(
+                base_url=provider.url, api_key="sim", max_retries=0, timeout=30
+            ) as upstream,
+        ):
             clock = Clock()
-            clients = wrapped_clients(quota, provider.url, pool, scenario)
+            clients = wrapped_clients(quota, upstream, pool, scenario)
             calls = drive(Driver(clients, scenario, per_token, clock), scenario)
             seconds = clock.now()
     finally:
