@@ -85,3 +85,29 @@ def test_without_the_platform_the_pool_has_no_limits() -> None:
         ("requests", SHORT.rpm),
     }
     assert limited["pools"][0]["protect"] == {"interactive": SHORT.protect}
+
+
+def test_the_fake_provider_throttles_like_a_token_bucket_and_truncates() -> None:
+    import openai
+
+    from quotas.simulate.provider import Account, FakeProvider, Latency
+
+    account = Account(tpm=6_000, rpm=600, chars_per_token=4.0)
+    messages = [{"role": "user", "content": "x" * 400}]
+    prompt = account.input_tokens(messages)
+    with (
+        FakeProvider(account, Latency(0.0, 0.0)) as provider,
+        openai.OpenAI(base_url=provider.url, api_key="k", max_retries=0) as upstream,
+    ):
+        client: Any = upstream  # plain dicts as messages
+        cut = client.chat.completions.create(
+            model="m", messages=messages, max_tokens=20, extra_body={"reply_tokens": 50}
+        )
+        assert cut.choices[0].finish_reason == "length"
+        assert (cut.usage.prompt_tokens, cut.usage.completion_tokens) == (prompt, 20)
+        # What is left plus 100 tokens: 1 s of refill at 100 tokens/s
+        too_much = 6_000 - (prompt + 20) - prompt + 100
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.chat.completions.create(model="m", messages=messages, max_tokens=too_much)
+        assert 980 <= int(refused.value.response.headers["retry-after-ms"]) <= 1000
+    assert [(e.status, e.tokens) for e in account.entries()] == [(200, prompt + 20), (429, 0)]
