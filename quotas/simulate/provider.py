@@ -19,10 +19,11 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from quotas.estimate import estimate_tokens
+from quotas.simulate.local_server import LocalServer
 
 
 @dataclass
@@ -111,29 +112,17 @@ class Account:
             return list(self.log)
 
 
-class FakeProvider:
+class FakeProvider(LocalServer):
     """`Account` behind HTTP: POST /v1/chat/completions. Use as a context manager."""
 
     def __init__(self, account: Account, latency: Latency | None = None) -> None:
         self.account = account
         self.latency = latency or Latency()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
+        super().__init__(_handler(self))
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}/v1"
-
-    def __enter__(self) -> FakeProvider:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        return f"{self.origin}/v1"
 
     def complete(self, request: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
         """(status, body, headers) for one request."""

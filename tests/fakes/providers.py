@@ -7,12 +7,13 @@ is told to, so tests can tell a provider's usage from the quota server's estimat
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from quotas.simulate.local_server import LocalServer
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Answer:
         return " ".join(self.words)
 
 
-class FakeProvider:
+class FakeProvider(LocalServer):
     """Base of the fakes: an HTTP server in a thread, recording every JSON body it got."""
 
     path = ""
@@ -44,23 +45,11 @@ class FakeProvider:
     def __init__(self) -> None:
         self.script = Script()
         self.requests: list[dict[str, Any]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,))
+        super().__init__(self._handler())
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def __enter__(self) -> FakeProvider:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        return self.origin
 
     def answer(self, max_tokens: int) -> Answer:
         said = min(self.script.reply_tokens, max_tokens)
