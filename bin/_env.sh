@@ -27,6 +27,41 @@ ensure_venv() {
     touch .venv/.installed
   fi
   mkdir -p var
+  ensure_static
+}
+
+# The front-end libraries the admin serves from its own static files (Chart.js, no CDN):
+# installed by npm from package-lock.json when missing or when the lock file changed.
+ensure_static() {
+  if [ -f node_modules/chart.js/package.json ] && [ ! package-lock.json -nt node_modules/.installed ]; then
+    return 0
+  fi
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm is needed to install the admin's static libraries (Chart.js) from package-lock.json:" >&2
+    echo "install Node.js 20 or newer with npm, then run this again." >&2
+    return 1
+  fi
+  npm ci --omit=dev --no-audit --no-fund --loglevel=error >/dev/null
+  touch node_modules/.installed
+}
+
+# Debian's chromium for the browser tests (tests/browser), driven by Playwright; Playwright's
+# own browser downloads are never used. Installed when missing and we are root with apt-get;
+# when it still cannot be had, the browser tests skip with the reason exported here.
+ensure_browser() {
+  local chromium="${CHROMIUM_PATH:-/usr/bin/chromium}"
+  [ -x "$chromium" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing Debian's chromium for the browser tests" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || true
+  fi
+  if [ ! -x "$chromium" ]; then
+    export BROWSER_UNAVAILABLE="$chromium is missing and could not be installed (needs root and apt-get, or set CHROMIUM_PATH)"
+    echo "Browser tests will be skipped: $BROWSER_UNAVAILABLE" >&2
+  fi
+  return 0
 }
 
 redis_reachable() {
