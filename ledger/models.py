@@ -145,7 +145,20 @@ class UsageRollup(models.Model):
                 name="ledger_rollup_unique",
             )
         ]
-        indexes = [models.Index(fields=["grain", "start"], name="ledger_rollup_grain_start")]
+        indexes = [
+            models.Index(fields=["grain", "start"], name="ledger_rollup_grain_start"),
+            # ledger.usage_reads: one feature's hours and days; a pool's hours; the hours
+            # with a truncation, where any rise in truncation shows.
+            models.Index(
+                fields=["tenant", "feature", "grain", "start"], name="ledger_rollup_feature"
+            ),
+            models.Index(fields=["pool", "grain", "start"], name="ledger_rollup_pool"),
+            models.Index(
+                fields=["grain", "start"],
+                condition=models.Q(truncated__gt=0),
+                name="ledger_rollup_truncated",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.grain} {self.start:%Y-%m-%d %H:%M} {self.tenant}/{self.feature}"
