@@ -25,7 +25,7 @@ The live server runs in a thread with its own database connection, so browser te
         login(page, owner)
         page.goto("/admin/tenants/feature/")
         shot(page, "features")
-        assert page.get_by_role("link", name="chat").is_visible()
+        assert page.get_by_role("link", name="acme/chat").is_visible()
 """
 
 from __future__ import annotations
