@@ -148,13 +148,16 @@ class UsageRollup(models.Model):
         indexes = [
             models.Index(fields=["grain", "start"], name="ledger_rollup_grain_start"),
             # ledger.usage_reads: one feature's hours and days; a pool's hours; the hours
-            # with a truncation, where any rise in truncation shows.
+            # with a truncation, where any rise in truncation shows. Requests and truncations
+            # are key columns (not INCLUDE, which SQLite lacks) so that the rising-truncation
+            # read is index-only.
             models.Index(
-                fields=["tenant", "feature", "grain", "start"], name="ledger_rollup_feature"
+                fields=["tenant", "feature", "grain", "start", "requests", "truncated"],
+                name="ledger_rollup_feature",
             ),
             models.Index(fields=["pool", "grain", "start"], name="ledger_rollup_pool"),
             models.Index(
-                fields=["grain", "start"],
+                fields=["grain", "start", "tenant", "feature"],
                 condition=models.Q(truncated__gt=0),
                 name="ledger_rollup_truncated",
             ),

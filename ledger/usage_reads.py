@@ -14,12 +14,11 @@ belong to no pool, are left out).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from django.db.models import F, Q, Sum
+from django.db.models import Exists, F, OuterRef, Q, Sum
 
 from ledger.models import Grain, UsageRollup
 
@@ -188,25 +187,23 @@ def rising_truncation(
     Largest rise first: tenant, feature, requests, truncated, share, previous_requests,
     previous_truncated, previous_share, rise. `tenant_slugs` None: every tenant.
 
-    Only a feature with a truncation in the last 24 hours can have risen, so those are found
-    first (a partial index holds the rows with truncations) and only their rows are summed."""
+    Only a feature with a truncation in the last 24 hours can have risen: a partial index
+    holds those rows, and only those features' rows are summed (index-only, see the model)."""
     since, until = _last_24h(now)
     previous = since - timedelta(hours=HOURS)
     hours = UsageRollup.objects.filter(grain=Grain.HOUR)
     if tenant_slugs is not None:
         hours = hours.filter(tenant__in=tenant_slugs)
-    candidates: dict[str, set[str]] = defaultdict(set)
-    truncating = hours.filter(truncated__gt=0, start__gte=since, start__lt=until)
-    for tenant, feature in truncating.values_list("tenant", "feature").distinct():
-        candidates[tenant].add(feature)
-    if not candidates:
-        return []
-    scope = Q()
-    for tenant, features in candidates.items():
-        scope |= Q(tenant=tenant, feature__in=sorted(features))
+    truncating = hours.filter(
+        truncated__gt=0,
+        start__gte=since,
+        start__lt=until,
+        tenant=OuterRef("tenant"),
+        feature=OuterRef("feature"),
+    )
     now_window = Q(start__gte=since)
     sums = (
-        hours.filter(scope, start__gte=previous, start__lt=until)
+        hours.filter(Exists(truncating), start__gte=previous, start__lt=until)
         .values("tenant", "feature")
         .annotate(
             n_requests=Sum("requests", filter=now_window),
