@@ -1,11 +1,13 @@
 """Every benchmark in bench/ with one command, and one table of their headline figures.
 
-    .venv/bin/python -m bench.all [--quick] [--only http,ledger,simulate]
+    .venv/bin/python -m bench.all [--quick] [--only http,ledger,simulate,admin]
 
 - http: reservation throughput and latency against the two baselines (`python -m bench`);
 - ledger: ledger ingest into PostgreSQL (`python -m bench.ledger_ingest`), if present;
 - simulate: the noisy-neighbour simulator (`manage.py quota simulate`), on a Redis server and
-  a SQLite database of its own.
+  a SQLite database of its own;
+- admin: admin pages and the rollup reads with 10,000 features and 10 million rollups
+  (`python -m bench.admin_pages --keep`: a load of the last 6 hours is reused), if present.
 
 Each runs in a process of its own, through its own command line (they set Django up
 differently), and prints its full report as it goes; this file only reads the figures back
@@ -197,10 +199,53 @@ def simulate_figures(markdown: str) -> list[Figure]:
     return figures
 
 
+# admin
+
+
+def admin(quick: bool) -> list[Figure]:
+    if not (ROOT / "bench" / "admin_pages.py").exists():
+        return []
+    args = ["--keep", *(["--quick"] if quick else [])]
+    return admin_figures(run([sys.executable, "-m", "bench.admin_pages", *args]))
+
+
+def admin_figures(output: str) -> list[Figure]:
+    """Rows of bench.admin_pages.pages_table (a 28-character page, a 10-character user, then
+    status, p50, p95, max, queries, x baseline, target met) and of reads_measure (a
+    36-character read, then p50, p95, max, queries), and the load line."""
+    lines = output.splitlines()
+    figures = []
+    start = max(i for i, line in enumerate(lines) if line.startswith("page "))
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        name, user, cells = line[:28].strip(), line[29:39].strip(), line[39:].split()
+        if cells[1] == "missing":
+            figures.append(Figure("admin", f"{name}, {user}", "missing (404)"))
+            continue
+        target = " ".join(cells[7:])
+        note = f"x login {cells[6]}, {cells[5]} queries, under 300 ms at p95: {target}"
+        figures.append(
+            Figure("admin", f"{name}, {user}", "", f"p50 {cells[1]} ms", f"p95 {cells[2]} ms", note)
+        )
+    start = max(i for i, line in enumerate(lines) if line.startswith("rollup read "))
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        name, cells = line[:36].strip(), line[36:].split()
+        note = f"{cells[3]} queries" + (", over 100 ms" if "over" in cells else "")
+        figures.append(Figure("admin", name, "", f"p50 {cells[0]} ms", f"p95 {cells[1]} ms", note))
+    loaded = re.search(r"^load: load (\d+) s", output, re.MULTILINE)
+    if loaded:
+        figures.append(Figure("admin", "load (config, rollups, indexes)", f"{loaded[1]} s"))
+    return figures
+
+
 SUITES: dict[str, Callable[[bool], list[Figure]]] = {
     "http": http,
     "ledger": ledger,
     "simulate": simulate,
+    "admin": admin,
 }
 
 
