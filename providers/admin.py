@@ -7,6 +7,8 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from console.admin_views import LivePanelMixin
+from console.panels import pool_context
 from providers.models import LanguageModel, Pool, Provider
 from quotas.admin_scoping import (
     OwnRowsInlineFormSet,
@@ -54,7 +56,7 @@ class PoolForm(VisibleErrorsForm):
 
 
 @admin.register(Pool)
-class PoolAdmin(SharedConfigAdmin):
+class PoolAdmin(LivePanelMixin, SharedConfigAdmin):
     form = PoolForm
     list_display = ("slug", "name", "provider", "fail_mode", "position", "model_list")
     list_filter = ("provider", "fail_mode")
@@ -64,6 +66,9 @@ class PoolAdmin(SharedConfigAdmin):
 
     def get_queryset(self, request: HttpRequest) -> Any:
         return super().get_queryset(request).prefetch_related("served_models")
+
+    def live_context(self, request: HttpRequest, obj: Pool) -> dict[str, Any]:
+        return pool_context(obj, request.user)
 
     @admin.display(description="models")
     def model_list(self, pool: Pool) -> str:

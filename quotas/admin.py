@@ -12,6 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from console.admin_views import ApiKeyRevokeMixin, LimitBoostMixin
 from quotas.admin_scoping import (
     AuditedAdmin,
     OwnRowsInlineFormSet,
@@ -22,9 +23,6 @@ from quotas.admin_scoping import (
 from quotas.keys import api_key_create, api_key_revoke
 from quotas.models import ApiKey, Limit
 from quotas.validation import limit_describe
-
-admin.site.site_header = "LLM quota administration"
-admin.site.site_title = "LLM quota admin"
 
 RelatedOnly = admin.RelatedOnlyFieldListFilter
 
@@ -79,7 +77,7 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
 
 
 @admin.register(Limit)
-class LimitAdmin(LimitWordsMixin, AuditedAdmin):
+class LimitAdmin(LimitBoostMixin, LimitWordsMixin, AuditedAdmin):
     form = LimitForm
     list_display = ("in_words", "tenant", "feature", "pool", "model", "metric", "window")
     list_filter = (
@@ -102,6 +100,13 @@ class LimitAdmin(LimitWordsMixin, AuditedAdmin):
             },
         ),
         ("Rule", {"fields": ("metric", "window", "amount", "guaranteed", "enforcement")}),
+        (
+            "Boost",
+            {
+                "fields": ("boost_amount", "boost_until"),
+                "description": "A higher cap for a while; the limit's page has a boost button.",
+            },
+        ),
         ("Alerts", {"fields": ("alert_at",)}),
     )
 
@@ -140,7 +145,7 @@ _issued_secrets: WeakKeyDictionary[HttpRequest, str] = WeakKeyDictionary()
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(AuditedAdmin):
+class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
     form = ApiKeyForm
     list_display = (
         "__str__",
@@ -219,4 +224,5 @@ class ApiKeyAdmin(AuditedAdmin):
         keys = list(queryset.filter(revoked_at=None))
         for api_key in keys:
             api_key_revoke(api_key=api_key)
+            self.log_change(request, api_key, "Revoked the key.")
         self.message_user(request, f"Revoked {len(keys)} API key(s).", messages.SUCCESS)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
@@ -83,6 +84,20 @@ class Limit(models.Model):
     enforcement = models.CharField(
         max_length=8, choices=Enforcement.choices, default=Enforcement.HARD
     )
+    boost_amount = models.DecimalField(
+        "boosted amount",
+        max_digits=20,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text="A temporary cap, above the amount, in force until the boost ends.",
+    )
+    boost_until = models.DateTimeField(
+        "boost ends",
+        null=True,
+        blank=True,
+        help_text="When the boosted amount stops applying and the amount is back.",
+    )
     alert_at = models.JSONField(
         default=default_alert_at,
         blank=True,
@@ -110,6 +125,17 @@ class Limit(models.Model):
     @property
     def amount_value(self) -> Decimal | None:
         return self.amount
+
+    def boost_active(self, now: datetime) -> bool:
+        return (
+            self.boost_amount is not None
+            and self.boost_until is not None
+            and now < self.boost_until
+        )
+
+    def amount_at(self, now: datetime) -> Decimal | None:
+        """The cap in force at `now`: the boosted amount while a boost lasts."""
+        return self.boost_amount if self.boost_active(now) else self.amount
 
 
 class ApiKey(models.Model):

@@ -104,7 +104,14 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
     reservation_id = "rsv_" + secrets.token_hex(12)
     for _ in range(STALE_RETRIES):
         plan = plans.get()
-        feature = _feature_for(plan, key, data.feature)
+        try:
+            feature = _feature_for(plan, key, data.feature)
+        except QuotaError:
+            # Decided from the cached plan alone, without the script's version check: a
+            # feature resumed or created a moment ago must not be refused for that.
+            if plans.fresh() is plan:
+                raise
+            continue
         priority = _priority(feature, data.priority)
         pools = _pools(plan, feature, data)
         input_tokens, estimated = _input_tokens(data, pools[0])
@@ -118,12 +125,23 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         else:
             spool_drain(get_engine())
         if isinstance(result, Stale):
-            plans.reload(older_than=plan)
+            _key_recheck(plans.reload(older_than=plan), key)
             continue
         return _reserve_outcome(result, plan, feature, data, priority, input_tokens, estimated)
     raise QuotaError(
         "unavailable", "The configuration is changing; try again.", headers={"Retry-After": "1"}
     )
+
+
+def _key_recheck(plan: Plan, key: KeyInfo) -> None:
+    """A key authenticated against an older plan may have been revoked since."""
+    current = plan.keys.get(key.prefix)
+    if current is None or current.revoked:
+        raise QuotaError(
+            "unauthenticated",
+            "This API key was revoked.",
+            headers={"WWW-Authenticate": 'Bearer realm="api"'},
+        )
 
 
 def _feature_for(plan: Plan, key: KeyInfo, slug: str) -> FeatureInfo:
@@ -271,6 +289,7 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
     if is_degraded_id(reservation_id):
         return _degraded_settle(key, reservation_id, "committed", usage)
     result = _with_plan(
+        key,
         lambda version: get_engine().commit(
             reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
         )
@@ -287,6 +306,7 @@ def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
     if is_degraded_id(reservation_id):
         return _degraded_settle(key, reservation_id, "released", Usage(0, 0))
     result = _with_plan(
+        key,
         lambda version: get_engine().release(
             reservation_id=reservation_id, owner=owner_of(key), version=version
         )
@@ -315,6 +335,7 @@ def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -
             )
         )
     result = _with_plan(
+        key,
         lambda version: get_engine().extend(
             reservation_id=reservation_id,
             owner=owner_of(key),
@@ -333,6 +354,7 @@ def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -
 
 def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
     result = _with_plan(
+        key,
         lambda version: get_engine().peek(
             reservation_id=reservation_id, owner=owner_of(key), version=version
         )
@@ -341,8 +363,9 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
     return result
 
 
-def _with_plan(call: Any) -> Any:
-    """Run an engine call with the current plan's version; reload and retry if it is stale."""
+def _with_plan(key: KeyInfo, call: Any) -> Any:
+    """Run an engine call with the current plan's version; reload and retry if it is stale
+    (and the key is still valid in the new plan)."""
     for _ in range(STALE_RETRIES):
         plan = plans.get()
         try:
@@ -355,7 +378,7 @@ def _with_plan(call: Any) -> Any:
                 headers={"Retry-After": "1"},
             ) from exc
         if isinstance(result, Stale):
-            plans.reload(older_than=plan)
+            _key_recheck(plans.reload(older_than=plan), key)
             continue
         if isinstance(result, Missing):
             raise not_found("reservation")

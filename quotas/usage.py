@@ -1,16 +1,35 @@
-"""Reads of live usage, for the API's usage endpoint and the admin."""
+"""Reads of live usage, for the API's usage endpoint and the admin's pages."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import redis
 
 from quotas.errors import QuotaError, not_found
-from quotas.plan import KeyInfo, plans
+from quotas.plan import KeyInfo, LimitInfo, Plan, plans
 from quotas.refusals import limit_body
 from quotas.reservations import get_engine
+
+
+def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]:
+    """Each limit's state now, read from the engine in one script call, as the API shows a
+    limit (id, name, scope, metric, window, enforcement, limit, remaining) plus `used` and
+    `reset_seconds` (when the bucket is full again, or the budget's period ends). Raises
+    RedisError when the store is down."""
+    engine = get_engine()
+    now_ms = engine.now_ms_estimate()
+    checks = [plan.inspection_check(limit, engine.keys, now_ms) for limit in limits]
+    rows = []
+    for check, state in zip(checks, engine.inspect(checks), strict=True):
+        body = limit_body(plan, check.limit_id, check.cap, state["remaining"], None)
+        body["used"] = body["limit"] - body["remaining"]
+        if state.get("reset_ms") is not None:
+            body["reset_seconds"] = max(0, math.ceil((state["reset_ms"] - state["now_ms"]) / 1000))
+        rows.append(body)
+    return rows
 
 
 def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
@@ -20,26 +39,14 @@ def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
         raise not_found(f"feature '{slug}'")
     if key.feature_ids and feature.id not in key.feature_ids:
         raise QuotaError("forbidden", f"This API key may not act for feature '{slug}'.")
-    engine = get_engine()
-    limits = plan.feature_limits(feature)
-    checks = [
-        plan.inspection_check(limit, engine.keys, engine.now_ms_estimate()) for limit in limits
-    ]
     try:
-        states = engine.inspect(checks)
+        rows = limits_read(plan, plan.feature_limits(feature))
     except redis.RedisError as exc:
         raise QuotaError(
             "unavailable",
             "The quota store is unavailable; try again shortly.",
             headers={"Retry-After": "1"},
         ) from exc
-    rows = []
-    for check, state in zip(checks, states, strict=True):
-        body = limit_body(plan, check.limit_id, check.cap, state["remaining"], None)
-        body["used"] = body["limit"] - body["remaining"]
-        if state.get("reset_ms") is not None:
-            body["reset_seconds"] = max(0, math.ceil((state["reset_ms"] - state["now_ms"]) / 1000))
-        rows.append(body)
     return {
         "feature": feature.slug,
         "status": feature.status,

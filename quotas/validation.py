@@ -39,6 +39,7 @@ def limit_validate(limit: Limit) -> None:
     _check_scope(limit, add)
     _check_window(limit, add)
     _check_amounts(limit, add)
+    _check_boost(limit, add)
     _check_alert_at(limit, add)
     if not errors:
         _check_guarantee_fits_pool(limit, add)
@@ -98,6 +99,26 @@ def _check_amounts(limit: Limit, add: _Add) -> None:
             add("guaranteed", "A guaranteed share is only meaningful on a hard limit.")
         if limit.amount is not None and limit.amount < limit.guaranteed:
             add("amount", "The ceiling (amount) cannot be below the guaranteed share.")
+
+
+def _check_boost(limit: Limit, add: _Add) -> None:
+    """A boost raises an amount for a while; when it ends is checked where one is set
+    (`limit_boost`), so that an ended boost never blocks saving the limit."""
+    if (limit.boost_amount is None) != (limit.boost_until is None):
+        add("boost_amount", "A boost needs both a boosted amount and when it ends.")
+        return
+    boosted = limit.boost_amount
+    if boosted is None:
+        return
+    if limit.amount is None:
+        add("boost_amount", "Only a limit with an amount can be boosted.")
+    elif boosted <= limit.amount:
+        add("boost_amount", "The boosted amount must be above the amount.")
+    elif limit.metric in WHOLE_METRICS and boosted != boosted.to_integral_value():
+        add(
+            "boost_amount",
+            f"The boosted amount of a {METRIC_WORDS[limit.metric]} limit is a whole number.",
+        )
 
 
 def _check_alert_at(limit: Limit, add: _Add) -> None:

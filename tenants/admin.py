@@ -7,6 +7,8 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from console.admin_views import FeatureSwitchMixin, LivePanelMixin
+from console.panels import feature_context, tenant_context
 from quotas.admin import LimitInline
 from quotas.admin_scoping import AuditedAdmin, TenantScopedMixin, VisibleErrorsForm, is_scoped
 from tenants.models import Feature, Tenant
@@ -40,7 +42,7 @@ class TenantForm(VisibleErrorsForm):
 
 
 @admin.register(Tenant)
-class TenantAdmin(AuditedAdmin):
+class TenantAdmin(LivePanelMixin, AuditedAdmin):
     form = TenantForm
     list_display = ("slug", "name", "timezone", "status", "owner_list")
     list_filter = ("status",)
@@ -50,6 +52,9 @@ class TenantAdmin(AuditedAdmin):
 
     def get_queryset(self, request: HttpRequest) -> Any:
         return super().get_queryset(request).prefetch_related("owners")
+
+    def live_context(self, request: HttpRequest, obj: Tenant) -> dict[str, Any]:
+        return tenant_context(obj, request.user)
 
     @admin.display(description="owners")
     def owner_list(self, tenant: Tenant) -> str:
@@ -77,7 +82,7 @@ class FeatureForm(VisibleErrorsForm):
 
 
 @admin.register(Feature)
-class FeatureAdmin(AuditedAdmin):
+class FeatureAdmin(FeatureSwitchMixin, LivePanelMixin, AuditedAdmin):
     form = FeatureForm
     list_display = ("__str__", "name", "owner", "priority", "status")
     list_filter = ("status", "priority", ("tenant", RelatedOnly), ("pools", RelatedOnly))
@@ -93,3 +98,6 @@ class FeatureAdmin(AuditedAdmin):
     def get_inlines(self, request: HttpRequest, obj: Any) -> Any:
         # A limit's checks look its feature up in the database, so limits come once it is saved.
         return self.inlines if obj is not None else ()
+
+    def live_context(self, request: HttpRequest, obj: Feature) -> dict[str, Any]:
+        return feature_context(obj, request.user)

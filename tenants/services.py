@@ -163,3 +163,15 @@ def feature_upsert(
         values={"owner": owner, "name": name, "priority": priority, "status": status},
         m2m={"pools": pools},
     )
+
+
+def feature_status_set(*, feature: Feature, status: str) -> bool:
+    """Pause or resume a feature: the kill switch. The save bumps the config version, so the
+    next reservation of the feature anywhere sees it. Returns whether anything changed."""
+    if status not in Feature.Status.values:
+        raise ValueError(f"'{status}' is not a feature status")
+    if feature.status == status:
+        return False
+    feature.status = status
+    feature.save(update_fields=["status"])
+    return True

@@ -15,6 +15,7 @@ from quotas.engine.types import (
     Conflict,
     Existing,
     Granted,
+    Held,
     LeaseRestore,
     LeaseView,
     LimitState,
@@ -145,6 +146,33 @@ class Engine:
         keys = [k for check in checks for k in check.redis_keys()]
         payload = {**self._clock(), "checks": [c.as_lua() for c in checks]}
         return _as_list(self.scripts.call("inspect", keys, payload))
+
+    def held(
+        self,
+        *,
+        tenant_id: int | None = None,
+        feature_id: int | None = None,
+        pool: str | None = None,
+        show: int = 20,
+        scan: int = 10_000,
+    ) -> Held:
+        """The reservations held now that match, soonest expiry first, changing nothing; at
+        most `scan` held leases are looked at, and `Held.complete` says if that was all."""
+        wanted = {"tenant": tenant_id, "feature": feature_id, "pool": pool}
+        payload = {
+            **self._clock(),
+            "lease_prefix": self.keys.lease_prefix,
+            "show": show,
+            "scan": scan,
+            **{name: value for name, value in wanted.items() if value is not None},
+        }
+        reply = self.scripts.call("held", [self.keys.leases], payload)
+        return Held(
+            count=int(reply["count"]),
+            complete=bool(reply["complete"]),
+            leases=tuple(_as_list(reply["leases"])),
+            now_ms=int(reply["now_ms"]),
+        )
 
     # -- the ledger's side: snapshots, recovery, trimming ----------------------------------
 

@@ -19,6 +19,7 @@ SCRIPT_NAMES = (
     "peek",
     "reap",
     "inspect",
+    "held",
     "snapshot",
     "trim",
     "rebuild",

@@ -166,6 +166,16 @@ class Stale:
 
 
 @dataclass(frozen=True, slots=True)
+class Held:
+    """Reservations held now: how many match, and the first few (as `held.lua` shows them)."""
+
+    count: int
+    complete: bool  # False: more leases were held than the scan looked at
+    leases: tuple[dict[str, Any], ...]
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """Counters and the usage events not yet acknowledged by a group, read at one instant."""
 

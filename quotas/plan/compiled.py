@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -30,6 +31,7 @@ class Plan:
     keys: dict[str, KeyInfo]
     by_tenant: dict[int | None, list[LimitInfo]]
     guarantees: dict[int, list[LimitInfo]]  # by pool
+    valid_until: float = math.inf  # epoch seconds: a limit boost ends, so the caps change
     checked_at: float = field(default_factory=time.monotonic)
     loaded_at: float = field(default_factory=time.monotonic)
     _options: dict[tuple[object, ...], tuple[tuple[PoolOption, ...], int]] = field(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime
 from decimal import Decimal
 
 import redis
+from django.utils import timezone
 
 from providers.models import LanguageModel, Pool
 from quotas.models import ApiKey, Limit
@@ -45,10 +48,10 @@ def plan_load() -> Plan:
         PoolInfo(p.id, p.slug, p.fail_mode, dict(p.protect or {}), served.get(p.id, {}))
         for p in Pool.objects.order_by("position", "slug")
     ]
-    limits = {
-        limit.id: _limit_info(limit, tenants)
-        for limit in Limit.objects.select_related("tenant", "feature", "pool", "model")
-    }
+    now = timezone.now()
+    rows = list(Limit.objects.select_related("tenant", "feature", "pool", "model"))
+    limits = {limit.id: _limit_info(limit, tenants, now) for limit in rows}
+    boosts_end = [r.boost_until for r in rows if r.boost_until and r.boost_active(now)]
     by_tenant: dict[int | None, list[LimitInfo]] = defaultdict(list)
     guarantees: dict[int, list[LimitInfo]] = defaultdict(list)
     for info in limits.values():
@@ -56,7 +59,15 @@ def plan_load() -> Plan:
         if info.guaranteed is not None and info.pool_id is not None:
             guarantees[info.pool_id].append(info)
     return Plan(
-        version, tenants, features, pools, limits, _keys(), dict(by_tenant), dict(guarantees)
+        version,
+        tenants,
+        features,
+        pools,
+        limits,
+        _keys(),
+        dict(by_tenant),
+        dict(guarantees),
+        valid_until=min(boosts_end).timestamp() if boosts_end else math.inf,
     )
 
 
@@ -83,7 +94,7 @@ def _model_info(m: LanguageModel) -> ModelInfo:
     )
 
 
-def _limit_info(limit: Limit, tenants: dict[int, TenantInfo]) -> LimitInfo:
+def _limit_info(limit: Limit, tenants: dict[int, TenantInfo], now: datetime) -> LimitInfo:
     scope = {}
     if limit.tenant is not None:
         scope["tenant"] = limit.tenant.slug
@@ -99,7 +110,7 @@ def _limit_info(limit: Limit, tenants: dict[int, TenantInfo]) -> LimitInfo:
         limit_describe(limit),
         limit.metric,
         limit.window,
-        limit.amount,
+        limit.amount_at(now),
         limit.guaranteed,
         limit.enforcement,
         limit.tenant_id,
@@ -131,9 +142,10 @@ def _keys() -> dict[str, KeyInfo]:
 
 
 class PlanCache:
-    """The process's plan, reloaded when Redis says it is stale; as safety nets, when the
-    stored version moved and nobody noticed for RECHECK_SECONDS, and in any case after
-    MAX_AGE_SECONDS, since a version bump lost to a Redis blip would otherwise never show."""
+    """The process's plan, reloaded when Redis says it is stale or when a limit boost in it
+    ends; as safety nets, when the stored version moved and nobody noticed for
+    RECHECK_SECONDS, and in any case after MAX_AGE_SECONDS, since a version bump lost to a
+    Redis blip would otherwise never show."""
 
     def __init__(self) -> None:
         self._plan: Plan | None = None
@@ -143,12 +155,20 @@ class PlanCache:
         plan = self._plan
         if plan is None:
             return self.reload(older_than=None)
-        if time.monotonic() - plan.loaded_at > MAX_AGE_SECONDS:
+        if time.monotonic() - plan.loaded_at > MAX_AGE_SECONDS or time.time() >= plan.valid_until:
             return self.reload(older_than=plan)
         if time.monotonic() - plan.checked_at > RECHECK_SECONDS:
             if _version_or_unknown() != plan.version:
                 return self.reload(older_than=plan)
             plan.checked_at = time.monotonic()
+        return plan
+
+    def fresh(self) -> Plan:
+        """The plan as the database holds it now, for pages that show what was just saved:
+        one read of the stored version, and a reload if it moved."""
+        plan = self.get()
+        if _version_or_unknown() != plan.version:
+            return self.reload(older_than=plan)
         return plan
 
     def reload(self, *, older_than: Plan | None = None) -> Plan:

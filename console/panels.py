@@ -1,0 +1,236 @@
+"""What the console's pages show: each limit's live state (read from the engine), the
+reservations held now, usage from the ledger's rollups, and the dashboard's panels.
+
+Every function takes a row the admin already scoped to the user (a feature, a tenant, a
+pool) or the user, and shows nothing of another tenant: a pool's page and the dashboard
+narrow the limits, reservations and usage to the user's tenants unless the user is a
+superuser.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+from django.db.models import Prefetch
+from django.urls import reverse
+from django.utils import timezone
+
+from alerts.models import Alert, Delivery
+from ledger.usage_reads import feature_series, rising_truncation, top_consumers
+from providers.models import Pool
+from quotas.admin_scoping import is_scoped, owned_tenants, scope_queryset
+from quotas.engine.types import Held
+from quotas.models import Limit
+from quotas.plan import LimitInfo, Plan, plans
+from quotas.store import get_engine
+from quotas.usage import limits_read
+from tenants.models import Feature, Tenant
+
+log = logging.getLogger(__name__)
+
+STORE_DOWN = "The quota store (Redis) is unavailable: live state cannot be shown right now."
+CLOSEST_SHOWN = 10
+ALERTS_SHOWN = 10
+HELD_SHOWN = 20
+
+# A bar's colour by how much of the limit is used.
+TONES = ((0.9, "full"), (0.7, "warn"), (0.0, "ok"))
+
+
+@dataclass
+class Live:
+    """Limits as the engine sees them now; `error` instead when the store is down."""
+
+    limits: list[dict[str, Any]] = field(default_factory=list)
+    held: Held | None = None
+    error: str = ""
+
+
+def tone(fraction: float) -> str:
+    return next(name for floor, name in TONES if fraction >= floor)
+
+
+def _read(plan: Plan, infos: list[LimitInfo], *, now: datetime) -> list[dict[str, Any]]:
+    """`limits_read` plus what a page needs beside it: the share used, the bar's tone, a
+    running boost, and where to edit the limit."""
+    rows = limits_read(plan, infos)
+    boosts = dict(
+        Limit.objects.filter(id__in=[row["id"] for row in rows], boost_until__gt=now).values_list(
+            "id", "boost_until"
+        )
+    )
+    for row, info in zip(rows, infos, strict=True):
+        fraction = row["used"] / row["limit"] if row["limit"] else 0.0
+        row["fraction"] = fraction
+        row["percent"] = min(100.0, round(fraction * 100, 1))
+        row["tone"] = tone(fraction)
+        row["boosted_until"] = boosts.get(info.id)
+        row["tenant_id"] = info.tenant_id
+        row["feature_id"] = info.feature_id
+    return rows
+
+
+def _live(
+    plan: Plan,
+    infos: list[LimitInfo],
+    *,
+    now: datetime,
+    held: dict[str, Any] | None,
+    user: Any = None,
+) -> Live:
+    try:
+        limits = _read(plan, infos, now=now)
+        found = get_engine().held(show=HELD_SHOWN, **held) if held is not None else None
+    except redis.RedisError:
+        log.warning("live state unavailable", exc_info=True)
+        return Live(error=STORE_DOWN)
+    if found is not None:
+        for lease in found.leases:
+            lease["expires_in"] = max(0, (int(lease["expires_ms"]) - found.now_ms) // 1000)
+    if user is not None:
+        _boost_links(limits, user)
+    return Live(limits=limits, held=found)
+
+
+def _boost_links(rows: list[dict[str, Any]], user: Any) -> None:
+    """A boost link on each limit the user may change: an owner changes their tenants'
+    limits, a pool's own capacity is the platform's."""
+    if not user.has_perm("quotas.change_limit"):
+        return
+    tenants = _tenant_ids(user)
+    for row in rows:
+        if tenants is None or row["tenant_id"] in tenants:
+            row["boost_url"] = reverse("admin:quotas_limit_boost", args=[row["id"]])
+
+
+def feature_context(feature: Feature, user: Any, *, now: datetime | None = None) -> dict[str, Any]:
+    """A feature's page: its limits (every limit a reservation of it is checked against, as
+    the API's usage endpoint shows them), its held reservations, and its usage."""
+    now = now or timezone.now()
+    plan = plans.fresh()
+    info = plan.features.get((feature.tenant_id, feature.slug))
+    infos = plan.feature_limits(info) if info else []
+    held = {"tenant_id": feature.tenant_id, "feature_id": feature.pk}
+    live = _live(plan, infos, now=now, held=held, user=user)
+    usage = feature_series(tenant=feature.tenant.slug, feature=feature.slug, now=now)
+    totals = [("Last 24 hours", usage["totals_24h"]), ("Last 30 days", usage["totals_30d"])]
+    return {"live": live, "usage": usage, "usage_totals": totals, "chart": _chart(usage)}
+
+
+def tenant_context(tenant: Tenant, user: Any, *, now: datetime | None = None) -> dict[str, Any]:
+    """A tenant's page: every limit of the tenant (its own and its features') and the
+    reservations held for it."""
+    now = now or timezone.now()
+    plan = plans.fresh()
+    infos = sorted(plan.by_tenant.get(tenant.pk, []), key=lambda i: (i.feature_id or 0, i.id))
+    return {"live": _live(plan, infos, now=now, held={"tenant_id": tenant.pk}, user=user)}
+
+
+def pool_context(pool: Pool, user: Any, *, now: datetime | None = None) -> dict[str, Any]:
+    """A pool's page: its limits (the pool's own for superusers, with every tenant's limits
+    on it; an owner sees only their tenants' limits on it), held reservations (superusers),
+    and the pool's top consumers over the last 24 hours."""
+    now = now or timezone.now()
+    plan = plans.fresh()
+    tenants = _tenant_ids(user)
+    infos = [
+        info
+        for info in plan.limits.values()
+        if info.pool_id == pool.pk and (tenants is None or info.tenant_id in tenants)
+    ]
+    infos.sort(key=lambda i: (i.tenant_id or 0, i.feature_id or 0, i.id))
+    held = {"pool": pool.slug} if tenants is None else None
+    top = top_consumers(pool=pool.slug, now=now, tenant_slugs=_tenant_slugs(user))
+    return {
+        "live": _live(plan, infos, now=now, held=held, user=user),
+        "top": _linked(plan, top),
+    }
+
+
+def dashboard_context(user: Any, *, now: datetime | None = None) -> dict[str, Any]:
+    """The admin index: the limits closest to exhaustion, the top consumers per pool, the
+    recent alerts with their deliveries, and the features whose truncation rose."""
+    if not getattr(user, "is_staff", False):
+        return {}
+    now = now or timezone.now()
+    plan = plans.fresh()
+    tenants = _tenant_ids(user)
+    infos = [
+        info
+        for info in plan.limits.values()
+        if info.amount is not None and (tenants is None or info.tenant_id in tenants)
+    ]
+    live = _live(plan, infos, now=now, held=None)
+    live.limits = sorted(live.limits, key=lambda row: -row["fraction"])[:CLOSEST_SHOWN]
+    for row in live.limits:
+        row["url"] = _limit_url(row)
+    slugs = _tenant_slugs(user)
+    top_by_pool = [
+        (pool, _linked(plan, top_consumers(pool=pool.slug, now=now, tenant_slugs=slugs)))
+        for pool in Pool.objects.order_by("position", "slug")
+    ]
+    return {
+        "dashboard": True,
+        "live": live,
+        "top_by_pool": top_by_pool,
+        "alerts": _recent_alerts(user),
+        "truncation": _linked(plan, rising_truncation(now=now, tenant_slugs=slugs)),
+    }
+
+
+def _tenant_ids(user: Any) -> set[int] | None:
+    """The tenants `user` sees; None for every tenant."""
+    return None if not is_scoped(user) else set(owned_tenants(user).values_list("pk", flat=True))
+
+
+def _tenant_slugs(user: Any) -> list[str] | None:
+    return None if not is_scoped(user) else list(owned_tenants(user).values_list("slug", flat=True))
+
+
+def _limit_url(row: dict[str, Any]) -> str:
+    """Where a limit is seen and edited: its feature's page, else its tenant's, else its own."""
+    if row["feature_id"]:
+        return reverse("admin:tenants_feature_change", args=[row["feature_id"]])
+    if row["tenant_id"]:
+        return reverse("admin:tenants_tenant_change", args=[row["tenant_id"]])
+    return reverse("admin:quotas_limit_change", args=[row["id"]])
+
+
+def _linked(plan: Plan, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows naming a feature by its slugs, with the URL of its admin page (when it exists)."""
+    tenant_ids = {t.slug: t.id for t in plan.tenants.values()}
+    for row in rows:
+        info = plan.features.get((tenant_ids.get(row["tenant"], 0), row["feature"]))
+        row["url"] = reverse("admin:tenants_feature_change", args=[info.id]) if info else ""
+    return rows
+
+
+def _recent_alerts(user: Any) -> list[Alert]:
+    deliveries = Prefetch("fired_in__deliveries", queryset=Delivery.objects.order_by("created_at"))
+    alerts = scope_queryset(user, Alert.objects.all())
+    return list(
+        alerts.select_related("tenant", "feature", "fired_in")
+        .prefetch_related(deliveries)
+        .order_by("-fired_at")[:ALERTS_SHOWN]
+    )
+
+
+def _chart(usage: dict[str, Any]) -> dict[str, Any]:
+    """The usage series as Chart.js takes them: labels and one list per dataset."""
+
+    def series(buckets: list[dict[str, Any]], label: str) -> dict[str, Any]:
+        return {
+            "labels": [b["start"].astimezone(UTC).strftime(label) for b in buckets],
+            "input_tokens": [b["input_tokens"] for b in buckets],
+            "output_tokens": [b["output_tokens"] for b in buckets],
+            "refused": [b["refused"] for b in buckets],
+            "truncated": [b["truncated"] for b in buckets],
+            "upstream_429": [b["upstream_429"] for b in buckets],
+            "cost_usd": [float(b["cost_usd"]) for b in buckets],
+        }
+
+    return {"hourly": series(usage["hourly"], "%H:00"), "daily": series(usage["daily"], "%m-%d")}

@@ -1,0 +1,43 @@
+"""Numbers and durations as the console's pages show them."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def amount(value: float | int | Decimal | None, metric: str = "") -> str:
+    """12,345 for counts; $1.23 (or $0.000123) for cost."""
+    if value is None:
+        return "-"
+    if metric in ("cost_usd", "usd"):
+        number = Decimal(str(value))
+        return f"${number:,.2f}" if abs(number) >= 1 or number == 0 else f"${number:.6f}"
+    return f"{int(value):,}"
+
+
+@register.filter
+def duration(seconds: int | None) -> str:
+    """3 s, 4 min, 2 h 5 min, 3 d 4 h."""
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, hours, days = seconds // 60, seconds // 3600, seconds // 86400
+    if seconds < 3600:
+        return f"{minutes} min"
+    if seconds < 86400:
+        rest = minutes - hours * 60
+        return f"{hours} h {rest} min" if rest else f"{hours} h"
+    rest = hours - days * 24
+    return f"{days} d {rest} h" if rest else f"{days} d"
+
+
+@register.filter
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
