@@ -7,6 +7,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.http import HttpRequest
 from django_ratelimit.core import is_ratelimited
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import BaseAuthentication
@@ -28,49 +29,55 @@ class ApiPrincipal:
         self.key = key
 
 
+def authenticate(request: HttpRequest) -> ApiPrincipal:
+    """The principal of a request's bearer key, or a QuotaError (401, or 429 when this address
+    failed too often). Plain Django: the reservation views call it without DRF."""
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        _fail(request, "Send the API key as 'Authorization: Bearer <key>'.")
+    secret = secret.strip()
+    prefix = api_key_split(secret)
+    key = plans.get().keys.get(prefix) if prefix else None
+    expected = key.hashed_secret if key else "0" * 64
+    presented = api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER)
+    if key is None or not hmac.compare_digest(expected, presented):
+        _fail(request, "Unknown API key.")
+    assert key is not None
+    if key.revoked:  # said only to the holder of the secret: prefixes leak nothing
+        _fail(request, "This API key was revoked.")
+    return ApiPrincipal(key)
+
+
 class ApiKeyAuthentication(BaseAuthentication):
+    """The same keys for the views DRF serves (reads, and requests off the fast path)."""
+
     def authenticate(self, request: Request) -> tuple[ApiPrincipal, None]:
-        header = request.META.get("HTTP_AUTHORIZATION", "")
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            self._fail(request, "Send the API key as 'Authorization: Bearer <key>'.")
-        secret = secret.strip()
-        prefix = api_key_split(secret)
-        key = plans.get().keys.get(prefix) if prefix else None
-        expected = key.hashed_secret if key else "0" * 64
-        presented = api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER)
-        if key is None or not hmac.compare_digest(expected, presented):
-            self._fail(request, "Unknown API key.")
-        assert key is not None
-        if key.revoked:  # said only to the holder of the secret: prefixes leak nothing
-            self._fail(request, "This API key was revoked.")
-        return ApiPrincipal(key), None
+        return authenticate(request._request), None
 
     def authenticate_header(self, request: Request) -> str:
         return 'Bearer realm="api"'
 
-    @staticmethod
-    def _fail(request: Request, message: str) -> Any:
-        # Only failures count, so a client with a valid key never pays for the throttle.
-        try:
-            limited = is_ratelimited(
-                request._request,
-                group="api-auth-failures",
-                key="ip",
-                rate=FAILED_AUTH_RATE,
-                increment=True,
-            )
-        except redis.RedisError:
-            limited = False  # the throttle's store is down: still answer 401, never a 500
-        if limited:
-            raise QuotaError(
-                "rate_limited",
-                "Too many failed authentication attempts from this address; wait a minute.",
-                headers={"Retry-After": "60"},
-            )
-        raise QuotaError(
-            "unauthenticated", message, headers={"WWW-Authenticate": 'Bearer realm="api"'}
+
+def _fail(request: HttpRequest, message: str) -> Any:
+    # Only failures count, so a client with a valid key never pays for the throttle.
+    try:
+        limited = is_ratelimited(
+            request,
+            group="api-auth-failures",
+            key="ip",
+            rate=FAILED_AUTH_RATE,
+            increment=True,
         )
+    except redis.RedisError:
+        limited = False  # the throttle's store is down: still answer 401, never a 500
+    if limited:
+        raise QuotaError(
+            "rate_limited",
+            "Too many failed authentication attempts from this address; wait a minute.",
+            headers={"Retry-After": "60"},
+        )
+    raise QuotaError("unauthenticated", message, headers={"WWW-Authenticate": 'Bearer realm="api"'})
 
 
 class ApiKeyScheme(OpenApiAuthenticationExtension):

@@ -52,9 +52,19 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             detail = response.data.get("detail", "") if isinstance(response.data, dict) else ""
             response.data = {"error": "invalid_request", "message": str(detail)}
             return response
-        log.exception("unhandled error in the API", exc_info=exc)
-        error = QuotaError("internal_error", "Something went wrong on our side; it was logged.")
+    error = error or unhandled(exc)
     return Response(error.body(), status=error.status, headers=error.headers)
+
+
+def unhandled(exc: Exception) -> QuotaError:
+    """What an unexpected exception answers, once logged."""
+    log.exception("unhandled error in the API", exc_info=exc)
+    return QuotaError("internal_error", "Something went wrong on our side; it was logged.")
+
+
+def error_of(exc: Exception) -> QuotaError:
+    """The API error of anything a plain (non-DRF) API view raised."""
+    return _as_quota_error(exc) or unhandled(exc)
 
 
 def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

@@ -5,7 +5,7 @@ from django.urls import path
 from quotas.api import views
 
 urlpatterns = [
-    path("reservations", views.ReservationListView.as_view(), name="reservation-list"),
+    path("reservations", views.reservation_list, name="reservation-list"),
     path(
         "reservations/<str:reservation_id>",
         views.ReservationDetailView.as_view(),
@@ -13,17 +13,17 @@ urlpatterns = [
     ),
     path(
         "reservations/<str:reservation_id>/commit",
-        views.ReservationCommitView.as_view(),
+        views.reservation_commit,
         name="reservation-commit",
     ),
     path(
         "reservations/<str:reservation_id>/release",
-        views.ReservationReleaseView.as_view(),
+        views.reservation_release,
         name="reservation-release",
     ),
     path(
         "reservations/<str:reservation_id>/extend",
-        views.ReservationExtendView.as_view(),
+        views.reservation_extend,
         name="reservation-extend",
     ),
     path("features/<str:slug>/usage", views.FeatureUsageView.as_view(), name="feature-usage"),

@@ -1,24 +1,40 @@
-"""The reservation API (v1). Views validate, call one service, and render."""
+"""The reservation API (v1). Views validate, call one service, and render.
+
+Reserve, commit, release and extend are the hot path: an ordinary JSON POST to them is served
+by a plain Django view (`json_post`), which authenticates, parses, validates and renders
+exactly as the DRF view would, without DRF's request wrapping, content negotiation and
+renderer. Everything else (reads, other methods, other media types, a format override)
+goes to the DRF view, which also declares the routes for the OpenAPI schema.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.utils.encoders import JSONEncoder
+from rest_framework.utils.json import strict_constant
 from rest_framework.views import APIView
 
 from quotas import reservations
-from quotas.api.auth import ApiPrincipal
+from quotas.api.auth import ApiPrincipal, authenticate
+from quotas.api.errors import error_of
 from quotas.api.representations import (
     lease_body,
     ratelimit_headers,
     reserved_body,
     settled_body,
 )
-from quotas.api.serializers import COMMIT, EXTEND, RELEASE, RESERVE, Body
+from quotas.api.serializers import COMMIT, EXTEND, RELEASE, RESERVE
 from quotas.errors import QuotaError
+from quotas.plan import KeyInfo
 from quotas.reservations import CommitInput, ReserveInput, body_hash
 from quotas.usage import feature_usage
 
@@ -33,6 +49,61 @@ ERRORS = {
     503: OpenApiResponse(description="unavailable"),
 }
 
+# (status, body, headers) of a successful answer
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+
+
+# -- what each call does, whoever serves it --------------------------------------------------
+
+
+def reserve_answer(key: KeyInfo, raw: Any) -> Answer:
+    data = RESERVE.validate(raw)
+    hashed = ""
+    if "idempotency_key" in data:  # only a replay needs the body's fingerprint
+        hashed = body_hash({k: v for k, v in raw.items() if k != "idempotency_key"})
+    outcome = reservations.reservation_reserve(key=key, data=ReserveInput(**data, body_hash=hashed))
+    body = reserved_body(outcome)
+    headers = ratelimit_headers(body["limits"])
+    if body["degraded"]:
+        headers["Quota-Degraded"] = "store-unavailable; admitted without enforcement"
+    return 201, body, headers
+
+
+def commit_answer(key: KeyInfo, raw: Any, reservation_id: str) -> Answer:
+    data = COMMIT.validate(raw)
+    settled = reservations.reservation_commit(
+        key=key,
+        reservation_id=reservation_id,
+        data=CommitInput(**data, body_hash=body_hash(data)),
+    )
+    return 200, settled_body(settled), {}
+
+
+def release_answer(key: KeyInfo, raw: Any, reservation_id: str) -> Answer:
+    RELEASE.validate(raw)
+    settled = reservations.reservation_release(key=key, reservation_id=reservation_id)
+    return 200, settled_body(settled), {}
+
+
+def extend_answer(key: KeyInfo, raw: Any, reservation_id: str) -> Answer:
+    data = EXTEND.validate(raw)
+    lease = reservations.reservation_extend(
+        key=key, reservation_id=reservation_id, ttl_seconds=data["ttl_seconds"]
+    )
+    return 200, lease_body(lease), {}
+
+
+def with_limit_headers(exc: Exception) -> Exception:
+    """A refusal naming a limit carries that limit's RateLimit headers."""
+    if isinstance(exc, QuotaError) and "limit" in exc.extra:
+        limit = dict(exc.extra["limit"])
+        limit["reset_seconds"] = int(exc.headers.get("Retry-After", "0"))
+        exc.headers.update(ratelimit_headers([limit]))
+    return exc
+
+
+# -- DRF views: reads, the schema, and requests off the fast path ----------------------------
+
 
 class QuotaView(APIView):
     def principal(self, request: Request) -> ApiPrincipal:
@@ -40,34 +111,18 @@ class QuotaView(APIView):
         assert isinstance(user, ApiPrincipal)
         return user
 
-    @staticmethod
-    def validated(body: Body, request: Request) -> dict[str, Any]:
-        return body.validate(request.data)
+    def answer(self, request: Request, call: Callable[..., Answer], **kwargs: Any) -> Response:
+        status, body, headers = call(self.principal(request).key, request.data, **kwargs)
+        return Response(body, status=status, headers=headers)
 
     def handle_exception(self, exc: Exception) -> Response:
-        if isinstance(exc, QuotaError) and "limit" in exc.extra:
-            limit = dict(exc.extra["limit"])
-            limit["reset_seconds"] = int(exc.headers.get("Retry-After", "0"))
-            exc.headers.update(ratelimit_headers([limit]))
-        return super().handle_exception(exc)
+        return super().handle_exception(with_limit_headers(exc))
 
 
 class ReservationListView(QuotaView):
     @extend_schema(request=RESERVE.serializer(), responses={201: dict, **ERRORS})
     def post(self, request: Request) -> Response:
-        data = self.validated(RESERVE, request)
-        hashed = ""
-        if "idempotency_key" in data:  # only a replay needs the body's fingerprint
-            hashed = body_hash({k: v for k, v in request.data.items() if k != "idempotency_key"})
-        outcome = reservations.reservation_reserve(
-            key=self.principal(request).key,
-            data=ReserveInput(**data, body_hash=hashed),
-        )
-        body = reserved_body(outcome)
-        headers = ratelimit_headers(body["limits"])
-        if body["degraded"]:
-            headers["Quota-Degraded"] = "store-unavailable; admitted without enforcement"
-        return Response(body, status=201, headers=headers)
+        return self.answer(request, reserve_answer)
 
 
 class ReservationDetailView(QuotaView):
@@ -82,38 +137,105 @@ class ReservationDetailView(QuotaView):
 class ReservationCommitView(QuotaView):
     @extend_schema(request=COMMIT.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
-        data = self.validated(COMMIT, request)
-        settled = reservations.reservation_commit(
-            key=self.principal(request).key,
-            reservation_id=reservation_id,
-            data=CommitInput(**data, body_hash=body_hash(data)),
-        )
-        return Response(settled_body(settled))
+        return self.answer(request, commit_answer, reservation_id=reservation_id)
 
 
 class ReservationReleaseView(QuotaView):
     @extend_schema(request=RELEASE.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
-        self.validated(RELEASE, request)
-        settled = reservations.reservation_release(
-            key=self.principal(request).key, reservation_id=reservation_id
-        )
-        return Response(settled_body(settled))
+        return self.answer(request, release_answer, reservation_id=reservation_id)
 
 
 class ReservationExtendView(QuotaView):
     @extend_schema(request=EXTEND.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
-        data = self.validated(EXTEND, request)
-        lease = reservations.reservation_extend(
-            key=self.principal(request).key,
-            reservation_id=reservation_id,
-            ttl_seconds=data["ttl_seconds"],
-        )
-        return Response(lease_body(lease))
+        return self.answer(request, extend_answer, reservation_id=reservation_id)
 
 
 class FeatureUsageView(QuotaView):
     @extend_schema(responses={200: dict, **ERRORS})
     def get(self, request: Request, slug: str) -> Response:
         return Response(feature_usage(key=self.principal(request).key, slug=slug))
+
+
+# -- the fast path: plain Django views for the POSTs -----------------------------------------
+
+JSON = "application/json"
+# Accept headers DRF's negotiation answers with its one renderer, JSON, as it is.
+PLAIN_ACCEPT = frozenset({"*/*", JSON})
+_ENCODER = JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def json_post(drf_view: type[QuotaView], call: Callable[..., Answer]) -> Callable[..., Any]:
+    """A view answering ordinary JSON POSTs with `call` and the rest with `drf_view`.
+
+    Ordinary: method POST, a body of exactly `application/json` (or none at all), an Accept
+    header that is absent, `*/*` or `application/json`, and no query string (DRF reads a
+    `format` override there). For those, DRF
+    would authenticate, parse with its JSON parser, call the view and render JSON; this does
+    the same in the same order (authentication before the body is read), with the same
+    errors, headers and bytes.
+    """
+    fallback = drf_view.as_view()
+    allow = ", ".join(drf_view().allowed_methods)
+
+    def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+        meta = request.META
+        length = _content_length(meta)
+        if (
+            request.method != "POST"
+            or (meta.get("CONTENT_TYPE") != JSON and length)
+            or meta.get("HTTP_ACCEPT", "*/*") not in PLAIN_ACCEPT
+            or meta.get("QUERY_STRING")
+        ):
+            return fallback(request, **kwargs)
+        try:
+            key = authenticate(request).key
+            status, body, headers = call(key, _json_body(request, length), **kwargs)
+        except Exception as exc:
+            error = error_of(with_limit_headers(exc))
+            status, body, headers = error.status, error.body(), error.headers
+        response = HttpResponse(_render(body), status=status, content_type=JSON, headers=headers)
+        response["Allow"] = allow
+        return response
+
+    # drf-spectacular documents the route from the DRF view, as for any APIView.as_view()
+    view.cls = fallback.cls  # type: ignore[attr-defined]
+    view.initkwargs = fallback.initkwargs  # type: ignore[attr-defined]
+    return csrf_exempt(view)
+
+
+def _content_length(meta: dict[str, Any]) -> int:
+    """As DRF reads it: a body of unknown or unreadable length is no body."""
+    try:
+        return int(meta.get("CONTENT_LENGTH", meta.get("HTTP_CONTENT_LENGTH", 0)))
+    except (ValueError, TypeError):
+        return 0
+
+
+def _json_body(request: HttpRequest, length: int) -> Any:
+    """The body as DRF's JSONParser reads it: no body is {}, NaN and Infinity are refused."""
+    if length == 0:
+        return {}
+    try:
+        text = request.body.decode(request.encoding or settings.DEFAULT_CHARSET)
+        return json.loads(text, parse_constant=strict_constant)
+    except ValueError as exc:
+        raise QuotaError(
+            "invalid_request", f"The body is not valid JSON: JSON parse error - {exc}"
+        ) from exc
+
+
+def _render(body: dict[str, Any]) -> bytes:
+    """As DRF's JSONRenderer renders: compact, unicode, and the two JS line separators
+    escaped."""
+    text = _ENCODER.encode(body)
+    if "\u2028" in text or "\u2029" in text:
+        text = text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    return text.encode()
+
+
+reservation_list = json_post(ReservationListView, reserve_answer)
+reservation_commit = json_post(ReservationCommitView, commit_answer)
+reservation_release = json_post(ReservationReleaseView, release_answer)
+reservation_extend = json_post(ReservationExtendView, extend_answer)
