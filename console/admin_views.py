@@ -49,6 +49,12 @@ class ConsoleAdminMixin(_AdminBase):
             raise PermissionDenied
         return obj
 
+    @staticmethod
+    def give_reason(obj: Any, message: str) -> None:
+        """The words the row's next history record carries (simple_history's change reason),
+        the same as the admin log's."""
+        obj._change_reason = message
+
     def change_url(self, obj: Any) -> str:
         opts = self.model._meta
         return reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
@@ -122,10 +128,11 @@ class FeatureSwitchMixin(ConsoleAdminMixin):
         return HttpResponseRedirect(self.change_url(feature))
 
     def _switch(self, request: HttpRequest, feature: Feature, status: str) -> None:
+        verb = "Paused" if status == Feature.Status.PAUSED else "Resumed"
+        self.give_reason(feature, f"{verb} the feature.")
         if not feature_status_set(feature=feature, status=status):
             messages.info(request, f"{feature} is already {status}.")
             return
-        verb = "Paused" if status == Feature.Status.PAUSED else "Resumed"
         self.log_change(request, feature, f"{verb} the feature.")
         effect = (
             "its next reservation is refused with feature_paused"
@@ -179,23 +186,22 @@ class LimitBoostMixin(ConsoleAdminMixin):
         now = timezone.now()
         form = BoostForm(request.POST if request.method == "POST" else None)
         if request.method == "POST" and "end" in request.POST:
+            self.give_reason(limit, "Ended the boost.")
             if limit_boost_end(limit=limit):
                 self.log_change(request, limit, "Ended the boost.")
                 messages.success(request, f"The boost of {limit_describe(limit)} ended.")
             return HttpResponseRedirect(self._back(request, limit))
         if request.method == "POST" and form.is_valid():
             until = now + timedelta(hours=form.cleaned_data["hours"])
+            words = f"Boosted to {form.cleaned_data['amount']} until {until:%Y-%m-%d %H:%M %Z}."
+            self.give_reason(limit, words)
             try:
                 limit_boost(limit=limit, amount=form.cleaned_data["amount"], until=until, now=now)
             except ValidationError as exc:
                 for message in exc.messages:
                     form.add_error(None, message)
             else:
-                self.log_change(
-                    request,
-                    limit,
-                    f"Boosted to {limit.boost_amount} until {until:%Y-%m-%d %H:%M %Z}.",
-                )
+                self.log_change(request, limit, words)
                 messages.success(
                     request,
                     f"{limit_describe(limit)} is boosted to {limit.boost_amount} until "
@@ -252,6 +258,7 @@ class ApiKeyRevokeMixin(ConsoleAdminMixin):
         if api_key.revoked_at is not None:
             messages.info(request, f"{api_key} was already revoked.")
         else:
+            self.give_reason(api_key, "Revoked the key.")
             api_key_revoke(api_key=api_key)
             self.log_change(request, api_key, "Revoked the key.")
             messages.success(request, f"Revoked {api_key}: it is refused from now on.")

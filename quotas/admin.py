@@ -223,6 +223,7 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         keys = list(queryset.filter(revoked_at=None))
         for api_key in keys:
+            self.give_reason(api_key, "Revoked the key.")
             api_key_revoke(api_key=api_key)
             self.log_change(request, api_key, "Revoked the key.")
         self.message_user(request, f"Revoked {len(keys)} API key(s).", messages.SUCCESS)

@@ -243,7 +243,11 @@ def test_pausing_a_feature_refuses_its_next_reservation_and_is_audited(
     assert reserve(feature="batch").status_code == 201
     entry = LogEntry.objects.get(object_id=str(world.chat.pk))
     assert entry.user == owners.owner and entry.get_change_message() == "Paused the feature."
-    assert world.chat.history.first().history_user == owners.owner
+    record = world.chat.history.first()
+    assert (record.history_user, record.history_change_reason) == (
+        owners.owner,
+        "Paused the feature.",
+    )
 
     with django_capture_on_commit_callbacks(execute=True):
         client.post(feature_url(world.chat, "status"), {"status": "active"})
