@@ -17,8 +17,8 @@ MAX_BOOST = timedelta(days=31)
 
 
 def limit_boost(*, limit: Limit, amount: Decimal, until: datetime, now: datetime) -> Limit:
-    """Raise `limit` to `amount` until `until`. Refuses a time in the past or more than
-    MAX_BOOST ahead; the amount is checked by the limit's own rules."""
+    """Raise `limit` to `amount` until `until`. Refuses an amount not above the limit's, a
+    time in the past or more than MAX_BOOST ahead; the rest is the limit's own rules."""
     if until <= now:
         raise ValidationError({"boost_until": "The boost must end in the future."})
     if until - now > MAX_BOOST:
@@ -26,6 +26,10 @@ def limit_boost(*, limit: Limit, amount: Decimal, until: datetime, now: datetime
         raise ValidationError(
             {"boost_until": f"A boost lasts at most {days} days; raise the amount instead."}
         )
+    if limit.amount is None:
+        raise ValidationError({"boost_amount": "Only a limit with an amount can be boosted."})
+    if amount <= limit.amount:
+        raise ValidationError({"boost_amount": "The boosted amount must be above the amount."})
     limit.boost_amount = amount
     limit.boost_until = until
     limit.full_clean()

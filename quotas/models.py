@@ -134,8 +134,11 @@ class Limit(models.Model):
         )
 
     def amount_at(self, now: datetime) -> Decimal | None:
-        """The cap in force at `now`: the boosted amount while a boost lasts."""
-        return self.boost_amount if self.boost_active(now) else self.amount
+        """The cap in force at `now`: the boosted amount while a boost lasts, unless the
+        amount has since been raised above it."""
+        if self.boost_amount is None or self.amount is None or not self.boost_active(now):
+            return self.amount
+        return max(self.amount, self.boost_amount)
 
 
 class ApiKey(models.Model):

@@ -102,23 +102,20 @@ def _check_amounts(limit: Limit, add: _Add) -> None:
 
 
 def _check_boost(limit: Limit, add: _Add) -> None:
-    """A boost raises an amount for a while; when it ends is checked where one is set
-    (`limit_boost`), so that an ended boost never blocks saving the limit."""
+    """The shape of a boost; whether it raises the amount and ends in the future is checked
+    where one is set (`quotas.boosts.limit_boost`), so that a boost overtaken by a later
+    amount, or ended, never blocks saving the limit."""
     if (limit.boost_amount is None) != (limit.boost_until is None):
         add("boost_amount", "A boost needs both a boosted amount and when it ends.")
         return
     boosted = limit.boost_amount
     if boosted is None:
         return
-    if limit.amount is None:
-        add("boost_amount", "Only a limit with an amount can be boosted.")
-    elif boosted <= limit.amount:
-        add("boost_amount", "The boosted amount must be above the amount.")
+    if boosted <= 0:
+        add("boost_amount", "The boosted amount must be greater than zero.")
     elif limit.metric in WHOLE_METRICS and boosted != boosted.to_integral_value():
-        add(
-            "boost_amount",
-            f"The boosted amount of a {METRIC_WORDS[limit.metric]} limit is a whole number.",
-        )
+        words = METRIC_WORDS[limit.metric]
+        add("boost_amount", f"The boosted amount of a {words} limit is a whole number.")
 
 
 def _check_alert_at(limit: Limit, add: _Add) -> None:

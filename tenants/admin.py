@@ -25,6 +25,9 @@ class FeatureSummaryInline(TenantScopedMixin, admin.TabularInline):  # type: ign
     extra = 0
     show_change_link = True
 
+    def get_queryset(self, request: HttpRequest) -> Any:
+        return super().get_queryset(request).select_related("tenant", "owner")
+
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 

@@ -639,3 +639,29 @@ def test_key_commands_refuse_unknown_names() -> None:
     with pytest.raises(CommandError, match="no API key with prefix 'abc'"):
         quota("key", "revoke", "abc")
     assert not ApiKey.objects.exists()
+
+
+def test_apply_and_export_leave_a_running_boost_alone_even_when_the_amount_overtakes_it(
+    tmp_path: Path,
+) -> None:
+    from datetime import timedelta
+    from decimal import Decimal
+
+    from django.utils import timezone
+
+    from quotas.boosts import limit_boost
+
+    apply(tmp_path, base_config())
+    limit = Limit.objects.get(pool__slug="shared")
+    now = timezone.now()
+    limit_boost(limit=limit, amount=Decimal(1500), until=now + timedelta(hours=1), now=now)
+    assert "boost" not in quota("export")[0]
+
+    raised = base_config()
+    raised["limits"][0]["amount"] = 2000
+    apply(tmp_path, raised)
+
+    limit.refresh_from_db()
+    assert (limit.amount, limit.boost_amount) == (Decimal(2000), Decimal(1500))
+    assert limit.amount_at(now) == Decimal(2000)  # the higher of the two while the boost runs
+    assert limit.amount_at(now + timedelta(hours=2)) == Decimal(2000)
