@@ -25,4 +25,9 @@ app.conf.beat_schedule = {
     "ledger-budget-drift": {"task": "ledger.tasks.ledger_budget_drift", "schedule": 600.0},
     "ledger-prune": {"task": "ledger.tasks.ledger_prune_old", "schedule": 3600.0},
     "evaluate-alerts": {"task": "alerts.tasks.evaluate_alerts", "schedule": 60.0},
+    "console-platform-snapshot": {
+        "task": "console.tasks.refresh_platform_snapshot",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
 }

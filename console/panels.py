@@ -20,7 +20,13 @@ from django.urls import reverse
 from django.utils import timezone
 
 from alerts.models import Alert, Delivery
-from ledger.usage_reads import feature_series, rising_truncation, top_consumers
+from console.snapshot import platform_snapshot
+from ledger.usage_reads import (
+    feature_series,
+    rising_truncation,
+    top_consumers,
+    top_consumers_by_pool,
+)
 from providers.models import Pool
 from quotas.admin_scoping import is_scoped, owned_tenants, scope_queryset
 from quotas.engine.types import Held
@@ -153,32 +159,43 @@ def pool_context(pool: Pool, user: Any, *, now: datetime | None = None) -> dict[
 
 def dashboard_context(user: Any, *, now: datetime | None = None) -> dict[str, Any]:
     """The admin index: the limits closest to exhaustion, the top consumers per pool, the
-    recent alerts with their deliveries, and the features whose truncation rose."""
+    recent alerts with their deliveries, and the features whose truncation rose. A
+    superuser's platform-wide panels come from the snapshot beat refreshes every minute
+    (`console.snapshot`), the candidate limits re-read live; an owner's are read live."""
     if not getattr(user, "is_staff", False):
         return {}
     now = now or timezone.now()
     plan = plans.fresh()
+    context: dict[str, Any] = {"dashboard": True, "alerts": _recent_alerts(user)}
     tenants = _tenant_ids(user)
-    infos = [
-        info
-        for info in plan.limits.values()
-        if info.amount is not None and (tenants is None or info.tenant_id in tenants)
-    ]
+    try:
+        if tenants is None:
+            snapshot = platform_snapshot(now=now)
+            infos = [plan.limits[i] for i in snapshot["closest_ids"] if i in plan.limits]
+            top_by_pool, truncation = snapshot["top_by_pool"], snapshot["truncation"]
+            context["as_of"] = snapshot["as_of"]
+        else:
+            infos = [
+                info
+                for info in plan.limits.values()
+                if info.amount is not None and info.tenant_id in tenants
+            ]
+            slugs = _tenant_slugs(user)
+            top_by_pool = top_consumers_by_pool(now=now, tenant_slugs=slugs)
+            truncation = rising_truncation(now=now, tenant_slugs=slugs)
+    except redis.RedisError:
+        log.warning("dashboard unavailable", exc_info=True)
+        return {**context, "live": Live(error=STORE_DOWN)}
     live = _live(plan, infos, now=now, held=None)
     live.limits = sorted(live.limits, key=lambda row: -row["fraction"])[:CLOSEST_SHOWN]
     for row in live.limits:
         row["url"] = _limit_url(row)
-    slugs = _tenant_slugs(user)
-    top_by_pool = [
-        (pool, _linked(plan, top_consumers(pool=pool.slug, now=now, tenant_slugs=slugs)))
-        for pool in Pool.objects.order_by("position", "slug")
-    ]
+    pools = Pool.objects.order_by("position", "slug").values_list("slug", flat=True)
     return {
-        "dashboard": True,
+        **context,
         "live": live,
-        "top_by_pool": top_by_pool,
-        "alerts": _recent_alerts(user),
-        "truncation": _linked(plan, rising_truncation(now=now, tenant_slugs=slugs)),
+        "top_by_pool": [(pool, _linked(plan, top_by_pool.get(pool, []))) for pool in pools],
+        "truncation": _linked(plan, truncation),
     }
 
 

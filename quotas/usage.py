@@ -13,17 +13,24 @@ from quotas.plan import KeyInfo, LimitInfo, Plan, plans
 from quotas.refusals import limit_body
 from quotas.reservations import get_engine
 
+CHUNK = 2_000  # limits per script call: a long script would hold up every reservation
+
 
 def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]:
-    """Each limit's state now, read from the engine in one script call, as the API shows a
-    limit (id, name, scope, metric, window, enforcement, limit, remaining) plus `used` and
-    `reset_seconds` (when the bucket is full again, or the budget's period ends). Raises
-    RedisError when the store is down."""
+    """Each limit's state now, read from the engine (one script call per CHUNK limits), as
+    the API shows a limit (id, name, scope, metric, window, enforcement, limit, remaining)
+    plus `used` and `reset_seconds` (when the bucket is full again, or the budget's period
+    ends). Raises RedisError when the store is down."""
     engine = get_engine()
     now_ms = engine.now_ms_estimate()
     checks = [plan.inspection_check(limit, engine.keys, now_ms) for limit in limits]
+    states = [
+        state
+        for start in range(0, len(checks), CHUNK)
+        for state in engine.inspect(checks[start : start + CHUNK])
+    ]
     rows = []
-    for check, state in zip(checks, engine.inspect(checks), strict=True):
+    for check, state in zip(checks, states, strict=True):
         body = limit_body(plan, check.limit_id, check.cap, state["remaining"], None)
         body["used"] = body["limit"] - body["remaining"]
         if state.get("reset_ms") is not None:

@@ -20,6 +20,7 @@ from django.utils import timezone
 import console.panels
 import quotas.usage
 from alerts.models import Alert, Delivery, Notification
+from console.tasks import refresh_platform_snapshot
 from ledger.models import UsageRollup
 from quotas.boosts import limit_boost
 from quotas.engine import Engine
@@ -520,3 +521,30 @@ def test_the_dashboard_shows_top_consumers_rising_truncation_and_alerts(
 
     root = logged_in(owners.root).get(reverse("admin:index")).content.decode()
     assert "bravo/bravo-chat" in root and "limit:2@0.8" in root
+
+
+def test_a_superusers_dashboard_shows_the_minutely_snapshot_with_live_bars(
+    world: Any, reserve: Any, owners: Any
+) -> None:
+    busy = world.limit(
+        tenant=world.tenant, feature=world.chat, metric="requests", window="day", amount=4
+    )
+    world.limit(tenant=world.tenant, feature=world.batch, metric="requests", window="day", amount=9)
+    for _ in range(2):
+        assert reserve().status_code == 201
+    assert refresh_platform_snapshot() == 2
+    hour = timezone.now().astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    UsageRollup.objects.create(  # after the snapshot: shown from the next one
+        grain="hour", start=hour, tenant="acme", feature="chat", pool="shared", input_tokens=77
+    )
+    assert reserve().status_code == 201
+
+    html = logged_in(owners.root).get(reverse("admin:index")).content.decode()
+
+    closest = html[html.index('id="closest"') : html.index('id="top-consumers"')]
+    assert cell(limit_row(closest, busy.pk), "used") == "3"  # live, not as of the snapshot
+    assert "As of" in html and "acme/chat" not in html[html.index('id="top-consumers"') :]
+
+    refresh_platform_snapshot()
+    html = logged_in(owners.root).get(reverse("admin:index")).content.decode()
+    assert "acme/chat" in html[html.index('id="top-consumers"') :]

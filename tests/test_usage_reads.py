@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 
 from ledger.models import UsageRollup
-from ledger.usage_reads import feature_series, rising_truncation, top_consumers
+from ledger.usage_reads import (
+    feature_series,
+    rising_truncation,
+    top_consumers,
+    top_consumers_by_pool,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -181,3 +186,23 @@ def test_rising_truncation_compares_the_last_24_hours_with_the_24_before() -> No
     ]
     stricter = rising_truncation(now=NOW, tenant_slugs=None, min_requests=160, min_rise=0.05)
     assert [(r["tenant"], r["feature"]) for r in stricter] == [("acme", "chat")]
+
+
+def test_top_consumers_of_every_pool_in_one_read() -> None:
+    for pool, feature, tokens in (
+        ("shared", "chat", 500),
+        ("shared", "batch", 900),
+        ("shared", "small", 10),
+        ("dedicated", "report", 700),
+    ):
+        row("hour", HOUR, "acme", feature, pool=pool, requests=1, input_tokens=tokens)
+    row("hour", HOUR, "acme", "refused", pool="", refused_rate_limited=9)
+
+    by_pool = top_consumers_by_pool(now=NOW, limit=2)
+
+    assert {pool: [t["feature"] for t in top] for pool, top in by_pool.items()} == {
+        "shared": ["batch", "chat"],
+        "dedicated": ["report"],
+    }
+    assert by_pool["shared"] == top_consumers(pool="shared", now=NOW, limit=2)
+    assert top_consumers_by_pool(now=NOW, tenant_slugs=["globex"]) == {}
