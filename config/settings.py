@@ -37,16 +37,18 @@ INSTALLED_APPS = [
     "console",
 ]
 
+# Session, authentication, messages and history: Django's and simple-history's, passed over
+# for the bearer-key API under /api/v1/ (quotas/api/middleware.py), which uses none of them.
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    "quotas.api.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "quotas.api.middleware.AuthenticationMiddleware",
+    "quotas.api.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "simple_history.middleware.HistoryRequestMiddleware",
+    "quotas.api.middleware.HistoryRequestMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
