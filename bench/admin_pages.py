@@ -268,6 +268,7 @@ def pages_table(results: list[PageResult]) -> str:
 
 
 def reads(ids: dict[str, Any], tenant_slugs: list[str]) -> list[tuple[str, Callable[[], Any]]]:
+    from console.snapshot import platform_snapshot_refresh
     from ledger import usage_reads
 
     now = now_utc()
@@ -286,6 +287,16 @@ def reads(ids: dict[str, Any], tenant_slugs: list[str]) -> list[tuple[str, Calla
             "rising_truncation (owner's tenant)",
             lambda: usage_reads.rising_truncation(now=now, tenant_slugs=tenant_slugs),
         ),
+        (
+            "top_consumers_by_pool (all pools)",
+            lambda: usage_reads.top_consumers_by_pool(now=now),
+        ),
+        (
+            "top_consumers_by_pool (owner's tenant)",
+            lambda: usage_reads.top_consumers_by_pool(now=now, tenant_slugs=tenant_slugs),
+        ),
+        # the minutely beat task behind a superuser's dashboard (every limit read from Redis)
+        ("platform snapshot refresh (beat)", lambda: platform_snapshot_refresh(now=now)),
     ]
 
 
