@@ -548,3 +548,15 @@ def test_a_superusers_dashboard_shows_the_minutely_snapshot_with_live_bars(
     refresh_platform_snapshot()
     html = logged_in(owners.root).get(reverse("admin:index")).content.decode()
     assert "acme/chat" in html[html.index('id="top-consumers"') :]
+
+
+def test_a_key_made_a_moment_ago_works_at_once_in_a_process_with_an_older_plan(
+    world: Any, reserve: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from quotas.keys import api_key_create
+
+    assert reserve().status_code == 201  # this process now holds a plan without the new key
+    with django_capture_on_commit_callbacks(execute=True):
+        issued = api_key_create(tenant=world.tenant, name="new")
+
+    assert reserve(client=world.client(issued.secret)).status_code == 201

@@ -38,7 +38,7 @@ def authenticate(request: HttpRequest) -> ApiPrincipal:
         _fail(request, "Send the API key as 'Authorization: Bearer <key>'.")
     secret = secret.strip()
     prefix = api_key_split(secret)
-    key = plans.get().keys.get(prefix) if prefix else None
+    key = _key(prefix) if prefix else None
     expected = key.hashed_secret if key else "0" * 64
     presented = api_key_hash(secret, pepper=settings.QUOTA_API_KEY_PEPPER)
     if key is None or not hmac.compare_digest(expected, presented):
@@ -47,6 +47,13 @@ def authenticate(request: HttpRequest) -> ApiPrincipal:
     if key.revoked:  # said only to the holder of the secret: prefixes leak nothing
         _fail(request, "This API key was revoked.")
     return ApiPrincipal(key)
+
+
+def _key(prefix: str) -> KeyInfo | None:
+    """The key by its prefix; one this process's plan does not know yet (made a moment ago)
+    is looked up again in the plan as the database holds it now."""
+    key = plans.get().keys.get(prefix)
+    return key if key is not None else plans.fresh().keys.get(prefix)
 
 
 class ApiKeyAuthentication(BaseAuthentication):
