@@ -14,6 +14,7 @@ from quotas.refusals import limit_body
 from quotas.reservations import Reserved
 
 WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
+NANO_F = float(NANO)
 
 
 def iso(ms: int) -> str:
@@ -51,7 +52,22 @@ def reserved_body(reserved: Reserved) -> dict[str, Any]:
 
 
 def _limit(plan: Plan, state: LimitState, now_ms: int) -> dict[str, Any]:
-    body = limit_body(plan, state.limit_id, state.cap, state.remaining, None)
+    limit = plan.limits.get(state.limit_id)
+    if limit is None:
+        body = limit_body(plan, state.limit_id, state.cap, state.remaining, None)
+    else:  # limit_body's answer, built inline: this runs for every limit of every reserve
+        cost = limit.metric == "cost_usd"
+        remaining = max(0.0, state.remaining)
+        body = {
+            "id": state.limit_id,
+            "name": limit.name,
+            "scope": limit.scope,
+            "metric": limit.metric,
+            "window": limit.window or None,
+            "enforcement": limit.enforcement,
+            "limit": round(state.cap / NANO_F, 9) if cost else math.floor(state.cap),
+            "remaining": round(remaining / NANO_F, 9) if cost else math.floor(remaining),
+        }
     if state.reset_ms is not None:
         body["reset"] = iso(state.reset_ms)
         body["reset_seconds"] = max(0, math.ceil((state.reset_ms - now_ms) / 1000))

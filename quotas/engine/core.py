@@ -21,6 +21,7 @@ from quotas.engine.types import (
     LimitState,
     Missing,
     Owner,
+    PoolOption,
     Refused,
     ReserveCall,
     Settled,
@@ -30,6 +31,7 @@ from quotas.engine.types import (
 )
 
 Reply = dict[str, Any]
+ENCODED_OPTIONS_KEPT = 4096
 
 
 class KeySpace:
@@ -79,21 +81,43 @@ class Engine:
         # Tests move or stop the clock; production leaves both alone and Redis TIME rules.
         self.clock_offset_ms = clock_offset_ms
         self.frozen_ms: int | None = None
+        # id(options) -> (options, their limit keys, their JSON): see _options_encoded
+        self._encoded: dict[int, tuple[tuple[PoolOption, ...], list[str], str]] = {}
 
     def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale:
+        option_keys, options_json = self._options_encoded(call.options)
         keys = [
             self.keys.version,
             self.keys.lease(call.reservation_id),
             self.keys.leases,
             self.keys.events,
             self._idempotency_key(call),
+            *option_keys,
         ]
-        for option in call.options:
-            for check in option.checks:
-                keys.extend(check.redis_keys())
-                keys.extend(k for k, _ in check.guards)
-        reply = self.scripts.call("reserve", keys, self._reserve_payload(call))
+        reply = self.scripts.call("reserve", keys, self._reserve_payload(call, options_json))
         return self._reserve_result(reply)
+
+    def _options_encoded(self, options: tuple[PoolOption, ...]) -> tuple[list[str], str]:
+        """The limit keys and the JSON of a reservation's pool options. The plan hands out
+        the same options object for a feature, model and priority until it changes, so
+        both are kept for that object rather than built on every reserve."""
+        hit = self._encoded.get(id(options))
+        if hit is not None and hit[0] is options:
+            return hit[1], hit[2]
+        keys = [
+            key
+            for option in options
+            for check in option.checks
+            for key in (*check.redis_keys(), *(k for k, _ in check.guards))
+        ]
+        text = json.dumps(
+            [{"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in options],
+            separators=(",", ":"),
+        )
+        if len(self._encoded) >= ENCODED_OPTIONS_KEPT:
+            self._encoded.clear()
+        self._encoded[id(options)] = (options, keys, text)
+        return keys, text
 
     def commit(
         self, *, reservation_id: str, owner: Owner, usage: Usage, version: int | None
@@ -235,28 +259,29 @@ class Engine:
             return self.keys.idempotency(call.tenant_id, call.idempotency_key)
         return self.keys.idempotency(call.tenant_id, "-")
 
-    def _reserve_payload(self, call: ReserveCall) -> dict[str, Any]:
-        return {
-            "version": call.version,
-            "id": call.reservation_id,
-            "tenant": call.tenant_id,
-            "feature": call.feature_id,
-            "ttl_ms": call.ttl_ms,
-            "retention_ms": self.retention_ms,
-            "maxlen": self.stream_maxlen,
-            "lease_prefix": self.keys.lease_prefix,
-            **self._clock(),
-            "idem_hash": call.idempotency_hash if call.idempotency_key else "",
-            "in_": call.input_tokens,
-            "out": call.max_output_tokens,
-            "min_out": call.min_output_tokens,
-            "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
-            "prices": dict(zip("ico", call.prices, strict=True)),
-            "meta": call.meta,
-            "options": [
-                {"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in call.options
-            ],
-        }
+    def _reserve_payload(self, call: ReserveCall, options_json: str) -> str:
+        head = json.dumps(
+            {
+                "version": call.version,
+                "id": call.reservation_id,
+                "tenant": call.tenant_id,
+                "feature": call.feature_id,
+                "ttl_ms": call.ttl_ms,
+                "retention_ms": self.retention_ms,
+                "maxlen": self.stream_maxlen,
+                "lease_prefix": self.keys.lease_prefix,
+                **self._clock(),
+                "idem_hash": call.idempotency_hash if call.idempotency_key else "",
+                "in_": call.input_tokens,
+                "out": call.max_output_tokens,
+                "min_out": call.min_output_tokens,
+                "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
+                "prices": dict(zip("ico", call.prices, strict=True)),
+                "meta": call.meta,
+            },
+            separators=(",", ":"),
+        )
+        return head[:-1] + ',"options":' + options_json + "}"
 
     def _owner_payload(self, owner: Owner, version: int | None) -> dict[str, Any]:
         return {
