@@ -9,7 +9,7 @@ common (ALLOWED_HOSTS), CSRF and clickjacking middleware still run for the API.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
@@ -20,6 +20,7 @@ from simple_history import middleware as history
 API_PREFIX = "/api/v1/"
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
+Answer = HttpResponseBase | Awaitable[HttpResponseBase]  # as MiddlewareMixin's
 
 
 def is_api(request: HttpRequest) -> bool:
@@ -27,21 +28,21 @@ def is_api(request: HttpRequest) -> bool:
 
 
 class SessionMiddleware(sessions.SessionMiddleware):
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __call__(self, request: HttpRequest) -> Answer:
         if is_api(request):
             return self.get_response(request)
         return super().__call__(request)
 
 
 class AuthenticationMiddleware(auth.AuthenticationMiddleware):
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __call__(self, request: HttpRequest) -> Answer:
         if is_api(request):
             return self.get_response(request)
         return super().__call__(request)
 
 
 class MessageMiddleware(messages.MessageMiddleware):
-    def __call__(self, request: HttpRequest) -> HttpResponseBase:
+    def __call__(self, request: HttpRequest) -> Answer:
         if is_api(request):
             return self.get_response(request)
         return super().__call__(request)
