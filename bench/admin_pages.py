@@ -300,6 +300,18 @@ def reads(ids: dict[str, Any], tenant_slugs: list[str]) -> list[tuple[str, Calla
     ]
 
 
+def _size(result: Any) -> int:
+    """Rows a read gave: a list's length; a feature series' hours; pools' rows together; a
+    snapshot's candidate limits."""
+    if isinstance(result, list):
+        return len(result)
+    if "hourly" in result:
+        return len(result["hourly"])
+    if "closest_ids" in result:
+        return len(result["closest_ids"])
+    return sum(len(rows) for rows in result.values())
+
+
 def reads_measure(ids: dict[str, Any], requests: int, explain: bool) -> str:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
@@ -318,10 +330,11 @@ def reads_measure(ids: dict[str, Any], requests: int, explain: bool) -> str:
         with CaptureQueriesContext(connection) as captured:
             call()
         times.sort()
-        met = (
-            "" if percentile(times, 0.95) < QUERY_TARGET_MS else f"  over {QUERY_TARGET_MS:.0f} ms"
-        )
-        size = len(result) if isinstance(result, list) else len(result.get("hourly", []))
+        # a beat task's work is off the page's path: no page target for it
+        background = name.endswith("(beat)")
+        fast = percentile(times, 0.95) < QUERY_TARGET_MS
+        met = "  background" if background else "" if fast else f"  over {QUERY_TARGET_MS:.0f} ms"
+        size = _size(result)
         lines.append(
             f"{name:<36} {percentile(times, 0.5):>8.1f} {percentile(times, 0.95):>8.1f} "
             f"{times[-1]:>8.1f} {len(captured):>7}  {size}{met}"
