@@ -10,12 +10,13 @@ superuser.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
-from django.db.models import Prefetch
+from django.db.models import F, Prefetch
 from django.urls import reverse
 from django.utils import timezone
 
@@ -44,7 +45,7 @@ ALERTS_SHOWN = 10
 HELD_SHOWN = 20
 
 # A bar's colour by how much of the limit is used.
-TONES = ((0.9, "full"), (0.7, "warn"), (0.0, "ok"))
+TONES = ((0.9, "full"), (0.7, "warn"), (-math.inf, "ok"))
 
 
 @dataclass
@@ -64,11 +65,10 @@ def _read(plan: Plan, infos: list[LimitInfo], *, now: datetime) -> list[dict[str
     """`limits_read` plus what a page needs beside it: the share used, the bar's tone, a
     running boost, and where to edit the limit."""
     rows = limits_read(plan, infos)
-    boosts = dict(
-        Limit.objects.filter(id__in=[row["id"] for row in rows], boost_until__gt=now).values_list(
-            "id", "boost_until"
-        )
+    boosted = Limit.objects.filter(
+        id__in=[row["id"] for row in rows], boost_until__gt=now, boost_amount__gt=F("amount")
     )
+    boosts = dict(boosted.values_list("id", "boost_until"))
     for row, info in zip(rows, infos, strict=True):
         fraction = row["used"] / row["limit"] if row["limit"] else 0.0
         row["fraction"] = fraction

@@ -104,14 +104,16 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, AuditedAdmin):
             "Boost",
             {
                 "fields": ("boost_amount", "boost_until"),
-                "description": "A higher cap for a while; the limit's page has a boost button.",
+                "description": "A higher cap for a while, set with the Boost button above.",
             },
         ),
         ("Alerts", {"fields": ("alert_at",)}),
     )
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
-        return limit_readonly_fields(request)
+        # A boost is set on its own page, whose rules (above the amount, ends within a
+        # month) and audit words the form would skip.
+        return (*limit_readonly_fields(request), "boost_amount", "boost_until")
 
     def formfield_for_foreignkey(
         self, db_field: Any, request: HttpRequest, **kwargs: Any

@@ -30,9 +30,13 @@ def limit_boost(*, limit: Limit, amount: Decimal, until: datetime, now: datetime
         raise ValidationError({"boost_amount": "Only a limit with an amount can be boosted."})
     if amount <= limit.amount:
         raise ValidationError({"boost_amount": "The boosted amount must be above the amount."})
-    limit.boost_amount = amount
-    limit.boost_until = until
-    limit.full_clean()
+    before = limit.boost_amount, limit.boost_until
+    limit.boost_amount, limit.boost_until = amount, until
+    try:
+        limit.full_clean()
+    except ValidationError:
+        limit.boost_amount, limit.boost_until = before  # the row stays as it is stored
+        raise
     limit.save(update_fields=["boost_amount", "boost_until"])
     return limit
 

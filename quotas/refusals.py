@@ -31,6 +31,11 @@ def refusal_error(refused: Refused, plan: Plan) -> QuotaError:
     return QuotaError(code, message, headers=headers, limit=described, retry_after_ms=retry_ms)
 
 
+def units_shown(metric: str, units: float) -> float | int:
+    """Engine units as the API shows them: USD for cost, whole tokens or requests."""
+    return round(units / float(NANO), 9) if metric == "cost_usd" else math.floor(units)
+
+
 def limit_body(
     plan: Plan, limit_id: int, cap: int, remaining: float, reset_ms: int | None
 ) -> dict[str, Any]:
@@ -39,7 +44,7 @@ def limit_body(
     metric = limit.metric if limit else ""
 
     def show(units: float) -> float | int:
-        return round(units / float(NANO), 9) if metric == "cost_usd" else math.floor(units)
+        return units_shown(metric, units)
 
     body: dict[str, Any] = {
         "id": limit_id,

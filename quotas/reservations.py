@@ -125,7 +125,7 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         else:
             spool_drain(get_engine())
         if isinstance(result, Stale):
-            _key_recheck(plans.reload(older_than=plan), key)
+            key_recheck(plans.reload(older_than=plan), key)
             continue
         return _reserve_outcome(result, plan, feature, data, priority, input_tokens, estimated)
     raise QuotaError(
@@ -133,8 +133,8 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
     )
 
 
-def _key_recheck(plan: Plan, key: KeyInfo) -> None:
-    """A key authenticated against an older plan may have been revoked since."""
+def key_recheck(plan: Plan, key: KeyInfo) -> None:
+    """A key authenticated against an older plan may have been revoked since: 401."""
     current = plan.keys.get(key.prefix)
     if current is None or current.revoked:
         raise QuotaError(
@@ -292,7 +292,7 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
         key,
         lambda version: get_engine().commit(
             reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
-        )
+        ),
     )
     if isinstance(result, Conflict):
         if result.state == "released":
@@ -309,7 +309,7 @@ def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
         key,
         lambda version: get_engine().release(
             reservation_id=reservation_id, owner=owner_of(key), version=version
-        )
+        ),
     )
     if isinstance(result, Conflict):
         if result.state == "expired":
@@ -341,7 +341,7 @@ def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -
             owner=owner_of(key),
             ttl_ms=ttl_seconds * 1000,
             version=version,
-        )
+        ),
     )
     if isinstance(result, Conflict):
         raise QuotaError(
@@ -357,7 +357,7 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
         key,
         lambda version: get_engine().peek(
             reservation_id=reservation_id, owner=owner_of(key), version=version
-        )
+        ),
     )
     assert isinstance(result, LeaseView)
     return result
@@ -378,7 +378,7 @@ def _with_plan(key: KeyInfo, call: Any) -> Any:
                 headers={"Retry-After": "1"},
             ) from exc
         if isinstance(result, Stale):
-            _key_recheck(plans.reload(older_than=plan), key)
+            key_recheck(plans.reload(older_than=plan), key)
             continue
         if isinstance(result, Missing):
             raise not_found("reservation")

@@ -10,8 +10,8 @@ import redis
 
 from quotas.errors import QuotaError, not_found
 from quotas.plan import KeyInfo, LimitInfo, Plan, plans
-from quotas.refusals import limit_body
-from quotas.reservations import get_engine
+from quotas.refusals import limit_body, units_shown
+from quotas.reservations import get_engine, key_recheck
 
 CHUNK = 2_000  # limits per script call: a long script would hold up every reservation
 
@@ -33,6 +33,8 @@ def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]
     for check, state in zip(checks, states, strict=True):
         body = limit_body(plan, check.limit_id, check.cap, state["remaining"], None)
         body["used"] = body["limit"] - body["remaining"]
+        if state["used"] > check.cap:  # a soft limit, or commits, went past the cap
+            body["used"] = units_shown(body["metric"], state["used"])
         if state.get("reset_ms") is not None:
             body["reset_seconds"] = max(0, math.ceil((state["reset_ms"] - state["now_ms"]) / 1000))
         rows.append(body)
@@ -40,7 +42,8 @@ def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]
 
 
 def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
-    plan = plans.get()
+    plan = plans.fresh()  # a read carries no version for the engine to check
+    key_recheck(plan, key)
     feature = plan.features.get((key.tenant_id, slug))
     if feature is None:
         raise not_found(f"feature '{slug}'")

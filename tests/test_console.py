@@ -24,6 +24,7 @@ from console.tasks import refresh_platform_snapshot
 from ledger.models import UsageRollup
 from quotas.boosts import limit_boost
 from quotas.engine import Engine
+from quotas.models import ApiKey
 from quotas.plan import plans
 from quotas.plan.load import plan_load
 from quotas.store import get_engine
@@ -397,8 +398,6 @@ def test_a_plan_without_boosts_never_expires(world: Any) -> None:
 def test_revoking_a_key_from_its_page_refuses_it_at_once(
     world: Any, reserve: Any, owners: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    from quotas.models import ApiKey
-
     assert reserve().status_code == 201
     key = ApiKey.objects.get(tenant=world.tenant)
     client = logged_in(owners.owner)
@@ -560,3 +559,113 @@ def test_a_key_made_a_moment_ago_works_at_once_in_a_process_with_an_older_plan(
         issued = api_key_create(tenant=world.tenant, name="new")
 
     assert reserve(client=world.client(issued.secret)).status_code == 201
+
+
+# -- edges: limits that never reset, refused boosts, overruns, revoked keys ---------------
+
+
+def test_feature_page_with_a_concurrency_limit_renders(world: Any, owners: Any) -> None:
+    world.limit(tenant=world.tenant, feature=world.chat, metric="concurrent", window="", amount=5)
+    page = logged_in(owners.owner).get(feature_url(world.chat))
+    assert page.status_code == 200
+
+
+def test_tenant_page_with_a_concurrency_limit_renders(world: Any, owners: Any) -> None:
+    world.limit(tenant=world.tenant, metric="concurrent", window="", amount=5)
+    page = logged_in(owners.owner).get(
+        reverse("admin:tenants_tenant_change", args=[world.tenant.pk])
+    )
+    assert page.status_code == 200
+
+
+def test_owner_dashboard_with_a_concurrency_limit_renders(world: Any, owners: Any) -> None:
+    world.limit(tenant=world.tenant, metric="concurrent", window="", amount=5)
+    page = logged_in(owners.owner).get(reverse("admin:index"))
+    assert page.status_code == 200
+
+
+def test_superuser_dashboard_and_pool_page_with_a_pool_concurrency_limit_render(
+    world: Any, owners: Any
+) -> None:
+    world.limit(pool=world.pool, metric="concurrent", window="", amount=50)
+    client = logged_in(owners.root)
+    assert client.get(reverse("admin:index")).status_code == 200
+    assert (
+        client.get(reverse("admin:providers_pool_change", args=[world.pool.pk])).status_code == 200
+    )
+
+
+def test_a_refused_boost_is_not_shown_as_running(world: Any, owners: Any) -> None:
+    limit = world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=1000)
+    url = reverse("admin:quotas_limit_boost", args=[limit.pk])
+    page = logged_in(owners.owner).post(url, {"amount": "1500.5", "hours": "4"})
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "whole number" in html
+    limit.refresh_from_db()
+    assert limit.boost_amount is None
+    assert "It is boosted to" not in html
+    assert "End the boost now" not in html
+
+
+def test_a_revoked_key_is_refused_by_the_next_read(
+    world: Any, reserve: Any, owners: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    assert reserve().status_code == 201
+    assert world.client().get("/api/v1/features/chat/usage").status_code == 200
+    key = ApiKey.objects.get(tenant=world.tenant)
+    with django_capture_on_commit_callbacks(execute=True):
+        logged_in(owners.owner).post(reverse("admin:quotas_apikey_revoke", args=[key.pk]))
+    assert world.client().get("/api/v1/features/chat/usage").status_code == 401
+
+
+def test_a_soft_limit_over_its_cap_shows_what_the_engine_counts(
+    world: Any, reserve: Any, owners: Any
+) -> None:
+    soft = world.limit(
+        tenant=world.tenant,
+        feature=world.chat,
+        metric="requests",
+        window="day",
+        amount=2,
+        enforcement="soft",
+    )
+    for _ in range(3):
+        assert reserve().status_code == 201
+    html = logged_in(owners.owner).get(feature_url(world.chat)).content.decode()
+    row = limit_row(html, soft.pk)
+    plan = plans.fresh()
+    engine = get_engine()
+    check = plan.inspection_check(plan.limits[soft.pk], engine.keys, engine.now_ms_estimate())
+    assert engine.inspect([check])[0]["used"] == 3  # what the engine counts
+    assert cell(row, "used") == "3"
+
+
+def test_the_limit_form_refuses_a_boost_the_boost_page_would_refuse(
+    world: Any, owners: Any
+) -> None:
+    limit = world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=1000)
+    client = logged_in(owners.owner)
+    url = reverse("admin:quotas_limit_change", args=[limit.pk])
+    form = client.get(url).context["adminform"].form
+    data = {}
+    for name, field in form.fields.items():
+        value = form.initial.get(name, field.initial)
+        if value is None:
+            continue
+        if hasattr(value, "pk"):
+            value = value.pk
+        data[name] = value
+    far = timezone.localtime(timezone.now() + timedelta(days=3650))
+    data.update(
+        {
+            "boost_amount": "500",
+            "boost_until_0": far.strftime("%Y-%m-%d"),
+            "boost_until_1": far.strftime("%H:%M:%S"),
+            "alert_at": "[]",
+        }
+    )
+    data = {k: v for k, v in data.items() if k != "boost_until"}
+    client.post(url, data)
+    limit.refresh_from_db()
+    assert limit.boost_until is None  # a boost below the amount, for ten years, is refused

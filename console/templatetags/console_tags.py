@@ -10,9 +10,9 @@ register = template.Library()
 
 
 @register.filter
-def amount(value: float | int | Decimal | None, metric: str = "") -> str:
-    """12,345 for counts; $1.23 (or $0.000123) for cost."""
-    if value is None:
+def amount(value: float | int | Decimal | str | None, metric: str = "") -> str:
+    """12,345 for counts; $1.23 (or $0.000123) for cost; "-" for nothing."""
+    if value is None or value == "":
         return "-"
     if metric in ("cost_usd", "usd"):
         number = Decimal(str(value))
@@ -21,9 +21,9 @@ def amount(value: float | int | Decimal | None, metric: str = "") -> str:
 
 
 @register.filter
-def duration(seconds: int | None) -> str:
-    """3 s, 4 min, 2 h 5 min, 3 d 4 h."""
-    if seconds is None:
+def duration(seconds: int | str | None) -> str:
+    """3 s, 4 min, 2 h 5 min, 3 d 4 h; "-" for nothing (a concurrency limit never resets)."""
+    if seconds is None or seconds == "":
         return "-"
     seconds = int(seconds)
     if seconds < 60:
@@ -39,5 +39,5 @@ def duration(seconds: int | None) -> str:
 
 
 @register.filter
-def percent(value: float | None) -> str:
-    return "-" if value is None else f"{value * 100:.1f}%"
+def percent(value: float | str | None) -> str:
+    return "-" if value is None or value == "" else f"{float(value) * 100:.1f}%"
