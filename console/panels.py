@@ -128,12 +128,15 @@ def feature_context(feature: Feature, user: Any, *, now: datetime | None = None)
 
 
 def tenant_context(tenant: Tenant, user: Any, *, now: datetime | None = None) -> dict[str, Any]:
-    """A tenant's page: every limit of the tenant (its own and its features') and the
-    reservations held for it."""
+    """A tenant's page: its features, every limit of the tenant (its own and its
+    features') and the reservations held for it."""
     now = now or timezone.now()
     plan = plans.fresh()
     infos = sorted(plan.by_tenant.get(tenant.pk, []), key=lambda i: (i.feature_id or 0, i.id))
-    return {"live": _live(plan, infos, now=now, held={"tenant_id": tenant.pk}, user=user)}
+    return {
+        "live": _live(plan, infos, now=now, held={"tenant_id": tenant.pk}, user=user),
+        "features": tenant.features.select_related("tenant", "owner").order_by("slug"),
+    }
 
 
 def pool_context(pool: Pool, user: Any, *, now: datetime | None = None) -> dict[str, Any]:

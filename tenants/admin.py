@@ -10,32 +10,10 @@ from django.http import HttpRequest
 from console.admin_views import FeatureSwitchMixin, LivePanelMixin
 from console.panels import feature_context, tenant_context
 from quotas.admin import LimitInline
-from quotas.admin_scoping import AuditedAdmin, TenantScopedMixin, VisibleErrorsForm, is_scoped
+from quotas.admin_scoping import AuditedAdmin, VisibleErrorsForm, is_scoped
 from tenants.models import Feature, Tenant
 
 RelatedOnly = admin.RelatedOnlyFieldListFilter
-
-
-class FeatureSummaryInline(TenantScopedMixin, admin.TabularInline):  # type: ignore[type-arg]
-    """A tenant's features at a glance; each is edited on its own page, with its limits."""
-
-    model = Feature
-    fields = ("slug", "name", "owner", "priority", "status")
-    readonly_fields = fields
-    extra = 0
-    show_change_link = True
-
-    def get_queryset(self, request: HttpRequest) -> Any:
-        return super().get_queryset(request).select_related("tenant", "owner")
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 class TenantForm(VisibleErrorsForm):
@@ -51,7 +29,6 @@ class TenantAdmin(LivePanelMixin, AuditedAdmin):
     list_filter = ("status",)
     search_fields = ("slug", "name")
     autocomplete_fields = ("owners",)
-    inlines = (FeatureSummaryInline,)
 
     def get_queryset(self, request: HttpRequest) -> Any:
         return super().get_queryset(request).prefetch_related("owners")
@@ -67,9 +44,6 @@ class TenantAdmin(LivePanelMixin, AuditedAdmin):
         # Who owns a tenant decides who sees it, so only superusers grant it; the slug names
         # the tenant in config files and API clients.
         return ("slug", "owners") if is_scoped(request.user) else ()
-
-    def get_inlines(self, request: HttpRequest, obj: Any) -> Any:
-        return self.inlines if obj is not None else ()
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return not is_scoped(request.user) and super().has_add_permission(request)

@@ -215,6 +215,8 @@ def test_tenant_and_pool_pages_show_live_state_within_the_owners_tenants(
     )
 
     assert cell(limit_row(tenant_page.content.decode(), mine.pk), "used") == "500"
+    features = tenant_page.content.decode().split('id="features"')[1].split('id="live"')[0]
+    assert feature_url(world.chat) in features and feature_url(world.batch) in features
     html = owner_pool.content.decode()
     assert f'data-limit-id="{mine.pk}"' in html
     assert (
