@@ -288,7 +288,7 @@ def reads(ids: dict[str, Any], tenant_slugs: list[str]) -> list[tuple[str, Calla
             lambda: usage_reads.rising_truncation(now=now, tenant_slugs=tenant_slugs),
         ),
         (
-            "top_consumers_by_pool (all pools)",
+            "top_consumers_by_pool, all pools (beat)",
             lambda: usage_reads.top_consumers_by_pool(now=now),
         ),
         (
