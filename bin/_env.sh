@@ -26,7 +26,7 @@ ensure_venv() {
     .venv/bin/pip install --quiet -e ./sdk
     touch .venv/.installed
   fi
-  mkdir -p var
+  mkdir -p var/static  # STATIC_ROOT: whitenoise warns on every request while it is missing
   ensure_static
 }
 
