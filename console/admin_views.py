@@ -59,6 +59,23 @@ class ConsoleAdminMixin(_AdminBase):
         opts = self.model._meta
         return reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[obj.pk])
 
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        """What the console adds to a visible row's change page; mixins extend it."""
+        return {}
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        context = dict(extra_context or {})
+        obj = self.get_object(request, unquote(object_id))
+        if obj is not None and self.has_view_permission(request, obj):
+            context.update(self.console_context(request, obj))
+        return super().change_view(request, object_id, form_url, context)
+
     def object_url(self, name: str, view: Callable[..., HttpResponse]) -> URLPattern:
         opts = self.model._meta
         wrapped = self.admin_site.admin_view(view)
@@ -70,25 +87,17 @@ class ConsoleAdminMixin(_AdminBase):
 
 
 class LivePanelMixin(ConsoleAdminMixin):
-    """Adds `live_context(request, obj)` to the context of an existing row's change page (on
-    GET: a failed POST shows the form with its errors, without the panels)."""
+    """Adds `live_context(request, obj)` to a visible row's change page (on GET: a failed
+    POST shows the form with its errors, without the panels)."""
 
     def live_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
         raise NotImplementedError
 
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        context = dict(extra_context or {})
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        context = super().console_context(request, obj)
         if request.method == "GET":
-            obj = self.get_object(request, unquote(object_id))
-            if obj is not None and self.has_view_permission(request, obj):
-                context.update(self.live_context(request, obj))
-        return super().change_view(request, object_id, form_url, context)
+            context.update(self.live_context(request, obj))
+        return context
 
 
 # -- pause and resume a feature ----------------------------------------------------------------
@@ -102,18 +111,11 @@ class FeatureSwitchMixin(ConsoleAdminMixin):
     def get_urls(self) -> list[Any]:
         return [self.object_url("status", self.status_view), *super().get_urls()]
 
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        obj = self.get_object(request, unquote(object_id))
-        context = dict(extra_context or {})
-        if obj is not None and self.has_change_permission(request, obj):
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        context = super().console_context(request, obj)
+        if self.has_change_permission(request, obj):
             context["status_url"] = reverse("admin:tenants_feature_status", args=[obj.pk])
-        return super().change_view(request, object_id, form_url, context)
+        return context
 
     def status_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         return require_POST(self._status)(request, object_id)
@@ -237,18 +239,11 @@ class ApiKeyRevokeMixin(ConsoleAdminMixin):
     def get_urls(self) -> list[Any]:
         return [self.object_url("revoke", self.revoke_view), *super().get_urls()]
 
-    def change_view(
-        self,
-        request: HttpRequest,
-        object_id: str,
-        form_url: str = "",
-        extra_context: dict[str, Any] | None = None,
-    ) -> HttpResponse:
-        obj = self.get_object(request, unquote(object_id))
-        context = dict(extra_context or {})
-        if obj is not None and obj.revoked_at is None and self.has_change_permission(request, obj):
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        context = super().console_context(request, obj)
+        if obj.revoked_at is None and self.has_change_permission(request, obj):
             context["revoke_url"] = reverse("admin:quotas_apikey_revoke", args=[obj.pk])
-        return super().change_view(request, object_id, form_url, context)
+        return context
 
     def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
         return require_POST(self._revoke)(request, object_id)

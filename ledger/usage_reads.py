@@ -23,28 +23,11 @@ from django.db.models import Exists, F, OuterRef, Q, Sum, Window
 from django.db.models.functions import RowNumber
 
 from ledger.models import Grain, UsageRollup
+from ledger.rollups import COUNTERS, REFUSAL_COLUMN
+from quotas.plan.infos import NANO
 
-NANO = Decimal(10**9)
-# Sums per bucket; cost is summed in nano-USD and given in USD.
-COUNTERS = (
-    "requests",
-    "input_tokens",
-    "cached_input_tokens",
-    "output_tokens",
-    "cost_nusd",
-    "refused_rate_limited",
-    "refused_budget_exhausted",
-    "refused_concurrency",
-    "truncated",
-    "upstream_429",
-    "expired",
-    "released",
-)
-REFUSAL_REASONS = {
-    "rate_limited": "refused_rate_limited",
-    "budget_exhausted": "refused_budget_exhausted",
-    "concurrency": "refused_concurrency",
-}
+# Sums per bucket (the rollups' counters); cost is summed in nano-USD and given in USD.
+REFUSAL_REASONS = REFUSAL_COLUMN
 HOURS, DAYS = 24, 30
 
 
@@ -106,25 +89,17 @@ def feature_series(*, tenant: str, feature: str, now: datetime) -> dict[str, Any
     A bucket: start, requests, input/cached/output tokens, tokens (input + output),
     cost_nusd, cost_usd (Decimal), refusals by reason (rate_limited, budget_exhausted,
     concurrency), refused (their sum), truncated, upstream_429, expired, released."""
-    hour = timedelta(hours=1)
-    hourly, totals_24h = _series(
-        tenant=tenant,
-        feature=feature,
-        grain=Grain.HOUR,
-        first=hour_floor(now) - hour * (HOURS - 1),
-        step=hour,
-        count=HOURS,
+    hour, day = timedelta(hours=1), timedelta(days=1)
+    windows = (
+        ("hourly", "totals_24h", Grain.HOUR, hour_floor(now) - hour * (HOURS - 1), hour, HOURS),
+        ("daily", "totals_30d", Grain.DAY, day_floor(now) - day * (DAYS - 1), day, DAYS),
     )
-    day = timedelta(days=1)
-    daily, totals_30d = _series(
-        tenant=tenant,
-        feature=feature,
-        grain=Grain.DAY,
-        first=day_floor(now) - day * (DAYS - 1),
-        step=day,
-        count=DAYS,
-    )
-    return {"hourly": hourly, "daily": daily, "totals_24h": totals_24h, "totals_30d": totals_30d}
+    series: dict[str, Any] = {}
+    for name, totals, grain, first, step, count in windows:
+        series[name], series[totals] = _series(
+            tenant=tenant, feature=feature, grain=grain, first=first, step=step, count=count
+        )
+    return series
 
 
 def _last_24h(now: datetime) -> tuple[datetime, datetime]:
