@@ -17,7 +17,24 @@ WINDOW_SECONDS = {"minute": 60, "hour": 3600, "day": 86400}
 NANO_F = float(NANO)
 
 
+ISO_FAST_BEFORE_MS = 4_102_444_800_000  # 2100-01-01: ms / 1000 rounds to the exact ms below
+ISO_SECONDS_KEPT = 4096
+_iso_seconds: dict[int, str] = {}
+
+
 def iso(ms: int) -> str:
+    """An instant in ms as ISO 8601 UTC: 2026-11-28T23:38:26.983000Z, no fraction on a whole
+    second. A reserve writes five (its expiry, every limit's reset), mostly within the same
+    few seconds, so each second's date and time is formatted once."""
+    if type(ms) is int and 0 <= ms < ISO_FAST_BEFORE_MS:
+        seconds, millis = divmod(ms, 1000)
+        text = _iso_seconds.get(seconds)
+        if text is None:
+            if len(_iso_seconds) >= ISO_SECONDS_KEPT:
+                _iso_seconds.clear()
+            text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            _iso_seconds[seconds] = text
+        return f"{text}.{millis:03d}000Z" if millis else text + "Z"
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
 
 
