@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from quotas.engine.scripts import Scripts
+from quotas.engine.scripts import Scripts, json_encode
 from quotas.engine.types import (
     BudgetAdjustment,
     Check,
@@ -82,7 +82,7 @@ class Engine:
         self.clock_offset_ms = clock_offset_ms
         self.frozen_ms: int | None = None
         # id(options) -> (options, their limit keys, their JSON): see _options_encoded
-        self._encoded: dict[int, tuple[tuple[PoolOption, ...], list[str], str]] = {}
+        self._encoded: dict[int, tuple[tuple[PoolOption, ...], list[str], bytes]] = {}
 
     def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale:
         option_keys, options_json = self._options_encoded(call.options)
@@ -97,7 +97,7 @@ class Engine:
         reply = self.scripts.call("reserve", keys, self._reserve_payload(call, options_json))
         return self._reserve_result(reply)
 
-    def _options_encoded(self, options: tuple[PoolOption, ...]) -> tuple[list[str], str]:
+    def _options_encoded(self, options: tuple[PoolOption, ...]) -> tuple[list[str], bytes]:
         """The limit keys and the JSON of a reservation's pool options. The plan hands out
         the same options object for a feature, model and priority until it changes, so
         both are kept for that object rather than built on every reserve."""
@@ -110,9 +110,8 @@ class Engine:
             for check in option.checks
             for key in (*check.redis_keys(), *(k for k, _ in check.guards))
         ]
-        text = json.dumps(
-            [{"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in options],
-            separators=(",", ":"),
+        text = json_encode(
+            [{"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in options]
         )
         if len(self._encoded) >= ENCODED_OPTIONS_KEPT:
             self._encoded.clear()
@@ -259,8 +258,8 @@ class Engine:
             return self.keys.idempotency(call.tenant_id, call.idempotency_key)
         return self.keys.idempotency(call.tenant_id, "-")
 
-    def _reserve_payload(self, call: ReserveCall, options_json: str) -> str:
-        head = json.dumps(
+    def _reserve_payload(self, call: ReserveCall, options_json: bytes) -> bytes:
+        head = json_encode(
             {
                 "version": call.version,
                 "id": call.reservation_id,
@@ -278,10 +277,9 @@ class Engine:
                 "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
                 "prices": dict(zip("ico", call.prices, strict=True)),
                 "meta": call.meta,
-            },
-            separators=(",", ":"),
+            }
         )
-        return head[:-1] + ',"options":' + options_json + "}"
+        return head[:-1] + b',"options":' + options_json + b"}"
 
     def _owner_payload(self, owner: Owner, version: int | None) -> dict[str, Any]:
         return {
