@@ -24,6 +24,9 @@ from tests.factories import (
     TenantFactory,
 )
 
+# A Redis that refuses connections, for the tests of the fail modes.
+DEAD_STORE = "redis://127.0.0.1:1/0"
+
 
 @pytest.fixture(autouse=True)
 def redis_db() -> Iterator[redis.Redis]:

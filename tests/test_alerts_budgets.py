@@ -10,7 +10,6 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-import redis
 from django.conf import settings
 from django.core import mail
 
@@ -21,8 +20,8 @@ from alerts.services import alerts_run
 from ledger.models import Grain, UsageRollup
 from quotas.engine import Engine
 from quotas.models import Limit
-from quotas.store import get_engine
-from tests.conftest import World
+from quotas.store import get_engine, redis_client
+from tests.conftest import DEAD_STORE, World
 from tests.factories import UserFactory
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -302,7 +301,7 @@ def test_with_the_store_down_budget_alerts_stay_and_the_ledgers_rules_still_run(
     use(reserve, 8_000)
     alerts_run(now_ms=at(9))
     dead = Engine(
-        redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2),
+        redis_client(DEAD_STORE),
         hash_tag=settings.QUOTA_HASH_TAG,
     )
     monkeypatch.setattr(alerts.budgets, "get_engine", lambda: dead)

@@ -23,6 +23,8 @@ from quotas.engine.core import Engine
 from quotas.keys import api_key_create
 from quotas.plan import plans
 from quotas.reservations import get_engine
+from quotas.store import redis_client
+from tests.conftest import DEAD_STORE
 from tests.factories import FeatureFactory, LanguageModelFactory, PoolFactory, TenantFactory
 
 RESERVATIONS = "/api/v1/reservations"
@@ -781,11 +783,31 @@ def empty_spool() -> Iterator[None]:
 def store_down(monkeypatch: pytest.MonkeyPatch, empty_spool: None) -> Iterator[Engine]:
     """The engine on a Redis that is not there; undo() brings the real one back."""
     dead = Engine(
-        redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2),
+        redis_client(DEAD_STORE),
         hash_tag=settings.QUOTA_HASH_TAG,
     )
     monkeypatch.setattr(quotas.reservations, "get_engine", lambda: dead)
     yield dead
+
+
+def test_the_apps_client_learns_a_store_is_down_at_the_first_connection_attempt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    attempts = []
+    connect = redis.connection.Connection._connect
+
+    def counted(self: Any) -> Any:
+        attempts.append(1)
+        return connect(self)
+
+    monkeypatch.setattr(redis.connection.Connection, "_connect", counted)
+    with pytest.raises(redis.ConnectionError):
+        redis_client(DEAD_STORE).get("x")
+    assert len(attempts) == 1
+    attempts.clear()
+    with pytest.raises(redis.ConnectionError):  # redis-py's default policy, for contrast
+        redis.Redis(port=1).get("x")
+    assert len(attempts) > 1
 
 
 def test_a_fail_closed_pool_refuses_while_the_store_is_down(
@@ -819,7 +841,7 @@ def test_settling_while_the_store_is_down_is_unavailable(
     suffix: str,
     body: Any,
 ) -> None:
-    dead = Engine(redis.Redis(port=1, socket_connect_timeout=0.2), hash_tag="quota")
+    dead = Engine(redis_client(DEAD_STORE), hash_tag="quota")
     monkeypatch.setattr(quotas.reservations, "get_engine", lambda: dead)
 
     response = getattr(world.client(), method)(

@@ -10,7 +10,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-import redis
 from django.conf import settings
 from django.contrib.admin.models import LogEntry
 from django.test import Client
@@ -27,7 +26,8 @@ from quotas.engine import Engine
 from quotas.models import ApiKey
 from quotas.plan import plans
 from quotas.plan.load import plan_load
-from quotas.store import get_engine
+from quotas.store import get_engine, redis_client
+from tests.conftest import DEAD_STORE
 from tests.factories import FeatureFactory, TenantFactory, TenantOwnerFactory, UserFactory
 
 
@@ -184,7 +184,7 @@ def test_with_the_store_down_the_page_says_so_and_still_works(
 ) -> None:
     world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=10_000)
     dead = Engine(
-        redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2),
+        redis_client(DEAD_STORE),
         hash_tag=settings.QUOTA_HASH_TAG,
     )
     monkeypatch.setattr(quotas.usage, "get_engine", lambda: dead)

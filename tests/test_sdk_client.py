@@ -18,7 +18,8 @@ from quotaclient import QuotaClient
 import quotas.reservations
 from quotas.engine.core import Engine
 from quotas.plan import plans
-from tests.conftest import World
+from quotas.store import redis_client
+from tests.conftest import DEAD_STORE, World
 from tests.fakes.stack import Stack, live_stack
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -240,7 +241,7 @@ def test_a_store_outage_on_a_fail_closed_pool_raises_unavailable(
     client: QuotaClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = Engine(
-        redis.Redis(port=1, socket_connect_timeout=0.2, socket_timeout=0.2),
+        redis_client(DEAD_STORE),
         hash_tag=settings.QUOTA_HASH_TAG,
     )
     monkeypatch.setattr(quotas.reservations, "get_engine", lambda: dead)
