@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from quotas.plan import Plan, plans
@@ -243,6 +243,7 @@ class Batch:
     usage: dict[str, Row]
     refusals: dict[str, Row]
     ids: list[str]
+    keys_used: dict[str, int] = field(default_factory=dict)  # API key prefix: last at_ms
 
 
 def batch_from_entries(
@@ -253,6 +254,9 @@ def batch_from_entries(
     batch = Batch(usage={}, refusals={}, ids=[])
     for entry_id, fields in entries:
         batch.ids.append(entry_id)
+        key, at_ms = fields.get("key", "")[:16], _int(fields.get("at_ms"))
+        if key and at_ms is not None and at_ms > batch.keys_used.get(key, 0):
+            batch.keys_used[key] = at_ms
         row = usage_row(fields, resolver, now_ms)
         if row is not None:
             seen = batch.usage.get(row["rid"])

@@ -27,6 +27,7 @@ from ledger.events import Batch, Resolver, batch_from_entries
 from ledger.models import LedgerState
 from ledger.writer import refusal_rows_write, usage_rows_write
 from quotas.engine.stream import Entry, UsageStream
+from quotas.keys import api_keys_used
 from quotas.plan import plans
 from quotas.reservations import get_engine
 
@@ -133,6 +134,7 @@ def batch_write(*, stream: UsageStream, batch: Batch) -> None:
         ledger_state_lock(count=len(batch.ids), now_ms=int(time.time() * 1000))
         usage_rows_write(list(batch.usage.values()))
         refusal_rows_write(list(batch.refusals.values()))
+        api_keys_used(last_used_ms=batch.keys_used)
         _fault("before_commit")
     _fault("after_commit")
     stream.ack(batch.ids)

@@ -7,10 +7,12 @@ import hmac
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from quotas.models import ApiKey
@@ -66,3 +68,14 @@ def api_key_revoke(*, api_key: ApiKey) -> ApiKey:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
     return api_key
+
+
+def api_keys_used(*, last_used_ms: dict[str, int]) -> None:
+    """Record when keys were last used, from the usage events (the hot path writes nothing to
+    the database). A plain UPDATE that only moves forward: no history record, and no config
+    version bump, which would make every process reload its plan."""
+    for prefix, at_ms in last_used_ms.items():
+        at = datetime.fromtimestamp(at_ms / 1000, tz=UTC)
+        ApiKey.objects.filter(prefix=prefix).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lt=at)
+        ).update(last_used_at=at)

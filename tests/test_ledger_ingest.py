@@ -162,3 +162,33 @@ def test_the_stream_is_trimmed_only_below_what_every_group_acknowledged(
 
     reserve()
     assert usage_stream_trim() == 0  # the new entry is not acknowledged by anyone yet
+
+
+def test_ingest_records_when_each_api_key_was_last_used_without_a_config_change(
+    world: World, reserve: Any
+) -> None:
+    from datetime import UTC, datetime
+
+    from quotas.models import ApiKey
+    from quotas.store import config_version_read
+
+    engine = get_engine()
+    engine.frozen_ms = 1_900_000_000_000
+    rid = reserve().json()["id"]
+    engine.frozen_ms += 5_000
+    commit(world, rid)
+    version = config_version_read()
+    records = ApiKey.history.count()
+
+    usage_ingest()
+
+    key = ApiKey.objects.get(tenant=world.tenant)
+    assert key.last_used_at == datetime.fromtimestamp(1_900_000_005, tz=UTC)  # the commit
+    assert config_version_read() == version  # no plan reload anywhere
+    assert ApiKey.history.count() == records  # not a change of configuration
+
+    engine.frozen_ms -= 60_000  # an older event read later does not move it back
+    reserve()
+    usage_ingest()
+    key.refresh_from_db()
+    assert key.last_used_at == datetime.fromtimestamp(1_900_000_005, tz=UTC)
