@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -94,7 +95,14 @@ class Engine:
             self._idempotency_key(call),
             *option_keys,
         ]
-        reply = self.scripts.call("reserve", keys, self._reserve_payload(call, options_json))
+        event_meta = _event_meta(call.meta)
+        reply = self.scripts.call(
+            "reserve",
+            keys,
+            self._reserve_payload(call, options_json, event_meta is None),
+            _lease_part(call),
+            *(event_meta or ()),
+        )
         return self._reserve_result(reply)
 
     def _options_encoded(self, options: tuple[PoolOption, ...]) -> tuple[list[str], bytes]:
@@ -258,13 +266,13 @@ class Engine:
             return self.keys.idempotency(call.tenant_id, call.idempotency_key)
         return self.keys.idempotency(call.tenant_id, "-")
 
-    def _reserve_payload(self, call: ReserveCall, options_json: bytes) -> bytes:
+    def _reserve_payload(self, call: ReserveCall, options_json: bytes, with_meta: bool) -> bytes:
+        """ARGV[1] of reserve.lua; `meta` only when the events' meta fields cannot be sent
+        ready for XADD (see `_event_meta`)."""
         head = json_encode(
             {
                 "version": call.version,
                 "id": call.reservation_id,
-                "tenant": call.tenant_id,
-                "feature": call.feature_id,
                 "ttl_ms": call.ttl_ms,
                 "retention_ms": self.retention_ms,
                 "maxlen": self.stream_maxlen,
@@ -275,8 +283,7 @@ class Engine:
                 "out": call.max_output_tokens,
                 "min_out": call.min_output_tokens,
                 "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
-                "prices": dict(zip("ico", call.prices, strict=True)),
-                "meta": call.meta,
+                **({"meta": call.meta} if with_meta else {}),
             }
         )
         return head[:-1] + b',"options":' + options_json + b"}"
@@ -365,6 +372,108 @@ def _granted(reply: Reply) -> Granted:
         ),
         would_refuse=tuple(_as_list(reply["soft"])),
     )
+
+
+def _lease_part(call: ReserveCall) -> bytes:
+    """The part of a new lease's JSON that the request alone decides (ARGV[2] of
+    reserve.lua): its members from `id` to the open `meta` object, which the script closes
+    with the pool it granted from. The script decodes none of it and writes it as is, so
+    its numbers are written as cjson would have written them (see `_as_cjson`)."""
+    meta = {name: value for name, value in call.meta.items() if name != "pool"}
+    head = json_encode(
+        _as_cjson(
+            {
+                "id": call.reservation_id,
+                "tenant": call.tenant_id,
+                "feature": call.feature_id,
+                "ttl_ms": call.ttl_ms,
+                "prices": dict(zip("ico", call.prices, strict=True)),
+                "meta": meta,
+            }
+        )
+    )
+    # drop the closing braces of `meta` and the lease; a comma when more members follow
+    return head[1:-2] + (b"," if meta else b"")
+
+
+# Fields the reserved and refused events set themselves (a meta field of the same name
+# would take their place or give way to them).
+EVENT_OWN_FIELDS = frozenset(
+    {
+        "type",
+        "rid",
+        "at_ms",
+        "created_ms",
+        "reserved_input_tokens",
+        "reserved_output_tokens",
+        "reserved_cost_nusd",
+        "would_refuse",
+        "granted_output_tokens",
+        "expires_ms",
+        "pool",
+        "reason",
+        "limit",
+    }
+)
+TWO_TO_53 = 2**53
+
+
+def _event_meta(meta: dict[str, Any]) -> list[str] | None:
+    """The meta fields of a reservation's usage events as reserve.lua wrote them (ARGV[3..]:
+    name, value, ...): strings as they are, whole numbers without exponent or fraction,
+    other numbers with 14 significant digits, booleans as true or false. None when some
+    field is named as one the event sets itself, or some name or value is another type or
+    not plain UTF-8 text, or a number is not finite or past 2**53: the script then reads
+    `meta` from the request and writes the fields itself."""
+    flat: list[str] = []
+    for name, value in meta.items():
+        if not isinstance(name, str) or name in EVENT_OWN_FIELDS or not _utf8(name):
+            return None
+        if isinstance(value, str):
+            if not _utf8(value):
+                return None
+            text = value
+        elif isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            if not -TWO_TO_53 < value < TWO_TO_53:
+                return None
+            text = str(value)
+        elif isinstance(value, float):
+            if not math.isfinite(value) or not -TWO_TO_53 < value < TWO_TO_53:
+                return None
+            text = f"{value:.0f}" if value == math.floor(value) else f"{value:.14g}"
+        else:
+            return None
+        flat += (name, text)
+    return flat
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_cjson(value: Any) -> Any:
+    """`value` as cjson reads and writes it again: every number a double written with 14
+    significant digits. Whole numbers below 10**14 are written exactly either way; others
+    become the float the 14 digits read back as (orjson writes it in its shortest form,
+    which reads back to the same double)."""
+    if isinstance(value, dict):
+        return {name: _as_cjson(item) for name, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_as_cjson(item) for item in value]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    if isinstance(value, int) and -(10**14) < value < 10**14:
+        return value
+    number = float(value)
+    if math.isfinite(number):
+        return float(f"{number:.14g}")
+    return number
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -39,10 +39,17 @@ class Scripts:
             name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
 
-    def call(self, name: str, keys: list[str], payload: bytes | str | dict[str, Any]) -> Any:
-        """One EVALSHA; the reply is the JSON the script encoded."""
+    def call(
+        self,
+        name: str,
+        keys: list[str],
+        payload: bytes | str | dict[str, Any],
+        *extra: bytes | str,
+    ) -> Any:
+        """One EVALSHA; the reply is the JSON the script encoded. `extra` arguments follow
+        the payload (ARGV[2] on)."""
         arg = payload if isinstance(payload, bytes | str) else json_encode(payload)
-        reply = self._scripts[name](keys=keys, args=[arg])
+        reply = self._scripts[name](keys=keys, args=[arg, *extra])
         return reply if isinstance(reply, int) else json_decode(reply)
 
 

@@ -105,22 +105,29 @@ local function free_slot(check)
   end
 end
 
-local function emit(stream, maxlen, fields)
-  local flat = {}
-  for name, value in pairs(fields) do
-    flat[#flat + 1] = name
-    if type(value) == 'number' and value == math.floor(value) then
-      flat[#flat + 1] = int(value)
-    else
-      flat[#flat + 1] = tostring(value)
-    end
-  end
+-- An event field's value as XADD gets it: whole numbers without exponent or fraction.
+local function field_text(value)
+  if type(value) == 'number' and value == math.floor(value) then return int(value) end
+  return tostring(value)
+end
+
+-- One usage event: XADD of the fields given as name, value, name, value, ...
+local function xadd(stream, maxlen, ...)
   if maxlen > 0 then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(flat))
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
   else
     -- uncapped: the ledger trims the stream below what every consumer has acknowledged
-    redis.call('XADD', stream, '*', unpack(flat))
+    redis.call('XADD', stream, '*', ...)
   end
+end
+
+local function emit(stream, maxlen, fields)
+  local flat, n = {}, 0
+  for name, value in pairs(fields) do
+    flat[n + 1], flat[n + 2] = name, field_text(value)
+    n = n + 2
+  end
+  xadd(stream, maxlen, unpack(flat))
 end
 
 local function event_base(lease, kind, now)

@@ -7,12 +7,11 @@
 -- KEYS[5]  idempotency key (a per-request dummy if none) q:{tag}:idem:<tenant>:<key>
 -- KEYS[6..] every limit key the plan below may touch (buckets, budget periods, counters)
 -- ARGV[1]  JSON request:
---   version (of the compiled plan), id, tenant, ttl_ms, retention_ms, maxlen, lease_prefix,
+--   version (of the compiled plan), id, ttl_ms, retention_ms, maxlen, lease_prefix,
 --   clock, idem_hash,
 --   in_ (input tokens), out (max output tokens), min_out (smallest acceptable grant),
---   feature, cost = {a, b} (nano-USD for `out`), prices = {i, c, o} (nano-USD per input,
---   cached input and output token, kept in the lease to price the commit), meta (event
---   fields), options: [{pool, checks: [check]}] in the order to try, where
+--   cost = {a, b} (nano-USD for `out`), meta (event fields: only when ARGV[3..] does not
+--   hold them), options: [{pool, checks: [check]}] in the order to try, where
 --   check = {id, kind = 'b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee,
 --            m = metric (sets the amount: tokens = in_ + out,
 --                cost_usd = cost.a + cost.b * out, ...),
@@ -20,6 +19,13 @@
 --            floor (capacity kept for higher priority classes),
 --            guards = [{k, cap}] (other features' guarantees, kept unless spent),
 --            enf = 'hard' | 'soft' | 'shadow'}
+-- ARGV[2]  the members of the new lease's JSON that the request alone decides, written as
+--          they are: `"id":..,"tenant":..,"feature":..,"ttl_ms":..,"prices":{i, c, o}`
+--          (nano-USD per input, cached input and output token, to price the commit) and
+--          `"meta":{` with the meta fields and a comma after them if any; the script closes
+--          meta with the pool it grants from
+-- ARGV[3..] the meta fields of the usage events, name, value, ... as XADD writes them, none
+--          named as a field the event sets itself; absent (and `meta` in ARGV[1]) otherwise
 --
 -- Returns JSON, one of:
 --   {granted = true, id, pool, out, expires_ms, now_ms, limits = [...], soft = [limit ids]}
@@ -146,39 +152,72 @@ local function grant(option, out)
   end
   local expires = now + req.ttl_ms
   local cost = amount_for(req.cost, out)
-  local reply = {granted = true, id = req.id, pool = option.pool, out = out,
-                 expires_ms = expires, now_ms = now, limits = limits, soft = soft, cost = cost}
-  local lease = {id = req.id, st = 'held', tenant = req.tenant, feature = req.feature,
-                 pool = option.pool, created = now, e = expires, ck = recorded, soft = soft,
-                 r = {in_ = req.in_, out = out, cost = cost},
-                 meta = req.meta, ttl_ms = req.ttl_ms, prices = req.prices}
-  lease.meta.pool = option.pool
+  local pool = option.pool
+  local reply = cjson.encode({granted = true, id = req.id, pool = pool, out = out,
+                              expires_ms = expires, now_ms = now, limits = limits, soft = soft,
+                              cost = cost})
+  -- the lease: what this script decides, then ARGV[2] (id to meta) and the pool in meta
+  local own = cjson.encode({st = 'held', pool = pool, created = now, e = expires, ck = recorded,
+                            soft = soft, r = {in_ = req.in_, out = out, cost = cost}})
+  local reply_member = ''
   if req.idem_hash ~= '' then
     -- a replay of the same request answers exactly as the first time
-    lease.reply = reply
+    reply_member = ',"reply":' .. reply
     redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idem_hash)
     redis.call('PEXPIRE', idem_key, req.ttl_ms + req.retention_ms)
   end
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
+  local lease = string.sub(own, 1, -2) .. reply_member .. ',' .. ARGV[2] .. '"pool":'
+                .. cjson.encode(pool) .. '}}'
+  redis.call('SET', lease_key, lease, 'PX', req.ttl_ms + req.retention_ms)
   redis.call('ZADD', index_key, expires, req.id)
-  local ev = event_base(lease, 'reserved', now)
-  ev.granted_output_tokens = out
-  ev.expires_ms = expires
-  emit(stream, req.maxlen, ev)
+  if req.meta then
+    local ev = {type = 'reserved', rid = req.id, at_ms = now, created_ms = now,
+                reserved_input_tokens = req.in_, reserved_output_tokens = out,
+                reserved_cost_nusd = cost}
+    for name, value in pairs(req.meta) do ev[name] = value end
+    ev.pool = pool
+    if #soft > 0 then ev.would_refuse = table.concat(soft, ',') end
+    ev.granted_output_tokens = out
+    ev.expires_ms = expires
+    emit(stream, req.maxlen, ev)
+    return reply
+  end
+  -- the same fields, the meta ones from ARGV[3..] (none of them named as these are)
+  local at, granted = field_text(now), field_text(out)
+  if #soft > 0 then
+    xadd(stream, req.maxlen, 'type', 'reserved', 'rid', req.id, 'at_ms', at, 'created_ms', at,
+         'reserved_input_tokens', field_text(req.in_), 'reserved_output_tokens', granted,
+         'reserved_cost_nusd', field_text(cost), 'granted_output_tokens', granted,
+         'expires_ms', field_text(expires), 'pool', pool,
+         'would_refuse', table.concat(soft, ','), unpack(ARGV, 3))
+  else
+    xadd(stream, req.maxlen, 'type', 'reserved', 'rid', req.id, 'at_ms', at, 'created_ms', at,
+         'reserved_input_tokens', field_text(req.in_), 'reserved_output_tokens', granted,
+         'reserved_cost_nusd', field_text(cost), 'granted_output_tokens', granted,
+         'expires_ms', field_text(expires), 'pool', pool, unpack(ARGV, 3))
+  end
   return reply
 end
 
 local best = nil
 for _, option in ipairs(req.options) do
   local out, refused = fit(option)
-  if out then return cjson.encode(grant(option, out)) end
+  if out then return grant(option, out) end
   if best == nil or (refused.retry_ms or math.huge) < (best.retry_ms or math.huge) then
     best = refused
   end
 end
 
-local ev = {type = 'refused', rid = req.id, at_ms = now, reason = best.reason,
-            limit = best.limit, reserved_input_tokens = req.in_, reserved_output_tokens = req.out}
-for name, value in pairs(req.meta) do ev[name] = value end
-emit(stream, req.maxlen, ev)
+if req.meta then
+  local ev = {type = 'refused', rid = req.id, at_ms = now, reason = best.reason,
+              limit = best.limit, reserved_input_tokens = req.in_,
+              reserved_output_tokens = req.out}
+  for name, value in pairs(req.meta) do ev[name] = value end
+  emit(stream, req.maxlen, ev)
+else
+  xadd(stream, req.maxlen, 'type', 'refused', 'rid', req.id, 'at_ms', field_text(now),
+       'reason', best.reason, 'limit', field_text(best.limit),
+       'reserved_input_tokens', field_text(req.in_),
+       'reserved_output_tokens', field_text(req.out), unpack(ARGV, 3))
+end
 return cjson.encode(best)
