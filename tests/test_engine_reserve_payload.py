@@ -192,3 +192,21 @@ def test_lease_members_read_as_cjson_wrote_them(engine: Engine, redis_db: redis.
         engine.keys.guarantee(6),
         engine.keys.bucket(2),
     ]
+
+
+@pytest.mark.parametrize("meta", [{"tenant": "acme"}, {"st": "held"}, {"x": '"st":"held"'}])
+def test_a_settled_lease_is_the_held_one_with_its_settlement(
+    engine: Engine, redis_db: redis.Redis, meta: dict[str, Any]
+) -> None:
+    engine.reserve(call(engine, "rsv_d", meta, hard_cap=False, tokens_cap=1000))
+    held = json.loads(redis_db.get(engine.keys.lease("rsv_d")) or "")
+    engine.frozen_ms = NOW + 5
+    settled = engine.commit(
+        reservation_id="rsv_d", owner=Owner(7), usage=Usage(100, 50, body_hash="x"), version=3
+    )
+    lease = json.loads(redis_db.get(engine.keys.lease("rsv_d")) or "")
+    assert isinstance(settled, core.Settled)
+    assert lease == {**held, "st": "committed", "done": NOW + 5, "res": settled.result, "hash": "x"}
+    assert (
+        settled.result["cost_nusd"] == 45_007 and settled.result["refunded"]["output_tokens"] == 50
+    )

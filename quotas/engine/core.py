@@ -459,9 +459,9 @@ def _utf8(text: str) -> bool:
 
 def _as_cjson(value: Any) -> Any:
     """`value` as cjson reads and writes it again: every number a double written with 14
-    significant digits. Whole numbers below 10**14 are written exactly either way; others
-    become the float the 14 digits read back as (orjson writes it in its shortest form,
-    which reads back to the same double)."""
+    significant digits, so whole numbers below 10**14 as integers (150.0 as 150) and others
+    as the float the 14 digits read back as (orjson writes it in its shortest form, which
+    reads back to the same double)."""
     if isinstance(value, dict):
         return {name: _as_cjson(item) for name, item in value.items()}
     if isinstance(value, list | tuple):
@@ -471,9 +471,11 @@ def _as_cjson(value: Any) -> Any:
     if isinstance(value, int) and -(10**14) < value < 10**14:
         return value
     number = float(value)
-    if math.isfinite(number):
-        return float(f"{number:.14g}")
-    return number
+    if not math.isfinite(number):
+        return number
+    if number.is_integer() and -(10**14) < number < 10**14 and number != 0:
+        return int(number)  # -0.0 stays a float: cjson writes it -0
+    return float(f"{number:.14g}")
 
 
 def _as_list(value: Any) -> list[Any]:

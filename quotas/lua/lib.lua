@@ -169,10 +169,29 @@ local function reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, 
   return #due
 end
 
+-- The JSON of a held lease once settled: `raw` (the lease as read) with its state replaced
+-- and the settlement's members appended, or nil when `raw` is not plainly that (its one
+-- "st" member is not "held"); members named as an appended one (none are, in a held lease)
+-- would read as the appended value, as JSON's last member of a name does.
+local function settled_text(raw, outcome, now, result_json, hash)
+  if not raw or string.sub(raw, -1) ~= '}' then return nil end
+  local at = string.find(raw, '"st":', 1, true)
+  if not at or string.sub(raw, at, at + 10) ~= '"st":"held"'
+      or string.find(raw, '"st":', at + 5, true) then
+    return nil
+  end
+  local tail = ',"done":' .. cjson.encode(now) .. ',"res":' .. result_json
+  if hash ~= nil then tail = tail .. ',"hash":' .. cjson.encode(hash) end
+  return string.sub(raw, 1, at + 4) .. cjson.encode(outcome) .. string.sub(raw, at + 11, -2)
+         .. tail .. '}'
+end
+
 -- Settle a lease with its actual usage: refund (or charge) the difference in every limit it
--- touched, free its slot, record it. Returns the result that a repeated call returns again.
+-- touched, free its slot, record it. Returns the result that a repeated call returns again,
+-- and its JSON. `raw`, the lease's JSON as read, if given and still the held lease, is
+-- written again with the settlement rather than encoding the whole lease.
 local function settle(lease_key, lease, usage, outcome, index_key, stream, maxlen, retention_ms,
-                      now)
+                      now, raw)
   local late = lease.st == 'expired'
   if usage.cost == nil then
     -- priced with the model's prices as they were when the reservation was made
@@ -193,11 +212,13 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
                   refunded = {input_tokens = lease.r.in_ - usage.in_,
                               output_tokens = lease.r.out - usage.out,
                               cost_nusd = lease.r.cost - usage.cost}}
+  local result_json = cjson.encode(result)
+  local text = lease.st == 'held' and settled_text(raw, outcome, now, result_json, usage.hash)
   lease.st = outcome
   lease.done = now
   lease.res = result
   lease.hash = usage.hash
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', retention_ms)
+  redis.call('SET', lease_key, text or cjson.encode(lease), 'PX', retention_ms)
   redis.call('ZREM', index_key, lease.id)
   local ev = event_base(lease, outcome, now)
   ev.input_tokens, ev.cached_input_tokens, ev.output_tokens = usage.in_, usage.cached, usage.out
@@ -205,11 +226,12 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
   ev.lease_expired = late and 1 or 0
   for name, value in pairs(usage.extra or {}) do ev[name] = value end
   emit(stream, maxlen, ev)
-  return result
+  return result, result_json
 end
 
 -- Load a lease for a caller: nil unless it exists and belongs to the caller's tenant (and,
 -- for a key narrowed to some features, to one of those). Expires it lazily when due.
+-- Returns the lease and its JSON as read.
 local function load_lease(lease_key, req, index_key, stream, now)
   local raw = redis.call('GET', lease_key)
   if not raw then return nil end
@@ -225,7 +247,7 @@ local function load_lease(lease_key, req, index_key, stream, now)
   if lease.st == 'held' and lease.e <= now then
     expire_lease(lease_key, lease, index_key, stream, req.maxlen, req.retention_ms, now)
   end
-  return lease
+  return lease, raw
 end
 
 -- The caller decided with a compiled plan of the configuration at `version`; when the
