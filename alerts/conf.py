@@ -18,6 +18,8 @@ DEFAULTS: dict[str, int | float | str] = {
     "ALERTS_RETRY_BACKOFF_SECONDS": 0.5,
     "ALERTS_RETRY_MAX_WAIT_SECONDS": 8.0,
     "ALERTS_HTTP_TIMEOUT_SECONDS": 10.0,
+    # networks webhooks may post to besides public addresses (comma-separated CIDRs)
+    "ALERTS_HTTP_ALLOWED_NETWORKS": "",
     # a delivery still "sending" after this long belonged to a worker that died
     "ALERTS_STUCK_DELIVERY_SECONDS": 900,
 }

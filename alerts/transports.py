@@ -24,6 +24,8 @@ from django.core.mail import EmailMultiAlternatives
 from django.core.validators import URLValidator, validate_email
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from alerts.destinations import DestinationRefused, destination_check
+
 SIGNATURE_HEADER = "X-Quota-Signature"
 
 
@@ -141,6 +143,10 @@ class HttpTransport(Transport):
             URLValidator(schemes=["http", "https"])(target)
         except ValidationError:
             raise ValidationError({"target": f"'{target}' is not an http(s) URL."}) from None
+        try:
+            destination_check(target, resolve=False)
+        except DestinationRefused as refused:
+            raise ValidationError({"target": str(refused)}) from None
 
     def body(self, message: Message) -> bytes:
         raise NotImplementedError
@@ -152,6 +158,10 @@ class HttpTransport(Transport):
         return response.status_code == 410
 
     def send_once(self, message: Message) -> None:
+        try:
+            destination_check(self.target, resolve=True)
+        except DestinationRefused as refused:
+            raise TransportError(str(refused), permanent=True) from None
         body = self.body(message)
         try:
             response = httpx.post(

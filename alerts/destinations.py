@@ -1,0 +1,73 @@
+"""Where alert webhooks may post: public addresses only, unless allowed.
+
+A channel's URL is typed by an owner, so without a rule it could point the platform's workers
+at its own network: Redis or PostgreSQL on a private address, a cloud metadata endpoint on a
+link-local one. Every address the host resolves to must be global (not loopback, private,
+link-local, shared, reserved or multicast), or fall in ALERTS_HTTP_ALLOWED_NETWORKS
+(comma-separated CIDRs, e.g. a company's own relay). Checked when a channel is saved (a
+literal address or `localhost`) and again before every POST (every resolved address);
+redirects are never followed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from urllib.parse import urlsplit
+
+from alerts.conf import alerts_setting
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class DestinationRefused(Exception):
+    """The URL's host is, or resolves to, an address alerts may not post to."""
+
+
+def allowed_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    text = str(alerts_setting("ALERTS_HTTP_ALLOWED_NETWORKS") or "")
+    return [
+        ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+    ]
+
+
+def destination_check(url: str, *, resolve: bool) -> None:
+    """Raise DestinationRefused unless every address of the URL's host may be posted to.
+    With resolve=False only what the URL itself says is judged (a literal address,
+    `localhost`); a name that does not resolve is left to the request to fail."""
+    host = urlsplit(url).hostname or ""
+    literal = _literal(host)
+    if literal is not None:
+        _judge(host, literal)
+    elif host.rstrip(".").lower() == "localhost" or host.lower().endswith(".localhost"):
+        _judge(host, ipaddress.ip_address("127.0.0.1"))
+    elif resolve:
+        for address in _resolved(host):
+            _judge(host, address)
+
+
+def _literal(host: str) -> Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _resolved(host: str) -> list[Address]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return []  # the request itself will fail, and say why
+    return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def _judge(host: str, address: Address) -> None:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in network for network in allowed_networks()):
+        return
+    if not address.is_global or address.is_multicast:
+        raise DestinationRefused(
+            f"{host} is a non-public address ({address}); alerts post only to public "
+            "addresses unless ALERTS_HTTP_ALLOWED_NETWORKS allows it."
+        )
