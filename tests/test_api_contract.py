@@ -861,12 +861,17 @@ def _events(rid: str) -> list[dict[bytes, bytes]]:
     ]
 
 
-def test_a_fail_open_pool_admits_degraded_and_flushes_its_events_once_the_store_is_back(
-    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine
-) -> None:
+@pytest.fixture
+def open_pool(world: Any) -> None:
+    """The world's pool admits (degraded) while the store is down."""
     world.pool.fail_mode = "open"
     world.pool.save()
     plans.clear()
+
+
+def test_a_fail_open_pool_admits_degraded_and_flushes_its_events_once_the_store_is_back(
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
+) -> None:
 
     admitted = reserve()
 
@@ -892,11 +897,8 @@ def test_a_fail_open_pool_admits_degraded_and_flushes_its_events_once_the_store_
 
 
 def test_a_degraded_reservation_can_be_committed_once_the_store_is_back(
-    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
 ) -> None:
-    world.pool.fail_mode = "open"
-    world.pool.save()
-    plans.clear()
     degraded_id = reserve().json()["id"]
     monkeypatch.undo()
 
@@ -914,11 +916,8 @@ def test_a_degraded_reservation_can_be_committed_once_the_store_is_back(
 
 
 def test_a_degraded_reservation_can_be_committed_while_the_store_is_still_down(
-    world: Any, reserve: Any, store_down: Engine
+    world: Any, reserve: Any, store_down: Engine, open_pool: None
 ) -> None:
-    world.pool.fail_mode = "open"
-    world.pool.save()
-    plans.clear()
     degraded_id = reserve().json()["id"]
 
     response = post(
@@ -933,11 +932,8 @@ def test_a_degraded_reservation_can_be_committed_while_the_store_is_still_down(
 
 
 def test_a_degraded_reservation_can_be_released_while_the_store_is_still_down(
-    world: Any, reserve: Any, store_down: Engine
+    world: Any, reserve: Any, store_down: Engine, open_pool: None
 ) -> None:
-    world.pool.fail_mode = "open"
-    world.pool.save()
-    plans.clear()
     degraded_id = reserve().json()["id"]
 
     response = post(world.client(), f"{RESERVATIONS}/{degraded_id}/release")
@@ -948,11 +944,8 @@ def test_a_degraded_reservation_can_be_released_while_the_store_is_still_down(
 
 
 def test_a_degraded_reservation_can_be_released(
-    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
 ) -> None:
-    world.pool.fail_mode = "open"
-    world.pool.save()
-    plans.clear()
     degraded_id = reserve().json()["id"]
     monkeypatch.undo()
 
