@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
@@ -13,21 +12,13 @@ from django.utils.html import format_html_join
 
 from alerts.models import Alert, AlertRule, Channel, Delivery
 from alerts.services import channel_enable, channel_test
-from quotas.admin_scoping import TenantScopedMixin, VisibleErrorsForm, is_scoped
+from quotas.admin_scoping import (
+    OwnedTenantRequired,
+    TenantScopedMixin,
+    VisibleErrorsForm,
+)
 
 RelatedOnly = admin.RelatedOnlyFieldListFilter
-
-
-class OwnedTenantRequired(TenantScopedMixin):
-    """A row without a tenant is the platform's: owners must name one of their tenants."""
-
-    def formfield_for_foreignkey(
-        self, db_field: Any, request: HttpRequest, **kwargs: Any
-    ) -> forms.ModelChoiceField | None:
-        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
-        if field is not None and db_field.name == "tenant" and is_scoped(request.user):
-            field.required = True
-        return field
 
 
 class ChannelForm(VisibleErrorsForm):

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from django import forms
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -15,6 +14,7 @@ from django.urls import reverse
 from console.admin_views import ApiKeyRevokeMixin, LimitBoostMixin
 from quotas.admin_scoping import (
     AuditedAdmin,
+    OwnedTenantRequired,
     OwnRowsInlineFormSet,
     TenantScopedMixin,
     VisibleErrorsForm,
@@ -77,7 +77,7 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
 
 
 @admin.register(Limit)
-class LimitAdmin(LimitBoostMixin, LimitWordsMixin, AuditedAdmin):
+class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedAdmin):
     form = LimitForm
     list_display = ("in_words", "tenant", "feature", "pool", "model", "metric", "window")
     list_filter = (
@@ -114,15 +114,6 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, AuditedAdmin):
         # A boost is set on its own page, whose rules (above the amount, ends within a
         # month) and audit words the form would skip.
         return (*limit_readonly_fields(request), "boost_amount", "boost_until")
-
-    def formfield_for_foreignkey(
-        self, db_field: Any, request: HttpRequest, **kwargs: Any
-    ) -> forms.ModelChoiceField | None:
-        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
-        if field is not None and db_field.name == "tenant" and is_scoped(request.user):
-            # A limit without a tenant binds every tenant on its pool or model: the platform's.
-            field.required = True
-        return field
 
 
 class ApiKeyForm(VisibleErrorsForm):

@@ -150,6 +150,19 @@ class TenantScopedMixin(_AdminBase):
         return allowed and (obj is None or in_scope(request.user, obj))
 
 
+class OwnedTenantRequired(TenantScopedMixin):
+    """A row without a tenant is the platform's (a limit without one binds every tenant on
+    its pool or model): owners must name one of their tenants."""
+
+    def formfield_for_foreignkey(
+        self, db_field: ForeignKey[Any, Any], request: HttpRequest, **kwargs: Any
+    ) -> forms.ModelChoiceField | None:
+        field = super().formfield_for_foreignkey(db_field, request, **kwargs)
+        if field is not None and db_field.name == "tenant" and is_scoped(request.user):
+            field.required = True
+        return field
+
+
 class AuditedAdmin(TenantScopedMixin, SimpleHistoryAdmin):
     """A scoped admin whose history pages (who, when, what changed) are scoped too.
 
