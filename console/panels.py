@@ -124,7 +124,7 @@ def feature_context(feature: Feature, user: Any, *, now: datetime | None = None)
     live = _live(plan, infos, now=now, held=held, user=user)
     usage = feature_series(tenant=feature.tenant.slug, feature=feature.slug, now=now)
     totals = [("Last 24 hours", usage["totals_24h"]), ("Last 30 days", usage["totals_30d"])]
-    return {"live": live, "usage": usage, "usage_totals": totals, "chart": _chart(usage)}
+    return {"live": live, "usage_totals": totals, "chart": _chart(usage)}
 
 
 def tenant_context(tenant: Tenant, user: Any, *, now: datetime | None = None) -> dict[str, Any]:
