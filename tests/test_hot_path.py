@@ -14,15 +14,17 @@ from tests.conftest import World
 
 @pytest.fixture
 def redis_commands(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every command the process sends to Redis, by name."""
+    """Every command the process sends to Redis, by name, whichever way it is sent (the
+    client's commands and the engine's script calls both go through a connection's
+    send_command)."""
     sent: list[str] = []
-    original = redis.Redis.execute_command
+    original = redis.connection.AbstractConnection.send_command
 
-    def counting(self: redis.Redis, *args: Any, **options: Any) -> Any:
+    def counting(self: Any, *args: Any, **options: Any) -> Any:
         sent.append(str(args[0]).upper())
         return original(self, *args, **options)
 
-    monkeypatch.setattr(redis.Redis, "execute_command", counting)
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_command", counting)
     return sent
 
 

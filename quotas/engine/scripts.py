@@ -1,8 +1,9 @@
-"""Loads the Lua scripts once and calls them by SHA (redis-py reloads them on NOSCRIPT)."""
+"""Loads the Lua scripts once and calls them by SHA, loading a script again on NOSCRIPT."""
 
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 import orjson
 import redis
 from redis.commands.core import Script
+from redis.connection import ConnectionInterface
+from redis.exceptions import NoScriptError
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES = (
@@ -34,10 +37,26 @@ def script_source(name: str) -> str:
 
 
 class Scripts:
+    """Calls the engine's scripts, one EVALSHA each.
+
+    The calls go out on connections kept for them (`Connections`) rather than through
+    `redis.Redis.execute_command`, which per command also dispatches pool events and records
+    metrics for redis-py's observability hooks, wraps the call in its retry machinery and
+    checks its arguments: together about as much CPU as packing, sending and reading the
+    call. What the client's own path guarantees is kept: the client's connection settings
+    (timeouts, health checks of idle connections, no retries), a connection with unread data
+    or closed by the server replaced before use, a connection dropped on any error while
+    sending or reading (and opened again on the next call), the same exceptions
+    (`redis.ConnectionError`, `redis.TimeoutError`, `redis.ResponseError` for a script's
+    error), and a script that Redis no longer holds (a restart, SCRIPT FLUSH) loaded again
+    and the call made once more."""
+
     def __init__(self, client: redis.Redis) -> None:
+        self._client = client
         self._scripts: dict[str, Script] = {
             name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
+        self._connections = Connections(client.connection_pool)
 
     def call(
         self,
@@ -49,8 +68,72 @@ class Scripts:
         """One EVALSHA; the reply is the JSON the script encoded. `extra` arguments follow
         the payload (ARGV[2] on)."""
         arg = payload if isinstance(payload, bytes | str) else json_encode(payload)
-        reply = self._scripts[name](keys=keys, args=[arg, *extra])
+        script = self._scripts[name]
+        connection = self._connections.take()
+        try:
+            try:
+                reply = _evalsha(connection, script.sha, keys, arg, extra)
+            except NoScriptError:
+                script.sha = self._client.script_load(script.script)
+                reply = _evalsha(connection, script.sha, keys, arg, extra)
+        finally:
+            self._connections.give(connection)
         return reply if isinstance(reply, int) else json_decode(reply)
+
+
+def _evalsha(
+    connection: ConnectionInterface,
+    sha: str,
+    keys: list[str],
+    arg: bytes | str,
+    extra: tuple[bytes | str, ...],
+) -> Any:
+    # A reply that is an error is read whole before it is raised, so the connection stays
+    # usable; redis-py drops the connection itself on a socket error or an interruption.
+    connection.send_command("EVALSHA", sha, len(keys), *keys, arg, *extra)
+    return connection.read_response()
+
+
+class Connections:
+    """Connections of a client's pool kept for the engine's calls. Each call takes one and
+    gives it back, so a process holds as many as it makes calls at once (one per sync
+    worker, one per thread of a threaded one); a forked child never uses its parent's."""
+
+    def __init__(self, pool: redis.ConnectionPool) -> None:
+        self._pool = pool
+        self._idle: list[ConnectionInterface] = []
+        self._pid = os.getpid()
+
+    def take(self) -> ConnectionInterface:
+        if self._pid != os.getpid():
+            self._idle, self._pid = [], os.getpid()
+        try:
+            connection = self._idle.pop()  # atomic: no two threads get the same one
+        except IndexError:
+            connection = self._pool.make_connection()
+        try:
+            _ready(connection)
+        except BaseException:
+            self._idle.append(connection)
+            raise
+        return connection
+
+    def give(self, connection: ConnectionInterface) -> None:
+        self._idle.append(connection)
+
+
+def _ready(connection: ConnectionInterface) -> None:
+    """Connected, with nothing left to read: as the pool hands out its connections. A
+    connection that the server closed, or with a reply left unread, is opened again."""
+    connection.connect()  # nothing to do when connected
+    try:
+        if connection.can_read():
+            raise redis.ConnectionError("Connection has data")
+    except (redis.ConnectionError, redis.TimeoutError, OSError):
+        connection.disconnect()
+        connection.connect()
+        if connection.can_read():
+            raise redis.ConnectionError("Connection not ready") from None
 
 
 def json_encode(value: Any) -> bytes:
