@@ -2,15 +2,16 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
-from django.urls import include, path
+from django.urls import path
 from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
+from quotas.api import urls as api_urls
 from quotas.api.errors import json_not_found, json_server_error
 
 urlpatterns = [
+    *api_urls.urlpatterns,
     path("admin/", admin.site.urls),
-    path("api/v1/", include("quotas.api.urls")),
     path(
         "api/schema/",
         SpectacularAPIView.as_view(authentication_classes=[], permission_classes=[]),
