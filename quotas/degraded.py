@@ -14,6 +14,7 @@ import logging
 import math
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -28,6 +29,7 @@ from quotas.engine import (
     Settled,
     Usage,
 )
+from quotas.plan import FeatureInfo, Plan
 
 log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
@@ -38,33 +40,86 @@ _spool: deque[dict[str, Any]] = deque(maxlen=SPOOL_LIMIT)
 _lock = threading.Lock()
 
 
-def degraded_id(*, tenant_id: int, feature_id: int, nonce: str, secret: str) -> str:
-    """A degraded reservation has no lease, so its id carries its feature and a proof of
-    its tenant and feature."""
-    signature = _signature(tenant_id, feature_id, nonce, secret)
-    return f"{DEGRADED_PREFIX}{feature_id}-{nonce}{signature}"
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """What a degraded reservation was for, as its id says: feature, pool and model ids (the
+    pool and model are None in ids made before they were carried)."""
+
+    feature_id: int
+    pool_id: int | None
+    model_id: int | None
+
+
+def degraded_id(*, tenant_id: int, subject: Subject, nonce: str, secret: str) -> str:
+    """A degraded reservation has no lease, so its id carries what it was for (feature, pool,
+    model) and a proof of that and of its tenant: its commit can then be attributed and
+    priced by the ledger even when it reaches the stream before, or without, its
+    reservation's event (each process spools its own)."""
+    text = f"{subject.feature_id}.{subject.pool_id}.{subject.model_id}"
+    return f"{DEGRADED_PREFIX}{text}-{nonce}{_signature(tenant_id, text, nonce, secret)}"
 
 
 def is_degraded_id(reservation_id: str) -> bool:
     return reservation_id.startswith(DEGRADED_PREFIX)
 
 
-def degraded_id_belongs(reservation_id: str, *, owner: Owner, secret: str) -> bool:
-    """Whether the id is genuine and the caller (its tenant, a narrowed key's features) may
-    act on it."""
-    feature, _, body = reservation_id.removeprefix(DEGRADED_PREFIX).partition("-")
+def degraded_subject(reservation_id: str, *, owner: Owner, secret: str) -> Subject | None:
+    """What a degraded id names, when the id is genuine and the caller (its tenant, a narrowed
+    key's features) may act on it; None otherwise."""
+    text, _, body = reservation_id.removeprefix(DEGRADED_PREFIX).partition("-")
     nonce, signature = body[:-SIGNATURE_CHARS], body[-SIGNATURE_CHARS:]
-    if not feature.isdigit() or not nonce or len(signature) != SIGNATURE_CHARS:
-        return False
-    if owner.feature_ids and int(feature) not in owner.feature_ids:
-        return False
-    expected = _signature(owner.tenant_id, int(feature), nonce, secret)
-    return hmac.compare_digest(signature, expected)
+    parts = text.split(".")
+    if (
+        len(parts) not in (1, 3)
+        or not all(part.isdigit() for part in parts)
+        or not nonce
+        or len(signature) != SIGNATURE_CHARS
+    ):
+        return None
+    numbers = [int(part) for part in parts]
+    if owner.feature_ids and numbers[0] not in owner.feature_ids:
+        return None
+    if not hmac.compare_digest(signature, _signature(owner.tenant_id, text, nonce, secret)):
+        return None
+    if len(numbers) == 1:
+        return Subject(feature_id=numbers[0], pool_id=None, model_id=None)
+    return Subject(feature_id=numbers[0], pool_id=numbers[1], model_id=numbers[2])
 
 
-def _signature(tenant_id: int, feature_id: int, nonce: str, secret: str) -> str:
-    message = f"{tenant_id}:{feature_id}:{nonce}".encode()
+def _signature(tenant_id: int, subject: str, nonce: str, secret: str) -> str:
+    message = f"{tenant_id}:{subject}:{nonce}".encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()[:SIGNATURE_CHARS]
+
+
+def subject_slugs(plan: Plan, tenant_id: int, subject: Subject) -> dict[str, str]:
+    """The tenant, feature, pool and model slugs of a degraded reservation, as its usage
+    events name them; those the plan no longer has are left out."""
+    tenant = plan.tenants.get(tenant_id)
+    feature = _features_by_id(plan).get(subject.feature_id)
+    pool = next((p for p in plan.pools if p.id == subject.pool_id), None)
+    model = (
+        next((m for m in pool.models.values() if m.id == subject.model_id), None) if pool else None
+    )
+    slugs = {
+        "tenant": tenant.slug if tenant else "",
+        "feature": feature.slug if feature else "",
+        "pool": pool.slug if pool else "",
+        "model": model.name if model else "",
+    }
+    return {name: slug for name, slug in slugs.items() if slug}
+
+
+_by_id: tuple[Plan | None, dict[int, FeatureInfo]] = (None, {})
+
+
+def _features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
+    """The plan's features by id, made once per plan (only degraded settlements need it)."""
+    global _by_id
+    kept_plan, index = _by_id
+    if kept_plan is not plan:
+        index = {feature.id: feature for feature in plan.features.values()}
+        _by_id = (plan, index)
+    return index
 
 
 def spool_event(event: dict[str, Any]) -> None:
@@ -97,12 +152,14 @@ def spool_flush(client: redis.Redis, stream: str, maxlen: int) -> int:
     return len(events)
 
 
-def degraded_admit(*, engine: Engine, call: ReserveCall, pool_slug: str, secret: str) -> Granted:
+def degraded_admit(
+    *, engine: Engine, call: ReserveCall, pool_slug: str, subject: Subject, secret: str
+) -> Granted:
     """Admit a reservation unenforced: the store is down and its pool fails open."""
     now = engine.now_ms_estimate()
     reservation_id = degraded_id(
         tenant_id=call.tenant_id,
-        feature_id=call.feature_id,
+        subject=subject,
         nonce=call.reservation_id.removeprefix("rsv_"),
         secret=secret,
     )
@@ -136,6 +193,7 @@ def degraded_admit(*, engine: Engine, call: ReserveCall, pool_slug: str, secret:
 def degraded_settle(
     *,
     engine: Engine,
+    plan: Plan,
     owner: Owner,
     key_prefix: str,
     reservation_id: str,
@@ -143,11 +201,14 @@ def degraded_settle(
     usage: Usage,
     secret: str,
 ) -> Settled | Missing:
-    """A degraded reservation has no lease to settle: its usage is recorded as reported."""
-    if not degraded_id_belongs(reservation_id, owner=owner, secret=secret):
+    """A degraded reservation has no lease to settle: its usage is recorded as reported, with
+    what the reservation was for, so that the ledger can attribute and price it alone."""
+    subject = degraded_subject(reservation_id, owner=owner, secret=secret)
+    if subject is None:
         return Missing()
     spool_event(
         {
+            **subject_slugs(plan, owner.tenant_id, subject),
             "type": outcome,
             "rid": reservation_id,
             "key": key_prefix,
@@ -178,7 +239,7 @@ def degraded_lease(
     *, engine: Engine, owner: Owner, reservation_id: str, ttl_ms: int, secret: str
 ) -> LeaseView | Missing:
     """A degraded reservation holds nothing to extend; a long call may go on regardless."""
-    if not degraded_id_belongs(reservation_id, owner=owner, secret=secret):
+    if degraded_subject(reservation_id, owner=owner, secret=secret) is None:
         return Missing()
     now = engine.now_ms_estimate()
     data = {

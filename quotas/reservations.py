@@ -13,6 +13,7 @@ import redis
 from django.conf import settings
 
 from quotas.degraded import (
+    Subject,
     degraded_admit,
     degraded_lease,
     degraded_settle,
@@ -410,14 +411,20 @@ def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Gra
             "The quota store is unavailable; try again shortly.",
             headers={"Retry-After": "1"},
         ) from exc
+    model = pool.models.get(call.meta["model"])
     return degraded_admit(
-        engine=get_engine(), call=call, pool_slug=pool.slug, secret=settings.QUOTA_API_KEY_PEPPER
+        engine=get_engine(),
+        call=call,
+        pool_slug=pool.slug,
+        subject=Subject(call.feature_id, pool.id, model.id if model else None),
+        secret=settings.QUOTA_API_KEY_PEPPER,
     )
 
 
 def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
     settled = degraded_settle(
         engine=get_engine(),
+        plan=plans.get(),
         owner=owner_of(key),
         key_prefix=key.prefix,
         reservation_id=reservation_id,

@@ -19,6 +19,8 @@ from django.conf import settings
 
 import quotas.degraded
 import quotas.reservations
+from ledger.models import UsageEvent
+from ledger.services import usage_ingest
 from quotas.engine.core import Engine
 from quotas.keys import api_key_create
 from quotas.plan import plans
@@ -913,6 +915,43 @@ def test_a_degraded_reservation_can_be_committed_once_the_store_is_back(
     assert response.json()["degraded"] is True
     committed = [e for e in _events(degraded_id) if e[b"type"] == b"committed"]
     assert len(committed) == 1 and committed[0][b"output_tokens"] == b"10"
+    # what it was for, from the id: the ledger can attribute and price it on its own
+    names = ("tenant", "feature", "pool", "model")
+    identity = {n: committed[0][n.encode()].decode() for n in names}
+    assert identity == {
+        "tenant": world.tenant.slug,
+        "feature": "chat",
+        "pool": "shared",
+        "model": world.model.name,
+    }
+
+
+def test_a_degraded_commit_is_attributed_and_priced_without_its_reservations_event(
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
+) -> None:
+    # The reservation's event waits in the spool of the process that admitted it; the commit
+    # may reach the ledger first (another worker), or alone (that process's spool was lost).
+    degraded_id = reserve().json()["id"]
+    quotas.degraded._spool.clear()
+    monkeypatch.undo()
+
+    committed = post(
+        world.client(),
+        f"{RESERVATIONS}/{degraded_id}/commit",
+        {"input_tokens": 1000, "output_tokens": 100},
+    )
+    assert committed.status_code == 200, committed.content
+    usage_ingest()
+
+    row = UsageEvent.objects.get(rid=degraded_id)
+    assert (row.state, row.degraded) == ("committed", True)
+    assert (row.tenant_pk, row.feature_pk, row.pool_pk, row.model_pk) == (
+        world.tenant.pk,
+        world.chat.pk,
+        world.pool.pk,
+        world.model.pk,
+    )
+    assert row.cost_nusd == 1000 * 150 + 100 * 600  # $0.15 and $0.60 per Mtok
 
 
 def test_a_degraded_reservation_can_be_committed_while_the_store_is_still_down(
