@@ -39,6 +39,7 @@ IDENTITY_NUMBER = (
     "wait_ms",
     "metadata",
     "created_ms",
+    "expires_ms",
 )
 IDENTITY_FLAG = ("degraded", "estimated")
 # The outcome: taken from the event of the furthest state.
@@ -143,6 +144,7 @@ def usage_row(fields: dict[str, str], resolver: Resolver, now_ms: int) -> Row | 
         "wait_ms": _int(str(metadata.get("wait_ms", ""))) if metadata else None,
         "metadata": json.dumps(metadata) if metadata else None,
         "created_ms": _int(get("created_ms")),
+        "expires_ms": _int(get("expires_ms")),
         "degraded": get("degraded") == "1",
         "estimated": get("estimated") == "1",
         "ingested_ms": now_ms,

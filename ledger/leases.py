@@ -2,8 +2,8 @@
 
 The lease is what reserve.lua would have written, rebuilt from the ledger row and the current
 configuration: the same limits (by scope), what it reserved in each, the model's current
-prices. It is held for a short while from the rebuild (the stream does not carry the original
-expiry), after which the reaper expires it like any other, charged as reserved; a caller that
+prices. It is held until the expiry it was granted, or a short while from the rebuild when that
+is later, after which the reaper expires it like any other, charged as reserved; a caller that
 commits later is still accepted, as a commit after expiry.
 """
 
@@ -20,10 +20,15 @@ from quotas.plan import FeatureInfo, Plan, PoolInfo
 
 
 def lease_for_row(
-    row: Row, *, plan: Plan, keyspace: KeySpace, expires_ms: int
+    row: Row,
+    *,
+    plan: Plan,
+    features: dict[int, FeatureInfo],
+    keyspace: KeySpace,
+    expires_ms: int,
 ) -> LeaseRestore | None:
-    """None when the configuration no longer knows the feature, pool or model."""
-    features = {f.id: f for f in plan.features.values()}
+    """None when the configuration no longer knows the feature, pool or model. `features`:
+    the plan's by id (`features_by_id`)."""
     feature = features.get(row["feature_pk"])
     pool = next((p for p in plan.pools if p.id == row["pool_pk"]), None)
     model = pool.models.get(row["model"]) if pool else None

@@ -61,6 +61,11 @@ class UsageEvent(models.Model):
     estimated = models.BooleanField(default=False)
     metadata = models.JSONField(null=True, blank=True)
     created_ms = models.BigIntegerField(null=True, blank=True)
+    expires_ms = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="When the lease was to expire, as granted (an extension is not recorded).",
+    )
     finished_ms = models.BigIntegerField(null=True, blank=True)
     ingested_ms = models.BigIntegerField()
 

@@ -28,7 +28,7 @@ from ledger.events import Resolver, Row, batch_from_entries
 from ledger.leases import lease_for_row
 from ledger.services import ledger_state_lock
 from quotas.engine.types import BudgetAdjustment, LeaseRestore
-from quotas.plan import plans
+from quotas.plan import features_by_id, plans
 from quotas.reservations import get_engine
 
 
@@ -93,9 +93,20 @@ def _budget_report(*, with_held: bool) -> BudgetReport:
 
 
 def _leases(held: list[Row]) -> list[LeaseRestore]:
+    """Held until the expiry they were granted, or for LEDGER_RESTORED_LEASE_SECONDS from now
+    when that is later (or unknown): a call still running keeps its lease, and one whose lease
+    ran out while Redis was away still gets a moment to commit before it is charged in full."""
     plan, engine = plans.get(), get_engine()
-    expires = engine.now_ms() + int(ledger_setting("LEDGER_RESTORED_LEASE_SECONDS") * 1000)
+    features = features_by_id(plan)
+    least = engine.now_ms() + int(ledger_setting("LEDGER_RESTORED_LEASE_SECONDS") * 1000)
     restores = (
-        lease_for_row(row, plan=plan, keyspace=engine.keys, expires_ms=expires) for row in held
+        lease_for_row(
+            row,
+            plan=plan,
+            features=features,
+            keyspace=engine.keys,
+            expires_ms=max(least, row["expires_ms"] or 0),
+        )
+        for row in held
     )
     return [lease for lease in restores if lease is not None]

@@ -29,7 +29,7 @@ from quotas.engine import (
     Settled,
     Usage,
 )
-from quotas.plan import FeatureInfo, Plan
+from quotas.plan import Plan, features_by_id
 
 log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
@@ -95,7 +95,7 @@ def subject_slugs(plan: Plan, tenant_id: int, subject: Subject) -> dict[str, str
     """The tenant, feature, pool and model slugs of a degraded reservation, as its usage
     events name them; those the plan no longer has are left out."""
     tenant = plan.tenants.get(tenant_id)
-    feature = _features_by_id(plan).get(subject.feature_id)
+    feature = features_by_id(plan).get(subject.feature_id)
     pool = next((p for p in plan.pools if p.id == subject.pool_id), None)
     model = (
         next((m for m in pool.models.values() if m.id == subject.model_id), None) if pool else None
@@ -107,19 +107,6 @@ def subject_slugs(plan: Plan, tenant_id: int, subject: Subject) -> dict[str, str
         "model": model.name if model else "",
     }
     return {name: slug for name, slug in slugs.items() if slug}
-
-
-_by_id: tuple[Plan | None, dict[int, FeatureInfo]] = (None, {})
-
-
-def _features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
-    """The plan's features by id, made once per plan (only degraded settlements need it)."""
-    global _by_id
-    kept_plan, index = _by_id
-    if kept_plan is not plan:
-        index = {feature.id: feature for feature in plan.features.values()}
-        _by_id = (plan, index)
-    return index
 
 
 def spool_event(event: dict[str, Any]) -> None:

@@ -131,3 +131,33 @@ def test_rebuild_twice_changes_nothing_the_second_time(
 
     assert state(day)["remaining"] == before
     assert "0 moved; 0 leases restored, 2 already there" in out.getvalue()
+
+
+def test_a_restored_lease_keeps_the_expiry_it_was_granted(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    long_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=600).json()["id"]
+    short_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=5).json()["id"]
+    usage_ingest()
+    redis_db.flushdb()
+    plans.clear()
+    advance(10)  # the short call's lease ran out while Redis was away
+
+    call_command("quota", "rebuild", stdout=StringIO())
+    assert state(slots)["used"] == 2
+
+    advance(50)  # the short one still has its moment to commit (60 s from the rebuild)
+    assert leases_expire() == 0
+    advance(20)
+    assert leases_expire() == 1  # the short one, charged as reserved
+    assert state(slots)["used"] == 1
+
+    advance(400)  # 480 s after the grant: the long one runs to its own expiry of 600 s
+    assert leases_expire() == 0
+    done = commit(world, long_call, input_tokens=100, output_tokens=10)
+    assert done.status_code == 200, done.content
+    assert done.json()["lease_expired"] is False
+    assert state(slots)["used"] == 0
+    late = commit(world, short_call, input_tokens=100, output_tokens=10)
+    assert late.status_code == 200 and late.json()["lease_expired"] is True

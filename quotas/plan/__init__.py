@@ -8,7 +8,7 @@ change takes effect on the next reservation.
 
 from __future__ import annotations
 
-from quotas.plan.compiled import Plan
+from quotas.plan.compiled import Plan, features_by_id
 from quotas.plan.infos import (
     NANO,
     PRIORITY_RANK,
@@ -32,6 +32,7 @@ __all__ = [
     "PlanCache",
     "PoolInfo",
     "TenantInfo",
+    "features_by_id",
     "plan_load",
     "plans",
 ]

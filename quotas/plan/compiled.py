@@ -206,3 +206,17 @@ class Plan:
                 )
             )
         return checks
+
+
+_by_id: tuple[Plan | None, dict[int, FeatureInfo]] = (None, {})
+
+
+def features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
+    """The plan's features by id, for the few callers that hold an id rather than a slug
+    (degraded settlements, lease rebuilds); made once per plan and kept for the latest."""
+    global _by_id
+    kept, index = _by_id
+    if kept is not plan:
+        index = {feature.id: feature for feature in plan.features.values()}
+        _by_id = (plan, index)
+    return index
