@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ import redis
 from django.conf import settings
 
 from quotas.engine import Engine
-from quotas.engine.scripts import Connections
+from quotas.engine.scripts import SCRIPT_NAMES, Connections, script_source
 from quotas.store import get_redis, redis_client
 from tests.conftest import DEAD_STORE
 
@@ -26,9 +27,19 @@ def held_count(engine: Engine) -> int:
     return engine.held().count
 
 
-def test_a_script_redis_no_longer_holds_is_loaded_again(engine: Engine) -> None:
-    assert held_count(engine) == 0
+@pytest.fixture
+def scripts_flushed() -> Iterator[None]:
+    """Redis forgets every script (as after a restart); they are loaded again afterwards,
+    since scripts are the whole server's and other tests count the commands they send."""
     get_redis().script_flush()
+    yield
+    for name in SCRIPT_NAMES:
+        get_redis().script_load(script_source(name))
+
+
+def test_a_script_redis_no_longer_holds_is_loaded_again(
+    engine: Engine, scripts_flushed: None
+) -> None:
     assert get_redis().script_exists(engine.scripts._scripts["held"].sha) == [False]
 
     assert held_count(engine) == 0
@@ -125,3 +136,11 @@ def test_connections_are_made_by_the_clients_pool_with_its_settings() -> None:
         assert taken.db == client.connection_pool.connection_kwargs["db"]
     finally:
         connections.give(taken)
+
+
+def test_engines_on_one_client_take_nothing_from_its_pools_limit() -> None:
+    client = get_redis()
+    for _ in range(client.connection_pool.max_connections + 20):
+        engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
+        assert held_count(engine) == 0
+    assert client.ping()

@@ -43,6 +43,12 @@ def test_reserve_and_commit_each_take_one_redis_call_and_no_sql(
     _limits(world)
     warm = reserve()  # loads the plan and the scripts
     assert warm.status_code == 201
+    warm_done = world.client().post(
+        f"/api/v1/reservations/{warm.json()['id']}/commit",
+        {"input_tokens": 10, "output_tokens": 10},
+        format="json",
+    )
+    assert warm_done.status_code == 200
 
     redis_commands.clear()
     with django_assert_num_queries(0):

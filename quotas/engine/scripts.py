@@ -95,8 +95,10 @@ def _evalsha(
 
 
 class Connections:
-    """Connections of a client's pool kept for the engine's calls. Each call takes one and
-    gives it back, so a process holds as many as it makes calls at once (one per sync
+    """Connections for the engine's calls, made with the settings of a client's pool (its
+    connection class and arguments) and kept here rather than in that pool, so they count
+    against none of its limits and close when dropped with their engine. Each call takes one
+    and gives it back, so a process holds as many as it makes calls at once (one per sync
     worker, one per thread of a threaded one); a forked child never uses its parent's."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
@@ -110,7 +112,7 @@ class Connections:
         try:
             connection = self._idle.pop()  # atomic: no two threads get the same one
         except IndexError:
-            connection = self._pool.make_connection()
+            connection = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
             _ready(connection)
         except BaseException:
