@@ -6,19 +6,26 @@
 -- KEYS[4]  usage event stream                           q:{tag}:events
 -- KEYS[5]  idempotency key (a per-request dummy if none) q:{tag}:idem:<tenant>:<key>
 -- KEYS[6..] every limit key the plan below may touch (buckets, budget periods, counters)
--- ARGV[1]  JSON request:
---   version (of the compiled plan), id, ttl_ms, retention_ms, maxlen, lease_prefix,
---   clock, idem_hash,
---   in_ (input tokens), out (max output tokens), min_out (smallest acceptable grant),
---   cost = {a, b} (nano-USD for `out`), meta (event fields: only when ARGV[3..] does not
---   hold them), options: [{pool, checks: [check]}] in the order to try, where
---   check = {id, kind = 'b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee,
---            m = metric (sets the amount: tokens = in_ + out,
---                cost_usd = cost.a + cost.b * out, ...),
---            k = key (or periods = [{k, start, stop}] for 'p'), cap,
---            floor (capacity kept for higher priority classes),
---            guards = [{k, cap}] (other features' guarantees, kept unless spent),
---            enf = 'hard' | 'soft' | 'shadow'}
+-- ARGV[1]  the request, a flat JSON array (one decode, no nested tables but meta):
+--   [1] version (of the compiled plan; false: none), [2] id, [3] ttl_ms, [4] retention_ms,
+--   [5] maxlen, [6] lease_prefix, [7] clock_ms (false: Redis TIME), [8] clock_offset_ms,
+--   [9] idem_hash ('' without an idempotency key), [10] in_ (input tokens),
+--   [11] out (max output tokens), [12] min_out (smallest acceptable grant),
+--   [13], [14] cost a, b (nano-USD for `out` output tokens: a + b * out),
+--   [15] meta (event fields, an object: only when ARGV[3..] does not hold them; else false),
+--   [16] the number of pool options, then each option in the order to try:
+--     pool, number of checks, then each check:
+--       kind ('b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee),
+--       enf ('hard' | 'soft' | 'shadow'),
+--       m (metric: sets the amount, tokens = in_ + out, cost_usd = a + b * out, ...),
+--       id, cap, floor (capacity kept for higher priority classes; 0: none),
+--       the head of its entry in the answer's `limits`, `{"id":..,"cap":..,"remaining":`,
+--       the head of its entry in the lease's `ck`, `{"kind":..,"m":..,"cap":..,"k":..,"amt":`
+--         (no "k" for 'p': the script adds the period's), the numbers in both written as
+--         cjson writes them (14 significant digits),
+--       k (its key; false for 'p'),
+--       number of periods (for 'p'), then each period: k, start, stop,
+--       number of guards (other features' guarantees, kept unless spent), then each: k, cap
 -- ARGV[2]  the members of the new lease's JSON that the request alone decides, written as
 --          they are: `"id":..,"tenant":..,"feature":..,"ttl_ms":..,"prices":{i, c, o}`
 --          (nano-USD per input, cached input and output token, to price the commit) and
@@ -36,30 +43,97 @@
 --   {existing = lease}                 idempotency key replayed: the first reservation,
 --                                      whose `reply` is the first answer
 
-local req = cjson.decode(ARGV[1])
-local now = clock(req)
+local A = cjson.decode(ARGV[1])
+local id, ttl_ms, retention_ms, maxlen, lease_prefix = A[2], A[3], A[4], A[5], A[6]
+local idem_hash, in_, req_out, min_out, cost_a, cost_b = A[9], A[10], A[11], A[12], A[13], A[14]
+local meta = A[15]
+local format, floor, ceil, huge = string.format, math.floor, math.ceil, math.huge
+local now = A[7]
+if not now then now = now_ms() + A[8] end
 local lease_key, index_key, stream, idem_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local version = A[1]
+if version == false then version = nil end
+if stale(KEYS[1], version) then return cjson.encode({stale = true}) end
 
-reap(index_key, stream, req.maxlen, req.retention_ms, req.lease_prefix, now, 16)
+reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, 16)
 
-if req.idem_hash ~= '' then
+if idem_hash ~= '' then
   local seen = redis.call('HMGET', idem_key, 'id', 'hash')
   if seen[1] then
-    if seen[2] ~= req.idem_hash then return cjson.encode({conflict = true}) end
-    local raw = redis.call('GET', req.lease_prefix .. seen[1])
+    if seen[2] ~= idem_hash then return cjson.encode({conflict = true}) end
+    local raw = redis.call('GET', lease_prefix .. seen[1])
     if raw then return cjson.encode({existing = cjson.decode(raw), now_ms = now}) end
   end
 end
 
--- Amount a check takes is linear in the output tokens granted: a + ceil(b * out).
-local function shape(check)
-  local m = check.m
-  if m == 'tokens' then check.a, check.b = req.in_, 1
-  elseif m == 'input_tokens' then check.a, check.b = req.in_, 0
-  elseif m == 'output_tokens' then check.a, check.b = 0, 1
-  elseif m == 'cost_usd' then check.a, check.b = req.cost.a, req.cost.b
-  else check.a, check.b = 1, 0 end
+-- A number as cjson writes it (14 significant digits; NaN and infinity refused), and as an
+-- event's field_text writes it. Whole numbers below 1e14 read the same both ways, and %d
+-- writes them in half the time %.14g takes.
+local function texts(x)
+  if x == floor(x) and x < 1e14 and x > -1e14 and x ~= 0 then
+    local text = format('%d', x)
+    return text, text
+  end
+  if x - x ~= 0 then error('Cannot serialise number: must not be NaN or Inf') end
+  return format('%.14g', x), field_text(x)
+end
+
+local function json_number(x)
+  if x == floor(x) and x < 1e14 and x > -1e14 and x ~= 0 then return format('%d', x) end
+  if x - x ~= 0 then error('Cannot serialise number: must not be NaN or Inf') end
+  return format('%.14g', x)
+end
+
+-- The checks of the option at A[at] (see the header), as tables of what the decision needs
+-- (`c` is where the check starts in A); moves `at` to the next option.
+local at = 17
+local function checks_read()
+  local checks = {}
+  local c = at + 2
+  for i = 1, A[at + 1] do
+    local g = c + 10 + 3 * A[c + 9]
+    checks[i] = {c = c, kind = A[c], cap = A[c + 4], k = A[c + 8], a = 0, b = 0, level = 0,
+                 used = 0, headroom = 0, growth = 0, most = 0, reset_ms = false, amt = 0,
+                 took = false, remaining = 0}
+    c = g + 1 + 2 * A[g]
+  end
+  at = c
+  return checks
+end
+
+-- Current state of one check (lib.lua's observe, with the periods and guards read from A).
+local function observe_check(check)
+  local kind, c = check.kind, check.c
+  if kind == 'p' then
+    local k, reset = check.k, nil
+    for base = c + 10, c + 9 + 3 * A[c + 9], 3 do
+      if now >= A[base + 1] and now < A[base + 2] then k, reset = A[base], A[base + 2] end
+    end
+    if not k then k = nil end
+    check.k, check.reset_ms = k, reset
+    check.used = counter(k)
+    check.headroom = check.cap - check.used
+  elseif kind == 'c' then
+    check.used = counter(check.k)
+    check.headroom = check.cap - check.used
+  else
+    local cap = check.cap
+    check.level = bucket_level(check.k, cap, now)
+    local floor_kept = A[c + 5]
+    local kept_all, growth, reserved = floor_kept, cap, 0
+    local g = c + 10 + 3 * A[c + 9]
+    for base = g + 1, g + 2 * A[g], 2 do
+      local guard_cap = A[base + 1]
+      local kept = bucket_level(A[base], guard_cap, now)
+      kept_all = kept_all + kept
+      reserved = reserved + guard_cap
+      -- a guarantee still refilling takes its share of the refill; a full one takes none
+      if kept < guard_cap then growth = growth - guard_cap end
+    end
+    check.headroom = check.level - kept_all
+    check.growth = growth
+    check.most = cap - floor_kept - reserved
+  end
 end
 
 -- Milliseconds until `need` fits in a check that refused, or nil when it never will.
@@ -78,29 +152,36 @@ local function refusal(check, need)
   local reason = 'rate_limited'
   if check.kind == 'p' then reason = 'budget_exhausted' end
   if check.kind == 'c' then reason = 'concurrency' end
-  return {granted = false, reason = reason, limit = check.id, remaining = check.headroom,
+  return {granted = false, reason = reason, limit = A[check.c + 3], remaining = check.headroom,
           cap = check.cap, needed = need, retry_ms = retry_ms(check, need), now_ms = now}
 end
 
 -- Largest grant of output tokens every hard check admits, or nil and the refusal.
-local function fit(option)
-  local out = req.out
+local function fit(checks)
+  local out = req_out
   local worst = nil
-  for _, check in ipairs(option.checks) do
-    shape(check)
-    observe(check, now)
-    if check.enf == 'hard' and check.kind ~= 'g' then
-      local need = amount_for(check, req.min_out)
+  for _, check in ipairs(checks) do
+    -- the amount a check takes is linear in the output tokens granted: a + ceil(b * out)
+    local c = check.c
+    local m = A[c + 2]
+    if m == 'tokens' then check.a, check.b = in_, 1
+    elseif m == 'input_tokens' then check.a, check.b = in_, 0
+    elseif m == 'output_tokens' then check.a, check.b = 0, 1
+    elseif m == 'cost_usd' then check.a, check.b = cost_a, cost_b
+    else check.a, check.b = 1, 0 end
+    observe_check(check)
+    if A[c + 1] == 'hard' and check.kind ~= 'g' then
+      local need = amount_for(check, min_out)
       if need > check.headroom then
         local r = refusal(check, need)
         -- wait for the slowest limit: retrying earlier would still be refused
-        if worst == nil or (r.retry_ms or math.huge) > (worst.retry_ms or math.huge) then
+        if worst == nil or (r.retry_ms or huge) > (worst.retry_ms or huge) then
           worst = r
         end
       elseif check.b > 0 then
-        local fits = math.min(req.out, math.floor((check.headroom - check.a) / check.b))
+        local fits = math.min(req_out, floor((check.headroom - check.a) / check.b))
         -- the charge rounds up (a + ceil(b * out)); step back where rounding would overshoot
-        while fits > req.min_out and amount_for(check, fits) > check.headroom do
+        while fits > min_out and amount_for(check, fits) > check.headroom do
           fits = fits - 1
         end
         out = math.min(out, fits)
@@ -108,116 +189,179 @@ local function fit(option)
     end
   end
   if worst then return nil, worst end
-  return math.max(out, req.min_out), nil
+  return math.max(out, min_out), nil
 end
 
+-- lib.lua's bucket_store, with now's text written once
+local now_text = tostring(now)
+local function store(key, cap, level)
+  if level >= cap then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'v', format('%.14g', level), 't', now_text)
+  redis.call('PEXPIRE', key, ceil((cap - level) * 60000 / cap) + 300000)
+end
+
+-- Debit one check and note what its entry in the answer's limits says.
 local function debit(check, out)
   local amount = amount_for(check, out)
   check.amt = amount
-  if check.kind == 'b' then
-    bucket_store(check.k, check.cap, check.level - amount, now)
-  elseif check.kind == 'g' then
-    check.took = math.max(0, math.min(check.level, amount))
-    bucket_store(check.k, check.cap, check.level - check.took, now)
+  local kind = check.kind
+  if kind == 'b' then
+    local level = check.level - amount
+    store(check.k, check.cap, level)
+    check.remaining = floor(level)
+    check.reset_ms = now + ceil((check.cap - level) * 60000 / check.cap)
+  elseif kind == 'g' then
+    local took = math.max(0, math.min(check.level, amount))
+    check.took = took
+    store(check.k, check.cap, check.level - took)
   else
     redis.call('INCRBY', check.k, int(amount))
-    if check.kind == 'p' then redis.call('PEXPIREAT', check.k, check.reset_ms + 172800000) end
+    if kind == 'p' then
+      redis.call('PEXPIREAT', check.k, check.reset_ms + 172800000)
+      check.remaining = check.cap - check.used - amount
+    else
+      check.remaining = check.cap - check.used - 1
+    end
   end
 end
 
-local function describe(check)
-  local d = {id = check.id, cap = check.cap}
-  if check.kind == 'p' then
-    d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
-  elseif check.kind == 'c' then
-    d.remaining = check.cap - check.used - 1
-  else
-    local level = check.level - (check.took or check.amt)
-    d.remaining = math.floor(level)
-    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
-  end
-  return d
-end
-
-local function grant(option, out)
-  local soft, limits, recorded = {}, {}, {}
-  for _, check in ipairs(option.checks) do
-    if check.enf ~= 'hard' and amount_for(check, out) > check.headroom then
-      soft[#soft + 1] = check.id
+local function grant(pool, checks, out)
+  local soft = {}
+  for _, check in ipairs(checks) do
+    if A[check.c + 1] ~= 'hard' and amount_for(check, out) > check.headroom then
+      soft[#soft + 1] = A[check.c + 3]
     end
     debit(check, out)
-    if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
-    recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
-                               amt = check.amt, took = check.took}
   end
-  local expires = now + req.ttl_ms
-  local cost = amount_for(req.cost, out)
-  local pool = option.pool
-  local reply = cjson.encode({granted = true, id = req.id, pool = pool, out = out,
-                              expires_ms = expires, now_ms = now, limits = limits, soft = soft,
-                              cost = cost})
-  -- the lease: what this script decides, then ARGV[2] (id to meta) and the pool in meta
-  local own = cjson.encode({st = 'held', pool = pool, created = now, e = expires, ck = recorded,
-                            soft = soft, r = {in_ = req.in_, out = out, cost = cost}})
+  -- The answer and the lease as cjson wrote them from tables (members in another order),
+  -- each the concatenation of one list of parts: once everything is debited (a number
+  -- cjson refuses raises here, as it did), before anything else is written.
+  local expires = now + ttl_ms
+  local cost = cost_a
+  if cost_b ~= 0 then cost = cost_a + ceil_units(cost_b * out) end
+  local pool_json = cjson.encode(pool)
+  local now_json, at_text = texts(now)
+  local out_json, granted = texts(out)
+  local expires_json, expires_text = texts(expires)
+  local cost_json, cost_text = texts(cost)
+  local in_json, in_text = texts(in_)
+  local reply = {'{"granted":true,"id":', cjson.encode(id), ',"pool":', pool_json, ',"out":',
+                 out_json, ',"expires_ms":', expires_json, ',"now_ms":', now_json,
+                 ',"limits":', '{}'}
+  local lease = {'{"st":"held","pool":', pool_json, ',"created":', now_json, ',"e":',
+                 expires_json, ',"r":{"in_":', in_json, ',"out":', out_json, ',"cost":',
+                 cost_json, '},"ck":', '{}'}
+  local rn, ln = 11, 13
+  for _, check in ipairs(checks) do
+    local kind, c = check.kind, check.c
+    if kind ~= 'g' then
+      reply[rn + 1] = rn == 11 and '[' or ','
+      reply[rn + 2] = A[c + 6]
+      reply[rn + 3] = json_number(check.remaining)
+      if kind == 'c' then
+        reply[rn + 4] = '}'
+        rn = rn + 4
+      else
+        reply[rn + 4] = ',"reset_ms":'
+        reply[rn + 5] = json_number(check.reset_ms)
+        reply[rn + 6] = '}'
+        rn = rn + 6
+      end
+    end
+    lease[ln + 1] = ln == 13 and '[' or ','
+    lease[ln + 2] = A[c + 7]
+    lease[ln + 3] = json_number(check.amt)
+    ln = ln + 3
+    if check.took then
+      lease[ln + 1] = ',"took":'
+      lease[ln + 2] = json_number(check.took)
+      ln = ln + 2
+    elseif kind == 'p' then
+      lease[ln + 1] = ',"k":'
+      lease[ln + 2] = cjson.encode(check.k)
+      ln = ln + 2
+    end
+    lease[ln + 1] = '}'
+    ln = ln + 1
+  end
+  -- an empty list is written {} (the part in place), a list closed with ]
+  if rn > 11 then rn = rn + 1; reply[rn] = ']' else rn = rn + 1 end
+  if ln > 13 then ln = ln + 1; lease[ln] = ']' else ln = ln + 1 end
+  local soft_json = '{}'
+  if #soft > 0 then
+    local ids = {}
+    for i, limit in ipairs(soft) do ids[i] = json_number(limit) end
+    soft_json = '[' .. table.concat(ids, ',') .. ']'
+  end
+  reply[rn + 1], reply[rn + 2], reply[rn + 3], reply[rn + 4], reply[rn + 5] =
+    ',"soft":', soft_json, ',"cost":', cost_json, '}'
+  reply = table.concat(reply, '', 1, rn + 5)
   local reply_member = ''
-  if req.idem_hash ~= '' then
+  if idem_hash ~= '' then
     -- a replay of the same request answers exactly as the first time
     reply_member = ',"reply":' .. reply
-    redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idem_hash)
-    redis.call('PEXPIRE', idem_key, req.ttl_ms + req.retention_ms)
+    redis.call('HSET', idem_key, 'id', id, 'hash', idem_hash)
+    redis.call('PEXPIRE', idem_key, ttl_ms + retention_ms)
   end
-  local lease = string.sub(own, 1, -2) .. reply_member .. ',' .. ARGV[2] .. '"pool":'
-                .. cjson.encode(pool) .. '}}'
-  redis.call('SET', lease_key, lease, 'PX', req.ttl_ms + req.retention_ms)
-  redis.call('ZADD', index_key, expires, req.id)
-  if req.meta then
-    local ev = {type = 'reserved', rid = req.id, at_ms = now, created_ms = now,
-                reserved_input_tokens = req.in_, reserved_output_tokens = out,
+  -- the lease: what this script decides, then ARGV[2] (id to meta) and the pool in meta
+  lease[ln + 1], lease[ln + 2], lease[ln + 3], lease[ln + 4], lease[ln + 5], lease[ln + 6],
+    lease[ln + 7], lease[ln + 8] =
+    ',"soft":', soft_json, reply_member, ',', ARGV[2], '"pool":', pool_json, '}}'
+  redis.call('SET', lease_key, table.concat(lease, '', 1, ln + 8), 'PX', ttl_ms + retention_ms)
+  redis.call('ZADD', index_key, expires, id)
+  if meta then
+    local ev = {type = 'reserved', rid = id, at_ms = now, created_ms = now,
+                reserved_input_tokens = in_, reserved_output_tokens = out,
                 reserved_cost_nusd = cost}
-    for name, value in pairs(req.meta) do ev[name] = value end
+    for name, value in pairs(meta) do ev[name] = value end
     ev.pool = pool
     if #soft > 0 then ev.would_refuse = table.concat(soft, ',') end
     ev.granted_output_tokens = out
     ev.expires_ms = expires
-    emit(stream, req.maxlen, ev)
+    emit(stream, maxlen, ev)
     return reply
   end
   -- the same fields, the meta ones from ARGV[3..] (none of them named as these are)
-  local at, granted = field_text(now), field_text(out)
   if #soft > 0 then
-    xadd(stream, req.maxlen, 'type', 'reserved', 'rid', req.id, 'at_ms', at, 'created_ms', at,
-         'reserved_input_tokens', field_text(req.in_), 'reserved_output_tokens', granted,
-         'reserved_cost_nusd', field_text(cost), 'granted_output_tokens', granted,
-         'expires_ms', field_text(expires), 'pool', pool,
+    xadd(stream, maxlen, 'type', 'reserved', 'rid', id, 'at_ms', at_text,
+         'created_ms', at_text, 'reserved_input_tokens', in_text,
+         'reserved_output_tokens', granted, 'reserved_cost_nusd', cost_text,
+         'granted_output_tokens', granted, 'expires_ms', expires_text, 'pool', pool,
          'would_refuse', table.concat(soft, ','), unpack(ARGV, 3))
   else
-    xadd(stream, req.maxlen, 'type', 'reserved', 'rid', req.id, 'at_ms', at, 'created_ms', at,
-         'reserved_input_tokens', field_text(req.in_), 'reserved_output_tokens', granted,
-         'reserved_cost_nusd', field_text(cost), 'granted_output_tokens', granted,
-         'expires_ms', field_text(expires), 'pool', pool, unpack(ARGV, 3))
+    xadd(stream, maxlen, 'type', 'reserved', 'rid', id, 'at_ms', at_text,
+         'created_ms', at_text, 'reserved_input_tokens', in_text,
+         'reserved_output_tokens', granted, 'reserved_cost_nusd', cost_text,
+         'granted_output_tokens', granted, 'expires_ms', expires_text, 'pool', pool,
+         unpack(ARGV, 3))
   end
   return reply
 end
 
 local best = nil
-for _, option in ipairs(req.options) do
-  local out, refused = fit(option)
-  if out then return grant(option, out) end
-  if best == nil or (refused.retry_ms or math.huge) < (best.retry_ms or math.huge) then
+for _ = 1, A[16] do
+  local pool = A[at]
+  local checks = checks_read()
+  local out, refused = fit(checks)
+  if out then return grant(pool, checks, out) end
+  if best == nil or (refused.retry_ms or huge) < (best.retry_ms or huge) then
     best = refused
   end
 end
 
-if req.meta then
-  local ev = {type = 'refused', rid = req.id, at_ms = now, reason = best.reason,
-              limit = best.limit, reserved_input_tokens = req.in_,
-              reserved_output_tokens = req.out}
-  for name, value in pairs(req.meta) do ev[name] = value end
-  emit(stream, req.maxlen, ev)
+if meta then
+  local ev = {type = 'refused', rid = id, at_ms = now, reason = best.reason,
+              limit = best.limit, reserved_input_tokens = in_,
+              reserved_output_tokens = req_out}
+  for name, value in pairs(meta) do ev[name] = value end
+  emit(stream, maxlen, ev)
 else
-  xadd(stream, req.maxlen, 'type', 'refused', 'rid', req.id, 'at_ms', field_text(now),
+  xadd(stream, maxlen, 'type', 'refused', 'rid', id, 'at_ms', field_text(now),
        'reason', best.reason, 'limit', field_text(best.limit),
-       'reserved_input_tokens', field_text(req.in_),
-       'reserved_output_tokens', field_text(req.out), unpack(ARGV, 3))
+       'reserved_input_tokens', field_text(in_),
+       'reserved_output_tokens', field_text(req_out), unpack(ARGV, 3))
 end
 return cjson.encode(best)
