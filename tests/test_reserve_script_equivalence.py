@@ -23,7 +23,13 @@ import redis
 
 from quotas.engine import core
 from quotas.engine.core import Engine
-from quotas.engine.scripts import json_decode, json_encode, script_source
+from quotas.engine.scripts import (
+    LUA_DIR,
+    SCRIPT_NAMES,
+    json_decode,
+    json_encode,
+    script_source,
+)
 from quotas.engine.types import (
     Check,
     Owner,
@@ -53,7 +59,7 @@ local redis = setmetatable({call = function(...)
   return redis_real.call(...)
 end}, {__index = redis_real})
 """
-LOGGED = ("reserve", "commit")
+LOGGED = SCRIPT_NAMES
 
 
 def logged(engine: Engine, client: redis.Redis, sources: dict[str, str]) -> None:
@@ -61,14 +67,21 @@ def logged(engine: Engine, client: redis.Redis, sources: dict[str, str]) -> None
         engine.scripts._scripts[name] = client.register_script(LOG + sources[name])
 
 
+def before_source(name: str) -> str:
+    body = BEFORE / f"{name}.lua"
+    if not body.exists():
+        body = LUA_DIR / f"{name}.lua"
+    return (BEFORE / "lib.lua").read_text() + "\n" + body.read_text()
+
+
 class Before(Engine):
     """The engine as it called the scripts before: the request as a JSON object with the
-    pool options nested in it, and the scripts of that time for reserve and commit."""
+    pool options nested in it, and lib.lua, reserve.lua and commit.lua of that time (the
+    other scripts as they are, after the lib.lua of that time)."""
 
     def __init__(self, client: redis.Redis, **kwargs: Any) -> None:
         super().__init__(client, **kwargs)
-        lib = (BEFORE / "lib.lua").read_text()
-        sources = {name: lib + "\n" + (BEFORE / f"{name}.lua").read_text() for name in LOGGED}
+        sources = {name: before_source(name) for name in LOGGED}
         logged(self, client, sources)
 
     def reserve(self, call: ReserveCall) -> Any:
@@ -329,6 +342,14 @@ def reaping_and_period_edge(engine: Engine, p: Plan) -> list[Any]:
     results.append(engine.reserve(reserve_call("rsv_edge1", opts, ttl_ms=10_000)))
     engine.frozen_ms = p.now + 20_000
     results.append(engine.reserve(reserve_call("rsv_after", opts)))
+    engine.frozen_ms = p.now + 40_000
+    late = Usage(100, 10, body_hash="z", extra={"latency_ms": "12"})
+    owner = Owner(7)
+    results.append(
+        engine.commit(reservation_id="rsv_edge0", owner=owner, usage=late, version=VERSION)
+    )
+    results.append(engine.reap())
+    results.append(engine.release(reservation_id="rsv_edge1", owner=owner, version=VERSION))
     return results
 
 

@@ -43,11 +43,14 @@
 --   {existing = lease}                 idempotency key replayed: the first reservation,
 --                                      whose `reply` is the first answer
 
+-- The script is one straight body with two small helpers: every function defined here is a
+-- closure made again on every call, and capturing its upvalues costs more than the call.
+
 local A = cjson.decode(ARGV[1])
 local id, ttl_ms, retention_ms, maxlen, lease_prefix = A[2], A[3], A[4], A[5], A[6]
 local idem_hash, in_, req_out, min_out, cost_a, cost_b = A[9], A[10], A[11], A[12], A[13], A[14]
 local meta = A[15]
-local format, floor, ceil, huge = string.format, math.floor, math.ceil, math.huge
+local huge = math.huge
 local now = A[7]
 if not now then now = now_ms() + A[8] end
 local lease_key, index_key, stream, idem_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -66,29 +69,29 @@ if idem_hash ~= '' then
   end
 end
 
--- A number as cjson writes it (14 significant digits; NaN and infinity refused), and as an
--- event's field_text writes it. Whole numbers below 1e14 read the same both ways, and %d
--- writes them in half the time %.14g takes.
-local function texts(x)
-  if x == floor(x) and x < 1e14 and x > -1e14 and x ~= 0 then
-    local text = format('%d', x)
-    return text, text
-  end
-  if x - x ~= 0 then error('Cannot serialise number: must not be NaN or Inf') end
-  return format('%.14g', x), field_text(x)
-end
-
+-- A number as cjson writes it (14 significant digits; NaN and infinity refused).
 local function json_number(x)
-  if x == floor(x) and x < 1e14 and x > -1e14 and x ~= 0 then return format('%d', x) end
+  if short_whole(x) then return format('%d', x) end
   if x - x ~= 0 then error('Cannot serialise number: must not be NaN or Inf') end
   return format('%.14g', x)
 end
 
--- The checks of the option at A[at] (see the header), as tables of what the decision needs
--- (`c` is where the check starts in A); moves `at` to the next option.
-local at = 17
-local function checks_read()
-  local checks = {}
+-- The same, and as an event's field_text writes it (the same text for short whole numbers).
+local function texts(x)
+  if short_whole(x) then
+    local text = format('%d', x)
+    return text, text
+  end
+  return json_number(x), field_text(x)
+end
+
+-- Try the pool options in order; the first whose hard limits all admit is granted.
+local at = 17  -- where the option being read starts in A
+local pool, checks, out, best = nil, nil, nil, nil
+for _ = 1, A[16] do
+  pool, checks = A[at], {}
+  -- Its checks, as tables of what the decision needs (`c`: where the check starts in A; its
+  -- periods and guards are read from A).
   local c = at + 2
   for i = 1, A[at + 1] do
     local g = c + 10 + 3 * A[c + 9]
@@ -98,82 +101,65 @@ local function checks_read()
     c = g + 1 + 2 * A[g]
   end
   at = c
-  return checks
-end
-
--- Current state of one check (lib.lua's observe, with the periods and guards read from A).
-local function observe_check(check)
-  local kind, c = check.kind, check.c
-  if kind == 'p' then
-    local k, reset = check.k, nil
-    for base = c + 10, c + 9 + 3 * A[c + 9], 3 do
-      if now >= A[base + 1] and now < A[base + 2] then k, reset = A[base], A[base + 2] end
-    end
-    if not k then k = nil end
-    check.k, check.reset_ms = k, reset
-    check.used = counter(k)
-    check.headroom = check.cap - check.used
-  elseif kind == 'c' then
-    check.used = counter(check.k)
-    check.headroom = check.cap - check.used
-  else
-    local cap = check.cap
-    check.level = bucket_level(check.k, cap, now)
-    local floor_kept = A[c + 5]
-    local kept_all, growth, reserved = floor_kept, cap, 0
-    local g = c + 10 + 3 * A[c + 9]
-    for base = g + 1, g + 2 * A[g], 2 do
-      local guard_cap = A[base + 1]
-      local kept = bucket_level(A[base], guard_cap, now)
-      kept_all = kept_all + kept
-      reserved = reserved + guard_cap
-      -- a guarantee still refilling takes its share of the refill; a full one takes none
-      if kept < guard_cap then growth = growth - guard_cap end
-    end
-    check.headroom = check.level - kept_all
-    check.growth = growth
-    check.most = cap - floor_kept - reserved
-  end
-end
-
--- Milliseconds until `need` fits in a check that refused, or nil when it never will.
-local function retry_ms(check, need)
-  if check.kind == 'p' then
-    if need > check.cap then return nil end
-    return check.reset_ms - now
-  end
-  if check.kind == 'c' then return nil end
-  -- the most this caller can ever have: capacity less protected shares and others' guarantees
-  if check.growth <= 0 or need > check.most then return nil end
-  return math.ceil((need - check.headroom) * 60000 / check.growth)
-end
-
-local function refusal(check, need)
-  local reason = 'rate_limited'
-  if check.kind == 'p' then reason = 'budget_exhausted' end
-  if check.kind == 'c' then reason = 'concurrency' end
-  return {granted = false, reason = reason, limit = A[check.c + 3], remaining = check.headroom,
-          cap = check.cap, needed = need, retry_ms = retry_ms(check, need), now_ms = now}
-end
-
--- Largest grant of output tokens every hard check admits, or nil and the refusal.
-local function fit(checks)
-  local out = req_out
+  -- The largest grant of output tokens every hard check admits, or the refusal.
+  out = req_out
   local worst = nil
   for _, check in ipairs(checks) do
+    c = check.c
+    local kind, cap, m = check.kind, check.cap, A[c + 2]
     -- the amount a check takes is linear in the output tokens granted: a + ceil(b * out)
-    local c = check.c
-    local m = A[c + 2]
     if m == 'tokens' then check.a, check.b = in_, 1
     elseif m == 'input_tokens' then check.a, check.b = in_, 0
     elseif m == 'output_tokens' then check.a, check.b = 0, 1
     elseif m == 'cost_usd' then check.a, check.b = cost_a, cost_b
     else check.a, check.b = 1, 0 end
-    observe_check(check)
-    if A[c + 1] == 'hard' and check.kind ~= 'g' then
+    -- its current state (lib.lua's observe)
+    if kind == 'p' then
+      local k, reset = check.k, nil
+      for base = c + 10, c + 9 + 3 * A[c + 9], 3 do
+        if now >= A[base + 1] and now < A[base + 2] then k, reset = A[base], A[base + 2] end
+      end
+      if not k then k = nil end
+      check.k, check.reset_ms = k, reset
+      check.used = counter(k)
+      check.headroom = cap - check.used
+    elseif kind == 'c' then
+      check.used = counter(check.k)
+      check.headroom = cap - check.used
+    else
+      check.level = bucket_level(check.k, cap, now)
+      local floor_kept = A[c + 5]
+      local kept_all, growth, reserved = floor_kept, cap, 0
+      local g = c + 10 + 3 * A[c + 9]
+      for base = g + 1, g + 2 * A[g], 2 do
+        local guard_cap = A[base + 1]
+        local kept = bucket_level(A[base], guard_cap, now)
+        kept_all = kept_all + kept
+        reserved = reserved + guard_cap
+        -- a guarantee still refilling takes its share of the refill; a full one takes none
+        if kept < guard_cap then growth = growth - guard_cap end
+      end
+      check.headroom = check.level - kept_all
+      check.growth = growth
+      check.most = cap - floor_kept - reserved
+    end
+    if A[c + 1] == 'hard' and kind ~= 'g' then
       local need = amount_for(check, min_out)
       if need > check.headroom then
-        local r = refusal(check, need)
+        -- when the same request would fit, if ever: a budget at its reset, a bucket once it
+        -- refilled; never past the most the caller can have (capacity less protected shares
+        -- and others' guarantees), never for concurrency
+        local retry, reason = nil, 'rate_limited'
+        if kind == 'p' then
+          reason = 'budget_exhausted'
+          if not (need > cap) then retry = check.reset_ms - now end
+        elseif kind == 'c' then
+          reason = 'concurrency'
+        elseif not (check.growth <= 0 or need > check.most) then
+          retry = math.ceil((need - check.headroom) * 60000 / check.growth)
+        end
+        local r = {granted = false, reason = reason, limit = A[c + 3], remaining = check.headroom,
+                   cap = cap, needed = need, retry_ms = retry, now_ms = now}
         -- wait for the slowest limit: retrying earlier would still be refused
         if worst == nil or (r.retry_ms or huge) > (worst.retry_ms or huge) then
           worst = r
@@ -188,53 +174,52 @@ local function fit(checks)
       end
     end
   end
-  if worst then return nil, worst end
-  return math.max(out, min_out), nil
-end
-
--- lib.lua's bucket_store, with now's text written once
-local now_text = tostring(now)
-local function store(key, cap, level)
-  if level >= cap then
-    redis.call('DEL', key)
-    return
+  if not worst then break end
+  if best == nil or (worst.retry_ms or huge) < (best.retry_ms or huge) then
+    best = worst
   end
-  redis.call('HSET', key, 'v', format('%.14g', level), 't', now_text)
-  redis.call('PEXPIRE', key, ceil((cap - level) * 60000 / cap) + 300000)
+  checks = nil
 end
 
--- Debit one check and note what its entry in the answer's limits says.
-local function debit(check, out)
-  local amount = amount_for(check, out)
-  check.amt = amount
-  local kind = check.kind
-  if kind == 'b' then
-    local level = check.level - amount
-    store(check.k, check.cap, level)
-    check.remaining = floor(level)
-    check.reset_ms = now + ceil((check.cap - level) * 60000 / check.cap)
-  elseif kind == 'g' then
-    local took = math.max(0, math.min(check.level, amount))
-    check.took = took
-    store(check.k, check.cap, check.level - took)
-  else
-    redis.call('INCRBY', check.k, int(amount))
-    if kind == 'p' then
-      redis.call('PEXPIREAT', check.k, check.reset_ms + 172800000)
-      check.remaining = check.cap - check.used - amount
-    else
-      check.remaining = check.cap - check.used - 1
-    end
-  end
-end
-
-local function grant(pool, checks, out)
+if checks then
+  -- Granted: debit every check (soft and shadow ones too), noting what the answer says.
+  out = math.max(out, min_out)
   local soft = {}
+  local now_text = num_text(now)
   for _, check in ipairs(checks) do
     if A[check.c + 1] ~= 'hard' and amount_for(check, out) > check.headroom then
       soft[#soft + 1] = A[check.c + 3]
     end
-    debit(check, out)
+    local amount = amount_for(check, out)
+    check.amt = amount
+    local kind, cap, k = check.kind, check.cap, check.k
+    if kind == 'b' or kind == 'g' then
+      -- lib.lua's bucket_store; use drains a guarantee only as far as it holds
+      local taken = amount
+      if kind == 'g' then
+        taken = math.max(0, math.min(check.level, amount))
+        check.took = taken
+      end
+      local level = check.level - taken
+      if level >= cap then
+        redis.call('DEL', k)
+      else
+        redis.call('HSET', k, 'v', num_text(level), 't', now_text)
+        redis.call('PEXPIRE', k, as_arg(math.ceil((cap - level) * 60000 / cap) + 300000))
+      end
+      if kind == 'b' then
+        check.remaining = floor(level)
+        check.reset_ms = now + math.ceil((cap - level) * 60000 / cap)
+      end
+    else
+      redis.call('INCRBY', k, int(amount))
+      if kind == 'p' then
+        redis.call('PEXPIREAT', k, as_arg(check.reset_ms + 172800000))
+        check.remaining = cap - check.used - amount
+      else
+        check.remaining = cap - check.used - 1
+      end
+    end
   end
   -- The answer and the lease as cjson wrote them from tables (members in another order),
   -- each the concatenation of one list of parts: once everything is debited (a number
@@ -258,34 +243,32 @@ local function grant(pool, checks, out)
   for _, check in ipairs(checks) do
     local kind, c = check.kind, check.c
     if kind ~= 'g' then
-      reply[rn + 1] = rn == 11 and '[' or ','
-      reply[rn + 2] = A[c + 6]
-      reply[rn + 3] = json_number(check.remaining)
+      local remaining, reset, entry = check.remaining, check.reset_ms, nil
       if kind == 'c' then
-        reply[rn + 4] = '}'
-        rn = rn + 4
+        entry = A[c + 6] .. json_number(remaining) .. '}'
+      elseif short_whole(remaining) and short_whole(reset) then
+        entry = format('%s%d,"reset_ms":%d}', A[c + 6], remaining, reset)
       else
-        reply[rn + 4] = ',"reset_ms":'
-        reply[rn + 5] = json_number(check.reset_ms)
-        reply[rn + 6] = '}'
-        rn = rn + 6
+        entry = A[c + 6] .. json_number(remaining) .. ',"reset_ms":' .. json_number(reset)
+                .. '}'
       end
+      reply[rn + 1] = rn == 11 and '[' or ','
+      reply[rn + 2] = entry
+      rn = rn + 2
+    end
+    local amt, took, entry = check.amt, check.took, nil
+    if took then
+      entry = A[c + 7] .. json_number(amt) .. ',"took":' .. json_number(took) .. '}'
+    elseif kind == 'p' then
+      entry = A[c + 7] .. json_number(amt) .. ',"k":' .. cjson.encode(check.k) .. '}'
+    elseif short_whole(amt) then
+      entry = format('%s%d}', A[c + 7], amt)
+    else
+      entry = A[c + 7] .. json_number(amt) .. '}'
     end
     lease[ln + 1] = ln == 13 and '[' or ','
-    lease[ln + 2] = A[c + 7]
-    lease[ln + 3] = json_number(check.amt)
-    ln = ln + 3
-    if check.took then
-      lease[ln + 1] = ',"took":'
-      lease[ln + 2] = json_number(check.took)
-      ln = ln + 2
-    elseif kind == 'p' then
-      lease[ln + 1] = ',"k":'
-      lease[ln + 2] = cjson.encode(check.k)
-      ln = ln + 2
-    end
-    lease[ln + 1] = '}'
-    ln = ln + 1
+    lease[ln + 2] = entry
+    ln = ln + 2
   end
   -- an empty list is written {} (the part in place), a list closed with ]
   if rn > 11 then rn = rn + 1; reply[rn] = ']' else rn = rn + 1 end
@@ -300,18 +283,19 @@ local function grant(pool, checks, out)
     ',"soft":', soft_json, ',"cost":', cost_json, '}'
   reply = table.concat(reply, '', 1, rn + 5)
   local reply_member = ''
+  local keep_ms = as_arg(ttl_ms + retention_ms)
   if idem_hash ~= '' then
     -- a replay of the same request answers exactly as the first time
     reply_member = ',"reply":' .. reply
     redis.call('HSET', idem_key, 'id', id, 'hash', idem_hash)
-    redis.call('PEXPIRE', idem_key, ttl_ms + retention_ms)
+    redis.call('PEXPIRE', idem_key, keep_ms)
   end
   -- the lease: what this script decides, then ARGV[2] (id to meta) and the pool in meta
   lease[ln + 1], lease[ln + 2], lease[ln + 3], lease[ln + 4], lease[ln + 5], lease[ln + 6],
     lease[ln + 7], lease[ln + 8] =
     ',"soft":', soft_json, reply_member, ',', ARGV[2], '"pool":', pool_json, '}}'
-  redis.call('SET', lease_key, table.concat(lease, '', 1, ln + 8), 'PX', ttl_ms + retention_ms)
-  redis.call('ZADD', index_key, expires, id)
+  redis.call('SET', lease_key, table.concat(lease, '', 1, ln + 8), 'PX', keep_ms)
+  redis.call('ZADD', index_key, short_whole(expires) and expires_json or expires, id)
   if meta then
     local ev = {type = 'reserved', rid = id, at_ms = now, created_ms = now,
                 reserved_input_tokens = in_, reserved_output_tokens = out,
@@ -339,17 +323,6 @@ local function grant(pool, checks, out)
          unpack(ARGV, 3))
   end
   return reply
-end
-
-local best = nil
-for _ = 1, A[16] do
-  local pool = A[at]
-  local checks = checks_read()
-  local out, refused = fit(checks)
-  if out then return grant(pool, checks, out) end
-  if best == nil or (refused.retry_ms or huge) < (best.retry_ms or huge) then
-    best = refused
-  end
 end
 
 if meta then
