@@ -14,22 +14,30 @@ of calls of each kind after the other:
 * reserve+commit: a reserve and its commit, one after the other (a pair);
 * bucket3: one `EVALSHA` of `bench/baseline/bucket3.lua` with the bare view's arguments.
 
+The same four kinds are then measured for the scripts alone: the `EVALSHA` calls of one
+reserve and its commit, as the engine made them, sent again with a new reservation id each,
+100 to a pipeline, and bucket3's likewise (no Python work between two calls; client CPU is
+then redis-py's pipelining).
+
 Per call it reports `usec_per_call` of `EVALSHA` from `INFO commandstats` deltas (the time
 Redis spends in the script, its commands included), the Redis process CPU from `INFO cpu`
 deltas (also reading the request and writing the reply), and the CPU this Python process
-spent per call (the service layer, the payload, redis-py); the ratios are against bucket3's
-median. Medians and ranges over the rounds: the blocks alternate, so a slow spell of a shared
-machine shows up as a range rather than in one kind only.
+spent per call (the service layer, the payload, redis-py). Medians and ranges over the
+rounds; a ratio is the median over the rounds of the kind's figure against the bucket3 block
+of the same round, so that a slow spell of a shared machine, which moves every kind of one
+round, moves the ratios less than the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import redis
 
@@ -141,7 +149,94 @@ class Workload:
             assert admitted == 1
 
 
-def run_rounds(client: redis.Redis, work: Workload, args: argparse.Namespace) -> Samples:
+class Replay:
+    """The scripts alone: one reserve's and one commit's `EVALSHA` as the engine sent them,
+    sent again with a new reservation id each, in pipelines."""
+
+    PIPELINE = 100
+
+    def __init__(self, client: redis.Redis, work: Workload) -> None:
+        from quotas.engine.scripts import json_encode
+        from quotas.store import get_engine
+
+        scripts = get_engine().scripts
+        seen: list[tuple[str, list[str], list[Any]]] = []
+        send = scripts.call
+
+        def record(name: str, keys: list[str], payload: Any, *extra: Any) -> Any:
+            seen.append((name, list(keys), [payload, *extra]))
+            return send(name, keys, payload, *extra)
+
+        scripts.call = record  # type: ignore[method-assign]
+        try:
+            self.rid = work.reserve()
+            work.commit(self.rid)
+        finally:
+            del scripts.call
+        self.client = client
+        self.calls = {
+            name: (scripts._scripts[name].sha, keys, [_as_bytes(a, json_encode) for a in args])
+            for name, keys, args in seen
+        }
+        self.bucket3 = work.bucket3.sha
+        self.bucket3_keys = len(work.bucket3_keys)
+        self.bucket3_call = [*work.bucket3_keys, *work.bucket3_args]
+        self.held: list[str] = []
+
+    def _send(self, calls: Iterable[tuple[str, str]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        old = self.rid.encode()
+        for name, rid in calls:
+            sha, keys, args = self.calls[name]
+            new = rid.encode()
+            pipe.evalsha(
+                sha,
+                len(keys),
+                *(key.replace(self.rid, rid) for key in keys),
+                *(arg.replace(old, new) for arg in args),
+            )
+            if len(pipe) >= self.PIPELINE:
+                pipe.execute()
+        pipe.execute()
+
+    def reserves(self, n: int) -> None:
+        self.held = ["rsv_" + secrets.token_hex(12) for _ in range(n)]
+        self._send(("reserve", rid) for rid in self.held)
+
+    def commits(self, n: int) -> None:
+        assert len(self.held) == n
+        self._send(("commit", rid) for rid in self.held)
+        self.held = []
+
+    def pairs(self, n: int) -> None:
+        rids = ["rsv_" + secrets.token_hex(12) for _ in range(n)]
+        self._send((name, rid) for rid in rids for name in ("reserve", "commit"))
+
+    def buckets(self, n: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.evalsha(self.bucket3, self.bucket3_keys, *self.bucket3_call)
+            if (i + 1) % self.PIPELINE == 0:
+                pipe.execute()
+        pipe.execute()
+
+
+def _as_bytes(arg: Any, encode: Callable[[Any], bytes]) -> bytes:
+    if isinstance(arg, bytes):
+        return arg
+    if isinstance(arg, str):
+        return arg.encode()
+    return encode(arg)
+
+
+class Decisions(Protocol):
+    def reserves(self, n: int) -> None: ...
+    def commits(self, n: int) -> None: ...
+    def pairs(self, n: int) -> None: ...
+    def buckets(self, n: int) -> None: ...
+
+
+def run_rounds(client: redis.Redis, work: Decisions, args: argparse.Namespace) -> Samples:
     work.reserves(args.warmup)
     work.commits(args.warmup)
     work.pairs(args.warmup)
@@ -160,10 +255,15 @@ def _figure(values: list[float]) -> str:
     return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
 
 
+def _ratio(rows: list[Sample], base: list[Sample], field: str) -> float:
+    return statistics.median(
+        getattr(row, field) / getattr(bucket3, field)
+        for row, bucket3 in zip(rows, base, strict=True)
+    )
+
+
 def report(samples: Samples) -> str:
     base = samples.by_kind["bucket3"]
-    base_script = statistics.median(s.script_us for s in base)
-    base_cpu = statistics.median(s.redis_cpu_us for s in base)
     header = (
         f"{'per call':<16} {'usec_per_call':>20} {'x bucket3':>9} "
         f"{'Redis CPU us':>20} {'x bucket3':>9} {'client CPU us':>20}"
@@ -175,8 +275,8 @@ def report(samples: Samples) -> str:
         cpu = [s.redis_cpu_us for s in rows]
         client = [s.client_cpu_us for s in rows]
         lines.append(
-            f"{kind:<16} {_figure(script):>20} {statistics.median(script) / base_script:>9.2f} "
-            f"{_figure(cpu):>20} {statistics.median(cpu) / base_cpu:>9.2f} "
+            f"{kind:<16} {_figure(script):>20} {_ratio(rows, base, 'script_us'):>9.2f} "
+            f"{_figure(cpu):>20} {_ratio(rows, base, 'redis_cpu_us'):>9.2f} "
             f"{_figure(client):>20}"
         )
     return "\n".join(lines)
@@ -194,14 +294,19 @@ def main(argv: list[str] | None = None) -> None:
         )
         secret = prepare_config(args.features)
         client = server.client()
-        samples = run_rounds(client, Workload(secret), args)
+        work = Workload(secret)
+        samples = run_rounds(client, work, args)
+        replayed = run_rounds(client, Replay(client, work), args)
     finally:
         server.stop()
     print(
         f"{args.rounds} rounds of {args.block:,} calls of each kind, {args.features:,} features; "
-        "median (min-max) over the rounds"
+        "median (min-max) over the rounds\n"
     )
+    print("Through the service layer, one call at a time:")
     print(report(samples))
+    print("\nThe scripts alone (the same calls replayed, pipelined):")
+    print(report(replayed))
 
 
 if __name__ == "__main__":
