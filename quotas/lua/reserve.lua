@@ -104,7 +104,8 @@ for _ = 1, A[16] do
   -- The largest grant of output tokens every hard check admits, or the refusal.
   out = req_out
   local worst = nil
-  for _, check in ipairs(checks) do
+  for i = 1, #checks do
+    local check = checks[i]
     c = check.c
     local kind, cap, m = check.kind, check.cap, A[c + 2]
     -- the amount a check takes is linear in the output tokens granted: a + ceil(b * out)
@@ -186,11 +187,12 @@ if checks then
   out = math.max(out, min_out)
   local soft = {}
   local now_text = num_text(now)
-  for _, check in ipairs(checks) do
-    if A[check.c + 1] ~= 'hard' and amount_for(check, out) > check.headroom then
+  for i = 1, #checks do
+    local check = checks[i]
+    local amount = amount_for(check, out)
+    if A[check.c + 1] ~= 'hard' and amount > check.headroom then
       soft[#soft + 1] = A[check.c + 3]
     end
-    local amount = amount_for(check, out)
     check.amt = amount
     local kind, cap, k = check.kind, check.cap, check.k
     if kind == 'b' or kind == 'g' then
@@ -240,7 +242,8 @@ if checks then
                  expires_json, ',"r":{"in_":', in_json, ',"out":', out_json, ',"cost":',
                  cost_json, '},"ck":', '{}'}
   local rn, ln = 11, 13
-  for _, check in ipairs(checks) do
+  for i = 1, #checks do
+    local check = checks[i]
     local kind, c = check.kind, check.c
     if kind ~= 'g' then
       local remaining, reset, entry = check.remaining, check.reset_ms, nil
