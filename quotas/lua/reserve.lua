@@ -241,37 +241,35 @@ if checks then
   local lease = {'{"st":"held","pool":', pool_json, ',"created":', now_json, ',"e":',
                  expires_json, ',"r":{"in_":', in_json, ',"out":', out_json, ',"cost":',
                  cost_json, '},"ck":', '{}'}
+  -- each entry: a separator, the head the engine wrote, then what the script decided
   local rn, ln = 11, 13
   for i = 1, #checks do
     local check = checks[i]
     local kind, c = check.kind, check.c
     if kind ~= 'g' then
-      local remaining, reset, entry = check.remaining, check.reset_ms, nil
+      local remaining, reset, tail = check.remaining, check.reset_ms, nil
       if kind == 'c' then
-        entry = A[c + 6] .. json_number(remaining) .. '}'
+        tail = json_number(remaining) .. '}'
       elseif short_whole(remaining) and short_whole(reset) then
-        entry = format('%s%d,"reset_ms":%d}', A[c + 6], remaining, reset)
+        tail = format('%d,"reset_ms":%d}', remaining, reset)
       else
-        entry = A[c + 6] .. json_number(remaining) .. ',"reset_ms":' .. json_number(reset)
-                .. '}'
+        tail = json_number(remaining) .. ',"reset_ms":' .. json_number(reset) .. '}'
       end
-      reply[rn + 1] = rn == 11 and '[' or ','
-      reply[rn + 2] = entry
-      rn = rn + 2
+      reply[rn + 1], reply[rn + 2], reply[rn + 3] = rn == 11 and '[' or ',', A[c + 6], tail
+      rn = rn + 3
     end
-    local amt, took, entry = check.amt, check.took, nil
+    local amt, took, tail = check.amt, check.took, nil
     if took then
-      entry = A[c + 7] .. json_number(amt) .. ',"took":' .. json_number(took) .. '}'
+      tail = json_number(amt) .. ',"took":' .. json_number(took) .. '}'
     elseif kind == 'p' then
-      entry = A[c + 7] .. json_number(amt) .. ',"k":' .. cjson.encode(check.k) .. '}'
+      tail = json_number(amt) .. ',"k":' .. cjson.encode(check.k) .. '}'
     elseif short_whole(amt) then
-      entry = format('%s%d}', A[c + 7], amt)
+      tail = format('%d}', amt)
     else
-      entry = A[c + 7] .. json_number(amt) .. '}'
+      tail = json_number(amt) .. '}'
     end
-    lease[ln + 1] = ln == 13 and '[' or ','
-    lease[ln + 2] = entry
-    ln = ln + 2
+    lease[ln + 1], lease[ln + 2], lease[ln + 3] = ln == 13 and '[' or ',', A[c + 7], tail
+    ln = ln + 3
   end
   -- an empty list is written {} (the part in place), a list closed with ]
   if rn > 11 then rn = rn + 1; reply[rn] = ']' else rn = rn + 1 end
