@@ -456,17 +456,32 @@ def run(engine: Engine, client: redis.Redis, scenario: Scenario, now: int) -> di
     }
 
 
+# One engine of each kind for the module: an engine keeps connections of the client's pool.
+ENGINES: dict[tuple[str, int], Engine] = {}
+
+
+def engine_for(kind: str, client: redis.Redis, maxlen: int) -> Engine:
+    engine = ENGINES.get((kind, maxlen))
+    if engine is None or engine.client is not client:
+        options: dict[str, Any] = {"hash_tag": "equiv", "stream_maxlen": maxlen}
+        if kind == "before":
+            engine = Before(client, **options)
+        else:
+            engine = Engine(client, **options)
+            logged(engine, client, {name: script_source(name) for name in LOGGED})
+        ENGINES[kind, maxlen] = engine
+    return engine
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.__name__)
 @pytest.mark.parametrize("maxlen", [0, 1000])
 def test_reserve_answers_and_writes_what_it_did_before(
     redis_db: redis.Redis, scenario: Scenario, maxlen: int
 ) -> None:
-    now = Engine(redis_db, hash_tag="x").now_ms()
-    kwargs: dict[str, Any] = {"hash_tag": "equiv", "stream_maxlen": maxlen}
-    before = run(Before(redis_db, **kwargs), redis_db, scenario, now)
-    engine = Engine(redis_db, **kwargs)
-    logged(engine, redis_db, {name: script_source(name) for name in LOGGED})
-    after = run(engine, redis_db, scenario, now)
+    seconds, micros = redis_db.time()
+    now = seconds * 1000 + micros // 1000
+    before = run(engine_for("before", redis_db, maxlen), redis_db, scenario, now)
+    after = run(engine_for("after", redis_db, maxlen), redis_db, scenario, now)
     assert after["results"] == before["results"]
     assert after["calls"] == before["calls"]
     assert after["replies"] == before["replies"]
