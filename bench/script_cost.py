@@ -19,13 +19,13 @@ reserve and its commit, as the engine made them, sent again with a new reservati
 100 to a pipeline, and bucket3's likewise (no Python work between two calls; client CPU is
 then redis-py's pipelining).
 
-Per call it reports `usec_per_call` of `EVALSHA` from `INFO commandstats` deltas (the time
-Redis spends in the script, its commands included), the Redis process CPU from `INFO cpu`
-deltas (also reading the request and writing the reply), and the CPU this Python process
-spent per call (the service layer, the payload, redis-py). Medians and ranges over the
-rounds; a ratio is the median over the rounds of the kind's figure against the bucket3 block
-of the same round, so that a slow spell of a shared machine, which moves every kind of one
-round, moves the ratios less than the figures.
+Per call (per pair for reserve+commit) it reports the `usec` of `EVALSHA` from `INFO
+commandstats` deltas (the time Redis spends in the scripts, their commands included), the
+Redis process CPU from `INFO cpu` deltas (also reading the request and writing the reply),
+and the CPU this Python process spent per call (the service layer, the payload, redis-py).
+Medians and ranges over the rounds; a ratio is the median over the rounds of the kind's
+figure against the bucket3 block of the same round, so that a slow spell of a shared
+machine, which moves every kind of one round, moves the ratios less than the figures.
 """
 
 from __future__ import annotations
