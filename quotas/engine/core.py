@@ -106,9 +106,11 @@ class Engine:
         return self._reserve_result(reply)
 
     def _options_encoded(self, options: tuple[PoolOption, ...]) -> tuple[list[str], bytes]:
-        """The limit keys and the JSON of a reservation's pool options. The plan hands out
-        the same options object for a feature, model and priority until it changes, so
-        both are kept for that object rather than built on every reserve."""
+        """The limit keys of a reservation's pool options, and the options as the end of
+        reserve.lua's request array (its JSON from the number of options on, without the
+        brackets). The plan hands out the same options object for a feature, model and
+        priority until it changes, so both are kept for that object rather than built on
+        every reserve."""
         hit = self._encoded.get(id(options))
         if hit is not None and hit[0] is options:
             return hit[1], hit[2]
@@ -118,9 +120,12 @@ class Engine:
             for check in option.checks
             for key in (*check.redis_keys(), *(k for k, _ in check.guards))
         ]
-        text = json_encode(
-            [{"pool": o.pool, "checks": [c.as_lua() for c in o.checks]} for o in options]
-        )
+        flat: list[Any] = [len(options)]
+        for option in options:
+            flat += (option.pool, len(option.checks))
+            for check in option.checks:
+                flat += _check_flat(check)
+        text = json_encode(flat)[1:-1]
         if len(self._encoded) >= ENCODED_OPTIONS_KEPT:
             self._encoded.clear()
         self._encoded[id(options)] = (options, keys, text)
@@ -267,26 +272,28 @@ class Engine:
         return self.keys.idempotency(call.tenant_id, "-")
 
     def _reserve_payload(self, call: ReserveCall, options_json: bytes, with_meta: bool) -> bytes:
-        """ARGV[1] of reserve.lua; `meta` only when the events' meta fields cannot be sent
-        ready for XADD (see `_event_meta`)."""
+        """ARGV[1] of reserve.lua, a flat array (see its header); `meta` only when the events'
+        meta fields cannot be sent ready for XADD (see `_event_meta`)."""
         head = json_encode(
-            {
-                "version": call.version,
-                "id": call.reservation_id,
-                "ttl_ms": call.ttl_ms,
-                "retention_ms": self.retention_ms,
-                "maxlen": self.stream_maxlen,
-                "lease_prefix": self.keys.lease_prefix,
-                **self._clock(),
-                "idem_hash": call.idempotency_hash if call.idempotency_key else "",
-                "in_": call.input_tokens,
-                "out": call.max_output_tokens,
-                "min_out": call.min_output_tokens,
-                "cost": {"a": call.cost_fixed, "b": call.cost_per_output},
-                **({"meta": call.meta} if with_meta else {}),
-            }
+            [
+                call.version,
+                call.reservation_id,
+                call.ttl_ms,
+                self.retention_ms,
+                self.stream_maxlen,
+                self.keys.lease_prefix,
+                False if self.frozen_ms is None else self.frozen_ms,
+                self.clock_offset_ms,
+                call.idempotency_hash if call.idempotency_key else "",
+                call.input_tokens,
+                call.max_output_tokens,
+                call.min_output_tokens,
+                call.cost_fixed,
+                call.cost_per_output,
+                call.meta if with_meta else False,
+            ]
         )
-        return head[:-1] + b',"options":' + options_json + b"}"
+        return head[:-1] + b"," + options_json + b"]"
 
     def _owner_payload(self, owner: Owner, version: int | None) -> dict[str, Any]:
         return {
@@ -372,6 +379,40 @@ def _granted(reply: Reply) -> Granted:
         ),
         would_refuse=tuple(_as_list(reply["soft"])),
     )
+
+
+def _check_flat(check: Check) -> list[Any]:
+    """One check as reserve.lua reads it from its request array (see its header): the
+    numbers it computes with as they are, and the heads of its entries in the answer's
+    `limits` and in the lease's `ck`, written as cjson wrote those members."""
+    cap = _cjson_number(check.cap)
+    limit_head = f'{{"id":{_cjson_number(check.limit_id)},"cap":{cap},"remaining":'
+    lease_head = f'{{"kind":{json.dumps(check.kind)},"m":{json.dumps(check.metric)},"cap":{cap},'
+    if check.kind != "p":  # a budget's key is the period's, which the script picks
+        lease_head += f'"k":{json.dumps(check.key)},'
+    flat: list[Any] = [
+        check.kind,
+        check.enforcement,
+        check.metric,
+        check.limit_id,
+        check.cap,
+        check.floor,
+        limit_head,
+        lease_head + '"amt":',
+        check.key or False,
+        len(check.periods),
+    ]
+    for period in check.periods:
+        flat += (period.key, period.start_ms, period.stop_ms)
+    flat.append(len(check.guards))
+    for key, cap_kept in check.guards:
+        flat += (key, cap_kept)
+    return flat
+
+
+def _cjson_number(value: int | float) -> str:
+    """A number as cjson writes it: the double it reads as, with 14 significant digits."""
+    return f"{float(value):.14g}"
 
 
 def _lease_part(call: ReserveCall) -> bytes:

@@ -1,0 +1,32 @@
+-- commit.lua: record the actual usage of a reservation and refund what it did not use.
+--
+-- KEYS[1]  config version                                q:{tag}:config_version
+-- KEYS[2]  lease key               q:{tag}:r:<id>
+-- KEYS[3]  index of held leases    q:{tag}:leases
+-- KEYS[4]  usage event stream      q:{tag}:events
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant,
+--          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock,
+--          usage = {in_, cached, out, cost (nano-USD),
+--          requests (1), hash (of the commit body), extra (event fields: finish_reason,
+--          upstream_status, latency_ms)}
+--
+-- The limit keys touched are the ones the lease recorded at reserve time; they carry the same
+-- hash tag as KEYS[2], so the script stays within one Cluster slot.
+--
+-- Returns JSON: {result = {...}} (also for a repeated identical commit; a commit after expiry
+-- is accepted and says lease_expired = true), {missing = true}, or
+-- {conflict = state} (released, or committed with another body).
+
+local req = cjson.decode(ARGV[1])
+local now = clock(req)
+if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local lease, raw = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
+if not lease then return cjson.encode({missing = true}) end
+if lease.st == 'committed' then
+  if lease.hash == req.usage.hash then return cjson.encode({result = lease.res}) end
+  return cjson.encode({conflict = 'committed'})
+end
+if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end
+local _, result_json = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4],
+                             req.maxlen, req.retention_ms, now, raw)
+return '{"result":' .. result_json .. '}'

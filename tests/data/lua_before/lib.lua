@@ -1,0 +1,288 @@
+-- lib.lua: shared functions, prepended to every script by quotas/engine/scripts.py.
+--
+-- State kept in Redis (every key carries the deployment's hash tag, so one decision's keys
+-- live in one Cluster slot):
+--   bucket (minute limits, guarantees): hash {v = level, t = last refill in ms}; a missing key
+--     is a full bucket, so keys expire once they would have refilled.
+--   budget (hour/day/month limits): string counter of units used in one calendar period; the
+--     key names the period, so a new period starts from zero with no reset job.
+--   concurrency: string counter of held reservations.
+--   lease: string, JSON of the reservation (state, what every limit was debited, metadata).
+--
+-- Amounts are integers in engine units: tokens, requests, nano-USD.
+
+local cjson = cjson
+
+-- Integers as Redis arguments: tostring() would write large ones as 1e+15.
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The decision's clock (`clock` in the headers): Redis TIME, plus `clock_offset_ms`, or a
+-- fixed `clock_ms`; tests move or stop it, production sends neither.
+local function clock(req)
+  if req.clock_ms then return req.clock_ms end
+  return now_ms() + (req.clock_offset_ms or 0)
+end
+
+-- Level of a token bucket of capacity `cap` refilling cap per 60 s, at `now`.
+local function bucket_level(key, cap, now)
+  local st = redis.call('HMGET', key, 'v', 't')
+  if not st[1] then return cap end
+  local level = tonumber(st[1]) + (now - tonumber(st[2])) * cap / 60000
+  if level > cap then return cap end
+  return level
+end
+
+local function bucket_store(key, cap, level, now)
+  if level >= cap then
+    redis.call('DEL', key)
+    return
+  end
+  redis.call('HSET', key, 'v', tostring(level), 't', tostring(now))
+  -- a bucket left alone refills; once it would be full the key can go (with a margin, so
+  -- that a clock that is stopped or moved in tests keeps its keys)
+  redis.call('PEXPIRE', key, math.ceil((cap - level) * 60000 / cap) + 300000)
+end
+
+local function counter(key)
+  return tonumber(redis.call('GET', key) or '0')
+end
+
+-- Amount a check takes for `out` output tokens: linear in out (a + b * out).
+-- Round a charge up to a whole unit, ignoring the binary noise of prices like 12.3 per token
+-- (12.3 * 10500 is 129150.00000000001 in floating point, not a unit more).
+local function ceil_units(x)
+  return math.ceil(x - 1e-6)
+end
+
+local function amount_for(check, out)
+  if check.b == 0 then return check.a end
+  return check.a + ceil_units(check.b * out)
+end
+
+-- Actual amount of a metric once usage is known.
+local function actual_for(check, usage)
+  local m = check.m
+  if m == 'tokens' then return usage.in_ + usage.out end
+  if m == 'input_tokens' then return usage.in_ end
+  if m == 'output_tokens' then return usage.out end
+  if m == 'cost_usd' then return usage.cost end
+  if m == 'requests' then return usage.requests end
+  return 0
+end
+
+-- Apply `delta` units of usage (positive: charge, negative: refund) to one recorded check.
+local function adjust(check, delta, now)
+  if delta == 0 then return end
+  if check.kind == 'b' then
+    local level = bucket_level(check.k, check.cap, now) - delta
+    if level > check.cap then level = check.cap end
+    bucket_store(check.k, check.cap, level, now)
+  elseif check.kind == 'g' then
+    -- use drains the guarantee first, so a refund fills the shared part first: the guarantee
+    -- gets back only what was taken from it beyond the actual use
+    local actual = check.amt + delta
+    local back = math.max(0, check.took - math.max(0, actual))
+    if back > 0 then
+      local level = math.min(check.cap, bucket_level(check.k, check.cap, now) + back)
+      bucket_store(check.k, check.cap, level, now)
+    end
+  elseif check.kind == 'p' then
+    redis.call('INCRBY', check.k, int(delta))
+  end
+end
+
+local function free_slot(check)
+  if check.kind == 'c' then
+    local held = redis.call('DECR', check.k)
+    if held <= 0 then redis.call('DEL', check.k) end
+  end
+end
+
+-- An event field's value as XADD gets it: whole numbers without exponent or fraction.
+local function field_text(value)
+  if type(value) == 'number' and value == math.floor(value) then return int(value) end
+  return tostring(value)
+end
+
+-- One usage event: XADD of the fields given as name, value, name, value, ...
+local function xadd(stream, maxlen, ...)
+  if maxlen > 0 then
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+  else
+    -- uncapped: the ledger trims the stream below what every consumer has acknowledged
+    redis.call('XADD', stream, '*', ...)
+  end
+end
+
+local function emit(stream, maxlen, fields)
+  local flat, n = {}, 0
+  for name, value in pairs(fields) do
+    flat[n + 1], flat[n + 2] = name, field_text(value)
+    n = n + 2
+  end
+  xadd(stream, maxlen, unpack(flat))
+end
+
+local function event_base(lease, kind, now)
+  local ev = {type = kind, rid = lease.id, at_ms = now, created_ms = lease.created,
+              reserved_input_tokens = lease.r.in_, reserved_output_tokens = lease.r.out,
+              reserved_cost_nusd = lease.r.cost}
+  for name, value in pairs(lease.meta) do ev[name] = value end
+  if lease.soft and #lease.soft > 0 then ev.would_refuse = table.concat(lease.soft, ',') end
+  return ev
+end
+
+-- Expire a held lease: charged as reserved (the call may have happened), slot freed.
+local function expire_lease(lease_key, lease, index_key, stream, maxlen, retention_ms, now)
+  for _, check in ipairs(lease.ck) do free_slot(check) end
+  lease.st = 'expired'
+  lease.done = now
+  redis.call('SET', lease_key, cjson.encode(lease), 'PX', retention_ms)
+  redis.call('ZREM', index_key, lease.id)
+  emit(stream, maxlen, event_base(lease, 'expired', now))
+end
+
+-- Expire up to `limit` leases whose time is up; returns how many.
+local function reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, limit)
+  local due = redis.call('ZRANGEBYSCORE', index_key, '-inf', now, 'LIMIT', 0, limit)
+  for _, rid in ipairs(due) do
+    local lease_key = lease_prefix .. rid
+    local raw = redis.call('GET', lease_key)
+    if raw then
+      local lease = cjson.decode(raw)
+      if lease.st == 'held' then
+        expire_lease(lease_key, lease, index_key, stream, maxlen, retention_ms, now)
+      else
+        redis.call('ZREM', index_key, rid)
+      end
+    else
+      redis.call('ZREM', index_key, rid)
+    end
+  end
+  return #due
+end
+
+-- The JSON of a held lease once settled: `raw` (the lease as read) with its state replaced
+-- and the settlement's members appended, or nil when `raw` is not plainly that (its one
+-- "st" member is not "held"); members named as an appended one (none are, in a held lease)
+-- would read as the appended value, as JSON's last member of a name does.
+local function settled_text(raw, outcome, now, result_json, hash)
+  if not raw or string.sub(raw, -1) ~= '}' then return nil end
+  local at = string.find(raw, '"st":', 1, true)
+  if not at or string.sub(raw, at, at + 10) ~= '"st":"held"'
+      or string.find(raw, '"st":', at + 5, true) then
+    return nil
+  end
+  local tail = ',"done":' .. cjson.encode(now) .. ',"res":' .. result_json
+  if hash ~= nil then tail = tail .. ',"hash":' .. cjson.encode(hash) end
+  return string.sub(raw, 1, at + 4) .. cjson.encode(outcome) .. string.sub(raw, at + 11, -2)
+         .. tail .. '}'
+end
+
+-- Settle a lease with its actual usage: refund (or charge) the difference in every limit it
+-- touched, free its slot, record it. Returns the result that a repeated call returns again,
+-- and its JSON. `raw`, the lease's JSON as read, if given and still the held lease, is
+-- written again with the settlement rather than encoding the whole lease.
+local function settle(lease_key, lease, usage, outcome, index_key, stream, maxlen, retention_ms,
+                      now, raw)
+  local late = lease.st == 'expired'
+  if usage.cost == nil then
+    -- priced with the model's prices as they were when the reservation was made
+    local p = lease.prices
+    local fresh = math.max(0, usage.in_ - usage.cached)
+    usage.cost = ceil_units(fresh * p.i + usage.cached * p.c + usage.out * p.o)
+  end
+  for _, check in ipairs(lease.ck) do
+    if check.kind == 'c' then
+      if not late then free_slot(check) end
+    else
+      adjust(check, actual_for(check, usage) - check.amt, now)
+    end
+  end
+  local result = {id = lease.id, status = outcome, lease_expired = late, now_ms = now,
+                  input_tokens = usage.in_, cached_input_tokens = usage.cached,
+                  output_tokens = usage.out, cost_nusd = usage.cost,
+                  refunded = {input_tokens = lease.r.in_ - usage.in_,
+                              output_tokens = lease.r.out - usage.out,
+                              cost_nusd = lease.r.cost - usage.cost}}
+  local result_json = cjson.encode(result)
+  local text = lease.st == 'held' and settled_text(raw, outcome, now, result_json, usage.hash)
+  lease.st = outcome
+  lease.done = now
+  lease.res = result
+  lease.hash = usage.hash
+  redis.call('SET', lease_key, text or cjson.encode(lease), 'PX', retention_ms)
+  redis.call('ZREM', index_key, lease.id)
+  local ev = event_base(lease, outcome, now)
+  ev.input_tokens, ev.cached_input_tokens, ev.output_tokens = usage.in_, usage.cached, usage.out
+  ev.cost_nusd = usage.cost
+  ev.lease_expired = late and 1 or 0
+  for name, value in pairs(usage.extra or {}) do ev[name] = value end
+  emit(stream, maxlen, ev)
+  return result, result_json
+end
+
+-- Load a lease for a caller: nil unless it exists and belongs to the caller's tenant (and,
+-- for a key narrowed to some features, to one of those). Expires it lazily when due.
+-- Returns the lease and its JSON as read.
+local function load_lease(lease_key, req, index_key, stream, now)
+  local raw = redis.call('GET', lease_key)
+  if not raw then return nil end
+  local lease = cjson.decode(raw)
+  if lease.tenant ~= req.tenant then return nil end
+  if req.features and #req.features > 0 then
+    local allowed = false
+    for _, f in ipairs(req.features) do
+      if f == lease.feature then allowed = true end
+    end
+    if not allowed then return nil end
+  end
+  if lease.st == 'held' and lease.e <= now then
+    expire_lease(lease_key, lease, index_key, stream, req.maxlen, req.retention_ms, now)
+  end
+  return lease, raw
+end
+
+-- The caller decided with a compiled plan of the configuration at `version`; when the
+-- configuration has moved on, nothing is done and the caller reloads and asks again.
+local function stale(version_key, version)
+  return version ~= nil and tonumber(redis.call('GET', version_key) or '0') ~= version
+end
+
+-- Current state of one check: how much it holds now (level for buckets, used for budgets).
+local function observe(check, now)
+  if check.kind == 'p' then
+    for _, period in ipairs(check.periods) do
+      if now >= period.start and now < period.stop then
+        check.k, check.reset_ms = period.k, period.stop
+      end
+    end
+    check.used = counter(check.k)
+    check.headroom = check.cap - check.used
+  elseif check.kind == 'c' then
+    check.used = counter(check.k)
+    check.headroom = check.cap - check.used
+  else
+    check.level = bucket_level(check.k, check.cap, now)
+    local floor = check.floor or 0
+    local growth, reserved = check.cap, 0
+    for _, guard in ipairs(check.guards or {}) do
+      local kept = bucket_level(guard.k, guard.cap, now)
+      floor = floor + kept
+      reserved = reserved + guard.cap
+      -- a guarantee still refilling takes its share of the refill; a full one takes none
+      if kept < guard.cap then growth = growth - guard.cap end
+    end
+    check.headroom = check.level - floor
+    check.growth = growth
+    check.most = check.cap - (check.floor or 0) - reserved
+  end
+end
+
