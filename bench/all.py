@@ -64,7 +64,8 @@ def run(command: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def http(quick: bool) -> list[Figure]:
-    args = ["--duration", "3", "--warmup", "1", "--no-fixed", "--features", "10"] if quick else []
+    quick_args = ["--duration", "3", "--warmup", "1", "--no-fixed", "--features", "10"]
+    args = [*quick_args, "--rounds", "1"] if quick else []
     output = run([sys.executable, "-m", "bench", *args])
     return http_figures(output)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import httpx
 import redis
@@ -64,6 +65,8 @@ class Runs:
     pairs: Row | None = None
     half_peak: dict[str, Row] = field(default_factory=dict)  # by scenario name
     missing: str | None = None
+    # every round's row of each interleaved scenario, by the name it is reported under
+    rounds: dict[str, list[Row]] = field(default_factory=dict)
 
     def first_reserve(self) -> Row | None:
         return next(iter(self.reserve.values()), None)
@@ -130,8 +133,9 @@ class Bench:
         app = group_cpu_seconds(self.server.process.pid) if self.server else 0.0
         return CpuMark(app=app, redis=group_cpu_seconds(self.redis_pgid))
 
-    def closed_loop(self, scenario: Scenario, name: str | None = None) -> Row:
-        """Peak throughput: wrk at a fixed number of connections, after a warm-up."""
+    def closed_loop(self, scenario: Scenario, name: str | None = None, sample: bool = True) -> Row:
+        """Peak throughput: wrk at a fixed number of connections, after a warm-up; `sample`:
+        also count the Redis round trips of sequential requests (MONITOR)."""
         if self.args.warmup:
             self._wrk(scenario, self.args.warmup)
         wait_quiet(self.redis)
@@ -140,7 +144,8 @@ class Bench:
         work = command_counts(self.redis).minus(before)
         cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
         wait_quiet(self.redis)
-        row = Row(name or scenario.name, result, work, self.sample_round_trips(scenario), cpu)
+        trips = self.sample_round_trips(scenario) if sample else {}
+        row = Row(name or scenario.name, result, work, trips, cpu)
         counts = ", ".join(f"{name} {n:,}" for name, n in result.counters.items())
         print(
             f"  {row.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms"
@@ -234,25 +239,58 @@ def probe_reserve(bench: Bench) -> None:
 
 
 def measure_peaks(bench: Bench, runs: Runs) -> None:
-    runs.bare = bench.closed_loop(BARE)
-    runs.ratelimited = bench.closed_loop(RATELIMITED)
-    if bench.args.baseline_only:
-        return
-    try:
-        probe_reserve(bench)
-    except ReserveApiMissing as missing:
-        runs.missing = str(missing)
-        return
-    features = bench.args.features[0]
-    runs.reserve[features] = bench.closed_loop(RESERVE, f"reserve ({features:,} features)")
-    runs.pairs = bench.closed_loop(PAIRS, f"reserve+commit ({features:,} features)")
+    """Each scenario's peak, in interleaved rounds (bare, ratelimit, reserve, pairs, then
+    again): a shared machine's speed drifts over a minute by more than the differences
+    measured here, so every scenario sees each stretch of it, and the round with the median
+    requests/s is the one reported (`Runs.rounds` keeps them all)."""
+    scenarios = [BARE, RATELIMITED]
+    names = {BARE: BARE.name, RATELIMITED: RATELIMITED.name}
+    if not bench.args.baseline_only:
+        try:
+            probe_reserve(bench)
+        except ReserveApiMissing as missing:
+            runs.missing = str(missing)
+        else:
+            features = bench.args.features[0]
+            scenarios += [RESERVE, PAIRS]
+            names[RESERVE] = f"reserve ({features:,} features)"
+            names[PAIRS] = f"reserve+commit ({features:,} features)"
+    measured = _rounds(bench, scenarios, lambda s, first: bench.closed_loop(s, names[s], first))
+    runs.rounds.update({names[s]: rows for s, rows in measured.items()})
+    runs.bare, runs.ratelimited = _median(measured[BARE]), _median(measured[RATELIMITED])
+    if RESERVE in measured:
+        runs.reserve[bench.args.features[0]] = _median(measured[RESERVE])
+        runs.pairs = _median(measured[PAIRS])
 
 
 def measure_half_peaks(bench: Bench, runs: Runs) -> None:
+    """Latency at half of each peak, in interleaved rounds too; the round with the median
+    p99 is reported."""
     peaks = {BARE: runs.bare, RATELIMITED: runs.ratelimited, RESERVE: runs.first_reserve()}
-    for scenario, peak in peaks.items():
-        if peak is not None:
-            runs.half_peak[scenario.name] = bench.fixed_rate(scenario, peak.result.rps / 2)
+    rates = {s: peak.result.rps / 2 for s, peak in peaks.items() if peak is not None}
+    measured = _rounds(bench, list(rates), lambda s, _: bench.fixed_rate(s, rates[s]))
+    for scenario, rows in measured.items():
+        runs.half_peak[scenario.name] = _median(rows, key=lambda row: row.result.p99_ms)
+
+
+def _rounds(
+    bench: Bench, scenarios: list[Scenario], measure: Callable[[Scenario, bool], Row]
+) -> dict[Scenario, list[Row]]:
+    rounds = max(1, bench.args.rounds)
+    measured: dict[Scenario, list[Row]] = {s: [] for s in scenarios}
+    for n in range(rounds):
+        if rounds > 1:
+            print(f"  round {n + 1} of {rounds}", flush=True)
+        for scenario in scenarios:
+            measured[scenario].append(measure(scenario, n == 0))
+    return measured
+
+
+def _median(rows: list[Row], key: Callable[[Row], float] = lambda row: row.result.rps) -> Row:
+    """The row of the median round (the lower middle of an even count), carrying the first
+    round's sample of Redis round trips."""
+    row = sorted(rows, key=key)[(len(rows) - 1) // 2]
+    return replace(row, trips=rows[0].trips) if rows[0].trips else row
 
 
 def measure_config_sizes(bench: Bench, runs: Runs) -> None:

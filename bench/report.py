@@ -76,6 +76,22 @@ def redis_breakdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def rounds_text(rounds: dict[str, list[Row]], bare: str, ratelimited: str) -> str:
+    """Every round's requests/s and its ratios to the same round's baselines."""
+    lines = ["Peak rounds: req/s (x bare, x ratelimit of the same round); the table has the median"]
+    bases = (rounds.get(bare, []), rounds.get(ratelimited, []))
+    for name, rows in rounds.items():
+        cells = []
+        for n, row in enumerate(rows):
+            ratios = [
+                f"{row.result.rps / base[n].result.rps:.2f}" if n < len(base) else "-"
+                for base in bases
+            ]
+            cells.append(f"{row.result.rps:>6,.0f} ({', '.join(ratios)})")
+        lines.append(f"  {name:<34} " + "  ".join(cells))
+    return "\n".join(lines)
+
+
 @dataclass(frozen=True)
 class Check:
     claim: str

@@ -22,6 +22,8 @@ import django
 
 from bench.cpu import machine_busy
 from bench.harness import (
+    BARE,
+    RATELIMITED,
     Bench,
     Runs,
     measure_config_sizes,
@@ -30,7 +32,7 @@ from bench.harness import (
     probe_baselines,
 )
 from bench.redisserver import redis_server_start
-from bench.report import checks_text, redis_breakdown, table
+from bench.report import checks_text, redis_breakdown, rounds_text, table
 from bench.server import ServerOptions
 from bench.targets import targets
 from bench.wrk import wrk_require
@@ -45,6 +47,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=3, help="seconds of load before each run")
     p.add_argument("--fixed-duration", type=float, help="seconds per half-of-peak run")
     p.add_argument("--no-fixed", action="store_true", help="skip the half-of-peak runs")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved runs of each scenario; the median round is reported",
+    )
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--wrk-threads", type=int, default=cores)
     p.add_argument("--workers", type=int, default=cores, help="gunicorn workers")
@@ -98,8 +106,9 @@ def describe(args: argparse.Namespace) -> str:
     return (
         f"{os.cpu_count()} cores; {server}; wrk {args.wrk_threads} threads x "
         f"{args.connections} connections, {args.duration:g} s per run after {args.warmup:g} s "
-        f"warm-up; half-of-peak runs open-loop (Python asyncio) for {args.fixed_duration:g} s; "
-        "load generators and Redis on the same cores."
+        f"warm-up, {args.rounds} interleaved rounds (the median reported); half-of-peak runs "
+        f"open-loop (Python asyncio) for {args.fixed_duration:g} s; load generators and Redis "
+        "on the same cores."
     )
 
 
@@ -124,6 +133,9 @@ def print_report(args: argparse.Namespace, runs: Runs) -> None:
     print(table(runs.rows(), runs.bare, runs.ratelimited))
     print()
     print(redis_breakdown(runs.rows()))
+    if len(next(iter(runs.rounds.values()), [])) > 1:
+        print()
+        print(rounds_text(runs.rounds, BARE.name, RATELIMITED.name))
     if runs.first_reserve() is not None:
         print()
         print(checks_text(targets(runs)))
