@@ -210,3 +210,21 @@ def test_a_settled_lease_is_the_held_one_with_its_settlement(
     assert (
         settled.result["cost_nusd"] == 45_007 and settled.result["refunded"]["output_tokens"] == 50
     )
+
+
+@pytest.mark.parametrize("meta", METAS)
+def test_the_kept_lease_part_is_what_a_fresh_encoding_writes(
+    engine: Engine, meta: dict[str, Any]
+) -> None:
+    core._lease_rests.clear()
+    first = core._lease_part(call(engine, "rsv_1", meta, hard_cap=False, tokens_cap=150))
+    second = core._lease_part(call(engine, "rsv_2", meta, hard_cap=False, tokens_cap=150))
+    kept = "metadata" not in meta
+    assert len(core._lease_rests) == (1 if kept else 0)
+
+    whole = {"id": "rsv_2", "tenant": 7, "feature": 8, "ttl_ms": 3_600_000}
+    whole["prices"] = {"i": 150.0, "c": 0.1234567890123456, "o": 600.123456789012345}
+    whole["meta"] = {name: value for name, value in meta.items() if name != "pool"}
+    fresh = core.json_encode(core._as_cjson(whole))
+    assert second == fresh[1:-2] + (b"," if whole["meta"] else b"")
+    assert first == second.replace(b'"rsv_2"', b'"rsv_1"', 1)

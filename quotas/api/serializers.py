@@ -144,7 +144,9 @@ def _min_below_max(body: dict[str, Any]) -> Errors:
 
 
 def _small_metadata(body: dict[str, Any]) -> Errors:
-    if len(json.dumps(body.get("metadata", {}), default=str)) > MAX_METADATA_BYTES:
+    if not body.get("metadata"):  # none, or {}: nothing to measure
+        return {}
+    if len(json.dumps(body["metadata"], default=str)) > MAX_METADATA_BYTES:
         return {
             "metadata": [
                 f"Keep metadata under {MAX_METADATA_BYTES} bytes of JSON; it travels with "

@@ -419,12 +419,29 @@ def _lease_part(call: ReserveCall) -> bytes:
     """The part of a new lease's JSON that the request alone decides (ARGV[2] of
     reserve.lua): its members from `id` to the open `meta` object, which the script closes
     with the pool it granted from. The script decodes none of it and writes it as is, so
-    its numbers are written as cjson would have written them (see `_as_cjson`)."""
+    its numbers are written as cjson would have written them (see `_as_cjson`). All but
+    the id is the same for every call of a feature, model, key and ttl: kept once made."""
+    return b'"id":' + json_encode(call.reservation_id) + b"," + _lease_rest(call)
+
+
+LEASE_RESTS_KEPT = 4096
+_lease_rests: dict[tuple[Any, ...], bytes] = {}
+
+
+def _lease_rest(call: ReserveCall) -> bytes:
     meta = {name: value for name, value in call.meta.items() if name != "pool"}
-    head = json_encode(
+    memo: tuple[Any, ...] | None = None
+    if "metadata" not in meta:  # a caller's metadata differs call by call: not worth keeping
+        memo = (call.tenant_id, call.feature_id, call.ttl_ms, call.prices, *meta.items())
+        try:
+            kept = _lease_rests.get(memo)
+        except TypeError:  # a value that cannot be a key
+            memo, kept = None, None
+        if kept is not None:
+            return kept
+    rest = json_encode(
         _as_cjson(
             {
-                "id": call.reservation_id,
                 "tenant": call.tenant_id,
                 "feature": call.feature_id,
                 "ttl_ms": call.ttl_ms,
@@ -433,8 +450,14 @@ def _lease_part(call: ReserveCall) -> bytes:
             }
         )
     )
-    # drop the closing braces of `meta` and the lease; a comma when more members follow
-    return head[1:-2] + (b"," if meta else b"")
+    # drop the opening brace, the closing braces of `meta` and the lease; a comma when more
+    # members follow
+    rest = rest[1:-2] + (b"," if meta else b"")
+    if memo is not None:
+        if len(_lease_rests) >= LEASE_RESTS_KEPT:
+            _lease_rests.clear()
+        _lease_rests[memo] = rest
+    return rest
 
 
 # Fields the reserved and refused events set themselves (a meta field of the same name
