@@ -228,3 +228,13 @@ def test_the_kept_lease_part_is_what_a_fresh_encoding_writes(
     fresh = core.json_encode(core._as_cjson(whole))
     assert second == fresh[1:-2] + (b"," if whole["meta"] else b"")
     assert first == second.replace(b'"rsv_2"', b'"rsv_1"', 1)
+
+
+def test_equal_values_of_other_types_are_not_taken_for_one_another(engine: Engine) -> None:
+    core._lease_rests.clear()
+    parts = [
+        core._lease_part(call(engine, "rsv_1", {"v": value}, hard_cap=False, tokens_cap=150))
+        for value in (1, True, 1.5, 1.0)
+    ]
+    assert [part.rsplit(b'"v":', 1)[1] for part in parts] == [b"1,", b"true,", b"1.5,", b"1,"]
+    assert len(core._lease_rests) == 4

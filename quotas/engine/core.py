@@ -432,7 +432,14 @@ def _lease_rest(call: ReserveCall) -> bytes:
     meta = {name: value for name, value in call.meta.items() if name != "pool"}
     memo: tuple[Any, ...] | None = None
     if "metadata" not in meta:  # a caller's metadata differs call by call: not worth keeping
-        memo = (call.tenant_id, call.feature_id, call.ttl_ms, call.prices, *meta.items())
+        # each value with its type: 1, 1.0 and True are equal keys but not the same JSON
+        memo = (
+            call.tenant_id,
+            call.feature_id,
+            call.ttl_ms,
+            *((type(price), price) for price in call.prices),
+            *((name, type(value), value) for name, value in meta.items()),
+        )
         try:
             kept = _lease_rests.get(memo)
         except TypeError:  # a value that cannot be a key
