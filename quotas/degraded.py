@@ -71,7 +71,7 @@ def degraded_subject(reservation_id: str, *, owner: Owner, secret: str) -> Subje
     parts = text.split(".")
     if (
         len(parts) not in (1, 3)
-        or not all(part.isdigit() for part in parts)
+        or not all(part.isascii() and part.isdigit() for part in parts)  # not "²"
         or not nonce
         or len(signature) != SIGNATURE_CHARS
     ):

@@ -982,6 +982,15 @@ def test_a_degraded_reservation_can_be_released_while_the_store_is_still_down(
     assert quotas.degraded.spool_size() == 2
 
 
+@pytest.mark.parametrize("rid", ["rsv_d_²-abc" + "0" * 16, "rsv_d_1.².3-abc" + "0" * 16])
+def test_a_degraded_id_with_digits_that_are_not_ascii_is_not_found(world: Any, rid: str) -> None:
+    usage = {"input_tokens": 1, "output_tokens": 1}
+    response = post(world.client(), f"{RESERVATIONS}/{rid}/commit", usage)
+
+    assert response.status_code == 404, response.content
+    assert response.json()["error"] == "not_found"
+
+
 def test_a_degraded_reservation_can_be_released(
     world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
 ) -> None:

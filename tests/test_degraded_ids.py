@@ -46,3 +46,8 @@ def test_an_id_made_before_pool_and_model_were_carried_still_names_its_feature()
     rid = f"rsv_d_7-abc123{_signature(1, '7', 'abc123', SECRET)}"
     assert degraded_subject(rid, owner=Owner(tenant_id=1), secret=SECRET) == Subject(7, None, None)
     assert degraded_subject(rid, owner=Owner(tenant_id=2), secret=SECRET) is None
+
+
+def test_digits_that_are_not_ascii_are_refused_not_an_error() -> None:
+    for forged in ("rsv_d_²-abc" + "0" * 16, "rsv_d_1.².3-abc" + "0" * 16):
+        assert degraded_subject(forged, owner=Owner(tenant_id=1), secret=SECRET) is None
