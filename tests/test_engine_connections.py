@@ -144,3 +144,38 @@ def test_engines_on_one_client_take_nothing_from_its_pools_limit() -> None:
         engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
         assert held_count(engine) == 0
     assert client.ping()
+
+
+def test_no_more_connections_than_the_pools_limit() -> None:
+    client = redis.Redis.from_url(settings.REDIS_URL, max_connections=2)
+    connections = Connections(client.connection_pool)
+    first, second = connections.take(), connections.take()
+    with pytest.raises(redis.exceptions.MaxConnectionsError):
+        connections.take()
+    connections.give(first)
+    assert connections.take() is first  # given back, it serves the next call
+    connections.give(first)
+    connections.give(second)
+
+
+class ClusterLike:
+    """A client without a plain connection pool (as redis-py's RedisCluster): scripts are
+    called its own way."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[Any]]] = []
+
+    def register_script(self, source: str) -> Any:
+        def script(*, keys: list[str], args: list[Any]) -> bytes:
+            self.calls.append((keys, args))
+            return b'{"count": 0, "complete": true, "leases": [], "now_ms": 1}'
+
+        return script
+
+
+def test_a_client_without_a_plain_pool_is_called_its_own_way() -> None:
+    client: Any = ClusterLike()
+    engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
+
+    assert held_count(engine) == 0
+    assert client.calls and client.calls[0][0] == [engine.keys.leases]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import orjson
 import redis
 from redis.commands.core import Script
 from redis.connection import ConnectionInterface
-from redis.exceptions import NoScriptError
+from redis.exceptions import MaxConnectionsError, NoScriptError
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES = (
@@ -49,14 +50,19 @@ class Scripts:
     sending or reading (and opened again on the next call), the same exceptions
     (`redis.ConnectionError`, `redis.TimeoutError`, `redis.ResponseError` for a script's
     error), and a script that Redis no longer holds (a restart, SCRIPT FLUSH) loaded again
-    and the call made once more."""
+    and the call made once more. A client that is not a plain `redis.Redis` on a connection
+    pool (a Redis Cluster client, which routes each call to its key's node) is called the
+    client's own way."""
 
     def __init__(self, client: redis.Redis) -> None:
         self._client = client
         self._scripts: dict[str, Script] = {
             name: client.register_script(script_source(name)) for name in SCRIPT_NAMES
         }
-        self._connections = Connections(client.connection_pool)
+        pool = getattr(client, "connection_pool", None)
+        self._connections: Connections | None = None
+        if isinstance(client, redis.Redis) and isinstance(pool, redis.ConnectionPool):
+            self._connections = Connections(pool)
 
     def call(
         self,
@@ -69,6 +75,9 @@ class Scripts:
         the payload (ARGV[2] on)."""
         arg = payload if isinstance(payload, bytes | str) else json_encode(payload)
         script = self._scripts[name]
+        if self._connections is None:
+            reply = script(keys=keys, args=[arg, *extra])
+            return reply if isinstance(reply, int) else json_decode(reply)
         connection = self._connections.take()
         try:
             try:
@@ -96,23 +105,26 @@ def _evalsha(
 
 class Connections:
     """Connections for the engine's calls, made with the settings of a client's pool (its
-    connection class and arguments) and kept here rather than in that pool, so they count
-    against none of its limits and close when dropped with their engine. Each call takes one
-    and gives it back, so a process holds as many as it makes calls at once (one per sync
-    worker, one per thread of a threaded one); a forked child never uses its parent's."""
+    connection class and arguments) and kept here rather than in that pool, so they close
+    when dropped with their engine. Each call takes one and gives it back, so a process holds
+    as many as it makes calls at once (one per sync worker, one per thread of a threaded
+    one), and at most the pool's `max_connections`, as the pool would; a forked child never
+    uses its parent's."""
 
     def __init__(self, pool: redis.ConnectionPool) -> None:
         self._pool = pool
         self._idle: list[ConnectionInterface] = []
+        self._made = 0
+        self._lock = threading.Lock()
         self._pid = os.getpid()
 
     def take(self) -> ConnectionInterface:
         if self._pid != os.getpid():
-            self._idle, self._pid = [], os.getpid()
+            self._idle, self._made, self._pid = [], 0, os.getpid()
         try:
             connection = self._idle.pop()  # atomic: no two threads get the same one
         except IndexError:
-            connection = self._pool.connection_class(**self._pool.connection_kwargs)
+            connection = self._make()
         try:
             _ready(connection)
         except BaseException:
@@ -122,6 +134,13 @@ class Connections:
 
     def give(self, connection: ConnectionInterface) -> None:
         self._idle.append(connection)
+
+    def _make(self) -> ConnectionInterface:
+        with self._lock:
+            if self._made >= self._pool.max_connections:
+                raise MaxConnectionsError("Too many connections")
+            self._made += 1
+        return self._pool.connection_class(**self._pool.connection_kwargs)
 
 
 def _ready(connection: ConnectionInterface) -> None:
