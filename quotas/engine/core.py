@@ -425,25 +425,25 @@ def _lease_part(call: ReserveCall) -> bytes:
 
 
 LEASE_RESTS_KEPT = 4096
+MEMO_TYPES = (str, int, bool)
 _lease_rests: dict[tuple[Any, ...], bytes] = {}
 
 
 def _lease_rest(call: ReserveCall) -> bytes:
     meta = {name: value for name, value in call.meta.items() if name != "pool"}
     memo: tuple[Any, ...] | None = None
-    if "metadata" not in meta:  # a caller's metadata differs call by call: not worth keeping
-        # each value with its type: 1, 1.0 and True are equal keys but not the same JSON
+    # Kept only for plain text, whole numbers and booleans (with their types: 1 and True are
+    # equal keys but not the same JSON), and prices by their repr (0.0 and -0.0 are equal
+    # too); a caller's metadata differs call by call, not worth keeping.
+    if "metadata" not in meta and all(type(v) in MEMO_TYPES for v in meta.values()):
         memo = (
             call.tenant_id,
             call.feature_id,
             call.ttl_ms,
-            *((type(price), price) for price in call.prices),
+            repr(call.prices),
             *((name, type(value), value) for name, value in meta.items()),
         )
-        try:
-            kept = _lease_rests.get(memo)
-        except TypeError:  # a value that cannot be a key
-            memo, kept = None, None
+        kept = _lease_rests.get(memo)
         if kept is not None:
             return kept
     rest = json_encode(
