@@ -84,7 +84,9 @@ def rounds_text(rounds: dict[str, list[Row]], bare: str, ratelimited: str) -> st
         cells = []
         for n, row in enumerate(rows):
             ratios = [
-                f"{row.result.rps / base[n].result.rps:.2f}" if n < len(base) else "-"
+                f"{row.result.rps / base[n].result.rps:.2f}"
+                if n < len(base) and base[n].result.rps
+                else "-"
                 for base in bases
             ]
             cells.append(f"{row.result.rps:>6,.0f} ({', '.join(ratios)})")
