@@ -16,7 +16,7 @@ from ledger.budgets import row_amount
 from ledger.events import Row
 from quotas.engine.core import KeySpace
 from quotas.engine.types import LeaseRestore
-from quotas.plan import FeatureInfo, Plan, PoolInfo
+from quotas.plan import FeatureInfo, Plan, PoolInfo, pool_by_id
 
 
 def lease_for_row(
@@ -30,7 +30,7 @@ def lease_for_row(
     """None when the configuration no longer knows the feature, pool or model. `features`:
     the plan's by id (`features_by_id`)."""
     feature = features.get(row["feature_pk"])
-    pool = next((p for p in plan.pools if p.id == row["pool_pk"]), None)
+    pool = pool_by_id(plan, row["pool_pk"])
     model = pool.models.get(row["model"]) if pool else None
     if feature is None or pool is None or model is None or row["created_ms"] is None:
         return None

@@ -29,7 +29,7 @@ from quotas.engine import (
     Settled,
     Usage,
 )
-from quotas.plan import Plan, features_by_id
+from quotas.plan import Plan, features_by_id, pool_by_id
 
 log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
@@ -96,7 +96,7 @@ def subject_slugs(plan: Plan, tenant_id: int, subject: Subject) -> dict[str, str
     events name them; those the plan no longer has are left out."""
     tenant = plan.tenants.get(tenant_id)
     feature = features_by_id(plan).get(subject.feature_id)
-    pool = next((p for p in plan.pools if p.id == subject.pool_id), None)
+    pool = pool_by_id(plan, subject.pool_id)
     model = (
         next((m for m in pool.models.values() if m.id == subject.model_id), None) if pool else None
     )

@@ -77,17 +77,27 @@ class Scripts:
         script = self._scripts[name]
         if self._connections is None:
             reply = script(keys=keys, args=[arg, *extra])
-            return reply if isinstance(reply, int) else json_decode(reply)
-        connection = self._connections.take()
+        else:
+            reply = self._call_kept(self._connections, script, keys, arg, extra)
+        return reply if isinstance(reply, int) else json_decode(reply)
+
+    def _call_kept(
+        self,
+        connections: Connections,
+        script: Script,
+        keys: list[str],
+        arg: bytes | str,
+        extra: tuple[bytes | str, ...],
+    ) -> Any:
+        connection = connections.take()
         try:
             try:
-                reply = _evalsha(connection, script.sha, keys, arg, extra)
+                return _evalsha(connection, script.sha, keys, arg, extra)
             except NoScriptError:
                 script.sha = self._client.script_load(script.script)
-                reply = _evalsha(connection, script.sha, keys, arg, extra)
+                return _evalsha(connection, script.sha, keys, arg, extra)
         finally:
-            self._connections.give(connection)
-        return reply if isinstance(reply, int) else json_decode(reply)
+            connections.give(connection)
 
 
 def _evalsha(

@@ -8,7 +8,7 @@ change takes effect on the next reservation.
 
 from __future__ import annotations
 
-from quotas.plan.compiled import Plan, features_by_id
+from quotas.plan.compiled import Plan, features_by_id, pool_by_id
 from quotas.plan.infos import (
     NANO,
     PRIORITY_RANK,
@@ -35,4 +35,5 @@ __all__ = [
     "features_by_id",
     "plan_load",
     "plans",
+    "pool_by_id",
 ]

@@ -220,3 +220,7 @@ def features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
         index = {feature.id: feature for feature in plan.features.values()}
         _by_id = (plan, index)
     return index
+
+
+def pool_by_id(plan: Plan, pool_id: int | None) -> PoolInfo | None:
+    return next((pool for pool in plan.pools if pool.id == pool_id), None)
