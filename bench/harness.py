@@ -12,7 +12,6 @@ import httpx
 import redis
 
 from bench.cpu import group_cpu_seconds
-from bench.openloop import Request, fixed_rate_run
 from bench.redisstats import command_counts, round_trips, wait_quiet
 from bench.report import Row
 from bench.results import LoadResult
@@ -155,16 +154,16 @@ class Bench:
         return row
 
     def fixed_rate(self, scenario: Scenario, rate: float) -> Row:
-        """Latency at a given throughput, from an open-loop generator."""
-        body = json.dumps(RESERVE_BODY).encode()
-        request = Request("127.0.0.1", self.args.port, scenario.path, body, self.api_key)
+        """Latency at a given throughput, from wrk driven open-loop (bench/wrk/openloop.lua)."""
         wait_quiet(self.redis)
         before, cpu_before = command_counts(self.redis), self.cpu_mark()
-        result = fixed_rate_run(
-            request=request,
-            rate=rate,
-            seconds=self.args.fixed_duration,
-            connections=self.args.connections,
+        connections = self.args.open_loop_connections
+        result = self._wrk(
+            scenario,
+            self.args.fixed_duration,
+            script="openloop.lua",
+            options=WrkOptions(threads=connections, connections=connections),
+            env={"BENCH_RATE": f"{rate:.3f}", "BENCH_THREADS": str(connections)},
         )
         work = command_counts(self.redis).minus(before)
         cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
@@ -184,19 +183,27 @@ class Bench:
             )
         return counts.per(requests)
 
-    def _wrk(self, scenario: Scenario, seconds: float) -> LoadResult:
-        options = WrkOptions(threads=self.args.wrk_threads, connections=self.args.connections)
-        env = {
-            "BENCH_KEY": self.api_key,
-            "BENCH_BODY": json.dumps(RESERVE_BODY),
-            "BENCH_COMMIT_BODY": json.dumps(COMMIT_BODY),
-        }
+    def _wrk(
+        self,
+        scenario: Scenario,
+        seconds: float,
+        *,
+        script: str | None = None,
+        options: WrkOptions | None = None,
+        env: dict[str, str] | None = None,
+    ) -> LoadResult:
+        default = WrkOptions(threads=self.args.wrk_threads, connections=self.args.connections)
         return wrk_run(
             url=self.base_url + scenario.path,
-            script=scenario.script,
+            script=script or scenario.script,
             seconds=seconds,
-            options=options,
-            env=env,
+            options=options or default,
+            env={
+                "BENCH_KEY": self.api_key,
+                "BENCH_BODY": json.dumps(RESERVE_BODY),
+                "BENCH_COMMIT_BODY": json.dumps(COMMIT_BODY),
+                **(env or {}),
+            },
         )
 
 

@@ -5,8 +5,9 @@
 The app runs under gunicorn (workers = cores by default) with the bench settings: the
 product's settings plus /bench/bare (one EVALSHA of a 3-bucket token-bucket script) and
 /bench/ratelimited (django-ratelimit on the same Redis). wrk drives each scenario at a fixed
-number of connections (closed loop) for the peak; an open-loop generator then holds half of
-each peak to measure p99 there. The load generators share the machine's cores with the server.
+number of connections (closed loop) for the peak, then open-loop at a fixed rate
+(bench/wrk/openloop.lua) at half of each peak to measure p99 there. The load generator
+shares the machine's cores with the server.
 The benchmark starts its own Redis (so that INFO commandstats counts only its commands) and
 uses its own database (var/bench.sqlite3, wiped at start).
 """
@@ -54,6 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="interleaved runs of each scenario; the median round is reported",
     )
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument(
+        "--open-loop-connections",
+        type=int,
+        help="connections (one wrk thread each) of the half-of-peak runs; default 4 per worker",
+    )
     p.add_argument("--wrk-threads", type=int, default=cores)
     p.add_argument("--workers", type=int, default=cores, help="gunicorn workers")
     # sync measured cheaper than gthread here: 1.3-1.7 ms of app CPU per request against
@@ -66,6 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--database-url", help="default: sqlite:///var/bench.sqlite3")
     args = p.parse_args(argv)
     args.fixed_duration = args.fixed_duration or args.duration
+    args.open_loop_connections = args.open_loop_connections or 4 * args.workers
     args.features = [int(n) for n in args.features.split(",")]
     return args
 
@@ -107,7 +114,8 @@ def describe(args: argparse.Namespace) -> str:
         f"{os.cpu_count()} cores; {server}; wrk {args.wrk_threads} threads x "
         f"{args.connections} connections, {args.duration:g} s per run after {args.warmup:g} s "
         f"warm-up, {args.rounds} interleaved rounds (the median reported); half-of-peak runs "
-        f"open-loop (Python asyncio) for {args.fixed_duration:g} s; load generators and Redis "
+        f"open-loop (wrk, {args.open_loop_connections} connections) for "
+        f"{args.fixed_duration:g} s; load generators and Redis "
         "on the same cores."
     )
 

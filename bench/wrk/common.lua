@@ -9,17 +9,17 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. (os.getenv("BENCH_KEY") or "none")
 
 COUNTERS = COUNTERS or {}
-local threads = {}
+THREADS = {}
 
 function setup(thread)
-  table.insert(threads, thread)
+  table.insert(THREADS, thread)
 end
 
 local function counters_json()
   local parts = {}
   for _, name in ipairs(COUNTERS) do
     local total = 0
-    for _, thread in ipairs(threads) do
+    for _, thread in ipairs(THREADS) do
       total = total + (thread:get(name) or 0)
     end
     table.insert(parts, string.format('"%s":%d', name, total))
@@ -27,11 +27,16 @@ local function counters_json()
   return "{" .. table.concat(parts, ",") .. "}"
 end
 
-function done(summary, latency, requests)
+-- The summary line from wrk's summary and the run's duration and percentiles, in µs.
+function bench_json(summary, duration_us, p50_us, p99_us)
   local e = summary.errors
   io.write(string.format(
     'BENCH_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},"counters":%s}\n',
-    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    summary.requests, duration_us, p50_us, p99_us,
     e.connect, e.read, e.write, e.status, e.timeout, counters_json()))
+end
+
+function done(summary, latency, requests)
+  bench_json(summary, summary.duration, latency:percentile(50), latency:percentile(99))
 end
