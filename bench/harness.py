@@ -44,6 +44,8 @@ class Scenario:
     short: str
     path: str
     script: str = "post.lua"
+    # served by the server configured with this many features; None: the first configuration
+    features: int | None = None
 
     @property
     def pairs(self) -> bool:
@@ -94,15 +96,23 @@ class CpuMark:
 
 @dataclass
 class Bench:
+    """The servers under test, one per configured feature count (`args.features`), each with
+    its own database and Redis database (`envs`, by feature count), all running at once so
+    that their scenarios can be measured in interleaved rounds."""
+
     args: argparse.Namespace
     api_key: str
     redis: redis.Redis
     redis_pgid: int
-    server: Server | None = None
+    envs: dict[int, dict[str, str]]
+    servers: dict[int, Server] = field(default_factory=dict)
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.args.port}"
+    def url(self, scenario: Scenario) -> str:
+        return f"http://127.0.0.1:{self.port(scenario.features)}"
+
+    def port(self, features: int | None) -> int:
+        sizes = list(self.envs)
+        return self.args.port + (sizes.index(features) if features in sizes else 0)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -110,26 +120,30 @@ class Bench:
 
     def start(self) -> None:
         a = self.args
-        options = ServerOptions(a.port, a.workers, a.worker_class, a.threads)
-        self.server = server_start(options, env={})
+        for features, env in self.envs.items():
+            options = ServerOptions(self.port(features), a.workers, a.worker_class, a.threads)
+            self.servers[features] = server_start(options, env=env)
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        while self.servers:
+            self.servers.popitem()[1].stop()
 
     def prime(self, scenario: Scenario, timeout_s: float = 300.0) -> None:
         """Sends requests one by one until ten in a row are fast, so that every worker has
         loaded what it caches (the plan of 100,000 features takes a while) before any run."""
         deadline, fast = time.monotonic() + timeout_s, 0
-        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=timeout_s) as c:
+        with httpx.Client(
+            base_url=self.url(scenario), headers=self.headers, timeout=timeout_s
+        ) as c:
             while fast < PRIME_FAST_IN_A_ROW and time.monotonic() < deadline:
                 started = time.monotonic()
                 _send(c, scenario)
                 fast = fast + 1 if time.monotonic() - started < PRIME_FAST_S else 0
 
-    def cpu_mark(self) -> CpuMark:
-        app = group_cpu_seconds(self.server.process.pid) if self.server else 0.0
+    def cpu_mark(self, scenario: Scenario) -> CpuMark:
+        """CPU so far of the server that serves `scenario`, and of Redis."""
+        server = self.servers.get(scenario.features or next(iter(self.envs)))
+        app = group_cpu_seconds(server.process.pid) if server else 0.0
         return CpuMark(app=app, redis=group_cpu_seconds(self.redis_pgid))
 
     def closed_loop(self, scenario: Scenario, name: str | None = None, sample: bool = True) -> Row:
@@ -138,10 +152,10 @@ class Bench:
         if self.args.warmup:
             self._wrk(scenario, self.args.warmup)
         wait_quiet(self.redis)
-        before, cpu_before = command_counts(self.redis), self.cpu_mark()
+        before, cpu_before = command_counts(self.redis), self.cpu_mark(scenario)
         result = self._wrk(scenario, self.args.duration)
         work = command_counts(self.redis).minus(before)
-        cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
+        cpu = self.cpu_mark(scenario).per_request_ms(cpu_before, result.requests)
         wait_quiet(self.redis)
         trips = self.sample_round_trips(scenario) if sample else {}
         row = Row(name or scenario.name, result, work, trips, cpu)
@@ -156,7 +170,7 @@ class Bench:
     def fixed_rate(self, scenario: Scenario, rate: float) -> Row:
         """Latency at a given throughput, from wrk driven open-loop (bench/wrk/openloop.lua)."""
         wait_quiet(self.redis)
-        before, cpu_before = command_counts(self.redis), self.cpu_mark()
+        before, cpu_before = command_counts(self.redis), self.cpu_mark(scenario)
         connections = self.args.open_loop_connections
         result = self._wrk(
             scenario,
@@ -166,7 +180,7 @@ class Bench:
             env={"BENCH_RATE": f"{rate:.3f}", "BENCH_THREADS": str(connections)},
         )
         work = command_counts(self.redis).minus(before)
-        cpu = self.cpu_mark().per_request_ms(cpu_before, result.requests)
+        cpu = self.cpu_mark(scenario).per_request_ms(cpu_before, result.requests)
         name = f"{scenario.short} @ {rate:,.0f}/s fixed"
         if result.rps < FELL_BEHIND * rate:
             # The server (or the machine) could not keep up: latency is queueing from here on.
@@ -177,7 +191,7 @@ class Bench:
 
     def sample_round_trips(self, scenario: Scenario) -> dict[str, float]:
         """Redis round trips per request, from sequential requests watched with MONITOR."""
-        with httpx.Client(base_url=self.base_url, headers=self.headers, timeout=30) as client:
+        with httpx.Client(base_url=self.url(scenario), headers=self.headers, timeout=30) as client:
             counts, requests = round_trips(
                 self.redis, lambda: sum(_send(client, scenario) for _ in range(SAMPLE_REQUESTS))
             )
@@ -194,7 +208,7 @@ class Bench:
     ) -> LoadResult:
         default = WrkOptions(threads=self.args.wrk_threads, connections=self.args.connections)
         return wrk_run(
-            url=self.base_url + scenario.path,
+            url=self.url(scenario) + scenario.path,
             script=script or scenario.script,
             seconds=seconds,
             options=options or default,
@@ -218,7 +232,7 @@ def _send(client: httpx.Client, scenario: Scenario) -> int:
 
 def probe_baselines(bench: Bench) -> None:
     for scenario in (BARE, RATELIMITED):
-        response = httpx.post(bench.base_url + scenario.path, json=RESERVE_BODY, timeout=10)
+        response = httpx.post(bench.url(scenario) + scenario.path, json=RESERVE_BODY, timeout=10)
         if response.status_code != 200:
             raise SystemExit(
                 f"{scenario.path} answered {response.status_code}: {response.text[:300]}"
@@ -227,7 +241,7 @@ def probe_baselines(bench: Bench) -> None:
 
 def probe_reserve(bench: Bench) -> None:
     """One reserve and its commit, so that a missing or broken API fails before any load."""
-    url = bench.base_url + RESERVE.path
+    url = bench.url(RESERVE) + RESERVE.path
     response = httpx.post(url, json=RESERVE_BODY, headers=bench.headers, timeout=30)
     if response.status_code == 404 and "json" not in response.headers.get("content-type", ""):
         raise ReserveApiMissing(
@@ -246,28 +260,36 @@ def probe_reserve(bench: Bench) -> None:
 
 
 def measure_peaks(bench: Bench, runs: Runs) -> None:
-    """Each scenario's peak, in interleaved rounds (bare, ratelimit, reserve, pairs, then
-    again): a shared machine's speed drifts over a minute by more than the differences
-    measured here, so every scenario sees each stretch of it, and the round with the median
-    requests/s is the one reported (`Runs.rounds` keeps them all)."""
+    """Each scenario's peak, in interleaved rounds (bare, ratelimit, reserve, pairs, reserve
+    with more features, then again): a shared machine's speed drifts over a minute by more
+    than the differences measured here, so every scenario sees each stretch of it, and the
+    round with the median requests/s is the one reported (`Runs.rounds` keeps them all)."""
     scenarios = [BARE, RATELIMITED]
     names = {BARE: BARE.name, RATELIMITED: RATELIMITED.name}
+    first, *more = bench.args.features
     if not bench.args.baseline_only:
         try:
             probe_reserve(bench)
         except ReserveApiMissing as missing:
             runs.missing = str(missing)
         else:
-            features = bench.args.features[0]
             scenarios += [RESERVE, PAIRS]
-            names[RESERVE] = f"reserve ({features:,} features)"
-            names[PAIRS] = f"reserve+commit ({features:,} features)"
-    measured = _rounds(bench, scenarios, lambda s, first: bench.closed_loop(s, names[s], first))
+            names[RESERVE] = f"reserve ({first:,} features)"
+            names[PAIRS] = f"reserve+commit ({first:,} features)"
+            for count in more:
+                sized = replace(RESERVE, features=count)
+                print(f"  priming the server with {count:,} features ...", flush=True)
+                bench.prime(sized)
+                scenarios.append(sized)
+                names[sized] = f"reserve ({count:,} features)"
+    measured = _rounds(bench, scenarios, lambda s, sample: bench.closed_loop(s, names[s], sample))
     runs.rounds.update({names[s]: rows for s, rows in measured.items()})
     runs.bare, runs.ratelimited = _median(measured[BARE]), _median(measured[RATELIMITED])
     if RESERVE in measured:
-        runs.reserve[bench.args.features[0]] = _median(measured[RESERVE])
+        runs.reserve[first] = _median(measured[RESERVE])
         runs.pairs = _median(measured[PAIRS])
+        for scenario in scenarios[4:]:
+            runs.reserve[scenario.features or first] = _median(measured[scenario])
 
 
 def measure_half_peaks(bench: Bench, runs: Runs) -> None:
@@ -298,15 +320,3 @@ def _median(rows: list[Row], key: Callable[[Row], float] = lambda row: row.resul
     round's sample of Redis round trips."""
     row = sorted(rows, key=key)[(len(rows) - 1) // 2]
     return replace(row, trips=rows[0].trips) if rows[0].trips else row
-
-
-def measure_config_sizes(bench: Bench, runs: Runs) -> None:
-    from bench.fixtures import features_grow
-
-    for count in bench.args.features[1:]:
-        bench.stop()
-        print(f"  configuring {count:,} features ...", flush=True)
-        features_grow(count)
-        bench.start()
-        bench.prime(RESERVE)
-        runs.reserve[count] = bench.closed_loop(RESERVE, f"reserve ({count:,} features)")

@@ -9,7 +9,9 @@ number of connections (closed loop) for the peak, then open-loop at a fixed rate
 (bench/wrk/openloop.lua) at half of each peak to measure p99 there. The load generator
 shares the machine's cores with the server.
 The benchmark starts its own Redis (so that INFO commandstats counts only its commands) and
-uses its own database (var/bench.sqlite3, wiped at start).
+uses databases of its own (var/bench-<features>.sqlite3, wiped at start). Each feature count
+is served by a server of its own (database, Redis database and port), all running at once,
+so that reserve with 10 features and with 100,000 are measured in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import django
@@ -27,7 +32,6 @@ from bench.harness import (
     RATELIMITED,
     Bench,
     Runs,
-    measure_config_sizes,
     measure_half_peaks,
     measure_peaks,
     probe_baselines,
@@ -69,7 +73,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--features", default="10,100000", help="feature counts, comma-separated")
     p.add_argument("--baseline-only", action="store_true", help="only the two baseline views")
-    p.add_argument("--database-url", help="default: sqlite:///var/bench.sqlite3")
     args = p.parse_args(argv)
     args.fixed_duration = args.fixed_duration or args.duration
     args.open_loop_connections = args.open_loop_connections or 4 * args.workers
@@ -77,25 +80,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def database_url(features: int) -> str:
+    return f"sqlite:///{ROOT / 'var' / f'bench-{features}.sqlite3'}"
+
+
 def configure(args: argparse.Namespace, redis_url: str) -> None:
-    """Points the settings, here and in gunicorn, at the benchmark's database and Redis."""
+    """Points the settings, here and in gunicorn, at the benchmark's first database and Redis."""
     os.environ.update(
         DJANGO_SETTINGS_MODULE="bench.settings",
         REDIS_URL=redis_url,
-        DATABASE_URL=args.database_url or f"sqlite:///{ROOT / 'var' / 'bench.sqlite3'}",
+        DATABASE_URL=database_url(args.features[0]),
         LOG_LEVEL="WARNING",
     )
     django.setup()
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def prepare_config(features: int) -> str:
+def prepare_configs(features: list[int], redis_url: str) -> tuple[str, dict[int, dict[str, str]]]:
+    """The first feature count's configuration, made here; each other count's, a copy of it
+    grown to that count (by `python -m bench.grow`) with a Redis database of its own.
+    Returns the API key (valid for every copy) and each server's environment, by count."""
     from bench.fixtures import config_create, database_reset, features_grow
 
+    first, *more = features
+    print(f"configuring {first:,} features ...", flush=True)
     database_reset()
     api_key = config_create()
-    features_grow(features)
-    return api_key
+    features_grow(first)
+    envs: dict[int, dict[str, str]] = {first: {}}
+    for index, count in enumerate(more, start=1):
+        print(f"configuring {count:,} features ...", flush=True)
+        envs[count] = {
+            "DATABASE_URL": database_url(count),
+            "REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/{index}",
+        }
+        shutil.copyfile(_sqlite_path(first), _sqlite_path(count))
+        subprocess.run(
+            [sys.executable, "-m", "bench.grow", str(count)],
+            env={**os.environ, **envs[count]},
+            check=True,
+        )
+    return api_key, envs
+
+
+def _sqlite_path(features: int) -> str:
+    return database_url(features).removeprefix("sqlite:///")
 
 
 def warn_if_busy() -> None:
@@ -128,8 +157,6 @@ def measure(bench: Bench) -> Runs:
         measure_peaks(bench, runs)
         if not bench.args.no_fixed:
             measure_half_peaks(bench, runs)
-        if runs.first_reserve() is not None:
-            measure_config_sizes(bench, runs)
     finally:
         bench.stop()
     return runs
@@ -155,10 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     redis_server = redis_server_start()
     try:
         configure(args, redis_server.url)
-        print(f"configuring {args.features[0]:,} features ...", flush=True)
-        bench = Bench(
-            args, prepare_config(args.features[0]), redis_server.client(), redis_server.process.pid
-        )
+        api_key, envs = prepare_configs(args.features, redis_server.url)
+        bench = Bench(args, api_key, redis_server.client(), redis_server.process.pid, envs)
         print(describe(args), flush=True)
         warn_if_busy()
         runs = measure(bench)
