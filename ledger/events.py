@@ -3,8 +3,10 @@
 A reservation's events can reach the ledger in any order (a reclaimed entry arrives after
 later ones) and more than once (a batch committed but not acknowledged is read again), so a
 row is merged, never overwritten: the outcome of the furthest state wins (held < expired <
-committed, released), and what describes the reservation (tenant, feature, what it reserved)
-is kept from whichever event had it. Merging is idempotent and order-independent.
+committed, released), what describes the reservation (tenant, feature, what it reserved)
+is kept from whichever event had it, and its expiry is the furthest granted (by the
+reservation or an extension; an extension that shortened a lease does not shorten it here).
+Merging is idempotent and order-independent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ Row = dict[str, Any]
 
 STATE_OF_TYPE = {
     "reserved": "held",
+    "extended": "held",
     "committed": "committed",
     "released": "released",
     "expired": "expired",
@@ -39,8 +42,9 @@ IDENTITY_NUMBER = (
     "wait_ms",
     "metadata",
     "created_ms",
-    "expires_ms",
 )
+# The furthest granted: the largest value any event had.
+LATEST = ("expires_ms",)
 IDENTITY_FLAG = ("degraded", "estimated")
 # The outcome: taken from the event of the furthest state.
 OUTCOME = (
@@ -55,7 +59,15 @@ OUTCOME = (
     "lease_expired",
     "finished_ms",
 )
-USAGE_COLUMNS = ("rid", *IDENTITY_TEXT, *IDENTITY_NUMBER, *IDENTITY_FLAG, *OUTCOME, "ingested_ms")
+USAGE_COLUMNS = (
+    "rid",
+    *IDENTITY_TEXT,
+    *IDENTITY_NUMBER,
+    *LATEST,
+    *IDENTITY_FLAG,
+    *OUTCOME,
+    "ingested_ms",
+)
 REFUSAL_COLUMNS = (
     "rid",
     "at_ms",
@@ -230,6 +242,9 @@ def rows_merge(old: Row, new: Row) -> Row:
             merged[name] = new[name]
     for name in IDENTITY_NUMBER:
         if merged[name] is None:
+            merged[name] = new[name]
+    for name in LATEST:
+        if new[name] is not None and (merged[name] is None or new[name] > merged[name]):
             merged[name] = new[name]
     for name in IDENTITY_FLAG:
         merged[name] = bool(merged[name] or new[name])

@@ -14,6 +14,7 @@ from ledger.events import (
     IDENTITY_FLAG,
     IDENTITY_NUMBER,
     IDENTITY_TEXT,
+    LATEST,
     OUTCOME,
     REFUSAL_COLUMNS,
     USAGE_COLUMNS,
@@ -31,14 +32,19 @@ def _rank(table: str) -> str:
 
 
 def _merge_clause() -> str:
-    """rows_merge() in SQL: identity kept from whichever event had it, outcome from the
-    furthest state."""
+    """rows_merge() in SQL: identity kept from whichever event had it, the furthest expiry,
+    the outcome from the furthest state."""
     t = USAGE_TABLE
     newer = f"{_rank('excluded')} > {_rank(t)}"
     sets = [
         f"{c} = CASE WHEN {t}.{c} = '' THEN excluded.{c} ELSE {t}.{c} END" for c in IDENTITY_TEXT
     ]
     sets += [f"{c} = COALESCE({t}.{c}, excluded.{c})" for c in IDENTITY_NUMBER]
+    sets += [
+        f"{c} = CASE WHEN {t}.{c} IS NULL OR excluded.{c} > {t}.{c} THEN excluded.{c} "
+        f"ELSE {t}.{c} END"
+        for c in LATEST
+    ]
     sets += [f"{c} = ({t}.{c} OR excluded.{c})" for c in IDENTITY_FLAG]
     sets += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {t}.{c} END" for c in OUTCOME]
     sets.append("ingested_ms = excluded.ingested_ms")

@@ -98,6 +98,41 @@ def test_a_commit_after_expiry_ends_committed_whatever_the_order(
     assert row.reserved_output_tokens == 100 and row.tenant == "acme"
 
 
+def extend(world: World, rid: str, ttl_seconds: int) -> Any:
+    return world.client().post(
+        f"/api/v1/reservations/{rid}/extend", {"ttl_seconds": ttl_seconds}, format="json"
+    )
+
+
+@pytest.mark.parametrize("order", ["stream", "reversed", "one batch"])
+def test_the_ledger_keeps_the_furthest_expiry_an_extension_granted(
+    world: World, reserve: Any, order: str
+) -> None:
+    engine = get_engine()
+    engine.frozen_ms = start = engine.now_ms()
+    rid = reserve(ttl_seconds=60).json()["id"]
+    engine.frozen_ms += 10_000
+    assert extend(world, rid, 900).status_code == 200
+    engine.frozen_ms += 10_000
+    assert extend(world, rid, 300).status_code == 200  # shortens it again
+    entries = all_entries()
+    assert [f["type"] for _, f in entries] == ["reserved", "extended", "extended"]
+    assert entries[1][1]["expires_ms"] == str(start + 10_000 + 900_000)
+    assert entries[1][1]["feature"] == "chat"
+
+    if order == "one batch":
+        entries_batch_write(stream=usage_stream(), entries=entries)
+    else:
+        for entry in entries if order == "stream" else entries[::-1]:
+            entries_batch_write(stream=usage_stream(), entries=[entry])
+
+    row = UsageEvent.objects.get(rid=rid)
+    # the furthest expiry granted, whatever the order: a later extension that shortened the
+    # lease (to start + 320 s) does not shorten it in the ledger
+    assert row.expires_ms == start + 10_000 + 900_000
+    assert (row.state, row.reserved_output_tokens, row.tenant) == ("held", 100, "acme")
+
+
 def test_an_expired_reservation_is_recorded_as_expired(world: World, reserve: Any) -> None:
     engine = get_engine()
     engine.frozen_ms = engine.now_ms()

@@ -161,3 +161,27 @@ def test_a_restored_lease_keeps_the_expiry_it_was_granted(
     assert state(slots)["used"] == 0
     late = commit(world, short_call, input_tokens=100, output_tokens=10)
     assert late.status_code == 200 and late.json()["lease_expired"] is True
+
+
+def test_a_restored_lease_keeps_the_expiry_an_extension_granted(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    rid = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=30).json()["id"]
+    advance(20)
+    extended = world.client().post(
+        f"/api/v1/reservations/{rid}/extend", {"ttl_seconds": 900}, format="json"
+    )
+    assert extended.status_code == 200
+    usage_ingest()
+    redis_db.flushdb()
+    plans.clear()
+
+    call_command("quota", "rebuild", stdout=StringIO())
+    advance(600)  # long past the 30 s first granted and the 60 s a rebuild grants at least
+
+    assert leases_expire() == 0
+    assert state(slots)["used"] == 1
+    done = commit(world, rid, input_tokens=100, output_tokens=10)
+    assert done.status_code == 200, done.content
+    assert done.json()["lease_expired"] is False

@@ -8,7 +8,9 @@
 --          maxlen, retention_ms, clock, ttl_ms (from now)
 --
 -- Returns JSON: {lease = {...}}, {missing = true}, or {conflict = state} when the
--- reservation is no longer held (committed, released or already expired).
+-- reservation is no longer held (committed, released or already expired). An extension
+-- appends an `extended` event with the new `expires_ms`, so that the ledger knows the expiry
+-- a rebuild must restore.
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
@@ -20,4 +22,7 @@ lease.e = now + req.ttl_ms
 lease.ttl_ms = req.ttl_ms
 redis.call('SET', KEYS[2], cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
 redis.call('ZADD', KEYS[3], lease.e, lease.id)
+local ev = event_base(lease, 'extended', now)
+ev.expires_ms = lease.e
+emit(KEYS[4], req.maxlen, ev)
 return cjson.encode({lease = lease, now_ms = now})
