@@ -84,12 +84,13 @@ def database_url(features: int) -> str:
     return f"sqlite:///{ROOT / 'var' / f'bench-{features}.sqlite3'}"
 
 
-def configure(args: argparse.Namespace, redis_url: str) -> None:
-    """Points the settings, here and in gunicorn, at the benchmark's first database and Redis."""
+def configure(features: int, redis_url: str, database: str | None = None) -> None:
+    """Points the settings, here and in gunicorn, at the benchmark's first database (by
+    default the one for `features`) and Redis."""
     os.environ.update(
         DJANGO_SETTINGS_MODULE="bench.settings",
         REDIS_URL=redis_url,
-        DATABASE_URL=database_url(args.features[0]),
+        DATABASE_URL=database or database_url(features),
         LOG_LEVEL="WARNING",
     )
     django.setup()
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     wrk_require()
     redis_server = redis_server_start()
     try:
-        configure(args, redis_server.url)
+        configure(args.features[0], redis_server.url)
         api_key, envs = prepare_configs(args.features, redis_server.url)
         bench = Bench(args, api_key, redis_server.client(), redis_server.process.pid, envs)
         print(describe(args), flush=True)

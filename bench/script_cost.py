@@ -286,13 +286,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     server = redis_server_start()
     try:
-        from bench.run import configure, prepare_config
+        from bench.run import configure, prepare_configs
 
-        configure(
-            argparse.Namespace(database_url=f"sqlite:///{ROOT / 'var' / 'script_cost.sqlite3'}"),
-            server.url,
-        )
-        secret = prepare_config(args.features)
+        database = f"sqlite:///{ROOT / 'var' / 'script_cost.sqlite3'}"
+        configure(args.features, server.url, database)
+        secret, _ = prepare_configs([args.features], server.url)
         client = server.client()
         work = Workload(secret)
         samples = run_rounds(client, work, args)
