@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
     redis_server = redis_server_start()
     try:
         configure(args.features[0], redis_server.url)
-        api_key, envs = prepare_configs(args.features, redis_server.url)
+        sizes = args.features[:1] if args.baseline_only else args.features
+        api_key, envs = prepare_configs(sizes, redis_server.url)
         bench = Bench(args, api_key, redis_server.client(), redis_server.process.pid, envs)
         print(describe(args), flush=True)
         warn_if_busy()
