@@ -4,9 +4,9 @@ A reservation's events can reach the ledger in any order (a reclaimed entry arri
 later ones) and more than once (a batch committed but not acknowledged is read again), so a
 row is merged, never overwritten: the outcome of the furthest state wins (held < expired <
 committed, released), what describes the reservation (tenant, feature, what it reserved)
-is kept from whichever event had it, and its expiry is the furthest granted (by the
-reservation or an extension; an extension that shortened a lease does not shorten it here).
-Merging is idempotent and order-independent.
+is kept from whichever event had it, and its expiry is the one granted last (by the
+reservation or its latest extension, whichever event is the later in Redis time). Merging is
+idempotent and order-independent.
 """
 
 from __future__ import annotations
@@ -43,8 +43,9 @@ IDENTITY_NUMBER = (
     "metadata",
     "created_ms",
 )
-# The furthest granted: the largest value any event had.
-LATEST = ("expires_ms",)
+# The expiry granted last: the one of the event with the latest `expiry_granted_ms` (its
+# at_ms; the later expiry when two events of one instant disagree).
+LATEST = ("expires_ms", "expiry_granted_ms")
 IDENTITY_FLAG = ("degraded", "estimated")
 # The outcome: taken from the event of the furthest state.
 OUTCOME = (
@@ -157,6 +158,7 @@ def usage_row(fields: dict[str, str], resolver: Resolver, now_ms: int) -> Row | 
         "metadata": json.dumps(metadata) if metadata else None,
         "created_ms": _int(get("created_ms")),
         "expires_ms": _int(get("expires_ms")),
+        "expiry_granted_ms": _int(get("at_ms")) if get("expires_ms") else None,
         "degraded": get("degraded") == "1",
         "estimated": get("estimated") == "1",
         "ingested_ms": now_ms,
@@ -243,8 +245,8 @@ def rows_merge(old: Row, new: Row) -> Row:
     for name in IDENTITY_NUMBER:
         if merged[name] is None:
             merged[name] = new[name]
-    for name in LATEST:
-        if new[name] is not None and (merged[name] is None or new[name] > merged[name]):
+    if _granted_later(new, merged):
+        for name in LATEST:
             merged[name] = new[name]
     for name in IDENTITY_FLAG:
         merged[name] = bool(merged[name] or new[name])
@@ -253,6 +255,16 @@ def rows_merge(old: Row, new: Row) -> Row:
             merged[name] = new[name]
     merged["ingested_ms"] = new["ingested_ms"]
     return merged
+
+
+def _granted_later(new: Row, old: Row) -> bool:
+    """Whether `new` carries an expiry granted after `old`'s (or `old` carries none)."""
+    if new["expires_ms"] is None:
+        return False
+    if old["expires_ms"] is None:
+        return True
+    new_at, old_at = new["expiry_granted_ms"] or 0, old["expiry_granted_ms"] or 0
+    return (new_at, new["expires_ms"]) > (old_at, old["expires_ms"])
 
 
 @dataclass

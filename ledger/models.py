@@ -64,7 +64,13 @@ class UsageEvent(models.Model):
     expires_ms = models.BigIntegerField(
         null=True,
         blank=True,
-        help_text="When the lease was to expire, as granted (an extension is not recorded).",
+        help_text="When the lease was to expire, as last granted (by the reservation or the "
+        "latest extension).",
+    )
+    expiry_granted_ms = models.BigIntegerField(
+        null=True,
+        blank=True,
+        help_text="When that expiry was granted: the time of the event that set it.",
     )
     finished_ms = models.BigIntegerField(null=True, blank=True)
     ingested_ms = models.BigIntegerField()

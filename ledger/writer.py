@@ -31,8 +31,21 @@ def _rank(table: str) -> str:
     return f"(CASE {table}.state WHEN 'held' THEN 0 WHEN 'expired' THEN 1 ELSE 2 END)"
 
 
+def _granted_later(t: str) -> str:
+    """events._granted_later in SQL: the new row's expiry was granted after the stored one's
+    (every column of the SET clause reads the stored row as it was)."""
+    new_at, old_at = (
+        "COALESCE(excluded.expiry_granted_ms, 0)",
+        f"COALESCE({t}.expiry_granted_ms, 0)",
+    )
+    return (
+        f"(excluded.expires_ms IS NOT NULL AND ({t}.expires_ms IS NULL OR {new_at} > {old_at} "
+        f"OR ({new_at} = {old_at} AND excluded.expires_ms > {t}.expires_ms)))"
+    )
+
+
 def _merge_clause() -> str:
-    """rows_merge() in SQL: identity kept from whichever event had it, the furthest expiry,
+    """rows_merge() in SQL: identity kept from whichever event had it, the expiry granted last,
     the outcome from the furthest state."""
     t = USAGE_TABLE
     newer = f"{_rank('excluded')} > {_rank(t)}"
@@ -41,9 +54,7 @@ def _merge_clause() -> str:
     ]
     sets += [f"{c} = COALESCE({t}.{c}, excluded.{c})" for c in IDENTITY_NUMBER]
     sets += [
-        f"{c} = CASE WHEN {t}.{c} IS NULL OR excluded.{c} > {t}.{c} THEN excluded.{c} "
-        f"ELSE {t}.{c} END"
-        for c in LATEST
+        f"{c} = CASE WHEN {_granted_later(t)} THEN excluded.{c} ELSE {t}.{c} END" for c in LATEST
     ]
     sets += [f"{c} = ({t}.{c} OR excluded.{c})" for c in IDENTITY_FLAG]
     sets += [f"{c} = CASE WHEN {newer} THEN excluded.{c} ELSE {t}.{c} END" for c in OUTCOME]
