@@ -152,8 +152,8 @@ def describe(args: argparse.Namespace) -> str:
 
 def measure(bench: Bench) -> Runs:
     runs = Runs()
-    bench.start()
     try:
+        bench.start()
         probe_baselines(bench)
         measure_peaks(bench, runs)
         if not bench.args.no_fixed:

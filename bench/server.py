@@ -57,7 +57,7 @@ def _command(options: ServerOptions) -> list[str]:
     if options.worker_class == "gthread":
         command.append(f"--threads={options.threads}")
     if _has_control_socket():
-        command.append(f"--control-socket={ROOT / 'var' / 'bench-gunicorn.ctl'}")
+        command.append(f"--control-socket={ROOT / 'var' / f'bench-gunicorn-{options.port}.ctl'}")
     return command
 
 

@@ -15,8 +15,11 @@ function setup(thread)
   table.insert(THREADS, thread)
 end
 
-local function counters_json()
+local function counters_json(extra)
   local parts = {}
+  for name, value in pairs(extra or {}) do
+    table.insert(parts, string.format('"%s":%d', name, value))
+  end
   for _, name in ipairs(COUNTERS) do
     local total = 0
     for _, thread in ipairs(THREADS) do
@@ -27,14 +30,15 @@ local function counters_json()
   return "{" .. table.concat(parts, ",") .. "}"
 end
 
--- The summary line from wrk's summary and the run's duration and percentiles, in µs.
-function bench_json(summary, duration_us, p50_us, p99_us)
+-- The summary line from wrk's summary and the run's duration and percentiles, in µs;
+-- `extra`, counters of the whole run by name, beside the threads' summed COUNTERS.
+function bench_json(summary, duration_us, p50_us, p99_us, extra)
   local e = summary.errors
   io.write(string.format(
     'BENCH_JSON {"requests":%d,"duration_us":%d,"p50_us":%d,"p99_us":%d,' ..
     '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d},"counters":%s}\n',
     summary.requests, duration_us, p50_us, p99_us,
-    e.connect, e.read, e.write, e.status, e.timeout, counters_json()))
+    e.connect, e.read, e.write, e.status, e.timeout, counters_json(extra)))
 end
 
 function done(summary, latency, requests)

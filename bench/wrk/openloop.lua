@@ -6,8 +6,11 @@
 -- that stalls shows in the tail instead of slowing the generator down (no coordinated
 -- omission): a connection still waiting for an answer when its next request falls due sends
 -- it late, and that lateness is counted. wrk's timers tick in whole milliseconds, so a request
--- may leave up to 1 ms early; its latency then counts from when it left. A connection is
--- opened before its request falls due, as a client's pool would have it.
+-- may leave up to 2 ms early; its latency then counts from when it left. A connection is
+-- opened before its request falls due (a server that closes connections after each answer,
+-- as gunicorn's sync workers do, may then hold a worker idle on it until the request comes,
+-- which counts against the server). `due` in the summary: the requests due by the end; those
+-- never sent or answered by then are not in the percentiles.
 -- Environment: BENCH_LUA_DIR, BENCH_RATE, BENCH_THREADS, plus what common.lua reads.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 
@@ -69,5 +72,7 @@ function done(summary, latency, requests)
   local function percentile(q)
     return #all > 0 and all[math.min(#all, math.floor(q * #all) + 1)] or 0
   end
-  bench_json(summary, now_us() - START_US, percentile(0.50), percentile(0.99))
+  local elapsed_us = now_us() - START_US
+  local due = math.floor(elapsed_us * RATE / 1000000)
+  bench_json(summary, elapsed_us, percentile(0.50), percentile(0.99), {due = due})
 end
