@@ -4,7 +4,6 @@ protected by the real quota server: `messages.create` (plain and streaming) and 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -205,7 +204,7 @@ def test_an_async_message_commits_its_usage(stack: Stack, fake: FakeAnthropic) -
         )
         return message.stop_reason
 
-    assert asyncio.run(main()) == "end_turn"
+    assert stack.run(main()) == "end_turn"
     assert committed(stack) == ("20", "stop")
 
 
@@ -216,7 +215,7 @@ def test_an_async_raw_stream_commits_its_usage(stack: Stack, fake: FakeAnthropic
         )
         return len([event async for event in events])
 
-    assert asyncio.run(main()) > 4
+    assert stack.run(main()) > 4
     assert committed(stack) == ("4", "length")
 
 
@@ -226,5 +225,5 @@ def test_the_async_stream_helper_commits_its_usage(stack: Stack, fake: FakeAnthr
         async with client.messages.stream(model=MODEL, messages=HELLO, max_tokens=100) as stream:
             return "".join([text async for text in stream.text_stream])
 
-    assert len(asyncio.run(main()).split()) == 20
+    assert len(stack.run(main()).split()) == 20
     assert committed(stack) == ("20", "stop")

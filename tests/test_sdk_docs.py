@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import quotaclient._quota
 import redis
 
 from tests.conftest import World
@@ -52,6 +53,8 @@ def test_the_protected_call_site_reserves_and_commits(
     monkeypatch.setenv("QUOTA_URL", stack.url)
     monkeypatch.setenv("QUOTA_API_KEY", stack.world.secret)
     namespace: dict[str, Any] = {"question": "How are you?"}
+    made = quotaclient._quota.QuotaClient
+    monkeypatch.setattr(quotaclient._quota, "QuotaClient", lambda *a: stack.kept(made(*a)))
 
     with FakeOpenAI() as fake:
         monkeypatch.setenv("OPENAI_API_KEY", "sk-test")

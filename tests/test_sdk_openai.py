@@ -4,7 +4,6 @@ fake's requests and the server's usage events."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -298,7 +297,7 @@ def test_an_async_call_commits_its_usage(stack: Stack, fake: FakeOpenAI) -> None
         )
         return reply.choices[0].finish_reason
 
-    assert asyncio.run(main()) == "length"
+    assert stack.run(main()) == "length"
     committed = stack.event("committed")
     assert (committed["output_tokens"], committed["finish_reason"]) == ("12", "length")
 
@@ -310,6 +309,6 @@ def test_an_async_stream_commits_its_usage(stack: Stack, fake: FakeOpenAI) -> No
         )
         return len([chunk async for chunk in stream if chunk.choices])
 
-    assert asyncio.run(main()) == 21  # twenty words and the finish
+    assert stack.run(main()) == 21  # twenty words and the finish
     committed = stack.event("committed")
     assert (committed["output_tokens"], committed["finish_reason"]) == ("20", "stop")

@@ -4,10 +4,11 @@ upstream status and latency can be read back)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -18,6 +19,7 @@ from quotaclient import AsyncQuotaClient, QuotaClient
 from tests.conftest import World
 
 EVENTS = f"q:{{{settings.QUOTA_HASH_TAG}}}:events"
+T = TypeVar("T")
 
 
 @dataclass
@@ -26,15 +28,35 @@ class Stack:
     world: World
     redis: redis.Redis
     clients: list[QuotaClient] = field(default_factory=list)
+    async_clients: list[AsyncQuotaClient] = field(default_factory=list)
 
     def client(self, **options: Any) -> QuotaClient:
         """A client of the world's tenant, closed (its lease keeper stopped) after the test."""
-        client = QuotaClient(self.url, self.world.secret, **options)
+        return self.kept(QuotaClient(self.url, self.world.secret, **options))
+
+    def kept(self, client: QuotaClient) -> QuotaClient:
+        """`client`, closed after the test: a connection left open keeps a test server thread,
+        and the database connection it holds, alive past the test."""
         self.clients.append(client)
         return client
 
     def async_client(self, **options: Any) -> AsyncQuotaClient:
-        return AsyncQuotaClient(self.url, self.world.secret, **options)
+        """An async client of the world's tenant, closed by `run` in the loop it ran in."""
+        client = AsyncQuotaClient(self.url, self.world.secret, **options)
+        self.async_clients.append(client)
+        return client
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        """asyncio.run(main), closing the async clients made for it before its loop ends."""
+
+        async def closing() -> T:
+            try:
+                return await main
+            finally:
+                while self.async_clients:
+                    await self.async_clients.pop().aclose()
+
+        return asyncio.run(closing())
 
     def events(self, kind: str | None = None) -> list[dict[str, str]]:
         decoded = [
