@@ -110,11 +110,14 @@ class Bench:
     servers: dict[int, Server] = field(default_factory=dict)
 
     def url(self, scenario: Scenario) -> str:
-        return f"http://127.0.0.1:{self.port(scenario.features)}"
+        return f"http://127.0.0.1:{self.port(self.size(scenario))}"
 
-    def port(self, features: int | None) -> int:
-        sizes = list(self.envs)
-        return self.args.port + (sizes.index(features) if features in sizes else 0)
+    def size(self, scenario: Scenario) -> int:
+        """The feature count of the server that serves `scenario`."""
+        return scenario.features or next(iter(self.envs))
+
+    def port(self, features: int) -> int:
+        return self.args.port + list(self.envs).index(features)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -144,7 +147,7 @@ class Bench:
 
     def cpu_mark(self, scenario: Scenario) -> CpuMark:
         """CPU so far of the server that serves `scenario`, and of Redis."""
-        server = self.servers.get(scenario.features or next(iter(self.envs)))
+        server = self.servers.get(self.size(scenario))
         app = group_cpu_seconds(server.process.pid) if server else 0.0
         return CpuMark(app=app, redis=group_cpu_seconds(self.redis_pgid))
 
@@ -299,8 +302,8 @@ def measure_peaks(bench: Bench, runs: Runs) -> None:
     if RESERVE in measured:
         runs.reserve[first] = _median(measured[RESERVE])
         runs.pairs = _median(measured[PAIRS])
-        for scenario in scenarios[4:]:
-            runs.reserve[scenario.features or first] = _median(measured[scenario])
+        for count in more:
+            runs.reserve[count] = _median(measured[replace(RESERVE, features=count)])
 
 
 def measure_half_peaks(bench: Bench, runs: Runs) -> None:
