@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -177,46 +178,70 @@ PASSTHROUGH = (
 )
 
 
-def json_post(drf_view: type[QuotaView], call: Callable[..., Answer]) -> Callable[..., Any]:
-    """A view answering ordinary JSON POSTs with `call` and the rest with `drf_view`.
+@dataclass(frozen=True, slots=True)
+class JsonPost:
+    """How an ordinary JSON POST to one of the hot routes is answered: `call`, with the
+    `Allow` header of the route's DRF view. Served by the route's Django view (`json_post`)
+    and, in front of Django, by `quotas.api.wsgi.FastPath`."""
 
-    Ordinary: method POST, a body of exactly `application/json` (or none at all), an Accept
-    header that is absent, `*/*` or `application/json`, and no query string (DRF reads a
-    `format` override there). For those, DRF
-    would authenticate, parse with its JSON parser, call the view and render JSON; this does
-    the same in the same order (authentication before the body is read), with the same
-    errors, headers and bytes.
-    """
-    fallback = drf_view.as_view()
-    allow = ", ".join(drf_view().allowed_methods)
+    call: Callable[..., Answer]
+    allow: str
 
-    def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
-        meta = request.META
-        length = _content_length(meta)
-        if (
-            request.method != "POST"
-            or (meta.get("CONTENT_TYPE") != JSON and length)
-            or meta.get("HTTP_ACCEPT", "*/*") not in PLAIN_ACCEPT
-            or meta.get("QUERY_STRING")
-        ):
-            return fallback(request, **kwargs)
+    def answer(
+        self, request: HttpRequest, length: int, kwargs: dict[str, Any]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Status, body and headers (besides Content-Type and Allow), as DRF would answer:
+        the key first, then the body, then the call; every error as the API's JSON."""
         try:
             key = authenticate(request).key
-            status, body, headers = call(key, _json_body(request, length), **kwargs)
+            status, body, headers = self.call(key, _json_body(request, length), **kwargs)
         except Exception as exc:
             error = error_of(with_limit_headers(exc))
             status, body, headers = error.status, error.body(), error.headers
-        response = HttpResponse(_render(body), status=status, content_type=JSON, headers=headers)
-        response["Allow"] = allow
+        return status, _render(body), headers
+
+
+def plain_post_length(meta: Mapping[str, Any]) -> int | None:
+    """The body's length when a request is an ordinary JSON POST, else None.
+
+    Ordinary: method POST, a body of exactly `application/json` (or none at all), an Accept
+    header that is absent, `*/*` or `application/json`, and no query string (DRF reads a
+    `format` override there). For those, DRF would authenticate, parse with its JSON parser,
+    call the view and render JSON, which `JsonPost.answer` does without DRF."""
+    length = _content_length(meta)
+    if (
+        str(meta.get("REQUEST_METHOD", "")).upper() != "POST"
+        or (meta.get("CONTENT_TYPE") != JSON and length)
+        or meta.get("HTTP_ACCEPT", "*/*") not in PLAIN_ACCEPT
+        or meta.get("QUERY_STRING")
+    ):
+        return None
+    return length
+
+
+def json_post(drf_view: type[QuotaView], call: Callable[..., Answer]) -> Callable[..., Any]:
+    """A view answering ordinary JSON POSTs (see `plain_post_length`) with `call` and the
+    rest with `drf_view`, with the same errors, headers and bytes DRF gives."""
+    fallback = drf_view.as_view()
+    route = JsonPost(call=call, allow=", ".join(drf_view().allowed_methods))
+
+    def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+        length = plain_post_length(request.META)
+        if length is None:
+            return fallback(request, **kwargs)
+        status, data, headers = route.answer(request, length, kwargs)
+        response = HttpResponse(data, status=status, content_type=JSON, headers=headers)
+        response["Allow"] = route.allow
         return response
 
     # drf-spectacular documents the route from the DRF view, as for any APIView.as_view()
     view.cls = fallback.cls  # type: ignore[attr-defined]
     view.initkwargs = fallback.initkwargs  # type: ignore[attr-defined]
+    view.json_post = route  # type: ignore[attr-defined]
     return csrf_exempt(view)
 
 
-def _content_length(meta: dict[str, Any]) -> int:
+def _content_length(meta: Mapping[str, Any]) -> int:
     """As DRF reads it: a body of unknown or unreadable length is no body."""
     try:
         return int(meta.get("CONTENT_LENGTH", meta.get("HTTP_CONTENT_LENGTH", 0)))

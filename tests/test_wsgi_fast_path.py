@@ -1,0 +1,256 @@
+"""The hot routes answered in front of Django's handler (`quotas.api.wsgi.FastPath`, the
+deployed WSGI application) answer every request exactly as Django's handler does: status,
+headers in their order, and body, byte for byte; everything else reaches Django."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import logging
+from typing import Any
+
+import pytest
+from django.core import signals
+from django.test import override_settings
+
+from config.wsgi import application
+from quotas.api.wsgi import FastPath
+from quotas.plan import plans
+from quotas.reservations import get_engine
+from tests.conftest import World
+
+RESERVATIONS = "/api/v1/reservations"
+NOW_MS = 1_790_000_000_000
+Answer = tuple[str, list[tuple[str, str]], bytes]
+
+
+def call(
+    app: Any,
+    path: str,
+    body: Any = None,
+    *,
+    method: str = "POST",
+    secret: str | None = None,
+    raw: bytes | None = None,
+    content_type: str = "application/json",
+    query: str = "",
+    host: str = "testserver",
+    **meta: str,
+) -> Answer:
+    """One request through a WSGI application, as gunicorn would make it."""
+    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": query,
+        "SERVER_NAME": "testserver",
+        "SERVER_PORT": "80",
+        "HTTP_HOST": host,
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "10.1.2.3",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(data),
+        "wsgi.errors": io.StringIO(),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        **meta,
+    }
+    if data or content_type != "application/json":
+        environ["CONTENT_TYPE"] = content_type
+        environ["CONTENT_LENGTH"] = str(len(data))
+    if secret is not None:
+        environ["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
+    seen: dict[str, Any] = {}
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+        seen["status"], seen["headers"] = status, headers
+
+    out = app(environ, start_response)
+    try:
+        content = b"".join(out)
+    finally:
+        if hasattr(out, "close"):
+            out.close()
+    return seen["status"], list(seen["headers"]), content
+
+
+def session(world: World, app: Any) -> list[Answer]:
+    """Every kind of answer the hot routes give, one request after another."""
+    secret = world.secret
+    model = world.model.name
+    body = {"feature": "chat", "model": model, "input_tokens": 100, "max_output_tokens": 100}
+    answers = []
+
+    def post(path: str, payload: Any = None, **kwargs: Any) -> dict[str, Any]:
+        kwargs.setdefault("secret", secret)
+        answer = call(app, path, payload, **kwargs)
+        answers.append(answer)
+        try:
+            parsed: dict[str, Any] = json.loads(answer[2])
+        except ValueError:
+            parsed = {}
+        return parsed
+
+    first = post(RESERVATIONS, {**body, "idempotency_key": "k1", "metadata": {"run": "café ☃"}})
+    post(RESERVATIONS, {**body, "idempotency_key": "k1", "metadata": {"run": "café ☃"}})
+    post(RESERVATIONS, {**body, "idempotency_key": "k1", "input_tokens": 5})  # 409
+    done = f"{RESERVATIONS}/{first['id']}"
+    post(done + "/commit", {"input_tokens": 90, "output_tokens": 40, "finish_reason": "stop"})
+    post(done + "/commit", {"input_tokens": 90, "output_tokens": 40, "finish_reason": "stop"})
+    post(done + "/extend", {"ttl_seconds": 30})  # 409: settled
+    post(done + "/release")  # 409: settled
+    held = f"{RESERVATIONS}/{post(RESERVATIONS, body)['id']}"
+    post(held + "/extend", {"ttl_seconds": 120})
+    post(held + "/release")
+    post(
+        f"{RESERVATIONS}/rsv_0123456789abcdef01234567/commit",
+        {"input_tokens": 1, "output_tokens": 1},
+    )  # 404
+    post(RESERVATIONS, body, secret="qk_nothere_secret")  # 401
+    post(RESERVATIONS, {**body, "input_tokens": -1, "ttl_seconds": 0})  # 400 with fields
+    post(RESERVATIONS, raw=b'{"feature": "chat",')  # 400: not JSON
+    post(RESERVATIONS, raw=b'{"max_output_tokens": NaN}')  # 400: NaN
+    post(RESERVATIONS, {**body, "feature": "nope"})  # 404
+    post(RESERVATIONS, {**body, "max_output_tokens": 850})  # 429: 870 of 1,000 left
+    post(RESERVATIONS)  # no body: 400
+    return answers
+
+
+def test_the_deployed_application_serves_the_hot_routes_in_front_of_django() -> None:
+    assert isinstance(application, FastPath)
+    assert application.enabled, "MIDDLEWARE changed: review quotas/api/wsgi.py KNOWN_MIDDLEWARE"
+
+
+def test_every_answer_of_the_hot_routes_is_django_s_byte_for_byte(
+    world: World, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import quotas.reservations as reservations
+
+    world.limit(feature=world.chat, metric="tokens", window="minute", amount=1_000)
+    runs = []
+    for app in (application.django, application):
+        # the same reservation ids, clock and store for both
+        counter = itertools.count()
+        monkeypatch.setattr(
+            reservations.secrets, "token_hex", lambda n, c=counter: f"{next(c):0{2 * n}x}"
+        )
+        redis_db.flushdb()
+        plans.clear()
+        get_engine().frozen_ms = NOW_MS
+        runs.append(session(world, app))
+
+    django, fast = runs
+    statuses = [status for status, _, _ in django]
+    assert statuses == [
+        "201 Created",
+        "201 Created",
+        "409 Conflict",
+        "200 OK",
+        "200 OK",
+        "409 Conflict",
+        "409 Conflict",
+        "201 Created",
+        "200 OK",
+        "200 OK",
+        "404 Not Found",
+        "401 Unauthorized",
+        "400 Bad Request",
+        "400 Bad Request",
+        "400 Bad Request",
+        "404 Not Found",
+        "429 Too Many Requests",
+        "400 Bad Request",
+    ]
+    for number, (theirs, ours) in enumerate(zip(django, fast, strict=True)):
+        assert ours == theirs, f"answer {number}"
+    limited = dict(fast[16][1])
+    assert limited["Retry-After"] and limited["RateLimit"] and limited["RateLimit-Policy"]
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        {"method": "GET", "path": RESERVATIONS + "/rsv_0123456789abcdef01234567"},
+        {"method": "PUT", "path": RESERVATIONS},
+        {"path": RESERVATIONS, "query": "format=json"},
+        {"path": RESERVATIONS, "content_type": "text/plain", "raw": b"hello"},
+        {"path": RESERVATIONS, "HTTP_ACCEPT": "text/html"},
+        {"path": RESERVATIONS, "host": "evil.example"},
+        {"path": "/api/v1/nowhere"},
+        {"path": "/api/v1/features/chat/usage", "method": "GET"},
+    ],
+    ids=["get", "put", "format", "text", "accept-html", "bad-host", "no-route", "usage"],
+)
+def test_other_requests_are_answered_by_django(
+    world: World, monkeypatch: pytest.MonkeyPatch, request_kwargs: dict[str, Any]
+) -> None:
+    kwargs = {"secret": world.secret, **request_kwargs}
+    path = kwargs.pop("path")
+    served = []
+    django = application.django
+    monkeypatch.setattr(
+        application, "django", lambda e, s: served.append(e["PATH_INFO"]) or django(e, s)
+    )
+
+    get_engine().frozen_ms = NOW_MS
+
+    ours = call(application, path, **kwargs)
+
+    assert served == [path]
+    assert ours == call(django, path, **kwargs)
+
+
+def test_settings_that_change_django_s_answer_send_every_request_to_django(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"feature": "chat", "model": world.model.name, "input_tokens": 1, "max_output_tokens": 1}
+    for override in (
+        {"SECURE_SSL_REDIRECT": True},
+        {"DISALLOWED_USER_AGENTS": []},  # empty: still served in front
+        {"MIDDLEWARE": ["django.middleware.common.CommonMiddleware"]},
+    ):
+        with override_settings(**override):
+            app = FastPath(application.django)
+            served: list[str] = []
+
+            def django(environ: Any, start_response: Any, seen: list[str] = served) -> Any:
+                seen.append(environ["PATH_INFO"])
+                start_response("204 No Content", [])
+                return [b""]
+
+            monkeypatch.setattr(app, "django", django)
+            status, _, _ = call(app, RESERVATIONS, body, secret=world.secret)
+            if override == {"DISALLOWED_USER_AGENTS": []}:
+                assert (served, status) == ([], "201 Created")
+            else:
+                assert (served, status) == ([RESERVATIONS], "204 No Content"), override
+
+
+def test_signals_and_logging_as_after_any_django_request(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[str] = []
+
+    def started(**kwargs: Any) -> None:
+        events.append("started")
+
+    def finished(**kwargs: Any) -> None:
+        events.append("finished")
+
+    signals.request_started.connect(started)
+    signals.request_finished.connect(finished)
+    try:
+        with caplog.at_level(logging.WARNING, logger="django.request"):
+            status, _, _ = call(application, RESERVATIONS, {"feature": "chat"}, secret="qk_x_y")
+    finally:
+        signals.request_started.disconnect(started)
+        signals.request_finished.disconnect(finished)
+
+    assert status == "401 Unauthorized"
+    assert events == ["started", "finished"]
+    assert [r.getMessage() for r in caplog.records if r.name == "django.request"] == [
+        f"Unauthorized: {RESERVATIONS}"
+    ]
