@@ -10,8 +10,10 @@ Django untouched. What Django would have done around the view is done here too:
 * `request_started` and `request_finished` are sent, so database connections and caches are
   closed or kept as after any request;
 * the host is validated against `ALLOWED_HOSTS` (a bad one goes to Django, which answers
-  400); a request Django would redirect (`SECURE_SSL_REDIRECT`) or refuse
-  (`DISALLOWED_USER_AGENTS`) goes to Django;
+  400); while a setting makes Django redirect or refuse some requests (`SECURE_SSL_REDIRECT`,
+  `PREPEND_WWW`, `DISALLOWED_USER_AGENTS`), those routes go to Django; so does a request
+  with cookies (an API client sends none; the CSRF middleware may answer a browser's with
+  a new CSRF cookie);
 * the headers the middleware adds to these answers (security headers, `X-Frame-Options`,
   `Content-Length`) are the ones Django's own middleware adds: found once per scheme by
   running it over a probe response;
@@ -43,6 +45,7 @@ from quotas.api.middleware import API_PREFIX
 from quotas.api.views import JSON, JsonPost, plain_post_length
 
 StartResponse = Callable[..., Any]
+UNKNOWN_STATUS = "Unknown Status Code"  # Django's reason phrase for a status it does not know
 Headers = list[tuple[str, str]]
 
 # Of these, only security and clickjacking add headers to an API answer (common adds
@@ -82,7 +85,12 @@ class FastPath:
         except DisallowedHost:
             return self.django(environ, start_response)
         secure = request.is_secure()
-        if (settings.SECURE_SSL_REDIRECT and not secure) or settings.DISALLOWED_USER_AGENTS:
+        if (
+            (settings.SECURE_SSL_REDIRECT and not secure)
+            or settings.DISALLOWED_USER_AGENTS
+            or settings.PREPEND_WWW
+            or "HTTP_COOKIE" in environ  # CSRF middleware may answer a cookie with a cookie
+        ):
             return self.django(environ, start_response)
 
         signals.request_started.send(sender=self.__class__, environ=environ)
@@ -91,7 +99,7 @@ class FastPath:
             if status >= 400:
                 log_response(
                     "%s: %s",
-                    responses[status],
+                    responses.get(status, UNKNOWN_STATUS),
                     request.path,
                     response=HttpResponse(status=status),
                     request=request,
@@ -100,7 +108,7 @@ class FastPath:
             signals.request_finished.send(sender=self.__class__)
         frame, security = self._middleware_headers(secure)
         start_response(
-            f"{status} {responses[status]}",
+            f"{status} {responses.get(status, UNKNOWN_STATUS)}",
             [
                 *_checked(headers),
                 ("Content-Type", JSON),
