@@ -9,10 +9,12 @@ import itertools
 import json
 import logging
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.core import signals
+from django.db import close_old_connections
 from django.test import override_settings
 
 from config.wsgi import application
@@ -118,6 +120,17 @@ def session(world: World, app: Any) -> list[Answer]:
     post(RESERVATIONS, {**body, "max_output_tokens": 850})  # 429: 870 of 1,000 left
     post(RESERVATIONS)  # no body: 400
     return answers
+
+
+@pytest.fixture(autouse=True)
+def connections_kept() -> Iterator[None]:
+    """As Django's test client does: a request's signals must not close the test's database
+    connection, which holds the test's transaction."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
 
 
 def test_the_deployed_application_serves_the_hot_routes_in_front_of_django() -> None:
