@@ -40,6 +40,22 @@ def default_alert_at() -> list[float]:
     return list(DEFAULT_ALERT_AT)
 
 
+def boost_active(boost_amount: Decimal | None, boost_until: datetime | None, now: datetime) -> bool:
+    return boost_amount is not None and boost_until is not None and now < boost_until
+
+
+def amount_at(
+    amount: Decimal | None,
+    boost_amount: Decimal | None,
+    boost_until: datetime | None,
+    now: datetime,
+) -> Decimal | None:
+    """`Limit.amount_at` from the limit's fields."""
+    if boost_amount is None or amount is None or not boost_active(boost_amount, boost_until, now):
+        return amount
+    return max(amount, boost_amount)
+
+
 class Limit(models.Model):
     """One rule: a scope, a metric, a window, an amount and an enforcement.
 
@@ -127,18 +143,12 @@ class Limit(models.Model):
         return self.amount
 
     def boost_active(self, now: datetime) -> bool:
-        return (
-            self.boost_amount is not None
-            and self.boost_until is not None
-            and now < self.boost_until
-        )
+        return boost_active(self.boost_amount, self.boost_until, now)
 
     def amount_at(self, now: datetime) -> Decimal | None:
         """The cap in force at `now`: the boosted amount while a boost lasts, unless the
         amount has since been raised above it."""
-        if self.boost_amount is None or self.amount is None or not self.boost_active(now):
-            return self.amount
-        return max(self.amount, self.boost_amount)
+        return amount_at(self.amount, self.boost_amount, self.boost_until, now)
 
 
 class ApiKey(models.Model):

@@ -208,42 +208,77 @@ def _check_unique(limit: Limit, add: _Add) -> None:
 
 def limit_scope_words(limit: Limit) -> str:
     """'acme / chat on openai-shared for gpt-4o-mini'; a bare pool limit is 'openai-shared'."""
-    who = " / ".join(part.slug for part in (limit.tenant, limit.feature) if part is not None)
+    return scope_words(
+        limit.tenant.slug if limit.tenant is not None else None,
+        limit.feature.slug if limit.feature is not None else None,
+        limit.pool.slug if limit.pool is not None else None,
+        limit.model.name if limit.model is not None else None,
+    )
+
+
+def scope_words(
+    tenant: str | None, feature: str | None, pool: str | None, model: str | None
+) -> str:
+    """A scope in words, from the slugs of its parts (None: not part of it)."""
+    who = " / ".join(part for part in (tenant, feature) if part is not None)
     words = [who] if who else []
-    if limit.pool is not None:
-        words.append(f"on {limit.pool.slug}" if who else limit.pool.slug)
-    if limit.model is not None:
-        words.append(f"for {limit.model.name}" if words else limit.model.name)
+    if pool is not None:
+        words.append(f"on {pool}" if who else pool)
+    if model is not None:
+        words.append(f"for {model}" if words else model)
     return " ".join(words) or "everything"
 
 
 def limit_describe_rule(limit: Limit) -> str:
     """'tokens per minute', 'concurrent requests'; cost reads '$500 per month', so no 'USD'."""
-    metric = METRIC_WORDS.get(limit.metric, limit.metric)
-    if limit.metric == "concurrent":
-        return metric
-    window = WINDOW_WORDS.get(limit.window, limit.window)
-    return window if limit.metric == "cost_usd" else f"{metric} {window}"
+    return rule_words(limit.metric, limit.window)
+
+
+def rule_words(metric: str, window: str) -> str:
+    words = METRIC_WORDS.get(metric, metric)
+    if metric == "concurrent":
+        return words
+    window_words = WINDOW_WORDS.get(window, window)
+    return window_words if metric == "cost_usd" else f"{words} {window_words}"
 
 
 def limit_describe(limit: Limit) -> str:
     """A limit in words: 'acme / chat on openai-shared: 20,000 tokens per minute, guaranteed'."""
+    return limit_words(
+        limit_scope_words(limit),
+        limit.metric,
+        limit.window,
+        limit.amount,
+        limit.guaranteed,
+        limit.enforcement,
+    )
+
+
+def limit_words(
+    scope: str,
+    metric: str,
+    window: str,
+    amount: Decimal | int | str | None,
+    guaranteed: Decimal | int | str | None,
+    enforcement: str,
+) -> str:
+    """`limit_describe` from the limit's fields, the scope already in words."""
     parts = []
-    if limit.amount is not None:
-        parts.append(f"{_amount_words(limit, limit.amount)} {limit_describe_rule(limit)}")
-        if limit.guaranteed is not None:
-            parts.append(f"of which {_amount_words(limit, limit.guaranteed)} guaranteed")
-    elif limit.guaranteed is not None:
-        parts.append(f"{_amount_words(limit, limit.guaranteed)} {limit_describe_rule(limit)}")
+    if amount is not None:
+        parts.append(f"{_amount_words(metric, amount)} {rule_words(metric, window)}")
+        if guaranteed is not None:
+            parts.append(f"of which {_amount_words(metric, guaranteed)} guaranteed")
+    elif guaranteed is not None:
+        parts.append(f"{_amount_words(metric, guaranteed)} {rule_words(metric, window)}")
         parts.append("guaranteed")
-    if limit.enforcement != "hard":
-        parts.append(f"{limit.enforcement} (not enforced)")
-    return f"{limit_scope_words(limit)}: {', '.join(parts)}"
+    if enforcement != "hard":
+        parts.append(f"{enforcement} (not enforced)")
+    return f"{scope}: {', '.join(parts)}"
 
 
-def _amount_words(limit: Limit, value: Decimal | int | str) -> str:
+def _amount_words(metric: str, value: Decimal | int | str) -> str:
     value = Decimal(str(value))  # unsaved rows may still hold an int or a str
-    if limit.metric == "cost_usd":
+    if metric == "cost_usd":
         return f"${value:,.2f}" if value == value.quantize(Decimal("0.01")) else f"${value:,f}"
     return _number(value)
 

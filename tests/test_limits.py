@@ -8,10 +8,12 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from django.utils import timezone
 
 from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine, leases_expire
+from quotas.validation import limit_describe
 from tests.conftest import World
 from tests.factories import FeatureFactory, PoolFactory
 
@@ -546,3 +548,61 @@ def test_protected_headroom_also_applies_to_a_pools_limit_for_one_model(
     assert reserve(feature="batch", input_tokens=3000, max_output_tokens=2000).status_code == 201
     assert reserve(feature="batch", input_tokens=1, max_output_tokens=1).status_code == 429
     assert reserve(feature="chat", input_tokens=3000, max_output_tokens=2000).status_code == 201
+
+
+# the plan reads limits as rows ---------------------------------------------------------------
+
+
+def test_the_plan_names_scopes_and_caps_every_limit_as_the_limit_itself_does(
+    world: World,
+) -> None:
+    now = timezone.now()
+    made = [
+        world.limit(pool=world.pool, metric="tokens", amount=100_000),
+        world.limit(tenant=world.tenant, metric="cost_usd", window="month", amount=12.5),
+        world.limit(
+            tenant=world.tenant,
+            feature=world.chat,
+            pool=world.pool,
+            metric="tokens",
+            amount=50_000,
+            guaranteed=Decimal(20_000),
+        ),
+        world.limit(
+            tenant=world.tenant,
+            feature=world.batch,
+            pool=world.pool,
+            metric="tokens",
+            guaranteed=Decimal(5_000),
+        ),
+        world.limit(model=world.model, metric="requests", amount=600, enforcement="soft"),
+        world.limit(tenant=world.tenant, metric="concurrent", window="", amount=8),
+        world.limit(
+            feature=world.chat,
+            tenant=world.tenant,
+            metric="input_tokens",
+            window="day",
+            amount=1_000_000,
+            enforcement="shadow",
+        ),
+    ]
+    boosted = made[0]
+    boosted.boost_amount, boosted.boost_until = Decimal(150_000), now + timedelta(hours=1)
+    boosted.save()
+    plans.clear()
+
+    plan = plans.get()
+
+    for limit in made:
+        info = plan.limits[limit.id]
+        assert info.name == limit_describe(limit) == str(limit)
+        assert info.amount == limit.amount_at(now)
+        scope = {
+            "tenant": limit.tenant.slug if limit.tenant else None,
+            "feature": limit.feature.slug if limit.feature else None,
+            "pool": limit.pool.slug if limit.pool else None,
+            "model": limit.model.name if limit.model else None,
+        }
+        assert info.scope == {k: v for k, v in scope.items() if v is not None}
+    assert plan.limits[boosted.id].amount == Decimal(150_000)
+    assert plan.valid_until == boosted.boost_until.timestamp()

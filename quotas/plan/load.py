@@ -8,16 +8,17 @@ import time
 from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import redis
 from django.utils import timezone
 
 from providers.models import LanguageModel, Pool
-from quotas.models import ApiKey, Limit
+from quotas.models import ApiKey, Limit, amount_at, boost_active
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import FeatureInfo, KeyInfo, LimitInfo, ModelInfo, PoolInfo, TenantInfo
 from quotas.store import config_version_read
-from quotas.validation import limit_describe
+from quotas.validation import limit_words, scope_words
 from tenants.models import Feature, Tenant
 
 RECHECK_SECONDS = 10.0
@@ -32,11 +33,14 @@ def plan_load() -> Plan:
     pool_ids: dict[int, list[int]] = defaultdict(list)
     for feature_id, pool_id in Feature.pools.through.objects.values_list("feature_id", "pool_id"):
         pool_ids[feature_id].append(pool_id)
+    # rows rather than model instances: a plan may hold 100,000 features and their limits
     features = {
-        (f.tenant_id, f.slug): FeatureInfo(
-            f.id, f.slug, f.tenant_id, f.priority, f.status, tuple(pool_ids.get(f.id, ()))
+        (tenant_id, slug): FeatureInfo(
+            feature_id, slug, tenant_id, priority, status, tuple(pool_ids.get(feature_id, ()))
         )
-        for f in Feature.objects.all()
+        for feature_id, slug, tenant_id, priority, status in Feature.objects.values_list(
+            "id", "slug", "tenant_id", "priority", "status"
+        )
     }
     models = {m.id: _model_info(m) for m in LanguageModel.objects.all()}
     served: dict[int, dict[str, ModelInfo]] = defaultdict(dict)
@@ -49,9 +53,13 @@ def plan_load() -> Plan:
         for p in Pool.objects.order_by("position", "slug")
     ]
     now = timezone.now()
-    rows = list(Limit.objects.select_related("tenant", "feature", "pool", "model"))
-    limits = {limit.id: _limit_info(limit, tenants, now) for limit in rows}
-    boosts_end = [r.boost_until for r in rows if r.boost_until and r.boost_active(now)]
+    rows = [LimitRow(*values) for values in Limit.objects.values_list(*LimitRow._fields)]
+    limits = {row.id: _limit_info(row, tenants, now) for row in rows}
+    boosts_end = [
+        r.boost_until
+        for r in rows
+        if r.boost_until and boost_active(r.boost_amount, r.boost_until, now)
+    ]
     by_tenant: dict[int | None, list[LimitInfo]] = defaultdict(list)
     guarantees: dict[int, list[LimitInfo]] = defaultdict(list)
     for info in limits.values():
@@ -94,29 +102,55 @@ def _model_info(m: LanguageModel) -> ModelInfo:
     )
 
 
-def _limit_info(limit: Limit, tenants: dict[int, TenantInfo], now: datetime) -> LimitInfo:
-    scope = {}
-    if limit.tenant is not None:
-        scope["tenant"] = limit.tenant.slug
-    if limit.feature is not None:
-        scope["feature"] = limit.feature.slug
-    if limit.pool is not None:
-        scope["pool"] = limit.pool.slug
-    if limit.model is not None:
-        scope["model"] = limit.model.name
-    timezone = tenants[limit.tenant_id].timezone if limit.tenant_id else "UTC"
+class LimitRow(NamedTuple):
+    """What the plan reads of a limit, its scope's names joined in (one query)."""
+
+    id: int
+    metric: str
+    window: str
+    amount: Decimal | None
+    guaranteed: Decimal | None
+    enforcement: str
+    boost_amount: Decimal | None
+    boost_until: datetime | None
+    tenant_id: int | None
+    feature_id: int | None
+    pool_id: int | None
+    model_id: int | None
+    tenant__slug: str | None
+    feature__slug: str | None
+    pool__slug: str | None
+    model__name: str | None
+
+
+def _limit_info(row: LimitRow, tenants: dict[int, TenantInfo], now: datetime) -> LimitInfo:
+    names = {
+        "tenant": row.tenant__slug,
+        "feature": row.feature__slug,
+        "pool": row.pool__slug,
+        "model": row.model__name,
+    }
+    scope = {part: name for part, name in names.items() if name is not None}
+    timezone = tenants[row.tenant_id].timezone if row.tenant_id else "UTC"
     return LimitInfo(
-        limit.id,
-        limit_describe(limit),
-        limit.metric,
-        limit.window,
-        limit.amount_at(now),
-        limit.guaranteed,
-        limit.enforcement,
-        limit.tenant_id,
-        limit.feature_id,
-        limit.pool_id,
-        limit.model_id,
+        row.id,
+        limit_words(
+            scope_words(row.tenant__slug, row.feature__slug, row.pool__slug, row.model__name),
+            row.metric,
+            row.window,
+            row.amount,
+            row.guaranteed,
+            row.enforcement,
+        ),
+        row.metric,
+        row.window,
+        amount_at(row.amount, row.boost_amount, row.boost_until, now),
+        row.guaranteed,
+        row.enforcement,
+        row.tenant_id,
+        row.feature_id,
+        row.pool_id,
+        row.model_id,
         timezone,
         scope,
     )
