@@ -1361,3 +1361,22 @@ def test_messages_that_are_not_objects_are_a_bad_request(world: Any, reserve: An
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_request"
     assert "messages" in response.json()["fields"]
+
+
+def test_metadata_with_a_number_past_a_double_s_range_is_invalid(world: Any) -> None:
+    # JSON readers take 1e400 as infinity, which no answer or event could carry later
+    data = (
+        json.dumps(
+            {
+                "feature": "chat",
+                "model": world.model.name,
+                "input_tokens": 1,
+                "max_output_tokens": 1,
+            }
+        )[:-1]
+        + ', "metadata": {"score": 1e400}}'
+    )
+    response = world.client().post(RESERVATIONS, data=data, content_type="application/json")
+
+    assert invalid_fields(response) == {"metadata"}
+    assert response.json()["fields"]["metadata"] == ["Numbers in metadata must be finite."]

@@ -4,17 +4,15 @@ headers in their order, and body, byte for byte; everything else reaches Django.
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.core import signals
-from django.db import close_old_connections
+from django.core.handlers.wsgi import WSGIHandler
 from django.test import override_settings
 
 from config.wsgi import application
@@ -22,62 +20,16 @@ from quotas.api.wsgi import FastPath
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.conftest import World
+from tests.fakes.wsgi import Answer, environ_for, served
 
 RESERVATIONS = "/api/v1/reservations"
 NOW_MS = 1_790_000_000_000
-Answer = tuple[str, list[tuple[str, str]], bytes]
+
+pytestmark = pytest.mark.usefixtures("connections_kept")
 
 
-def call(
-    app: Any,
-    path: str,
-    body: Any = None,
-    *,
-    method: str = "POST",
-    secret: str | None = None,
-    raw: bytes | None = None,
-    content_type: str = "application/json",
-    query: str = "",
-    host: str = "testserver",
-    **meta: str,
-) -> Answer:
-    """One request through a WSGI application, as gunicorn would make it."""
-    data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
-    environ: dict[str, Any] = {
-        "REQUEST_METHOD": method,
-        "PATH_INFO": path,
-        "SCRIPT_NAME": "",
-        "QUERY_STRING": query,
-        "SERVER_NAME": "testserver",
-        "SERVER_PORT": "80",
-        "HTTP_HOST": host,
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "10.1.2.3",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(data),
-        "wsgi.errors": io.StringIO(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        **meta,
-    }
-    if data or content_type != "application/json":
-        environ["CONTENT_TYPE"] = content_type
-        environ["CONTENT_LENGTH"] = str(len(data))
-    if secret is not None:
-        environ["HTTP_AUTHORIZATION"] = f"Bearer {secret}"
-    seen: dict[str, Any] = {}
-
-    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
-        seen["status"], seen["headers"] = status, headers
-
-    out = app(environ, start_response)
-    try:
-        content = b"".join(out)
-    finally:
-        if hasattr(out, "close"):
-            out.close()
-    return seen["status"], list(seen["headers"]), content
+def call(app: Any, path: str | bytes, body: Any = None, **kwargs: Any) -> Answer:
+    return served(app, environ_for(path, body, **kwargs))
 
 
 def session(world: World, app: Any) -> list[Answer]:
@@ -120,17 +72,6 @@ def session(world: World, app: Any) -> list[Answer]:
     post(RESERVATIONS, {**body, "max_output_tokens": 850})  # 429: 870 of 1,000 left
     post(RESERVATIONS)  # no body: 400
     return answers
-
-
-@pytest.fixture(autouse=True)
-def connections_kept() -> Iterator[None]:
-    """As Django's test client does: a request's signals must not close the test's database
-    connection, which holds the test's transaction."""
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    yield
-    signals.request_started.connect(close_old_connections)
-    signals.request_finished.connect(close_old_connections)
 
 
 def test_the_deployed_application_serves_the_hot_routes_in_front_of_django() -> None:
@@ -277,3 +218,131 @@ def test_signals_and_logging_as_after_any_django_request(
     assert [r.getMessage() for r in caplog.records if r.name == "django.request"] == [
         f"Unauthorized: {RESERVATIONS}"
     ]
+
+
+def reserve_body(world: World, **extra: Any) -> dict[str, Any]:
+    return {
+        "feature": "chat",
+        "model": world.model.name,
+        "input_tokens": 10,
+        "max_output_tokens": 10,
+        **extra,
+    }
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        f"{RESERVATIONS}/rsv_\N{SNOWMAN}/release",
+        f"{RESERVATIONS}/rsv_caf\N{LATIN SMALL LETTER E WITH ACUTE}/release",
+    ],
+    ids=["snowman", "latin-1"],
+)
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"HTTP_COOKIE": "AWSALB=sticky"},
+        {"HTTP_COOKIE": "csrftoken=bad"},
+        {"HTTP_HOST": "evil.example"},
+    ],
+    ids=["balancer-cookie", "csrf-cookie", "bad-host"],
+)
+def test_a_path_that_is_not_ascii_reaches_the_view_and_the_log_as_with_django(
+    world: World, caplog: pytest.LogCaptureFixture, path: str, meta: dict[str, str]
+) -> None:
+    get_engine().frozen_ms = NOW_MS
+    answers, logged = [], []
+    for app in (application.django, application):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="django.request"):
+            answers.append(call(app, path, secret=world.secret, **meta))
+        logged.append([r.getMessage() for r in caplog.records if r.name == "django.request"])
+
+    theirs, ours = answers
+    assert theirs[0] == ("400 Bad Request" if "HTTP_HOST" in meta else "404 Not Found")
+    if "csrftoken" not in meta.get("HTTP_COOKIE", ""):  # a new CSRF cookie differs each time
+        assert ours == theirs
+    assert ours[0] == theirs[0] and ours[2] == theirs[2]
+    assert logged[1] == logged[0]
+
+
+def test_the_answer_goes_out_before_request_finished_whose_failure_changes_nothing(
+    world: World,
+) -> None:
+    get_engine().frozen_ms = NOW_MS
+
+    def failing(**kwargs: Any) -> None:
+        raise RuntimeError("receiver failed")
+
+    signals.request_finished.connect(failing)
+    try:
+        answers = [
+            call(app, RESERVATIONS, reserve_body(world), secret=world.secret)
+            for app in (application.django, application)
+        ]
+    finally:
+        signals.request_finished.disconnect(failing)
+
+    assert [status for status, _, _ in answers] == ["201 Created", "201 Created"]
+
+
+def test_an_error_escaping_the_view_is_the_api_s_json_500_as_with_django(
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from quotas.api import views
+
+    def broken(body: Any) -> bytes:
+        raise ValueError("cannot render")
+
+    monkeypatch.setattr(views, "_render", broken)
+    get_engine().frozen_ms = NOW_MS
+    answers, logged = [], []
+    for app in (application.django, application):
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="django.request"):
+            answers.append(call(app, RESERVATIONS, reserve_body(world), secret=world.secret))
+        logged.append([r.getMessage() for r in caplog.records if r.name == "django.request"])
+
+    theirs, ours = answers
+    assert theirs[0] == "500 Internal Server Error"
+    assert json.loads(theirs[2])["error"] == "internal_error"
+    assert ours == theirs
+    assert logged[1] == logged[0] == [f"Internal Server Error: {RESERVATIONS}"]
+
+
+def test_request_signals_are_sent_by_django_s_handler_class(world: World) -> None:
+    get_engine().frozen_ms = NOW_MS
+    events: list[str] = []
+
+    def started(**kwargs: Any) -> None:
+        events.append("started")
+
+    def finished(**kwargs: Any) -> None:
+        events.append("finished")
+
+    signals.request_started.connect(started, sender=WSGIHandler)
+    signals.request_finished.connect(finished, sender=WSGIHandler)
+    try:
+        runs = []
+        for app in (application.django, application):
+            events.clear()
+            call(app, RESERVATIONS, reserve_body(world), secret=world.secret)
+            runs.append(list(events))
+    finally:
+        signals.request_started.disconnect(started, sender=WSGIHandler)
+        signals.request_finished.disconnect(finished, sender=WSGIHandler)
+
+    assert runs == [["started", "finished"], ["started", "finished"]]
+
+
+def test_a_body_past_the_upload_limit_is_a_400_that_says_so(world: World) -> None:
+    body = reserve_body(world, prompt="y" * 3_000_000)
+    del body["input_tokens"]
+    answers = [
+        call(app, RESERVATIONS, body, secret=world.secret)
+        for app in (application.django, application)
+    ]
+
+    assert answers[0] == answers[1]
+    assert answers[0][0] == "400 Bad Request"
+    assert "larger than 2,621,440 bytes" in json.loads(answers[0][2])["message"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -29,6 +31,12 @@ def _as_quota_error(exc: Exception) -> QuotaError | None:
         return QuotaError("unauthenticated", str(exc.detail))
     if isinstance(exc, exceptions.PermissionDenied):
         return QuotaError("forbidden", str(exc.detail))
+    if isinstance(exc, RequestDataTooBig):
+        return QuotaError(
+            "invalid_request",
+            f"The body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes; for a "
+            "longer prompt, count its tokens and send input_tokens.",
+        )
     if isinstance(exc, Http404 | exceptions.NotFound):
         return QuotaError("not_found", "No such resource.")
     if isinstance(exc, exceptions.MethodNotAllowed):

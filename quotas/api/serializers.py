@@ -146,7 +146,11 @@ def _min_below_max(body: dict[str, Any]) -> Errors:
 def _small_metadata(body: dict[str, Any]) -> Errors:
     if not body.get("metadata"):  # none, or {}: nothing to measure
         return {}
-    if len(json.dumps(body["metadata"], default=str)) > MAX_METADATA_BYTES:
+    try:
+        size = len(json.dumps(body["metadata"], default=str, allow_nan=False))
+    except ValueError:  # a number past a double's range reads as infinity
+        return {"metadata": ["Numbers in metadata must be finite."]}
+    if size > MAX_METADATA_BYTES:
         return {
             "metadata": [
                 f"Keep metadata under {MAX_METADATA_BYTES} bytes of JSON; it travels with "

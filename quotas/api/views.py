@@ -1,10 +1,12 @@
 """The reservation API (v1). Views validate, call one service, and render.
 
-Reserve, commit, release and extend are the hot path: an ordinary JSON POST to them is served
-by a plain Django view (`json_post`), which authenticates, parses, validates and renders
-exactly as the DRF view would, without DRF's request wrapping, content negotiation and
-renderer. Everything else (reads, other methods, other media types, a format override)
-goes to the DRF view, which also declares the routes for the OpenAPI schema.
+Reserve, commit, release and extend are the hot path: an ordinary JSON POST to them is
+answered by `JsonPost`, which authenticates, parses, validates and renders exactly as the DRF
+view would, without DRF's request wrapping, content negotiation and renderer. In the deployed
+application it runs in front of Django's handler (`quotas.api.wsgi.FastPath`); through
+Django, the route's plain view (`json_post`) runs it. Everything else (reads, other methods,
+other media types, a format override) goes to the DRF view, which also declares the routes
+for the OpenAPI schema.
 """
 
 from __future__ import annotations

@@ -7,17 +7,20 @@ docs/benchmarks.md). `FastPath` wraps the Django WSGI application: an ordinary J
 very code the route's Django view runs (`views.JsonPost`), and every other request goes to
 Django untouched. What Django would have done around the view is done here too:
 
-* `request_started` and `request_finished` are sent, so database connections and caches are
-  closed or kept as after any request;
+* `request_started` is sent before the view and `request_finished` once the server has sent
+  the answer (on closing it), by the handler's class, so database connections and caches
+  are closed or kept as after any request;
 * the host is validated against `ALLOWED_HOSTS` (a bad one goes to Django, which answers
   400); while a setting makes Django redirect or refuse some requests (`SECURE_SSL_REDIRECT`,
   `PREPEND_WWW`, `DISALLOWED_USER_AGENTS`), those routes go to Django; so does a request
-  with cookies (an API client sends none; the CSRF middleware may answer a browser's with
-  a new CSRF cookie);
+  that carries a CSRF cookie (the CSRF middleware may answer it with a new one; other
+  cookies, such as a load balancer's, change nothing in Django's answer);
 * the headers the middleware adds to these answers (security headers, `X-Frame-Options`,
   `Content-Length`) are the ones Django's own middleware adds: found once per scheme by
   running it over a probe response;
-* answers of 400 and above are logged to `django.request` as Django's handler logs them.
+* answers of 400 and above are logged to `django.request` as Django's handler logs them, and
+  an exception that escapes the view is answered as Django's handler answers it (the API's
+  JSON 500, logged).
 
 It serves only when `MIDDLEWARE` is the list it was written against (`KNOWN_MIDDLEWARE`);
 with any other list every request goes to Django, so a middleware added later is never
@@ -34,6 +37,7 @@ from typing import Any
 from django.conf import settings
 from django.core import signals
 from django.core.exceptions import DisallowedHost
+from django.core.handlers.exception import response_for_exception
 from django.core.handlers.wsgi import WSGIHandler, WSGIRequest
 from django.http import HttpResponse
 from django.middleware.clickjacking import XFrameOptionsMiddleware
@@ -72,30 +76,29 @@ class FastPath:
         self._added: dict[bool, tuple[Headers, Headers]] = {}
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if not (self.enabled and path.startswith(API_PREFIX)):
+        if not self._may_serve(environ):
             return self.django(environ, start_response)
         length = plain_post_length(environ)
-        route, kwargs = _route(path) if length is not None else (None, {})
-        if route is None or length is None:
+        if length is None:
             return self.django(environ, start_response)
-        request = WSGIRequest(environ)
+        # Django's request rewrites PATH_INFO in the environ it gets; Django gets the original
+        request = WSGIRequest(environ.copy())
+        route, kwargs = _route(request.path_info)
+        if route is None:
+            return self.django(environ, start_response)
         try:
             request.get_host()
         except DisallowedHost:
             return self.django(environ, start_response)
         secure = request.is_secure()
-        if (
-            (settings.SECURE_SSL_REDIRECT and not secure)
-            or settings.DISALLOWED_USER_AGENTS
-            or settings.PREPEND_WWW
-            or "HTTP_COOKIE" in environ  # CSRF middleware may answer a cookie with a cookie
-        ):
+        if settings.SECURE_SSL_REDIRECT and not secure:
             return self.django(environ, start_response)
 
-        signals.request_started.send(sender=self.__class__, environ=environ)
+        handler = self.django.__class__  # the signals' sender, as Django's handler sends them
+        signals.request_started.send(sender=handler, environ=environ)
         try:
             status, data, headers = route.answer(request, length, kwargs)
+            answer = [*_checked(headers), ("Content-Type", JSON), ("Allow", route.allow)]
             if status >= 400:
                 log_response(
                     "%s: %s",
@@ -104,21 +107,29 @@ class FastPath:
                     response=HttpResponse(status=status),
                     request=request,
                 )
-        finally:
-            signals.request_finished.send(sender=self.__class__)
+        except Exception as exc:
+            # what escapes the view is answered and logged as Django's handler would (the
+            # API's JSON 500), never by the server's HTML page
+            response = response_for_exception(request, exc)
+            status, data, answer = response.status_code, response.content, list(response.items())
         frame, security = self._middleware_headers(secure)
         start_response(
             f"{status} {responses.get(status, UNKNOWN_STATUS)}",
-            [
-                *_checked(headers),
-                ("Content-Type", JSON),
-                ("Allow", route.allow),
-                *frame,
-                ("Content-Length", str(len(data))),
-                *security,
-            ],
+            [*answer, *frame, ("Content-Length", str(len(data))), *security],
         )
-        return [data]
+        return _Body(data, handler)
+
+    def _may_serve(self, environ: dict[str, Any]) -> bool:
+        """Whether Django's stack would answer a request to this path as the view does: not
+        while a setting makes it redirect or refuse some requests, nor a request with a CSRF
+        cookie (CSRF middleware may answer it with a new one)."""
+        return (
+            self.enabled
+            and environ.get("PATH_INFO", "").startswith(API_PREFIX)
+            and settings.CSRF_COOKIE_NAME not in environ.get("HTTP_COOKIE", "")
+            and not settings.DISALLOWED_USER_AGENTS
+            and not settings.PREPEND_WWW
+        )
 
     def _middleware_headers(self, secure: bool) -> tuple[Headers, Headers]:
         """What X-Frame-Options middleware adds to an API answer, and what security
@@ -127,6 +138,18 @@ class FastPath:
         if added is None:
             added = self._added[secure] = _probe(secure)
         return added
+
+
+class _Body(list[bytes]):
+    """The answer's body; closing it, once the server has sent it, ends the request as
+    closing Django's response does (`request_finished`)."""
+
+    def __init__(self, data: bytes, sender: type) -> None:
+        super().__init__([data])
+        self._sender = sender
+
+    def close(self) -> None:
+        signals.request_finished.send(sender=self._sender)
 
 
 def _route(path: str) -> tuple[JsonPost | None, dict[str, Any]]:
