@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from django.core import signals
 from django.core.handlers.wsgi import WSGIHandler
+from django.http import Http404
 from django.test import override_settings
 
 from config.wsgi import application
@@ -346,3 +347,86 @@ def test_a_body_past_the_upload_limit_is_a_400_that_says_so(world: World) -> Non
     assert answers[0] == answers[1]
     assert answers[0][0] == "400 Bad Request"
     assert "larger than 2,621,440 bytes" in json.loads(answers[0][2])["message"]
+
+
+def test_a_404_escaping_the_view_is_logged_as_django_logs_it(
+    world: World, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`response_for_exception` logs every exception it answers but Http404, which Django's
+    handler logs afterwards ("Not Found: <path>")."""
+    from quotas.api import views
+
+    def gone(body: Any) -> bytes:
+        raise Http404("gone")
+
+    monkeypatch.setattr(views, "_render", gone)
+    get_engine().frozen_ms = NOW_MS
+    body = reserve_body(world)
+    answers, logged = [], []
+    for app in (application.django, application):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="django.request"):
+            answers.append(served(app, environ_for(RESERVATIONS, body, secret=world.secret)))
+        logged.append([r.getMessage() for r in caplog.records if r.name == "django.request"])
+
+    theirs, ours = answers
+    assert theirs[0] == "404 Not Found"
+    assert ours == theirs
+    assert logged[0] == [f"Not Found: {RESERVATIONS}"]
+    assert logged[1] == logged[0]
+
+
+def test_a_header_value_django_accepts_is_sent_as_django_sends_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Django's response headers take a value that is not a str as its str."""
+    from quotas.api import views
+
+    monkeypatch.setattr(views, "ratelimit_headers", lambda limits: {"RateLimit-Reset": 5})
+    get_engine().frozen_ms = NOW_MS
+    body = reserve_body(world)
+    theirs, ours = (
+        served(app, environ_for(RESERVATIONS, body, secret=world.secret))
+        for app in (application.django, application)
+    )
+
+    assert theirs[0] == "201 Created"
+    assert ("RateLimit-Reset", "5") in theirs[1]
+    assert ours[0] == theirs[0]
+    assert ours[1] == theirs[1]
+
+
+def test_an_error_while_logging_a_4xx_fails_as_in_django(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Django logs a 4xx outside its middleware chain: an exception from logging (here a
+    raising filter) reaches the server, with no `got_request_exception`."""
+
+    class Failing(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.levelno == logging.WARNING:
+                raise RuntimeError("log filter failed")
+            return True
+
+    logger = logging.getLogger("django.request")
+    failing = Failing()
+    events: list[list[str]] = []
+
+    def got(**kwargs: Any) -> None:
+        events[-1].append("got_request_exception")
+
+    logger.addFilter(failing)
+    signals.got_request_exception.connect(got)
+    try:
+        answers = []
+        for app in (application.django, application):
+            events.append([])
+            answers.append(served(app, environ_for(RESERVATIONS, {}, secret="qk_x_y")))
+    finally:
+        logger.removeFilter(failing)
+        signals.got_request_exception.disconnect(got)
+
+    theirs, ours = answers
+    assert theirs[0] == "500 Internal Server Error"  # gunicorn's page: Django raised
+    assert events[1] == events[0] == []
+    assert ours == theirs

@@ -96,25 +96,24 @@ class FastPath:
 
         handler = self.django.__class__  # the signals' sender, as Django's handler sends them
         signals.request_started.send(sender=handler, environ=environ)
+        response: HttpResponse | None = None  # made only when an answer needs one
         try:
             status, data, headers = route.answer(request, length, kwargs)
             answer = [*_checked(headers), ("Content-Type", JSON), ("Allow", route.allow)]
-            if status >= 400:
-                log_response(
-                    "%s: %s",
-                    responses.get(status, UNKNOWN_STATUS),
-                    request.path,
-                    response=HttpResponse(status=status),
-                    request=request,
-                )
         except Exception as exc:
             # what escapes the view is answered and logged as Django's handler would (the
             # API's JSON 500), never by the server's HTML page
             response = response_for_exception(request, exc)
             status, data, answer = response.status_code, response.content, list(response.items())
+        if status >= 400:  # as Django's handler logs, once the answer is made (and once)
+            response = response or HttpResponse(status=status)
+            log_response(
+                "%s: %s", response.reason_phrase, request.path, response=response, request=request
+            )
+        reason = response.reason_phrase if response else responses.get(status, UNKNOWN_STATUS)
         frame, security = self._middleware_headers(secure)
         start_response(
-            f"{status} {responses.get(status, UNKNOWN_STATUS)}",
+            f"{status} {reason}",
             [*answer, *frame, ("Content-Length", str(len(data))), *security],
         )
         return _Body(data, handler)
@@ -166,7 +165,12 @@ def _checked(headers: dict[str, str]) -> Headers:
     through Django's own header handling (which refuses line breaks)."""
     items = list(headers.items())
     for name, value in items:
-        if not (name.isascii() and value.isascii()) or "\n" in value or "\r" in value:
+        if (
+            not (isinstance(name, str) and isinstance(value, str))
+            or not (name.isascii() and value.isascii())
+            or "\n" in value
+            or "\r" in value
+        ):
             encoded = HttpResponse(headers=headers)  # raises, or encodes, as Django would
             return [(k, v) for k, v in encoded.items() if k in headers]
     return items
