@@ -122,7 +122,17 @@ class Limit(models.Model):
     history = HistoricalRecords()
 
     class Meta:
-        ordering = ["tenant__slug", "feature__slug", "pool__slug", "model__name", "metric"]
+        # a total order (ties broken by window and id), the same on every database: the
+        # plan lists limits in it, and so do answers and the tightest-limit headers
+        ordering = [
+            "tenant__slug",
+            "feature__slug",
+            "pool__slug",
+            "model__name",
+            "metric",
+            "window",
+            "id",
+        ]
 
     def __str__(self) -> str:
         from quotas.validation import limit_describe

@@ -606,3 +606,15 @@ def test_the_plan_names_scopes_and_caps_every_limit_as_the_limit_itself_does(
         assert info.scope == {k: v for k, v in scope.items() if v is not None}
     assert plan.limits[boosted.id].amount == Decimal(150_000)
     assert plan.valid_until == boosted.boost_until.timestamp()
+
+
+def test_limits_of_one_scope_and_metric_are_in_one_order_on_every_database(
+    world: World,
+) -> None:
+    month = world.limit(tenant=world.tenant, metric="tokens", window="month", amount=3_000_000)
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=100_000)
+    minute = world.limit(tenant=world.tenant, metric="tokens", window="minute", amount=10_000)
+
+    expected = [day.id, minute.id, month.id]  # by window, then id
+    assert [limit.id for limit in Limit.objects.filter(tenant=world.tenant)] == expected
+    assert [info.id for info in plans.get().by_tenant[world.tenant.id]] == expected
