@@ -4,7 +4,6 @@ headers in their order, and body, byte for byte; everything else reaches Django.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -18,15 +17,24 @@ from django.test import override_settings
 
 from config.wsgi import application
 from quotas.api.wsgi import FastPath
-from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.conftest import World
-from tests.fakes.wsgi import Answer, environ_for, served
+from tests.fakes.wsgi import (
+    NOW_MS,
+    RESERVATIONS,
+    Answer,
+    environ_for,
+    reserve_body,
+    same_start,
+    served,
+)
 
-RESERVATIONS = "/api/v1/reservations"
-NOW_MS = 1_790_000_000_000
+pytestmark = pytest.mark.usefixtures("connections_kept", "clock_stopped")
 
-pytestmark = pytest.mark.usefixtures("connections_kept")
+
+@pytest.fixture
+def clock_stopped() -> None:
+    get_engine().frozen_ms = NOW_MS
 
 
 def call(app: Any, path: str | bytes, body: Any = None, **kwargs: Any) -> Answer:
@@ -81,21 +89,12 @@ def test_the_deployed_application_serves_the_hot_routes_in_front_of_django() -> 
 
 
 def test_every_answer_of_the_hot_routes_is_django_s_byte_for_byte(
-    world: World, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+    world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import quotas.reservations as reservations
-
     world.limit(feature=world.chat, metric="tokens", window="minute", amount=1_000)
     runs = []
     for app in (application.django, application):
-        # the same reservation ids, clock and store for both
-        counter = itertools.count()
-        monkeypatch.setattr(
-            reservations.secrets, "token_hex", lambda n, c=counter: f"{next(c):0{2 * n}x}"
-        )
-        redis_db.flushdb()
-        plans.clear()
-        get_engine().frozen_ms = NOW_MS
+        same_start(monkeypatch)
         runs.append(session(world, app))
 
     django, fast = runs
@@ -151,8 +150,6 @@ def test_other_requests_are_answered_by_django(
     monkeypatch.setattr(
         application, "django", lambda e, s: served.append(e["PATH_INFO"]) or django(e, s)
     )
-
-    get_engine().frozen_ms = NOW_MS
 
     ours = call(application, path, **kwargs)
     theirs = call(django, path, **kwargs)
@@ -221,16 +218,6 @@ def test_signals_and_logging_as_after_any_django_request(
     ]
 
 
-def reserve_body(world: World, **extra: Any) -> dict[str, Any]:
-    return {
-        "feature": "chat",
-        "model": world.model.name,
-        "input_tokens": 10,
-        "max_output_tokens": 10,
-        **extra,
-    }
-
-
 @pytest.mark.parametrize(
     "path",
     [
@@ -251,7 +238,6 @@ def reserve_body(world: World, **extra: Any) -> dict[str, Any]:
 def test_a_path_that_is_not_ascii_reaches_the_view_and_the_log_as_with_django(
     world: World, caplog: pytest.LogCaptureFixture, path: str, meta: dict[str, str]
 ) -> None:
-    get_engine().frozen_ms = NOW_MS
     answers, logged = [], []
     for app in (application.django, application):
         caplog.clear()
@@ -270,7 +256,6 @@ def test_a_path_that_is_not_ascii_reaches_the_view_and_the_log_as_with_django(
 def test_the_answer_goes_out_before_request_finished_whose_failure_changes_nothing(
     world: World,
 ) -> None:
-    get_engine().frozen_ms = NOW_MS
 
     def failing(**kwargs: Any) -> None:
         raise RuntimeError("receiver failed")
@@ -296,7 +281,6 @@ def test_an_error_escaping_the_view_is_the_api_s_json_500_as_with_django(
         raise ValueError("cannot render")
 
     monkeypatch.setattr(views, "_render", broken)
-    get_engine().frozen_ms = NOW_MS
     answers, logged = [], []
     for app in (application.django, application):
         caplog.clear()
@@ -312,7 +296,6 @@ def test_an_error_escaping_the_view_is_the_api_s_json_500_as_with_django(
 
 
 def test_request_signals_are_sent_by_django_s_handler_class(world: World) -> None:
-    get_engine().frozen_ms = NOW_MS
     events: list[str] = []
 
     def started(**kwargs: Any) -> None:
@@ -360,7 +343,6 @@ def test_a_404_escaping_the_view_is_logged_as_django_logs_it(
         raise Http404("gone")
 
     monkeypatch.setattr(views, "_render", gone)
-    get_engine().frozen_ms = NOW_MS
     body = reserve_body(world)
     answers, logged = [], []
     for app in (application.django, application):
@@ -383,7 +365,6 @@ def test_a_header_value_django_accepts_is_sent_as_django_sends_it(
     from quotas.api import views
 
     monkeypatch.setattr(views, "ratelimit_headers", lambda limits: {"RateLimit-Reset": 5})
-    get_engine().frozen_ms = NOW_MS
     body = reserve_body(world)
     theirs, ours = (
         served(app, environ_for(RESERVATIONS, body, secret=world.secret))

@@ -4,7 +4,6 @@ keys; proxies, HTTPS and security settings; the middleware probe under threads."
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import threading
@@ -17,14 +16,8 @@ from django.test import override_settings
 
 from config.wsgi import application
 from quotas.api.wsgi import FastPath
-from quotas.plan import plans
-from quotas.reservations import get_engine
-from quotas.store import get_redis
 from tests.conftest import World
-from tests.fakes.wsgi import environ_for, served
-
-RESERVATIONS = "/api/v1/reservations"
-NOW_MS = 1_790_000_000_000
+from tests.fakes.wsgi import RESERVATIONS, environ_for, reserve_body, same_start, served
 
 pytestmark = pytest.mark.usefixtures("connections_kept")
 
@@ -47,18 +40,10 @@ def both(
 ) -> list[tuple[Any, list[str]]]:
     """The answer and the `django.request` log lines of Django's handler, then of the fast
     path, each from the same ids, clock and empty store."""
-    import quotas.reservations as reservations
-
     meta.setdefault("HTTP_AUTHORIZATION", f"Bearer {world.secret}")
     runs = []
     for app in (django or application.django, fast or application):
-        counter = itertools.count()
-        monkeypatch.setattr(
-            reservations.secrets, "token_hex", lambda n, c=counter: f"{next(c):0{2 * n}x}"
-        )
-        get_redis().flushdb()
-        plans.clear()
-        get_engine().frozen_ms = NOW_MS
+        same_start(monkeypatch)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="django.request"):
             answer = served(app, environ(path, raw, **meta))
@@ -69,14 +54,7 @@ def both(
 
 
 def body(world: World, **extra: Any) -> bytes:
-    data = {
-        "feature": "chat",
-        "model": world.model.name,
-        "input_tokens": 5,
-        "max_output_tokens": 5,
-        **extra,
-    }
-    return json.dumps(data).encode()
+    return json.dumps(reserve_body(world, input_tokens=5, max_output_tokens=5, **extra)).encode()
 
 
 CASES = {

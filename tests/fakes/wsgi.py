@@ -4,8 +4,14 @@ the deployed application (`config.wsgi.application`) with Django's handler."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from typing import Any
+
+import pytest
+
+RESERVATIONS = "/api/v1/reservations"
+NOW_MS = 1_790_000_000_000
 
 # what gunicorn sends when the application raises before start_response
 GUNICORN_500 = ("500 Internal Server Error", [("Content-Type", "text/html")], b"<html>")
@@ -75,3 +81,29 @@ def served(app: Any, environ: dict[str, Any]) -> Answer:
     except Exception:
         pass
     return seen["status"], seen["headers"], content
+
+
+def same_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reservation ids counted from zero, an empty store, a plan read afresh and the engine's
+    clock stopped at NOW_MS: two applications given the same requests after this answer the
+    same bytes."""
+    import quotas.reservations as reservations
+    from quotas.plan import plans
+    from quotas.store import get_redis
+
+    counter = itertools.count()
+    monkeypatch.setattr(reservations.secrets, "token_hex", lambda n: f"{next(counter):0{2 * n}x}")
+    get_redis().flushdb()
+    plans.clear()
+    reservations.get_engine().frozen_ms = NOW_MS
+
+
+def reserve_body(world: Any, **extra: Any) -> dict[str, Any]:
+    """A reservation of the chat feature, as the tests' `world` sets it up."""
+    return {
+        "feature": "chat",
+        "model": world.model.name,
+        "input_tokens": 10,
+        "max_output_tokens": 10,
+        **extra,
+    }
