@@ -1,0 +1,104 @@
+"""Each plan reload freezes what the process holds (gc.freeze), so that later garbage
+collections skip the plan and Django; nothing it freezes may leak."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from quotas.plan import load
+from quotas.plan.load import PlanCache
+from tests.conftest import World
+
+
+class Node:
+    """A reference cycle that a weak reference can watch."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def cache() -> Iterator[PlanCache]:
+    with override_settings(QUOTA_PLAN_FREEZE=True):
+        yield PlanCache()
+    gc.unfreeze()  # the rest of the suite runs with nothing frozen
+
+
+def _tracked(obj: Any) -> bool:
+    """Whether `obj` is in one of the collector's three generations (not frozen)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+def test_a_reload_freezes_the_plan_and_leaves_nothing_to_walk(
+    world: World, cache: PlanCache
+) -> None:
+    plan = cache.get()
+
+    assert gc.get_freeze_count() > 0
+    assert gc.isenabled()
+    assert not _tracked(plan.features) and not _tracked(plan.limits)
+    assert not _tracked(world)  # what the process held at the time is frozen too
+
+
+def test_the_plan_without_it_stays_in_the_generations(world: World) -> None:
+    plan = PlanCache().get()  # the suite's setting: QUOTA_PLAN_FREEZE off
+
+    assert gc.get_freeze_count() == 0
+    assert _tracked(plan.features)
+
+
+def test_a_replaced_plan_is_freed_though_it_was_frozen(world: World, cache: PlanCache) -> None:
+    marker = Marker()
+    watched = weakref.ref(marker)
+    cache.get().tenants[-1] = marker  # type: ignore[assignment]  # only the plan keeps it
+    del marker
+
+    cache.reload(older_than=cache._plan)
+
+    assert watched() is None  # the old plan went by reference counting, frozen as it was
+
+
+class Marker:
+    pass
+
+
+def test_a_cycle_frozen_while_alive_is_collected_once_freezes_have_added_a_quarter(
+    world: World, cache: PlanCache
+) -> None:
+    cache.get()
+    kept = cache._kept_by_full
+    assert kept > 0 and cache._frozen_since_full == 0  # the first load collects everything
+
+    node = Node()
+    watched = weakref.ref(node)
+    cache.reload(older_than=cache._plan)  # `node` is alive: frozen
+    del node
+    gc.collect()
+    assert watched() is not None  # frozen: no collection sees it
+
+    ballast: list[list[int]] = [[] for _ in range(kept // 4)]  # what the next freeze adds
+    cache.reload(older_than=cache._plan)
+
+    assert watched() is None
+    assert cache._frozen_since_full == 0 and cache._kept_by_full > len(ballast)
+
+
+def test_a_failing_load_turns_the_collector_back_on(
+    world: World, cache: PlanCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken() -> None:
+        assert not gc.isenabled()  # paused while the plan loads
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(load, "plan_load", broken)
+
+    with pytest.raises(RuntimeError):
+        cache.get()
+    assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
