@@ -4,7 +4,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import IntegrityError, models, transaction
 from simple_history.models import HistoricalRecords
 
 from providers.models import LanguageModel, Pool
@@ -191,3 +191,32 @@ class ApiKey(models.Model):
     def clean(self) -> None:
         if self.revoked_at is not None and self.created_at and self.revoked_at < self.created_at:
             raise ValidationError({"revoked_at": "A key cannot be revoked before it was created."})
+
+
+class ConfigVersion(models.Model):
+    """A single row, bumped inside the transaction of every change to the configuration.
+
+    Redis holds the version that web processes compare on every call; it is bumped after the
+    commit, and a Redis blip at that moment loses the bump. This row cannot lose it, so a
+    process checks it once a minute (one query) and reloads its plan only when it moved."""
+
+    ROW = 1
+
+    number = models.BigIntegerField(default=0)
+
+    def __str__(self) -> str:
+        return f"config version {self.number}"
+
+    @classmethod
+    def bump(cls) -> None:
+        if cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1):
+            return
+        try:
+            with transaction.atomic():
+                cls.objects.create(pk=cls.ROW, number=1)
+        except IntegrityError:  # created meanwhile by another change
+            cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1)
+
+    @classmethod
+    def read(cls) -> int:
+        return cls.objects.filter(pk=cls.ROW).values_list("number", flat=True).first() or 0

@@ -1,5 +1,6 @@
-"""Every saved change to the configuration bumps the config version in Redis, once the
-transaction commits, so that every web process reloads its in-process plan."""
+"""Every saved change to the configuration bumps the config version: in the database within
+the change's transaction, and in Redis once it commits, so that every web process reloads its
+in-process plan."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from django.db import transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from providers.models import LanguageModel, Pool, Provider
-from quotas.models import ApiKey, Limit
+from quotas.models import ApiKey, ConfigVersion, Limit
 from quotas.store import config_version_bump
 from tenants.models import Feature, Tenant
 
@@ -21,6 +22,7 @@ CONFIG_MODELS = (Tenant, Feature, Provider, LanguageModel, Pool, Limit, ApiKey)
 
 
 def _bump_after_commit(**_: Any) -> None:
+    ConfigVersion.bump()
     transaction.on_commit(_bump_now)
 
 
@@ -28,8 +30,8 @@ def _bump_now() -> None:
     try:
         config_version_bump()
     except redis.RedisError:
-        # Processes also reload every few minutes, so a missed bump delays a change, never loses
-        # it.
+        # Processes also check the database's version every minute, so a missed bump delays a
+        # change, never loses it.
         log.warning("could not bump the config version in Redis", exc_info=True)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 import redis
+from django.db import OperationalError, transaction
 
-from quotas.plan import plans
+from quotas import signals
+from quotas.models import ConfigVersion
+from quotas.plan import load, plans
 from quotas.reservations import get_engine
 from tests.conftest import World
 
@@ -100,3 +104,88 @@ def test_a_saved_config_change_reaches_the_next_reservation_without_a_restart(
     assert refused.status_code == 423
     assert refused.json()["error"] == "feature_paused"
     assert plans.get() is not loaded
+
+
+def _minutes_pass(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """The plan cache's clock jumps forward (checks are timed on time.monotonic)."""
+    now = time.monotonic() + seconds
+    monkeypatch.setattr(load.time, "monotonic", lambda: now)
+
+
+def test_a_config_change_whose_redis_bump_was_lost_shows_within_a_minute(
+    world: World,
+    reserve: Any,
+    django_capture_on_commit_callbacks: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert reserve().status_code == 201
+    before = ConfigVersion.read()
+
+    def lost() -> None:
+        raise redis.ConnectionError("blip")
+
+    monkeypatch.setattr(signals, "config_version_bump", lost)
+    with django_capture_on_commit_callbacks(execute=True):
+        world.chat.status = "paused"
+        world.chat.save()
+    assert ConfigVersion.read() == before + 1  # in the change's own transaction
+
+    _minutes_pass(monkeypatch, load.RECHECK_SECONDS + 1)
+    assert reserve().status_code == 201  # Redis still says the plan is current
+
+    _minutes_pass(monkeypatch, load.STORED_RECHECK_SECONDS + 1)
+    refused = reserve()
+    assert refused.status_code == 423, refused.json()
+    assert refused.json()["error"] == "feature_paused"
+
+
+def test_a_plan_nothing_changed_is_kept_however_old(
+    world: World, reserve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = plans.get()
+
+    _minutes_pass(monkeypatch, 3600)
+
+    assert reserve().status_code == 201
+    assert plans.get() is loaded
+
+
+def test_with_the_database_down_the_check_keeps_the_plan_and_says_so(
+    world: World,
+    reserve: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loaded = plans.get()
+
+    def down(cls: Any) -> int:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(ConfigVersion, "read", classmethod(down))
+    _minutes_pass(monkeypatch, load.STORED_RECHECK_SECONDS + 1)
+
+    assert reserve().status_code == 201
+    assert plans.get() is loaded
+    assert "could not read the config version from the database" in caplog.text
+
+
+def test_a_rolled_back_change_leaves_the_stored_version_alone(world: World) -> None:
+    before = ConfigVersion.read()
+
+    with pytest.raises(RuntimeError), transaction.atomic():
+        world.chat.status = "paused"
+        world.chat.save()
+        assert ConfigVersion.read() == before + 1
+        raise RuntimeError("rolled back")
+
+    assert ConfigVersion.read() == before
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_version_row_comes_back_when_a_flush_removed_it(world: World) -> None:
+    ConfigVersion.objects.all().delete()
+
+    world.chat.save()
+    world.batch.save()
+
+    assert ConfigVersion.read() == 2

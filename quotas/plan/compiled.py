@@ -32,8 +32,9 @@ class Plan:
     by_tenant: dict[int | None, list[LimitInfo]]
     guarantees: dict[int, list[LimitInfo]]  # by pool
     valid_until: float = math.inf  # epoch seconds: a limit boost ends, so the caps change
-    checked_at: float = field(default_factory=time.monotonic)
-    loaded_at: float = field(default_factory=time.monotonic)
+    stored_version: int = 0  # ConfigVersion in the database when the load began
+    checked_at: float = field(default_factory=time.monotonic)  # the version in Redis
+    stored_checked_at: float = field(default_factory=time.monotonic)
     _options: dict[tuple[object, ...], tuple[tuple[PoolOption, ...], int]] = field(
         default_factory=dict
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import threading
 import time
@@ -15,24 +16,28 @@ from typing import NamedTuple
 
 import redis
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from providers.models import LanguageModel, Pool
-from quotas.models import ApiKey, Limit, amount_at, boost_active
+from quotas.models import ApiKey, ConfigVersion, Limit, amount_at, boost_active
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import FeatureInfo, KeyInfo, LimitInfo, ModelInfo, PoolInfo, TenantInfo
 from quotas.store import config_version_read
 from quotas.validation import limit_words, scope_words
 from tenants.models import Feature, Tenant
 
+log = logging.getLogger(__name__)
+
 RECHECK_SECONDS = 10.0
-MAX_AGE_SECONDS = 300.0
+STORED_RECHECK_SECONDS = 60.0
 
 
 def plan_load() -> Plan:
-    """Read the whole configuration. The version is read first: a change that lands while
-    loading bumps it again, and the next call reloads."""
+    """Read the whole configuration. The versions are read first: a change that lands while
+    loading bumps them again, and the next call reloads."""
     version = _version_or_unknown()
+    stored_version = ConfigVersion.read()
     tenants = {t.id: TenantInfo(t.id, t.slug, t.timezone, t.status) for t in Tenant.objects.all()}
     pool_ids: dict[int, list[int]] = defaultdict(list)
     for feature_id, pool_id in Feature.pools.through.objects.values_list("feature_id", "pool_id"):
@@ -80,6 +85,7 @@ def plan_load() -> Plan:
         dict(by_tenant),
         dict(guarantees),
         valid_until=min(boosts_end).timestamp() if boosts_end else math.inf,
+        stored_version=stored_version,
     )
 
 
@@ -90,6 +96,16 @@ def _version_or_unknown() -> int:
         return config_version_read()
     except redis.RedisError:
         return -1
+
+
+def _stored_version_or(known: int) -> int:
+    """With the database down the plan in hand stays (reloading it would fail anyway), and
+    the next check is a minute later."""
+    try:
+        return ConfigVersion.read()
+    except DatabaseError:
+        log.warning("could not read the config version from the database", exc_info=True)
+        return known
 
 
 def _model_info(m: LanguageModel) -> ModelInfo:
@@ -181,9 +197,10 @@ def _keys() -> dict[str, KeyInfo]:
 
 class PlanCache:
     """The process's plan, reloaded when Redis says it is stale or when a limit boost in it
-    ends; as safety nets, when the stored version moved and nobody noticed for
-    RECHECK_SECONDS, and in any case after MAX_AGE_SECONDS, since a version bump lost to a
-    Redis blip would otherwise never show."""
+    ends; as safety nets, when the version in Redis moved and nobody noticed for
+    RECHECK_SECONDS, and when the version in the database moved (checked every
+    STORED_RECHECK_SECONDS), since a bump of the Redis copy lost to a Redis blip would
+    otherwise never show."""
 
     def __init__(self) -> None:
         self._plan: Plan | None = None
@@ -193,14 +210,17 @@ class PlanCache:
 
     def get(self) -> Plan:
         plan = self._plan
-        if plan is None:
-            return self.reload(older_than=None)
-        if time.monotonic() - plan.loaded_at > MAX_AGE_SECONDS or time.time() >= plan.valid_until:
+        if plan is None or time.time() >= plan.valid_until:
             return self.reload(older_than=plan)
-        if time.monotonic() - plan.checked_at > RECHECK_SECONDS:
+        now = time.monotonic()
+        if now - plan.checked_at > RECHECK_SECONDS:
             if _version_or_unknown() != plan.version:
                 return self.reload(older_than=plan)
-            plan.checked_at = time.monotonic()
+            plan.checked_at = now
+        if now - plan.stored_checked_at > STORED_RECHECK_SECONDS:
+            if _stored_version_or(plan.stored_version) != plan.stored_version:
+                return self.reload(older_than=plan)
+            plan.stored_checked_at = now
         return plan
 
     def fresh(self) -> Plan:
