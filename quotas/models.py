@@ -194,11 +194,11 @@ class ApiKey(models.Model):
 
 
 class ConfigVersion(models.Model):
-    """A single row, bumped inside the transaction of every change to the configuration.
+    """A single row, bumped after every change to the configuration commits.
 
-    Redis holds the version that web processes compare on every call; it is bumped after the
-    commit, and a Redis blip at that moment loses the bump. This row cannot lose it, so a
-    process checks it once a minute (one query) and reloads its plan only when it moved."""
+    Redis holds the version that web processes compare on every call, bumped at the same
+    moment; a Redis blip then loses that bump but not this one, so a process checks this row
+    once a minute (one query) and reloads its plan only when it moved."""
 
     ROW = 1
 

@@ -1,6 +1,6 @@
-"""Every saved change to the configuration bumps the config version: in the database within
-the change's transaction, and in Redis once it commits, so that every web process reloads its
-in-process plan."""
+"""Every saved change to the configuration bumps the config version, once its transaction
+commits: in the database and in Redis, so that every web process reloads its in-process
+plan."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import redis
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models.signals import m2m_changed, post_delete, post_save
 
 from providers.models import LanguageModel, Pool, Provider
@@ -22,11 +22,17 @@ CONFIG_MODELS = (Tenant, Feature, Provider, LanguageModel, Pool, Limit, ApiKey)
 
 
 def _bump_after_commit(**_: Any) -> None:
-    ConfigVersion.bump()
     transaction.on_commit(_bump_now)
 
 
 def _bump_now() -> None:
+    """In the database first, in a transaction of its own (bumping inside the change's
+    transaction would hold the row's lock until it commits, so every other config write
+    would wait for it, and two could deadlock), then in Redis."""
+    try:
+        ConfigVersion.bump()
+    except DatabaseError:
+        log.warning("could not bump the config version in the database", exc_info=True)
     try:
         config_version_bump()
     except redis.RedisError:

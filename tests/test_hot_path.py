@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
 import pytest
 import redis
-from django.db import OperationalError, transaction
+from django.conf import settings
+from django.db import OperationalError, connection, transaction
 
 from quotas import signals
 from quotas.models import ConfigVersion
 from quotas.plan import load, plans
 from quotas.reservations import get_engine
+from quotas.store import config_version_read
+from tenants.models import Feature
 from tests.conftest import World
 
 
@@ -128,7 +132,7 @@ def test_a_config_change_whose_redis_bump_was_lost_shows_within_a_minute(
     with django_capture_on_commit_callbacks(execute=True):
         world.chat.status = "paused"
         world.chat.save()
-    assert ConfigVersion.read() == before + 1  # in the change's own transaction
+    assert ConfigVersion.read() == before + 1  # the database's bump went through
 
     _minutes_pass(monkeypatch, load.RECHECK_SECONDS + 1)
     assert reserve().status_code == 201  # Redis still says the plan is current
@@ -169,16 +173,77 @@ def test_with_the_database_down_the_check_keeps_the_plan_and_says_so(
     assert "could not read the config version from the database" in caplog.text
 
 
-def test_a_rolled_back_change_leaves_the_stored_version_alone(world: World) -> None:
-    before = ConfigVersion.read()
+def test_a_rolled_back_change_leaves_both_versions_alone(
+    world: World, redis_db: redis.Redis, django_capture_on_commit_callbacks: Any
+) -> None:
+    before, in_redis = ConfigVersion.read(), config_version_read()
 
-    with pytest.raises(RuntimeError), transaction.atomic():
+    with (
+        django_capture_on_commit_callbacks(execute=True) as due,
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
+    ):
         world.chat.status = "paused"
         world.chat.save()
-        assert ConfigVersion.read() == before + 1
         raise RuntimeError("rolled back")
 
-    assert ConfigVersion.read() == before
+    assert due == []
+    assert (ConfigVersion.read(), config_version_read()) == (before, in_redis)
+
+
+def test_the_minute_check_is_made_by_one_request_while_others_arrive(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plans.get()
+    reads: list[int] = []
+
+    def read_while_another_request_arrives(cls: Any) -> int:
+        reads.append(1)
+        plans.get()  # another request, while this one waits for the database
+        return plans.get().stored_version
+
+    monkeypatch.setattr(ConfigVersion, "read", classmethod(read_while_another_request_arrives))
+    _minutes_pass(monkeypatch, load.STORED_RECHECK_SECONDS + 1)
+
+    plans.get()
+
+    assert reads == [1]
+
+
+@pytest.mark.skipif(
+    settings.DATABASES["default"]["ENGINE"].endswith("sqlite3"),
+    reason="SQLite lets one writer in at a time whatever the rows; PostgreSQL locks rows",
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_long_config_transaction_does_not_hold_up_another_change(world: World) -> None:
+    """Bumping the version row inside each change's transaction held its lock until commit:
+    every other config write waited behind it, and two could deadlock."""
+    before = ConfigVersion.read()
+    other_done = threading.Event()
+    errors: list[BaseException] = []
+
+    def other_change() -> None:
+        try:
+            feature = Feature.objects.get(pk=world.batch.pk)
+            feature.status = "paused"
+            feature.save()
+            other_done.set()
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        world.chat.status = "paused"
+        world.chat.save()
+        other = threading.Thread(target=other_change)
+        other.start()
+        finished_inside = other_done.wait(timeout=30)
+    other.join()
+
+    assert errors == []
+    assert finished_inside  # it committed while the long transaction was still open
+    assert ConfigVersion.read() == before + 2  # both changes, each after its commit
 
 
 @pytest.mark.django_db(transaction=True)

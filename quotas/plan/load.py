@@ -205,8 +205,6 @@ class PlanCache:
     def __init__(self) -> None:
         self._plan: Plan | None = None
         self._lock = threading.Lock()
-        # objects that the last full collection kept, and that freezes added since
-        self._kept_by_full = self._frozen_since_full = 0
 
     def get(self) -> Plan:
         plan = self._plan
@@ -218,14 +216,14 @@ class PlanCache:
                 return self.reload(older_than=plan)
             plan.checked_at = now
         if now - plan.stored_checked_at > STORED_RECHECK_SECONDS:
+            plan.stored_checked_at = now  # first: one request a minute asks, not all at once
             if _stored_version_or(plan.stored_version) != plan.stored_version:
                 return self.reload(older_than=plan)
-            plan.stored_checked_at = now
         return plan
 
     def fresh(self) -> Plan:
         """The plan as the database holds it now, for pages that show what was just saved:
-        one read of the stored version, and a reload if it moved."""
+        one read of the version in Redis, and a reload if it moved."""
         plan = self.get()
         if _version_or_unknown() != plan.version:
             return self.reload(older_than=plan)
@@ -235,38 +233,33 @@ class PlanCache:
         with self._lock:
             if self._plan is not older_than and self._plan is not None:
                 return self._plan  # another thread reloaded meanwhile
-            if not settings.QUOTA_PLAN_FREEZE:
+            if not (settings.QUOTA_PLAN_FREEZE and threading.active_count() == 1):
                 self._plan = plan_load()
                 return self._plan
             with collector_paused():
                 self._plan = plan_load()
-            self._freeze()
+            _refreeze()
             return self._plan
-
-    def _freeze(self) -> None:
-        """Moves everything the process holds into the collector's permanent generation, which
-        later collections skip. Without it every full collection walks the whole plan and all
-        of Django (75-230 ms on a 2-core VM), a pause that every request queued behind it
-        waits out.
-
-        Frozen objects are still freed by reference counting, and a plan holds no reference
-        cycles: the plan replaced here goes as soon as no request uses it. Only a cycle that
-        was alive at a freeze (a request in flight, say) and died since would stay; so once
-        the objects frozen since the last full collection outnumber a quarter of what that
-        collection kept (the rule CPython applies to its own full collections), everything is
-        unfrozen and collected once. (gc.get_freeze_count() would walk the whole frozen set,
-        20 ms for Django alone; the objects not yet frozen are few.)"""
-        self._frozen_since_full += len(gc.get_objects())  # not frozen yet: the new plan, mostly
-        if self._frozen_since_full > self._kept_by_full / 4:
-            gc.unfreeze()
-            gc.collect()
-            self._kept_by_full, self._frozen_since_full = len(gc.get_objects()), 0
-        else:
-            gc.collect()  # walks only what the last freeze did not take
-        gc.freeze()
 
     def clear(self) -> None:
         self._plan = None
+
+
+def _refreeze() -> None:
+    """One full collection, then everything the process holds goes into the collector's
+    permanent generation, which later collections skip. Without it every full collection
+    walks the whole plan and all of Django (75-230 ms on a 2-core VM), a pause that every
+    request queued behind it waits out; with it, the only full walk is this one, once per
+    reload.
+
+    Frozen objects are still freed by reference counting, and a plan holds no reference
+    cycles, so the plan replaced here goes as soon as no request uses it. What a freeze can
+    keep too long is a cycle that was alive at the time and died since; hence only in a
+    process running one thread (a sync gunicorn worker, a prefork Celery child), where that
+    is the one request or task that found the plan stale, and unfrozen at the next reload."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @contextmanager
