@@ -233,7 +233,7 @@ class PlanCache:
         with self._lock:
             if self._plan is not older_than and self._plan is not None:
                 return self._plan  # another thread reloaded meanwhile
-            if not (settings.QUOTA_PLAN_FREEZE and threading.active_count() == 1):
+            if not (settings.QUOTA_PLAN_FREEZE and _one_thread()):
                 self._plan = plan_load()
                 return self._plan
             with collector_paused():
@@ -243,6 +243,10 @@ class PlanCache:
 
     def clear(self) -> None:
         self._plan = None
+
+
+def _one_thread() -> bool:
+    return threading.active_count() == 1
 
 
 def _refreeze() -> None:
