@@ -15,7 +15,7 @@ from quotas import signals
 from quotas.models import ConfigVersion
 from quotas.plan import load, plans
 from quotas.reservations import get_engine
-from quotas.store import config_version_read
+from quotas.store import config_version_bump, config_version_read
 from tenants.models import Feature
 from tests.conftest import World
 
@@ -254,3 +254,21 @@ def test_the_version_row_comes_back_when_a_flush_removed_it(world: World) -> Non
     world.batch.save()
 
     assert ConfigVersion.read() == 2
+
+
+def test_a_plan_that_cannot_load_answers_503_not_500(
+    world: World, reserve: Any, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert reserve().status_code == 201
+    config_version_bump()  # a change elsewhere: this plan is stale, and must be reloaded
+
+    def down() -> None:
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr(load, "plan_load", down)
+    refused = reserve()
+
+    assert refused.status_code == 503
+    assert refused.json()["error"] == "unavailable"
+    assert "database" in refused.json()["message"]
+    assert refused["Retry-After"] == "5"

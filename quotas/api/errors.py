@@ -7,6 +7,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
 from django.http import Http404, HttpRequest, JsonResponse
 from rest_framework import exceptions
 from rest_framework.response import Response
@@ -41,6 +42,14 @@ def _as_quota_error(exc: Exception) -> QuotaError | None:
         return QuotaError("not_found", "No such resource.")
     if isinstance(exc, exceptions.MethodNotAllowed):
         return QuotaError("method_not_allowed", str(exc.detail))
+    if isinstance(exc, DatabaseError):
+        # reached when a plan must be (re)loaded, or a read needs the database, while it is down
+        log.warning("database unavailable: %s", exc)
+        return QuotaError(
+            "unavailable",
+            "The configuration database is unavailable; try again shortly.",
+            headers={"Retry-After": "5"},
+        )
     return None
 
 
