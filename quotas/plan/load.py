@@ -9,7 +9,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
@@ -233,12 +233,11 @@ class PlanCache:
         with self._lock:
             if self._plan is not older_than and self._plan is not None:
                 return self._plan  # another thread reloaded meanwhile
-            if not (settings.QUOTA_PLAN_FREEZE and _one_thread()):
+            freeze = settings.QUOTA_PLAN_FREEZE and _one_thread()
+            with collector_paused() if freeze else nullcontext():
                 self._plan = plan_load()
-                return self._plan
-            with collector_paused():
-                self._plan = plan_load()
-            _refreeze()
+            if freeze:
+                _refreeze()
             return self._plan
 
     def clear(self) -> None:
