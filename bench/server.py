@@ -48,6 +48,7 @@ def _command(options: ServerOptions) -> list[str]:
     command = [
         str(GUNICORN),
         "config.wsgi",
+        "--config=python:config.gunicorn",
         f"--workers={options.workers}",
         f"--worker-class={options.worker_class}",
         f"--bind=127.0.0.1:{options.port}",

@@ -6,11 +6,11 @@
 -- that stalls shows in the tail instead of slowing the generator down (no coordinated
 -- omission): a connection still waiting for an answer when its next request falls due sends
 -- it late, and that lateness is counted. wrk's timers tick in whole milliseconds, so a request
--- may leave up to 2 ms early; its latency then counts from when it left. A connection is
--- opened before its request falls due (a server that closes connections after each answer,
--- as gunicorn's sync workers do, may then hold a worker idle on it until the request comes,
--- which counts against the server). `due` in the summary: the requests due by the end; those
--- never sent or answered by then are not in the percentiles.
+-- may leave up to 2 ms early; its latency then counts from when it left. wrk opens a
+-- connection before its request falls due; the server hands it to a worker only once the
+-- request has arrived (TCP_DEFER_ACCEPT, config/gunicorn.py), so that no sync worker sits idle
+-- on it meanwhile. `due` in the summary: the requests due by the end; those never sent or
+-- answered by then are not in the percentiles.
 -- Environment: BENCH_LUA_DIR, BENCH_RATE, BENCH_THREADS, plus what common.lua reads.
 dofile(os.getenv("BENCH_LUA_DIR") .. "/common.lua")
 

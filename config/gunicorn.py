@@ -1,0 +1,35 @@
+"""gunicorn's settings for this app (`gunicorn --config python:config.gunicorn`), used by
+bin/run and by the benchmark.
+
+A sync worker serves one connection at a time and blocks reading it. A client that opens a
+connection before it has anything to send (a pool warming up, a load balancer's early
+connect, an open-loop load generator) would hold that worker idle while requests on other
+connections wait behind it. With TCP_DEFER_ACCEPT the kernel hands a connection to `accept()`
+only once its first bytes have arrived, so a worker only ever takes a connection that carries a
+request. A client still silent after DEFER_ACCEPT_SECONDS is handed over anyway (Linux then
+accepts it on its next packet).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+DEFER_ACCEPT_SECONDS = 30
+
+
+def defer_accept(sock: socket.socket) -> bool:
+    """Sets TCP_DEFER_ACCEPT on a listening TCP socket; False where it does not apply (a Unix
+    socket, or a platform without the option)."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    sock.setsockopt(socket.IPPROTO_TCP, option, DEFER_ACCEPT_SECONDS)
+    return True
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """gunicorn's hook in each new worker, whose `sockets` are the listeners it accepts on
+    (the arbiter's, or its own with --reuse-port); setting the option again is harmless."""
+    for listener in worker.sockets:
+        defer_accept(listener.sock)
