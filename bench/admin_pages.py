@@ -316,10 +316,14 @@ def reads_measure(ids: dict[str, Any], requests: int, explain: bool) -> str:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    header = f"{'rollup read':<36} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'queries':>7}  rows"
+    measured = list(reads(ids, [ids["tenant_slug"]]))
+    width = max(36, *(len(name) + 1 for name, _ in measured))
+    header = (
+        f"{'rollup read':<{width}} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} {'queries':>7}  rows"
+    )
     lines = [header, "-" * len(header)]
     plans = []
-    for name, call in reads(ids, [ids["tenant_slug"]]):
+    for name, call in measured:
         for _ in range(3):
             call()
         times = []
@@ -336,7 +340,7 @@ def reads_measure(ids: dict[str, Any], requests: int, explain: bool) -> str:
         met = "  background" if background else "" if fast else f"  over {QUERY_TARGET_MS:.0f} ms"
         size = _size(result)
         lines.append(
-            f"{name:<36} {percentile(times, 0.5):>8.1f} {percentile(times, 0.95):>8.1f} "
+            f"{name:<{width}} {percentile(times, 0.5):>8.1f} {percentile(times, 0.95):>8.1f} "
             f"{times[-1]:>8.1f} {len(captured):>7}  {size}{met}"
         )
         if explain:

@@ -210,10 +210,18 @@ def admin(quick: bool) -> list[Figure]:
     return admin_figures(run([sys.executable, "-m", "bench.admin_pages", *args]))
 
 
+# a row of bench.admin_pages.reads_measure: the read's name (as wide as the longest), p50,
+# p95, max, queries, rows, and a word on the target
+READ_ROW = re.compile(
+    r"^(?P<name>\S.*?)\s+(?P<p50>\d+\.\d)\s+(?P<p95>\d+\.\d)\s+\d+\.\d\s+"
+    r"(?P<queries>\d+)\s+\d+(?P<rest>.*)$"
+)
+
+
 def admin_figures(output: str) -> list[Figure]:
     """Rows of bench.admin_pages.pages_table (a 28-character page, a 10-character user, then
-    status, p50, p95, max, queries, x baseline, target met) and of reads_measure (a
-    36-character read, then p50, p95, max, queries), and the load line."""
+    status, p50, p95, max, queries, x baseline, target met) and of reads_measure (READ_ROW,
+    up to the first line that is not one), and the load line."""
     lines = output.splitlines()
     figures = []
     start = max(i for i, line in enumerate(lines) if line.startswith("page "))
@@ -224,18 +232,21 @@ def admin_figures(output: str) -> list[Figure]:
         if cells[1] == "missing":
             figures.append(Figure("admin", f"{name}, {user}", "missing (404)"))
             continue
-        target = " ".join(cells[7:])
-        note = f"x login {cells[6]}, {cells[5]} queries, under 300 ms at p95: {target}"
+        target = " ".join(cells[6:])
+        note = f"x login {cells[5]}, {cells[4]} queries, under 300 ms at p95: {target}"
         figures.append(
             Figure("admin", f"{name}, {user}", "", f"p50 {cells[1]} ms", f"p95 {cells[2]} ms", note)
         )
     start = max(i for i, line in enumerate(lines) if line.startswith("rollup read "))
     for line in lines[start + 2 :]:
-        if not line.strip():
+        row = READ_ROW.match(line)
+        if row is None:
             break
-        name, cells = line[:36].strip(), line[36:].split()
-        note = f"{cells[3]} queries" + (", over 100 ms" if "over" in cells else "")
-        figures.append(Figure("admin", name, "", f"p50 {cells[0]} ms", f"p95 {cells[1]} ms", note))
+        word = row["rest"].strip()  # "over 100 ms", "background" or nothing
+        note = f"{row['queries']} queries" + (f", {word}" if word else "")
+        figures.append(
+            Figure("admin", row["name"], "", f"p50 {row['p50']} ms", f"p95 {row['p95']} ms", note)
+        )
     loaded = re.search(r"^load: load (\d+) s", output, re.MULTILINE)
     if loaded:
         figures.append(Figure("admin", "load (config, rollups, indexes)", f"{loaded[1]} s"))
