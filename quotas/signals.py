@@ -21,8 +21,31 @@ log = logging.getLogger(__name__)
 CONFIG_MODELS = (Tenant, Feature, Provider, LanguageModel, Pool, Limit, ApiKey)
 
 
+class _Once:
+    done = False
+
+
+class _Bump:
+    """A bump due when its transaction commits. Every save in one transaction registers one,
+    and they all share one `_Once`: the first to run bumps, the others do nothing, so a
+    transaction that saves thousands of objects (`quota apply`) bumps once. A savepoint rolled
+    back takes its own registrations with it and leaves the others."""
+
+    def __init__(self, once: _Once) -> None:
+        self.once = once
+
+    def __call__(self) -> None:
+        if not self.once.done:
+            self.once.done = True
+            _bump_now()
+
+
 def _bump_after_commit(**_: Any) -> None:
-    transaction.on_commit(_bump_now)
+    pending = transaction.get_connection().run_on_commit
+    latest = next((call for _, call, _ in reversed(pending) if isinstance(call, _Bump)), None)
+    # a test may run a transaction's callbacks without ending it: a bump that has run is over
+    once = latest.once if latest is not None and not latest.once.done else _Once()
+    transaction.on_commit(_Bump(once))
 
 
 def _bump_now() -> None:

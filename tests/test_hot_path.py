@@ -191,6 +191,43 @@ def test_a_rolled_back_change_leaves_both_versions_alone(
     assert (ConfigVersion.read(), config_version_read()) == (before, in_redis)
 
 
+def test_a_transaction_that_saves_many_objects_bumps_once(
+    world: World, redis_db: redis.Redis, django_capture_on_commit_callbacks: Any
+) -> None:
+    before, in_redis = ConfigVersion.read(), config_version_read()
+
+    with django_capture_on_commit_callbacks(execute=True) as due, transaction.atomic():
+        for metric, window in (("tokens", "minute"), ("tokens", "day"), ("requests", "minute")):
+            world.limit(
+                tenant=world.tenant, feature=world.chat, metric=metric, window=window, amount=1_000
+            )
+        world.chat.pools.remove(world.pool)
+        world.chat.save()
+
+    assert len(due) >= 5  # every save asked
+    assert (ConfigVersion.read(), config_version_read()) == (before + 1, in_redis + 1)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        world.batch.save()  # the next transaction bumps again
+    assert (ConfigVersion.read(), config_version_read()) == (before + 2, in_redis + 2)
+
+
+def test_a_bump_rolled_back_with_its_savepoint_is_registered_again(
+    world: World, redis_db: redis.Redis, django_capture_on_commit_callbacks: Any
+) -> None:
+    before, in_redis = ConfigVersion.read(), config_version_read()
+
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        with pytest.raises(RuntimeError), transaction.atomic():
+            world.chat.status = "paused"
+            world.chat.save()
+            raise RuntimeError("rolled back to the savepoint")
+        world.batch.status = "paused"
+        world.batch.save()
+
+    assert (ConfigVersion.read(), config_version_read()) == (before + 1, in_redis + 1)
+
+
 def test_the_minute_check_is_made_by_one_request_while_others_arrive(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
