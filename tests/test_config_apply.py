@@ -13,7 +13,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command, execute_from_command_line
 from django.core.management.base import CommandError
-from django.db import models
+from django.db import connection, models
+from django.test.utils import CaptureQueriesContext
 
 from providers.models import LanguageModel, Pool, Provider
 from quotas.keys import api_key_hash
@@ -179,6 +180,25 @@ def test_a_second_apply_changes_nothing(tmp_path: Path) -> None:
 
     assert totals(output) == "0 created, 0 updated, 12 unchanged, 0 deleted"
     assert row_counts() == before  # not even a history row: unchanged objects are not saved
+
+
+def test_each_name_is_looked_up_once_however_often_the_file_repeats_it(tmp_path: Path) -> None:
+    document = base_config()
+    document["limits"] += [
+        {"scope": {"tenant": "acme", "feature": "chat"}, "metric": metric, "window": window,
+         "amount": 100}
+        for metric, window in [("tokens", "minute"), ("tokens", "day"), ("requests", "minute"),
+                               ("requests", "day"), ("input_tokens", "day")]
+    ]  # fmt: skip
+    apply(tmp_path, document)
+
+    with CaptureQueriesContext(connection) as queries:
+        apply(tmp_path, document)
+
+    lookups = [q["sql"] for q in queries if q["sql"].startswith('SELECT "tenants_tenant"."id"')]
+    by_slug = [sql for sql in lookups if '"tenants_tenant"."slug" =' in sql]
+    # acme and globex, each once: as tenants (their upsert), then acme once for five limits
+    assert len(by_slug) == 3, by_slug
 
 
 def test_demo_export_applies_as_a_no_op(tmp_path: Path) -> None:

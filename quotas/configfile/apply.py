@@ -46,6 +46,9 @@ class Applier:
         self.failed: set[tuple[str, Any]] = set()
         self.declared: dict[tuple[str, Any], str] = {}
         self.owners: dict[str, User] = {}
+        # objects looked up by name, once each: a file names its tenants, features and pools
+        # again in every limit (looked up after all of them are written)
+        self.looked_up: dict[tuple[str, Any], Any] = {}
 
     def run(self, document: Mapping[str, list[Entry]], *, prune: bool) -> None:
         from quotas.configfile.apply_limits import apply_limits  # it builds on this module
@@ -152,27 +155,35 @@ class Applier:
                 found.append(find(name, f"{path}[{index}]"))
         return found
 
+    def look_up(self, kind: str, key: Any, query: Callable[[], M | None]) -> M | None:
+        """The object of that kind and key, or None; the database is asked once per run."""
+        if (kind, key) not in self.looked_up:
+            self.looked_up[(kind, key)] = query()
+        return self.looked_up[(kind, key)]
+
     def provider_named(self, slug: str, path: str) -> Provider:
-        obj = Provider.objects.filter(slug=slug).first()
+        obj = self.look_up("provider", slug, Provider.objects.filter(slug=slug).first)
         return self.find("provider", slug, path, obj, f"no provider '{slug}'")
 
     def model_of(self, provider: Provider, name: str, path: str) -> LanguageModel:
-        obj = LanguageModel.objects.filter(provider=provider, name=name).first()
+        key = (provider.slug, name)
+        query = LanguageModel.objects.filter(provider=provider, name=name).first
         missing = f"provider '{provider.slug}' has no model '{name}'"
-        return self.find("model", (provider.slug, name), path, obj, missing)
+        return self.find("model", key, path, self.look_up("model", key, query), missing)
 
     def pool_named(self, slug: str, path: str) -> Pool:
-        obj = Pool.objects.filter(slug=slug).first()
+        obj = self.look_up("pool", slug, Pool.objects.filter(slug=slug).first)
         return self.find("pool", slug, path, obj, f"no pool '{slug}'")
 
     def tenant_named(self, slug: str, path: str) -> Tenant:
-        obj = Tenant.objects.filter(slug=slug).first()
+        obj = self.look_up("tenant", slug, Tenant.objects.filter(slug=slug).first)
         return self.find("tenant", slug, path, obj, f"no tenant '{slug}'")
 
     def feature_of(self, tenant: Tenant, slug: str, path: str) -> Feature:
-        obj = Feature.objects.filter(tenant=tenant, slug=slug).first()
+        key = (tenant.slug, slug)
+        query = Feature.objects.filter(tenant=tenant, slug=slug).first
         missing = f"no feature '{slug}' in tenant '{tenant.slug}'"
-        return self.find("feature", (tenant.slug, slug), path, obj, missing)
+        return self.find("feature", key, path, self.look_up("feature", key, query), missing)
 
     def owner(self, email: str, path: str) -> User:
         if ("owner", email) in self.failed:
