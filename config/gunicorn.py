@@ -5,9 +5,11 @@ A sync worker serves one connection at a time and blocks reading it. A client th
 connection before it has anything to send (a pool warming up, a load balancer's early
 connect, an open-loop load generator) would hold that worker idle while requests on other
 connections wait behind it. With TCP_DEFER_ACCEPT the kernel hands a connection to `accept()`
-only once its first bytes have arrived, so a worker only ever takes a connection that carries a
-request. A client still silent after DEFER_ACCEPT_SECONDS is handed over anyway (Linux then
-accepts it on its next packet).
+only once its first bytes have arrived, so a worker no longer waits on a connection whose
+request is not yet on its way. A client still silent after DEFER_ACCEPT_SECONDS is handed over
+anyway (Linux accepts it on its next packet) and then holds a sync worker as before, until it
+sends or gunicorn's --timeout ends the worker; so does a client that sends its request
+slowly. A buffering proxy in front of the sync workers is the cure for those.
 """
 
 from __future__ import annotations
