@@ -246,19 +246,20 @@ def pages_measure(ids: dict[str, Any], warmup: int, requests: int) -> list[PageR
 
 def pages_table(results: list[PageResult]) -> str:
     base = results[0].ms(0.5) or 1.0
+    width = max(28, *(len(r.page) + 1 for r in results))
     header = (
-        f"{'page':<28} {'user':<10} {'status':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} "
+        f"{'page':<{width}} {'user':<10} {'status':>6} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8} "
         f"{'queries':>7} {'x baseline':>10}  target {TARGET_MS:.0f} ms"
     )
     lines = [header, "-" * len(header)]
     for r in results:
         if r.missing:
-            lines.append(f"{r.page:<28} {r.user:<10} {'404':>6} {'missing':>8}")
+            lines.append(f"{r.page:<{width}} {r.user:<10} {'404':>6} {'missing':>8}")
             continue
         met = "yes" if r.ms(0.95) < TARGET_MS else "NO"
         met = met if r.status == 200 else f"{met} (HTTP {r.status})"
         lines.append(
-            f"{r.page:<28} {r.user:<10} {r.status:>6} {r.ms(0.5):>8.1f} {r.ms(0.95):>8.1f} "
+            f"{r.page:<{width}} {r.user:<10} {r.status:>6} {r.ms(0.5):>8.1f} {r.ms(0.95):>8.1f} "
             f"{max(r.times_ms):>8.1f} {r.queries:>7} {r.ms(0.5) / base:>10.1f}  {met}"
         )
     return "\n".join(lines)

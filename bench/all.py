@@ -210,6 +210,13 @@ def admin(quick: bool) -> list[Figure]:
     return admin_figures(run([sys.executable, "-m", "bench.admin_pages", *args]))
 
 
+# a row of bench.admin_pages.pages_table: the page (as wide as the longest), the user (one word),
+# the status, then p50, p95, max, queries, x baseline and whether the target was met, or only
+# "missing" after a 404
+PAGE_ROW = re.compile(
+    r"^(?P<page>\S.*?)\s+(?P<user>\S+)\s+(?P<status>\d{3})\s+(?:missing|(?P<p50>\d+\.\d)\s+"
+    r"(?P<p95>\d+\.\d)\s+\d+\.\d\s+(?P<queries>\d+)\s+(?P<ratio>\d+\.\d)\s+(?P<met>.*))$"
+)
 # a row of bench.admin_pages.reads_measure: the read's name (as wide as the longest), p50,
 # p95, max, queries, rows, and a word on the target
 READ_ROW = re.compile(
@@ -219,23 +226,25 @@ READ_ROW = re.compile(
 
 
 def admin_figures(output: str) -> list[Figure]:
-    """Rows of bench.admin_pages.pages_table (a 28-character page, a 10-character user, then
-    status, p50, p95, max, queries, x baseline, target met) and of reads_measure (READ_ROW,
-    up to the first line that is not one), and the load line."""
+    """Rows of bench.admin_pages.pages_table (PAGE_ROW) and of reads_measure (READ_ROW), each
+    table up to its first line that is not a row, and the load line."""
     lines = output.splitlines()
     figures = []
     start = max(i for i, line in enumerate(lines) if line.startswith("page "))
     for line in lines[start + 2 :]:
-        if not line.strip():
+        page = PAGE_ROW.match(line)
+        if page is None:
             break
-        name, user, cells = line[:28].strip(), line[29:39].strip(), line[39:].split()
-        if cells[1] == "missing":
-            figures.append(Figure("admin", f"{name}, {user}", "missing (404)"))
+        name = f"{page['page']}, {page['user']}"
+        if page["p50"] is None:
+            figures.append(Figure("admin", name, "missing (404)"))
             continue
-        target = " ".join(cells[6:])
-        note = f"x login {cells[5]}, {cells[4]} queries, under 300 ms at p95: {target}"
+        note = (
+            f"x login {page['ratio']}, {page['queries']} queries, "
+            f"under 300 ms at p95: {page['met']}"
+        )
         figures.append(
-            Figure("admin", f"{name}, {user}", "", f"p50 {cells[1]} ms", f"p95 {cells[2]} ms", note)
+            Figure("admin", name, "", f"p50 {page['p50']} ms", f"p95 {page['p95']} ms", note)
         )
     start = max(i for i, line in enumerate(lines) if line.startswith("rollup read "))
     for line in lines[start + 2 :]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.admin_pages import PageResult, pages_table
 from bench.all import admin_figures
 
 # bench.admin_pages' report, cut down (and its long lines cut short): a read named wider than
@@ -40,3 +41,20 @@ def test_admin_rows_keep_their_names_and_columns():
     assert figures["top_consumers (its pool)"].note == "1 queries, over 100 ms"
     assert figures["load (config, rollups, indexes)"].throughput == "119 s"
     assert not [name for name in figures if name.startswith("load:")]
+
+
+def test_pages_as_their_formatter_prints_them_whatever_their_names_width():
+    results = [
+        PageResult("login (baseline)", "anonymous", 200, [2.0], 0),
+        PageResult("a page whose name is wider than its column", "owner", 200, [50.0], 12),
+        PageResult("gone", "superuser", 404, [], 0),
+    ]
+    report = pages_table(results) + "\n\n" + ADMIN_REPORT.split("\n\n", 1)[1]
+
+    figures = {f.scenario: f for f in admin_figures(report)}
+
+    wide = figures["a page whose name is wider than its column, owner"]
+    assert (wide.median, wide.tail) == ("p50 50.0 ms", "p95 50.0 ms")
+    assert wide.note == "x login 25.0, 12 queries, under 300 ms at p95: yes"
+    assert figures["gone, superuser"].throughput == "missing (404)"
+    assert "login (baseline), anonymous" in figures
