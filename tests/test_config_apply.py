@@ -199,6 +199,10 @@ def test_each_name_is_looked_up_once_however_often_the_file_repeats_it(tmp_path:
     by_slug = [sql for sql in lookups if '"tenants_tenant"."slug" =' in sql]
     # acme and globex, each once: as tenants (their upsert), then acme once for five limits
     assert len(by_slug) == 3, by_slug
+    limits = [q["sql"] for q in queries if q["sql"].startswith('SELECT "quotas_limit"."id"')]
+    # the stored limits read once, each of the six limits by its upsert, then the guarantees on
+    # the pool whose capacity the file sets
+    assert len(limits) == 1 + 6 + 1, limits
 
 
 def test_demo_export_applies_as_a_no_op(tmp_path: Path) -> None:

@@ -60,7 +60,8 @@ class PlannedLimit:
 def apply_limits(
     app: Applier, entries: list[Entry], *, prune: bool, tenants: set[str], pools: set[str]
 ) -> None:
-    plans = [plan for entry in entries if (plan := _plan(app, entry)) is not None]
+    stored = {_stored_key(limit): limit for limit in Limit.objects.all()}
+    plans = [plan for entry in entries if (plan := _plan(app, entry, stored)) is not None]
     emptied = _prune(app, plans, tenants=tenants, pools=pools) if prune else set()
     for phase in (SHRINKING, PLAIN, GROWING):
         for plan in plans:
@@ -77,7 +78,13 @@ def label(limit: Limit) -> str:
     return f"{limit_scope_words(limit)}: {limit_describe_rule(limit)}"
 
 
-def _plan(app: Applier, entry: Entry) -> PlannedLimit | None:
+def _stored_key(limit: Limit) -> tuple[Any, ...]:
+    """A stored limit's identity as `_plan` keys a planned one: scope ids, metric, window."""
+    ids = (limit.tenant_id, limit.feature_id, limit.pool_id, limit.model_id)
+    return (*ids, limit.metric, limit.window)
+
+
+def _plan(app: Applier, entry: Entry, stored: dict[tuple[Any, ...], Limit]) -> PlannedLimit | None:
     if not entry.valid:
         return None
     data = entry.data
@@ -92,7 +99,7 @@ def _plan(app: Applier, entry: Entry) -> PlannedLimit | None:
     except Skip:
         return None
     values = {k: v for k, v in data.items() if k not in ("scope", "metric", "window")}
-    plan = PlannedLimit(entry.path, identity, values, Limit.objects.filter(**identity).first())
+    plan = PlannedLimit(entry.path, identity, values, stored.get(key))
     if not data["scope"]:
         plan.keys["tenant"] = "scope"  # "a limit needs a scope" is about the whole scope
     return plan
