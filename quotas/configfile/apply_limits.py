@@ -78,10 +78,15 @@ def label(limit: Limit) -> str:
     return f"{limit_scope_words(limit)}: {limit_describe_rule(limit)}"
 
 
+def _identity_key(identity: dict[str, Any]) -> tuple[Any, ...]:
+    """A limit's identity (`limit_identity`) as a key: its scope's ids, metric and window."""
+    return tuple(getattr(v, "pk", v) for v in identity.values())
+
+
 def _stored_key(limit: Limit) -> tuple[Any, ...]:
-    """A stored limit's identity as `_plan` keys a planned one: scope ids, metric, window."""
-    ids = (limit.tenant_id, limit.feature_id, limit.pool_id, limit.model_id)
-    return (*ids, limit.metric, limit.window)
+    """The same key for a stored limit, from its columns (its scope is not loaded)."""
+    ids = {name: getattr(limit, f"{name}_id") for name in ("tenant", "feature", "pool", "model")}
+    return _identity_key({**ids, "metric": limit.metric, "window": limit.window})
 
 
 def _plan(app: Applier, entry: Entry, stored: dict[tuple[Any, ...], Limit]) -> PlannedLimit | None:
@@ -93,7 +98,7 @@ def _plan(app: Applier, entry: Entry, stored: dict[tuple[Any, ...], Limit]) -> P
     except Skip:
         return None
     identity = limit_identity(**scope, metric=data["metric"], window=data.get("window", ""))
-    key = tuple(getattr(v, "pk", v) for v in identity.values())
+    key = _identity_key(identity)
     try:
         app.declare("limit", key, entry.path, "a limit with this scope, metric and window")
     except Skip:
@@ -169,7 +174,7 @@ def _model(app: Applier, scope: dict[str, str], found: dict[str, Any], path: str
 
 
 def _write(app: Applier, plan: PlannedLimit) -> None:
-    key = tuple(getattr(v, "pk", v) for v in plan.identity.values())
+    key = _identity_key(plan.identity)
     upsert = partial(limit_upsert, **plan.identity, **plan.values)
     plan.result = app.attempt("limit", key, plan.path, upsert, plan.keys)
 
