@@ -5,6 +5,8 @@ from decimal import Decimal
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, models, transaction
+from django.db.models import Value
+from django.db.models.functions import Coalesce
 from simple_history.models import HistoricalRecords
 
 from providers.models import LanguageModel, Pool
@@ -25,6 +27,20 @@ class Window(models.TextChoices):
     HOUR = "hour"
     DAY = "day"
     MONTH = "month"
+
+
+# A limit's identity: its scope (a missing part counts as none), metric and window. `clean()`
+# checks it first with words that name the limit; this catches two saves racing past that.
+LIMIT_IDENTITY = models.UniqueConstraint(
+    Coalesce("tenant", Value(0)),
+    Coalesce("feature", Value(0)),
+    Coalesce("pool", Value(0)),
+    Coalesce("model", Value(0)),
+    "metric",
+    "window",
+    name="limit_identity",
+    violation_error_message="This scope already has a limit of this metric and window.",
+)
 
 
 class Enforcement(models.TextChoices):
@@ -133,6 +149,7 @@ class Limit(models.Model):
             "window",
             "id",
         ]
+        constraints = [LIMIT_IDENTITY]
 
     def __str__(self) -> str:
         from quotas.validation import limit_describe
