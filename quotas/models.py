@@ -8,6 +8,7 @@ from django.db import IntegrityError, models, transaction
 from simple_history.models import HistoricalRecords
 
 from providers.models import LanguageModel, Pool
+from quotas.validation import limit_describe, limit_validate
 from tenants.models import Feature, Tenant
 
 
@@ -135,13 +136,9 @@ class Limit(models.Model):
         ]
 
     def __str__(self) -> str:
-        from quotas.validation import limit_describe
-
         return limit_describe(self)
 
     def clean(self) -> None:
-        from quotas.validation import limit_validate
-
         limit_validate(self)
 
     @property

@@ -21,8 +21,6 @@ from tenants.models import Feature, Priority, Tenant
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
-    from providers.models import Pool
-
 M = TypeVar("M", bound=models.Model)
 OWNER_GROUP = "Tenant owners"  # created by migration tenants 0002
 
@@ -155,7 +153,7 @@ def feature_upsert(
     name: str = "",
     priority: str = Priority.STANDARD,
     status: str = Feature.Status.ACTIVE,
-    pools: Iterable[Pool] = (),
+    pools: Iterable[models.Model] = (),  # providers' pools: that app is above this one
 ) -> Upserted[Feature]:
     return model_upsert(
         Feature,
