@@ -136,7 +136,7 @@ def tenant_upsert(
 
 def owners_admit(*, users: Iterable[User]) -> None:
     """Tenant owners use the admin: they need the owner group's model permissions (which
-    rows they see is decided by their tenants, in quotas.admin_scoping)."""
+    rows they see is decided by their tenants, in console.scoping)."""
     group = Group.objects.filter(name=OWNER_GROUP).first()
     if group is None:
         return
