@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "ledger",
     "alerts",
     "console",
+    "control",
 ]
 
 # Session, authentication, messages and history: Django's and simple-history's, passed over
