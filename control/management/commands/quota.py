@@ -25,7 +25,6 @@ from ledger.commands import (
 )
 from quotas.keys import api_key_create, api_key_revoke, api_key_split
 from quotas.models import ApiKey
-from quotas.simulate.command import add_simulate
 from tenants.models import Feature, Tenant
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[CommandParser]"
@@ -213,5 +212,4 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_rebuild,
     add_import_usage,
     add_reconcile,
-    add_simulate,
 ]
