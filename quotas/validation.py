@@ -190,7 +190,8 @@ def _check_capacity_covers_guarantees(limit: Limit, add: _Add) -> None:
 def _check_unique(limit: Limit, add: _Add) -> None:
     # through the limit's own class, as Django's unique checks do: `Limit.clean` runs these
     # rules, so this module is below the model and never imports it
-    twins = type(limit)._default_manager.filter(
+    limits = type(limit)._default_manager
+    twins = limits.filter(
         tenant=limit.tenant,
         feature=limit.feature,
         pool=limit.pool,
