@@ -1,6 +1,6 @@
-"""Messages rendered from templates (templates/alerts/): an e-mail (text and HTML), a Slack
-Block Kit payload, and the JSON a webhook receives. Words live in the templates; this module
-only prepares the numbers they show."""
+"""Messages rendered from templates (alerts/templates/alerts/): an e-mail (text and HTML), a
+Slack Block Kit payload, and the JSON a webhook receives. Words live in the templates; this
+module only prepares the numbers they show."""
 
 from __future__ import annotations
 

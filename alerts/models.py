@@ -1,7 +1,7 @@
 """Alerting: where messages go (channels), how rules are tuned (rules), what fired (alerts),
 what was sent together (notifications) and how each sending went (deliveries).
 
-Every row names its tenant, so `quotas.admin_scoping` can isolate owners with one lookup;
+Every row names its tenant, so `console.scoping` can isolate owners with one lookup;
 rows without a tenant (alerts about a pool's own capacity, platform channels) belong to the
 platform and are seen by superusers only.
 """

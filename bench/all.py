@@ -4,7 +4,7 @@
 
 - http: reservation throughput and latency against the two baselines (`python -m bench`);
 - ledger: ledger ingest into PostgreSQL (`python -m bench.ledger_ingest`), if present;
-- simulate: the noisy-neighbour simulator (`manage.py quota simulate`), on a Redis server and
+- simulate: the noisy-neighbour simulator (`python -m sim`), on a Redis server and
   a SQLite database of its own;
 - admin: admin pages and the rollup reads with 10,000 features and 10 million rollups
   (`python -m bench.admin_pages --keep`: a load of the last 6 hours is reused), if present.
@@ -163,9 +163,8 @@ def simulate(quick: bool) -> list[Figure]:
             run(
                 [
                     sys.executable,
-                    "manage.py",
-                    "quota",
-                    "simulate",
+                    "-m",
+                    "sim",
                     "--markdown",
                     str(table),
                     "--chart",
@@ -180,7 +179,7 @@ def simulate(quick: bool) -> list[Figure]:
 
 
 def simulate_figures(markdown: str) -> list[Figure]:
-    """Rows of quotas.simulate.report.markdown."""
+    """Rows of sim.report.markdown."""
     figures = []
     for line in markdown.splitlines()[2:]:
         run_name, feature, tokens, _, gave_up, p50, p95, refusals, upstream, truncated = [

@@ -35,6 +35,7 @@ INSTALLED_APPS = [
     "ledger",
     "alerts",
     "console",
+    "control",
 ]
 
 # Session, authentication, messages and history: Django's and simple-history's, passed over
@@ -57,7 +58,7 @@ WSGI_APPLICATION = "config.wsgi.application"
 TEMPLATES = [
     {
         "BACKEND": "django.template.backends.django.DjangoTemplates",
-        "DIRS": [BASE_DIR / "templates"],
+        "DIRS": [],  # every template lives in its app
         "APP_DIRS": True,
         "OPTIONS": {
             "context_processors": [

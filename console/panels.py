@@ -21,6 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from alerts.models import Alert, Delivery
+from console.scoping import is_scoped, owned_tenants, scope_queryset
 from console.snapshot import platform_snapshot
 from ledger.usage_reads import (
     feature_series,
@@ -29,7 +30,6 @@ from ledger.usage_reads import (
     top_consumers_by_pool,
 )
 from providers.models import Pool
-from quotas.admin_scoping import is_scoped, owned_tenants, scope_queryset
 from quotas.engine.types import Held
 from quotas.models import Limit
 from quotas.plan import LimitInfo, Plan, plans

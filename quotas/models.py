@@ -10,6 +10,7 @@ from django.db.models.functions import Coalesce
 from simple_history.models import HistoricalRecords
 
 from providers.models import LanguageModel, Pool
+from quotas.validation import limit_describe, limit_validate
 from tenants.models import Feature, Tenant
 
 
@@ -152,13 +153,9 @@ class Limit(models.Model):
         constraints = [LIMIT_IDENTITY]
 
     def __str__(self) -> str:
-        from quotas.validation import limit_describe
-
         return limit_describe(self)
 
     def clean(self) -> None:
-        from quotas.validation import limit_validate
-
         limit_validate(self)
 
     @property

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from django.core.exceptions import ValidationError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the model imports this module to run its rules
     from quotas.models import Limit
 
 TOKEN_METRICS = {"tokens", "input_tokens", "output_tokens"}
@@ -133,14 +133,12 @@ def _check_alert_at(limit: Limit, add: _Add) -> None:
 
 
 def _check_guarantee_fits_pool(limit: Limit, add: _Add) -> None:
-    from quotas.models import Limit as LimitModel
-
     pool, guaranteed = limit.pool, limit.guaranteed
     if guaranteed is None or pool is None:
         return
     capacity = (
-        LimitModel.objects.filter(
-            pool=pool, tenant=None, feature=None, model=None, metric=limit.metric, window="minute"
+        pool.limits.filter(
+            tenant=None, feature=None, model=None, metric=limit.metric, window="minute"
         )
         .values_list("amount", flat=True)
         .first()
@@ -153,7 +151,7 @@ def _check_guarantee_fits_pool(limit: Limit, add: _Add) -> None:
         )
         return
     others = (
-        LimitModel.objects.filter(pool=pool, metric=limit.metric, window="minute")
+        pool.limits.filter(metric=limit.metric, window="minute")
         .exclude(guaranteed=None)
         .exclude(pk=limit.pk)
         .values_list("guaranteed", flat=True)
@@ -169,14 +167,12 @@ def _check_guarantee_fits_pool(limit: Limit, add: _Add) -> None:
 
 def _check_capacity_covers_guarantees(limit: Limit, add: _Add) -> None:
     """Lowering a pool's capacity must not leave its guarantees uncovered."""
-    from quotas.models import Limit as LimitModel
-
     pool, amount = limit.pool, limit.amount
     is_capacity = pool is not None and not (limit.tenant or limit.feature or limit.model)
     if not is_capacity or limit.window != "minute" or amount is None or pool is None:
         return
     guaranteed = (
-        LimitModel.objects.filter(pool=pool, metric=limit.metric, window="minute")
+        pool.limits.filter(metric=limit.metric, window="minute")
         .exclude(guaranteed=None)
         .exclude(pk=limit.pk)
         .values_list("guaranteed", flat=True)
@@ -192,9 +188,10 @@ def _check_capacity_covers_guarantees(limit: Limit, add: _Add) -> None:
 
 
 def _check_unique(limit: Limit, add: _Add) -> None:
-    from quotas.models import Limit as LimitModel
-
-    twins = LimitModel.objects.filter(
+    # through the limit's own class, as Django's unique checks do: `Limit.clean` runs these
+    # rules, so this module is below the model and never imports it
+    limits = type(limit)._default_manager
+    twins = limits.filter(
         tenant=limit.tenant,
         feature=limit.feature,
         pool=limit.pool,

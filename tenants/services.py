@@ -21,8 +21,6 @@ from tenants.models import Feature, Priority, Tenant
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
-    from providers.models import Pool
-
 M = TypeVar("M", bound=models.Model)
 OWNER_GROUP = "Tenant owners"  # created by migration tenants 0002
 
@@ -138,7 +136,7 @@ def tenant_upsert(
 
 def owners_admit(*, users: Iterable[User]) -> None:
     """Tenant owners use the admin: they need the owner group's model permissions (which
-    rows they see is decided by their tenants, in quotas.admin_scoping)."""
+    rows they see is decided by their tenants, in console.scoping)."""
     group = Group.objects.filter(name=OWNER_GROUP).first()
     if group is None:
         return
@@ -155,7 +153,7 @@ def feature_upsert(
     name: str = "",
     priority: str = Priority.STANDARD,
     status: str = Feature.Status.ACTIVE,
-    pools: Iterable[Pool] = (),
+    pools: Iterable[models.Model] = (),  # providers' pools: that app is above this one
 ) -> Upserted[Feature]:
     return model_upsert(
         Feature,

@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from quotas.simulate.chart import chart
-from quotas.simulate.report import markdown, provider_429s, summaries, table
-from quotas.simulate.run import config_document, simulate
-from quotas.simulate.traffic import BATCH, CHAT, Scenario, chat_schedule
+from sim.chart import chart
+from sim.report import markdown, provider_429s, summaries, table
+from sim.run import config_document, simulate
+from sim.traffic import BATCH, CHAT, Scenario, chat_schedule
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_without_the_platform_the_pool_has_no_limits() -> None:
 def test_the_fake_provider_throttles_like_a_token_bucket_and_truncates() -> None:
     import openai
 
-    from quotas.simulate.provider import Account, FakeProvider, Latency
+    from sim.provider import Account, FakeProvider, Latency
 
     account = Account(tpm=6_000, rpm=600, chars_per_token=4.0)
     messages = [{"role": "user", "content": "x" * 400}]

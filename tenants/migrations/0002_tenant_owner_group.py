@@ -1,7 +1,7 @@
 """The "Tenant owners" group: the model permissions an owner needs to use the admin.
 
 Permissions say what kind of row an owner may touch; which rows (only their tenants') is
-decided by the admin (quotas.admin_scoping), whatever permissions a user holds.
+decided by the admin (console.scoping), whatever permissions a user holds.
 """
 
 from __future__ import annotations

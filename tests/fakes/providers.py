@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
-from quotas.simulate.local_server import LocalServer
+from sim.local_server import LocalServer
 
 
 @dataclass

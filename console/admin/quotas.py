@@ -1,4 +1,4 @@
-"""Admin for limits and API keys. Isolation between tenants lives in `quotas.admin_scoping`."""
+"""Admin for limits and API keys. Isolation between tenants lives in `console.scoping`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 
 from console.admin_views import ApiKeyRevokeMixin, LimitBoostMixin
-from quotas.admin_scoping import (
+from console.scoping import (
     AuditedAdmin,
     OwnedTenantRequired,
     OwnRowsInlineFormSet,

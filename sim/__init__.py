@@ -4,5 +4,8 @@ A fake provider (`provider.py`) with its own per-minute token and request bucket
 interactive chat feature and a flooding batch feature (`traffic.py`) calling it through the
 real `openai` package wrapped by the SDK, once against a pool without limits and once against
 the same pool with the provider's limits and protected headroom (`run.py`), then a table and a
-chart (`report.py`, `chart.py`). `manage.py quota simulate` (`command.py`) runs it.
+chart (`report.py`, `chart.py`). `python -m sim` (`__main__.py`, `command.py`) runs it.
+
+A tool beside the server, like bench/: it needs the SDK (`pip install -e ./sdk`) and
+matplotlib (the `sim` extra), which the server itself never imports.
 """

@@ -18,10 +18,10 @@ from typing import Any
 from django.core.exceptions import ValidationError
 from django.db.models import Q
 
+from control.configfile.apply import Applier, Skip
+from control.configfile.report import Change
+from control.configfile.schema import Entry
 from providers.models import LanguageModel
-from quotas.configfile.apply import Applier, Skip
-from quotas.configfile.report import Change
-from quotas.configfile.schema import Entry
 from quotas.limits import limit_delete, limit_identity, limit_upsert
 from quotas.models import Limit
 from quotas.validation import limit_describe_rule, limit_scope_words

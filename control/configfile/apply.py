@@ -1,5 +1,6 @@
 """Writes a parsed config file through the services: providers and their models, pools,
-tenants with their owners and features; limits follow in `apply_limits`.
+tenants with their owners and features; limits follow in `apply_limits`, alert channels in
+`alerts`, both using the `Applier` of this module.
 
 Every entry is attempted even after another failed, so that one run lists every error; the
 caller rolls the whole transaction back if there was any. An entry that fails is remembered,
@@ -18,10 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import models
 
+from control.configfile.report import Change, Report
+from control.configfile.schema import Entry, Errors
 from providers.models import LanguageModel, Pool, Provider
 from providers.services import language_model_upsert, pool_upsert, provider_upsert
-from quotas.configfile.report import Change, Report
-from quotas.configfile.schema import Entry, Errors
 from tenants.models import Feature, Tenant
 from tenants.services import Upserted, feature_upsert, owner_get_or_create, tenant_upsert
 
@@ -50,27 +51,16 @@ class Applier:
         # again in every limit (looked up after all of them are written)
         self.looked_up: dict[tuple[str, Any], Any] = {}
 
-    def run(self, document: Mapping[str, list[Entry]], *, prune: bool) -> None:
-        from quotas.configfile.apply_limits import apply_limits  # it builds on this module
-
+    def run(self, document: Mapping[str, list[Entry]]) -> None:
+        """The sections everything else names: providers, pools, tenants with features.
+        Limits (`apply_limits`) and alert channels (`alerts`) build on this module and are
+        written after it, by `config_apply`."""
         for entry in document["providers"]:
             self.provider(entry)
         for index, entry in enumerate(document["pools"]):
             self.pool(entry, position=index)
         for entry in document["tenants"]:
             self.tenant(entry)
-        apply_limits(self, document["limits"], prune=prune, **self._declared_scopes(document))
-        from quotas.configfile.alerts import apply_alert_channels  # it builds on this module
-
-        tenants = self._declared_scopes(document)["tenants"]
-        apply_alert_channels(self, document["alert_channels"], prune=prune, tenants=tenants)
-
-    def _declared_scopes(self, document: Mapping[str, list[Entry]]) -> dict[str, set[str]]:
-        """The tenants and pools the file speaks for: `--prune` only touches their limits."""
-        return {
-            "tenants": {e.data["slug"] for e in document["tenants"] if "slug" in e.data},
-            "pools": {e.data["slug"] for e in document["pools"] if "slug" in e.data},
-        }
 
     # Writing and reporting.
 

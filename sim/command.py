@@ -1,18 +1,18 @@
-"""`manage.py quota simulate`: listed in the SUBCOMMANDS of quotas/management/commands/quota.py."""
+"""`python -m sim`: the simulator's command line (`__main__.py` sets Django up first)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import CommandError, CommandParser
 from django.core.servers.basehttp import (
     ThreadedWSGIServer,
     WSGIRequestHandler,
@@ -20,13 +20,10 @@ from django.core.servers.basehttp import (
 )
 
 from quotas.store import get_redis
-
-if TYPE_CHECKING:
-    from django.core.management.base import BaseCommand
-
-    Subparsers = argparse._SubParsersAction[CommandParser]
-else:
-    Subparsers = Any
+from sim.chart import chart
+from sim.report import markdown, provider_429s, summaries, table
+from sim.run import simulate
+from sim.traffic import Scenario
 
 DESCRIPTION = """\
 Replay the starvation story (DESIGN.md section 1) on the real stack: a fake provider with its
@@ -37,17 +34,14 @@ platform's limits and with them; a table per feature is printed and a chart writ
 It writes a tenant "noisy-sim" with new pools and keys to the database and usage events to
 Redis: run it against a database and a Redis database of its own, e.g.
   REDIS_URL=redis://127.0.0.1:6379/3 DATABASE_URL=sqlite:///var/simulate.sqlite3 \\
-    python manage.py quota simulate
+    python -m sim
 """
 
 
-def add_simulate(subparsers: Subparsers) -> None:
-    from quotas.simulate.traffic import Scenario
-
+def parser_create() -> argparse.ArgumentParser:
     default = Scenario()
-    parser = subparsers.add_parser(
-        "simulate",
-        help="replay the noisy-neighbour story without and with the platform",
+    parser = argparse.ArgumentParser(
+        prog="python -m sim",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,42 +58,38 @@ def add_simulate(subparsers: Subparsers) -> None:
         action="store_true",
         help="run even though REDIS_URL is database 0 (normally the real data)",
     )
-    parser.set_defaults(handler=run_simulate)
+    return parser
 
 
-def run_simulate(command: BaseCommand, options: dict[str, Any]) -> None:
-    from quotas.simulate.chart import chart
-    from quotas.simulate.report import markdown, provider_429s, summaries, table
-    from quotas.simulate.run import simulate
-    from quotas.simulate.traffic import Scenario
-
-    _refuse_shared_redis(options["allow_redis_db0"])
+def main(argv: Sequence[str] | None = None) -> None:
+    options = parser_create().parse_args(argv)
+    _refuse_shared_redis(options.allow_redis_db0)
     call_command("migrate", verbosity=0, interactive=False)  # a fresh throwaway database
     scenario = Scenario(
-        seconds=options["seconds"],
-        tpm=options["tpm"],
-        rpm=options["rpm"],
-        batch_workers=options["batch_workers"],
-        chat_rate=options["chat_rate"],
-        seed=options["seed"],
+        seconds=options.seconds,
+        tpm=options.tpm,
+        rpm=options.rpm,
+        batch_workers=options.batch_workers,
+        chat_rate=options.chat_rate,
+        seed=options.seed,
     )
-    command.stdout.write(f"two runs of {scenario.seconds:g} s each ...")
+    print(f"two runs of {scenario.seconds:g} s each ...", flush=True)
     with api_server() as url:
         runs = simulate(url, scenario)
     rows = summaries(runs)
-    command.stdout.write(table(rows))
+    print(table(rows))
     for run in runs:
-        command.stdout.write(f"provider 429s {run.name}: {provider_429s(run)}")
-    command.stdout.write(f"chart: {chart(runs, Path(options['chart']))}")
-    if options["markdown"]:
-        Path(options["markdown"]).write_text(markdown(rows) + "\n", encoding="utf-8")
-        command.stdout.write(f"table: {options['markdown']}")
+        print(f"provider 429s {run.name}: {provider_429s(run)}")
+    print(f"chart: {chart(runs, Path(options.chart))}")
+    if options.markdown:
+        Path(options.markdown).write_text(markdown(rows) + "\n", encoding="utf-8")
+        print(f"table: {options.markdown}")
 
 
 def _refuse_shared_redis(allowed: bool) -> None:
     index = get_redis().connection_pool.connection_kwargs.get("db", 0)
     if index == 0 and not allowed:
-        raise CommandError(
+        sys.exit(
             f"REDIS_URL ({settings.REDIS_URL}) is database 0: give the simulation a Redis "
             "database of its own (e.g. redis://127.0.0.1:6379/3), or pass --allow-redis-db0."
         )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quotas.simulate.run import Run
-from quotas.simulate.traffic import BATCH, CHAT, Call
+from sim.run import Run
+from sim.traffic import BATCH, CHAT, Call
 
 
 @dataclass(frozen=True)

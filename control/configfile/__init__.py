@@ -16,15 +16,18 @@ features) and limits; see demo/quota.yaml and the help of `manage.py quota apply
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 from django.db import transaction
 
-from quotas.configfile.apply import Applier
-from quotas.configfile.export import config_export
-from quotas.configfile.report import Change, ConfigInvalid, Report
-from quotas.configfile.schema import Errors, parse_document
+from control.configfile.alerts import apply_alert_channels
+from control.configfile.apply import Applier
+from control.configfile.apply_limits import apply_limits
+from control.configfile.export import config_export
+from control.configfile.report import Change, ConfigInvalid, Report
+from control.configfile.schema import Entry, Errors, parse_document
 
 __all__ = ["Change", "ConfigInvalid", "Report", "config_apply", "config_export", "config_load"]
 
@@ -66,9 +69,23 @@ def config_apply(document: Any, *, dry_run: bool = False, prune: bool = False) -
     entries = parse_document(document, errors)
     report = Report(dry_run=dry_run)
     with transaction.atomic():
-        Applier(errors, report).run(entries, prune=prune)
+        _write(Applier(errors, report), entries, prune=prune)
         if errors or dry_run:
             transaction.set_rollback(True)
     if errors:
         raise ConfigInvalid(errors.items)
     return report
+
+
+def _write(applier: Applier, document: Mapping[str, list[Entry]], *, prune: bool) -> None:
+    """The sections in the order they name each other: limits and alert channels name the
+    providers, pools, tenants and features written before them."""
+    applier.run(document)
+    tenants, pools = _declared(document, "tenants"), _declared(document, "pools")
+    apply_limits(applier, document["limits"], prune=prune, tenants=tenants, pools=pools)
+    apply_alert_channels(applier, document["alert_channels"], prune=prune, tenants=tenants)
+
+
+def _declared(document: Mapping[str, list[Entry]], section: str) -> set[str]:
+    """The slugs of a section's entries: `prune` only touches what the file speaks for."""
+    return {e.data["slug"] for e in document[section] if "slug" in e.data}

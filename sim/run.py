@@ -16,12 +16,12 @@ from typing import Any
 import openai
 from quotaclient import Quota, QuotaClient, wrap_openai
 
+from control.configfile import config_apply
 from providers.models import LanguageModel
-from quotas.configfile import config_apply
 from quotas.keys import api_key_create
 from quotas.plan import plans
-from quotas.simulate.provider import Account, Entry, FakeProvider, Latency
-from quotas.simulate.traffic import BATCH, CHAT, Call, Clock, Driver, Scenario, drive
+from sim.provider import Account, Entry, FakeProvider, Latency
+from sim.traffic import BATCH, CHAT, Call, Clock, Driver, Scenario, drive
 from tenants.models import Tenant
 
 TENANT = "noisy-sim"

@@ -1,5 +1,5 @@
 """Admin for alert channels, rule overrides, alert history and deliveries. Owners see only
-their tenants' rows (`quotas.admin_scoping`); alerts and deliveries are read-only history."""
+their tenants' rows (`console.scoping`); alerts and deliveries are read-only history."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from django.utils.html import format_html_join
 
 from alerts.models import Alert, AlertRule, Channel, Delivery
 from alerts.services import channel_enable, channel_test
-from quotas.admin_scoping import (
+from console.scoping import (
     OwnedTenantRequired,
     TenantScopedMixin,
     VisibleErrorsForm,

@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from quotas.estimate import estimate_tokens
-from quotas.simulate.local_server import LocalServer
+from sim.local_server import LocalServer
 
 
 @dataclass

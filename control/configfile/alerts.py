@@ -18,9 +18,9 @@ from typing import Any
 
 from alerts.models import Channel
 from alerts.services import channel_upsert
-from quotas.configfile.apply import Applier, Skip
-from quotas.configfile.report import Change
-from quotas.configfile.schema import Entry
+from control.configfile.apply import Applier, Skip
+from control.configfile.report import Change
+from control.configfile.schema import Entry
 from tenants.models import Feature, Tenant
 
 KIND = "alert channel"

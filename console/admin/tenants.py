@@ -1,4 +1,4 @@
-"""Admin for tenants and features. Isolation between tenants lives in `quotas.admin_scoping`."""
+"""Admin for tenants and features. Isolation between tenants lives in `console.scoping`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
+from console.admin.quotas import LimitInline
 from console.admin_views import FeatureSwitchMixin, LivePanelMixin
 from console.panels import feature_context, tenant_context
-from quotas.admin import LimitInline
-from quotas.admin_scoping import AuditedAdmin, VisibleErrorsForm, is_scoped
+from console.scoping import AuditedAdmin, VisibleErrorsForm, is_scoped
 from tenants.models import Feature, Tenant
 
 RelatedOnly = admin.RelatedOnlyFieldListFilter

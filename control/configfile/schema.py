@@ -168,7 +168,7 @@ LIMIT = {
     "enforcement": Key(choice(Enforcement.values)),
     "alert_at": Key(as_is),
 }
-ALERT_CHANNEL = {  # written by quotas.configfile.alerts
+ALERT_CHANNEL = {  # written by control.configfile.alerts
     "tenant": Key(text),
     "feature": Key(text),
     "name": Key(text, required=True),

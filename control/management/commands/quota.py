@@ -15,6 +15,7 @@ from typing import Any, TypeAlias
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from control.configfile import ConfigInvalid, config_apply, config_export, config_load
 from ledger.commands import (
     add_drift,
     add_import_usage,
@@ -22,10 +23,8 @@ from ledger.commands import (
     add_rebuild,
     add_reconcile,
 )
-from quotas.configfile import ConfigInvalid, config_apply, config_export, config_load
 from quotas.keys import api_key_create, api_key_revoke, api_key_split
 from quotas.models import ApiKey
-from quotas.simulate.command import add_simulate
 from tenants.models import Feature, Tenant
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[CommandParser]"
@@ -213,5 +212,4 @@ SUBCOMMANDS: list[Callable[[Subparsers], None]] = [
     add_rebuild,
     add_import_usage,
     add_reconcile,
-    add_simulate,
 ]

@@ -9,14 +9,14 @@ from django.http import HttpRequest
 
 from console.admin_views import LivePanelMixin
 from console.panels import pool_context
-from providers.models import LanguageModel, Pool, Provider
-from quotas.admin_scoping import (
+from console.scoping import (
     OwnRowsInlineFormSet,
     SharedConfigAdmin,
     SharedReadOnlyMixin,
     TenantScopedMixin,
     VisibleErrorsForm,
 )
+from providers.models import LanguageModel, Pool, Provider
 
 
 class LanguageModelInline(SharedReadOnlyMixin, TenantScopedMixin, admin.TabularInline):  # type: ignore[type-arg]

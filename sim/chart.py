@@ -13,8 +13,8 @@ matplotlib.use("Agg")  # no display: the chart is a file
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 
-from quotas.simulate.run import Run
-from quotas.simulate.traffic import BATCH, CHAT
+from sim.run import Run
+from sim.traffic import BATCH, CHAT
 
 COLOURS = {CHAT: "tab:blue", BATCH: "tab:orange"}
 

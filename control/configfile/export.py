@@ -12,8 +12,8 @@ from typing import Any
 
 import yaml
 
+from control.configfile.alerts import alert_channels_export
 from providers.models import LanguageModel, Pool, Provider
-from quotas.configfile.alerts import alert_channels_export
 from quotas.models import DEFAULT_ALERT_AT, Enforcement, Limit, Metric, Window
 from tenants.models import Feature, Tenant
 
