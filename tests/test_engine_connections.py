@@ -15,7 +15,7 @@ from django.conf import settings
 from quotas.engine import Engine
 from quotas.engine.scripts import SCRIPT_NAMES, Connections, script_source
 from quotas.store import get_redis, redis_client
-from tests.conftest import DEAD_STORE
+from tests.fixtures import DEAD_STORE
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from django.test import override_settings
 from config.wsgi import application
 from quotas.api.wsgi import FastPath
 from quotas.reservations import get_engine
-from tests.conftest import World
 from tests.fakes.wsgi import (
     NOW_MS,
     RESERVATIONS,
@@ -28,6 +27,7 @@ from tests.fakes.wsgi import (
     same_start,
     served,
 )
+from tests.fixtures import World
 
 pytestmark = pytest.mark.usefixtures("connections_kept", "clock_stopped")
 

@@ -16,8 +16,8 @@ from django.test import override_settings
 
 from config.wsgi import application
 from quotas.api.wsgi import FastPath
-from tests.conftest import World
 from tests.fakes.wsgi import RESERVATIONS, environ_for, reserve_body, same_start, served
+from tests.fixtures import World
 
 pytestmark = pytest.mark.usefixtures("connections_kept")
 

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.servers.basehttp import WSGIRequestHandler
 from quotaclient import AsyncQuotaClient, QuotaClient
 
-from tests.conftest import World
+from tests.fixtures import World
 
 EVENTS = f"q:{{{settings.QUOTA_HASH_TAG}}}:events"
 T = TypeVar("T")

@@ -10,7 +10,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 
 from quotas.models import Limit
-from tests.conftest import World
+from tests.fixtures import World
 
 BEFORE = [("quotas", "0004_config_version")]
 

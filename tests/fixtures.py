@@ -1,0 +1,112 @@
+"""Fixtures shared by the server's tests and the SDK's: each conftest.py imports them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+from django.core import signals
+from django.db import close_old_connections
+from rest_framework.test import APIClient
+
+from providers.models import LanguageModel, Pool
+from quotas.keys import api_key_create
+from quotas.models import Limit
+from quotas.plan import plans
+from quotas.reservations import get_engine
+from quotas.store import get_redis
+from tenants.models import Feature, Tenant
+from tests.factories import (
+    FeatureFactory,
+    LanguageModelFactory,
+    PoolFactory,
+    TenantFactory,
+)
+
+# A Redis that refuses connections, for the tests of the fail modes.
+DEAD_STORE = "redis://127.0.0.1:1/0"
+
+
+@pytest.fixture(autouse=True)
+def redis_db() -> Iterator[redis.Redis]:
+    client = get_redis()
+    index = client.connection_pool.connection_kwargs.get("db", 0)
+    assert index != 0, f"tests must not use Redis database 0 ({settings.REDIS_URL})"
+    client.flushdb()
+    plans.clear()
+    get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
+    yield client
+    client.flushdb()
+    plans.clear()
+    get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
+
+
+@pytest.fixture
+def connections_kept() -> Iterator[None]:
+    """For requests made straight to a WSGI application: as Django's test client does, the
+    request signals must not close the test's database connection (it holds the test's
+    transaction)."""
+    signals.request_started.disconnect(close_old_connections)
+    signals.request_finished.disconnect(close_old_connections)
+    yield
+    signals.request_started.connect(close_old_connections)
+    signals.request_finished.connect(close_old_connections)
+
+
+@dataclass
+class World:
+    """One tenant with a chat and a batch feature sharing one pool, and an API key."""
+
+    tenant: Tenant
+    chat: Feature
+    batch: Feature
+    model: LanguageModel
+    pool: Pool
+    secret: str
+
+    def client(self, secret: str | None = None) -> APIClient:
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {secret or self.secret}")
+        return client
+
+    def limit(self, **fields: Any) -> Limit:
+        fields.setdefault("window", "minute")
+        limit = Limit(**fields)
+        if "amount" in fields:
+            limit.amount = Decimal(str(fields["amount"]))
+        limit.full_clean()
+        limit.save()
+        plans.clear()
+        return limit
+
+
+@pytest.fixture
+def world(db: Any) -> World:
+    tenant = TenantFactory(slug="acme", timezone="Europe/Berlin")
+    model = LanguageModelFactory()
+    pool = PoolFactory(slug="shared", served_models=[model])
+    chat = FeatureFactory(tenant=tenant, slug="chat", priority="interactive")
+    batch = FeatureFactory(tenant=tenant, slug="batch", priority="batch")
+    issued = api_key_create(tenant=tenant, name="test")
+    plans.clear()
+    return World(tenant, chat, batch, model, pool, issued.secret)
+
+
+@pytest.fixture
+def reserve(world: World) -> Callable[..., Any]:
+    """POST a reservation with sensible defaults; returns the response."""
+
+    def call(client: APIClient | None = None, **body: Any) -> Any:
+        body.setdefault("feature", "chat")
+        body.setdefault("model", world.model.name)
+        if not {"input_tokens", "messages", "prompt"} & set(body):
+            body["input_tokens"] = 100
+        body.setdefault("max_output_tokens", 100)
+        return (client or world.client()).post("/api/v1/reservations", body, format="json")
+
+    return call

@@ -1,0 +1,228 @@
+"""Ingest of the usage stream into the ledger: one merged row per reservation, exactly once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import override_settings
+
+from ledger.models import LedgerState, Refusal, UsageEvent
+from ledger.services import entries_batch_write, usage_ingest, usage_stream, usage_stream_trim
+from quotas.reservations import get_engine, leases_expire
+from tests.fixtures import World
+
+pytestmark = pytest.mark.django_db
+
+
+def commit(world: World, rid: str, **usage: Any) -> Any:
+    usage.setdefault("input_tokens", 80)
+    usage.setdefault("output_tokens", 40)
+    return world.client().post(f"/api/v1/reservations/{rid}/commit", usage, format="json")
+
+
+def all_entries() -> list[tuple[str, dict[str, str]]]:
+    stream = usage_stream()
+    return list(stream.client.xrange(stream.key))
+
+
+def test_a_committed_reservation_becomes_one_row_with_its_actual_usage(
+    world: World, reserve: Any
+) -> None:
+    rid = reserve(input_tokens=100, max_output_tokens=50).json()["id"]
+    assert commit(world, rid, cached_input_tokens=30, finish_reason="length").status_code == 200
+
+    report = usage_ingest()
+
+    assert report.entries == 2
+    row = UsageEvent.objects.get(rid=rid)
+    assert row.state == "committed"
+    assert (row.tenant, row.feature, row.pool, row.model) == (
+        "acme",
+        "chat",
+        "shared",
+        "gpt-4o-mini",
+    )
+    assert (row.tenant_pk, row.feature_pk, row.pool_pk) == (
+        world.tenant.id,
+        world.chat.id,
+        world.pool.id,
+    )
+    assert (row.reserved_input_tokens, row.reserved_output_tokens) == (100, 50)
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (80, 30, 40)
+    assert row.cost_nusd == 50 * 150 + 30 * 75 + 40 * 600  # $0.15, 0.075, 0.60 per Mtok
+    assert row.finish_reason == "length"
+    assert row.created_ms is not None and row.finished_ms is not None
+    assert usage_stream().backlog() == 0
+
+
+def test_a_batch_read_twice_makes_no_second_row(world: World, reserve: Any) -> None:
+    rids = [reserve().json()["id"] for _ in range(3)]
+    commit(world, rids[0])
+    entries = all_entries()
+
+    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=usage_stream(), entries=entries)
+
+    assert UsageEvent.objects.count() == 3
+    assert UsageEvent.objects.get(rid=rids[0]).state == "committed"
+    assert set(UsageEvent.objects.exclude(rid=rids[0]).values_list("state", flat=True)) == {"held"}
+
+
+def _late_commit(world: World, reserve: Any) -> str:
+    engine = get_engine()
+    engine.frozen_ms = engine.now_ms()
+    rid = reserve(ttl_seconds=1).json()["id"]
+    engine.frozen_ms += 5_000
+    assert leases_expire() == 1
+    response = commit(world, rid, output_tokens=7)
+    assert response.json()["lease_expired"] is True
+    return str(rid)
+
+
+@pytest.mark.parametrize("order", ["stream", "reversed"])
+def test_a_commit_after_expiry_ends_committed_whatever_the_order(
+    world: World, reserve: Any, order: str
+) -> None:
+    rid = _late_commit(world, reserve)
+    entries = all_entries()
+    assert [f["type"] for _, f in entries] == ["reserved", "expired", "committed"]
+    if order == "reversed":
+        entries.reverse()
+
+    for entry in entries:  # one batch each: the merge happens in the database
+        entries_batch_write(stream=usage_stream(), entries=[entry])
+
+    row = UsageEvent.objects.get(rid=rid)
+    assert (row.state, row.output_tokens, row.lease_expired) == ("committed", 7, True)
+    assert row.reserved_output_tokens == 100 and row.tenant == "acme"
+
+
+def extend(world: World, rid: str, ttl_seconds: int) -> Any:
+    return world.client().post(
+        f"/api/v1/reservations/{rid}/extend", {"ttl_seconds": ttl_seconds}, format="json"
+    )
+
+
+@pytest.mark.parametrize("order", ["stream", "reversed", "one batch"])
+def test_the_ledger_keeps_the_expiry_the_latest_extension_granted(
+    world: World, reserve: Any, order: str
+) -> None:
+    engine = get_engine()
+    engine.frozen_ms = start = engine.now_ms()
+    rid = reserve(ttl_seconds=60).json()["id"]
+    engine.frozen_ms += 10_000
+    assert extend(world, rid, 900).status_code == 200
+    engine.frozen_ms += 10_000
+    assert extend(world, rid, 300).status_code == 200  # shortens it again
+    entries = all_entries()
+    assert [f["type"] for _, f in entries] == ["reserved", "extended", "extended"]
+    assert entries[1][1]["expires_ms"] == str(start + 10_000 + 900_000)
+    assert entries[1][1]["feature"] == "chat"
+
+    if order == "one batch":
+        entries_batch_write(stream=usage_stream(), entries=entries)
+    else:
+        for entry in entries if order == "stream" else entries[::-1]:
+            entries_batch_write(stream=usage_stream(), entries=[entry])
+
+    row = UsageEvent.objects.get(rid=rid)
+    # the expiry granted last, whatever the order: the later extension shortened the lease
+    assert (row.expires_ms, row.expiry_granted_ms) == (start + 20_000 + 300_000, start + 20_000)
+    assert (row.state, row.reserved_output_tokens, row.tenant) == ("held", 100, "acme")
+
+
+def test_an_expired_reservation_is_recorded_as_expired(world: World, reserve: Any) -> None:
+    engine = get_engine()
+    engine.frozen_ms = engine.now_ms()
+    rid = reserve(ttl_seconds=1).json()["id"]
+    engine.frozen_ms += 5_000
+    leases_expire()
+
+    usage_ingest()
+
+    row = UsageEvent.objects.get(rid=rid)
+    assert (row.state, row.input_tokens, row.finished_ms) == ("expired", None, engine.frozen_ms)
+
+
+def test_refusals_are_counted_once_each(world: World, reserve: Any) -> None:
+    limit = world.limit(tenant=world.tenant, metric="requests", amount=1)
+    reserve()
+    assert reserve().status_code == 429
+    assert reserve().status_code == 429
+    entries = all_entries()
+
+    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=usage_stream(), entries=entries)
+
+    refusals = list(Refusal.objects.values_list("reason", "limit_id", "feature"))
+    assert refusals == [("rate_limited", limit.id, "chat")] * 2
+
+
+@override_settings(LEDGER_CLAIM_IDLE_MS=0)
+def test_entries_a_dead_consumer_held_are_reclaimed(world: World, reserve: Any) -> None:
+    rids = [reserve().json()["id"] for _ in range(4)]
+    stream = usage_stream()
+    stream.ensure_group()
+    assert len(stream.read("dead-worker", count=3)) == 3  # read, never acknowledged
+
+    report = usage_ingest()
+
+    assert report.reclaimed == 3 and report.entries == 4
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == set(rids)
+    assert stream.pending() == 0
+    assert LedgerState.objects.get().ingested_total == 4
+
+
+def test_the_stream_is_trimmed_only_below_what_every_group_acknowledged(
+    world: World, reserve: Any
+) -> None:
+    for _ in range(3):
+        reserve()
+    stream = usage_stream()
+    stream.ensure_group()
+    stream.client.xgroup_create(stream.key, "audit", id="0")
+    # another group read one entry and has not acknowledged it
+    first = stream.client.xreadgroup("audit", "a1", {stream.key: ">"}, count=1)[0][1][0][0]
+
+    usage_ingest()
+    assert usage_stream_trim() == 0  # the audit group still needs everything
+    assert stream.client.xlen(stream.key) == 3
+
+    second = stream.client.xreadgroup("audit", "a1", {stream.key: ">"}, count=1)[0][1][0][0]
+    stream.client.xack(stream.key, "audit", first, second)
+    assert usage_stream_trim() == 2
+    assert stream.client.xlen(stream.key) == 1
+
+    reserve()
+    assert usage_stream_trim() == 0  # the new entry is not acknowledged by anyone yet
+
+
+def test_ingest_records_when_each_api_key_was_last_used_without_a_config_change(
+    world: World, reserve: Any
+) -> None:
+    from datetime import UTC, datetime
+
+    from quotas.models import ApiKey
+    from quotas.store import config_version_read
+
+    engine = get_engine()
+    engine.frozen_ms = 1_900_000_000_000
+    rid = reserve().json()["id"]
+    engine.frozen_ms += 5_000
+    commit(world, rid)
+    version = config_version_read()
+    records = ApiKey.history.count()
+
+    usage_ingest()
+
+    key = ApiKey.objects.get(tenant=world.tenant)
+    assert key.last_used_at == datetime.fromtimestamp(1_900_000_005, tz=UTC)  # the commit
+    assert config_version_read() == version  # no plan reload anywhere
+    assert ApiKey.history.count() == records  # not a change of configuration
+
+    engine.frozen_ms -= 60_000  # an older event read later does not move it back
+    reserve()
+    usage_ingest()
+    key.refresh_from_db()
+    assert key.last_used_at == datetime.fromtimestamp(1_900_000_005, tz=UTC)

@@ -1,0 +1,187 @@
+"""`quota rebuild`: Redis loses everything mid-period; the ledger and the configuration put
+every calendar budget and every open lease back, and hard limits hold afterwards."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from ledger.services import usage_ingest
+from quotas.models import Limit
+from quotas.plan import plans
+from quotas.reservations import get_engine, leases_expire
+from tests.fixtures import World
+
+pytestmark = pytest.mark.django_db
+
+HOUR_MS = 3_600_000
+
+
+@pytest.fixture(autouse=True)
+def mid_hour_clock() -> None:
+    """The middle of the current hour: no period of any window ends during the test."""
+    engine = get_engine()
+    now = engine.now_ms()
+    engine.frozen_ms = now - now % HOUR_MS + HOUR_MS // 2
+
+
+def advance(seconds: float) -> None:
+    engine = get_engine()
+    assert engine.frozen_ms is not None
+    engine.frozen_ms += int(seconds * 1000)
+
+
+def state(limit: Limit) -> dict[str, Any]:
+    plan, engine = plans.get(), get_engine()
+    check = plan.inspection_check(plan.limits[limit.id], engine.keys, engine.now_ms_estimate())
+    return engine.inspect([check])[0]
+
+
+def commit(world: World, rid: str, **usage: Any) -> Any:
+    return world.client().post(f"/api/v1/reservations/{rid}/commit", usage, format="json")
+
+
+def traffic(world: World, reserve: Any) -> list[str]:
+    """Commits, a release, an expiry, a commit after expiry, and two reservations left held."""
+    for n in range(3):
+        rid = reserve(input_tokens=300 + n, max_output_tokens=200).json()["id"]
+        assert commit(world, rid, input_tokens=250, output_tokens=50 + n).status_code == 200
+    released = reserve(input_tokens=100, max_output_tokens=100).json()["id"]
+    world.client().post(f"/api/v1/reservations/{released}/release")
+    late = reserve(feature="batch", input_tokens=120, max_output_tokens=80, ttl_seconds=1)
+    expired = reserve(feature="batch", input_tokens=70, max_output_tokens=30, ttl_seconds=1)
+    assert late.status_code == expired.status_code == 201
+    advance(2)
+    assert leases_expire() == 2
+    assert commit(world, late.json()["id"], input_tokens=100, output_tokens=11).status_code == 200
+    return [reserve(input_tokens=400, max_output_tokens=100).json()["id"] for _ in range(2)]
+
+
+def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    limits = [
+        world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000),
+        world.limit(
+            tenant=world.tenant, feature=world.chat, metric="requests", window="hour", amount=20
+        ),
+        world.limit(tenant=world.tenant, metric="cost_usd", window="month", amount=1),
+        world.limit(
+            pool=world.pool, metric="input_tokens", window="day", amount=300, enforcement="soft"
+        ),
+        world.limit(
+            tenant=world.tenant,
+            feature=world.batch,
+            metric="output_tokens",
+            window="hour",
+            amount=50,
+            enforcement="shadow",
+        ),
+    ]
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    held = traffic(world, reserve)
+    usage_ingest()
+    before = {limit.id: state(limit)["remaining"] for limit in limits}
+    assert all(state(limit)["used"] > 0 for limit in limits)  # the traffic touched every one
+    assert state(slots)["used"] == 2
+
+    redis_db.flushdb()  # Redis restarted without persistence
+    plans.clear()
+    assert all(
+        state(limit)["remaining"] == limit.amount * (10**9 if limit.metric == "cost_usd" else 1)
+        for limit in limits
+    )
+    out = StringIO()
+    call_command("quota", "rebuild", stdout=out)
+
+    assert {limit.id: state(limit)["remaining"] for limit in limits} == before
+    assert state(slots)["used"] == 2
+    assert "2 leases restored" in out.getvalue()
+
+    # a restored lease settles like the original: the unused part comes back
+    day = limits[0]
+    assert commit(world, held[0], input_tokens=400, output_tokens=20).status_code == 200
+    assert state(day)["remaining"] == before[day.id] + 80
+    assert state(slots)["used"] == 1
+
+    # and the hard limits hold: the day budget admits exactly what is left, then nothing
+    left = int(state(day)["remaining"])
+    assert reserve(input_tokens=left - 100, max_output_tokens=100).status_code == 201
+    refused = reserve(input_tokens=1, max_output_tokens=1)
+    assert refused.status_code == 429
+    assert refused.json()["limit"]["id"] == day.id
+
+
+def test_rebuild_twice_changes_nothing_the_second_time(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    traffic(world, reserve)
+    usage_ingest()
+    before = state(day)["remaining"]
+    redis_db.flushdb()
+    plans.clear()
+
+    call_command("quota", "rebuild", stdout=StringIO())
+    out = StringIO()
+    call_command("quota", "rebuild", stdout=out)
+
+    assert state(day)["remaining"] == before
+    assert "0 moved; 0 leases restored, 2 already there" in out.getvalue()
+
+
+def test_a_restored_lease_keeps_the_expiry_it_was_granted(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    long_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=600).json()["id"]
+    short_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=5).json()["id"]
+    usage_ingest()
+    redis_db.flushdb()
+    plans.clear()
+    advance(10)  # the short call's lease ran out while Redis was away
+
+    call_command("quota", "rebuild", stdout=StringIO())
+    assert state(slots)["used"] == 2
+
+    advance(50)  # the short one still has its moment to commit (60 s from the rebuild)
+    assert leases_expire() == 0
+    advance(20)
+    assert leases_expire() == 1  # the short one, charged as reserved
+    assert state(slots)["used"] == 1
+
+    advance(400)  # 480 s after the grant: the long one runs to its own expiry of 600 s
+    assert leases_expire() == 0
+    done = commit(world, long_call, input_tokens=100, output_tokens=10)
+    assert done.status_code == 200, done.content
+    assert done.json()["lease_expired"] is False
+    assert state(slots)["used"] == 0
+    late = commit(world, short_call, input_tokens=100, output_tokens=10)
+    assert late.status_code == 200 and late.json()["lease_expired"] is True
+
+
+def test_a_restored_lease_keeps_the_expiry_an_extension_granted(
+    world: World, reserve: Any, redis_db: Any
+) -> None:
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    rid = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=30).json()["id"]
+    advance(20)
+    extended = world.client().post(
+        f"/api/v1/reservations/{rid}/extend", {"ttl_seconds": 900}, format="json"
+    )
+    assert extended.status_code == 200
+    usage_ingest()
+    redis_db.flushdb()
+    plans.clear()
+
+    call_command("quota", "rebuild", stdout=StringIO())
+    advance(600)  # long past the 30 s first granted and the 60 s a rebuild grants at least
+
+    assert leases_expire() == 0
+    assert state(slots)["used"] == 1
+    done = commit(world, rid, input_tokens=100, output_tokens=10)
+    assert done.status_code == 200, done.content
+    assert done.json()["lease_expired"] is False
