@@ -293,9 +293,10 @@ class Engine:
             return Conflict(state="idempotency")
         if "existing" in reply:
             lease = LeaseView(data=reply["existing"], now_ms=reply["now_ms"])
-            return Existing(lease=lease, granted=_granted(reply["existing"]["reply"]))
+            existing = reply["existing"]
+            return Existing(lease=lease, granted=_granted(existing, existing.get("limits")))
         if reply["granted"]:
-            return _granted(reply)
+            return _granted(reply["lease"], reply["limits"])
         retry = reply.get("retry_ms")
         return Refused(
             reason=reply["reason"],
@@ -328,14 +329,15 @@ class Engine:
         return LeaseView(data=reply["lease"], now_ms=int(reply["now_ms"]))
 
 
-def _granted(reply: Reply) -> Granted:
+def _granted(lease: dict[str, Any], limits: Any) -> Granted:
+    """A grant as the lease recorded it, and the state its limits were left in."""
     return Granted(
-        reservation_id=reply["id"],
-        pool=reply["pool"],
-        output_tokens=int(reply["out"]),
-        cost_nusd=int(reply["cost"]),
-        expires_ms=int(reply["expires_ms"]),
-        now_ms=int(reply["now_ms"]),
+        reservation_id=lease["id"],
+        pool=lease["pool"],
+        output_tokens=int(lease["r"]["out"]),
+        cost_nusd=int(lease["r"]["cost"]),
+        expires_ms=int(lease["e"]),
+        now_ms=int(lease["created"]),
         limits=tuple(
             LimitState(
                 limit_id=d["id"],
@@ -343,9 +345,9 @@ def _granted(reply: Reply) -> Granted:
                 remaining=d["remaining"],
                 reset_ms=d.get("reset_ms"),
             )
-            for d in _as_list(reply["limits"])
+            for d in _as_list(limits)
         ),
-        would_refuse=tuple(_as_list(reply["soft"])),
+        would_refuse=tuple(_as_list(lease["soft"])),
     )
 
 

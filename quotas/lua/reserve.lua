@@ -22,14 +22,14 @@
 --              guards = [{k, cap}] (other features' guarantees, kept unless spent)}
 --
 -- Returns JSON, one of:
---   {granted = true, id, pool, out, cost, expires_ms, now_ms, limits = [{id, cap, remaining,
---    reset_ms}], soft = [ids of soft or shadow limits it went over]}
+--   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
+--    (its `r.out` the output tokens granted, `soft` the ids of soft or shadow limits it went
+--    over; with an idempotency key, `limits` too)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
 --   {stale = true}                     the plan is older than the configuration
---   {existing = lease, now_ms}         idempotency key replayed: the first reservation,
---                                      whose `reply` is the first answer
+--   {existing = lease, now_ms}         idempotency key replayed: the first reservation
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
@@ -153,7 +153,7 @@ local function describe(check)
 end
 
 -- Debit every check of the option (soft and shadow ones too), write the lease, tell the
--- ledger. The lease keeps the answer when a replay of the request must get it again.
+-- ledger.
 local function grant(option, out)
   local soft, limits, recorded = {}, {}, {}
   for _, check in ipairs(option.checks) do
@@ -167,8 +167,6 @@ local function grant(option, out)
   end
   local expires = now + req.ttl_ms
   local cost = amount_for(req.cost, out)
-  local reply = {granted = true, id = req.id, pool = option.pool, out = out, cost = cost,
-                 expires_ms = expires, now_ms = now, limits = limits, soft = soft}
   local meta = req.lease.meta
   meta.pool = option.pool
   local lease = {id = req.id, st = 'held', tenant = req.lease.tenant,
@@ -177,16 +175,19 @@ local function grant(option, out)
                  soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
-    lease.reply = reply
+    -- a replay of the request answers as this call does
+    lease.limits = limits
     redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idempotency.hash)
     redis.call('PEXPIRE', idem_key, keep_ms)
   end
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', keep_ms)
+  local lease_json = cjson.encode(lease)
+  redis.call('SET', lease_key, lease_json, 'PX', keep_ms)
   redis.call('ZADD', index_key, int(expires), req.id)
   local ev = event_base(lease, 'reserved', now)
   ev.granted_output_tokens, ev.expires_ms = out, expires
   emit(stream, req.maxlen, ev)
-  return cjson.encode(reply)
+  -- the answer holds the lease as written rather than the same values encoded again
+  return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits) .. '}'
 end
 
 local function refuse(refused)
