@@ -31,6 +31,7 @@ machine, which moves every kind of one round, moves the ratios less than the fig
 from __future__ import annotations
 
 import argparse
+import json
 import secrets
 import statistics
 import time
@@ -156,16 +157,15 @@ class Replay:
     PIPELINE = 100
 
     def __init__(self, client: redis.Redis, work: Workload) -> None:
-        from quotas.engine.scripts import json_encode
         from quotas.store import get_engine
 
         scripts = get_engine().scripts
-        seen: list[tuple[str, list[str], list[Any]]] = []
+        seen: list[tuple[str, list[str], dict[str, Any]]] = []
         send = scripts.call
 
-        def record(name: str, keys: list[str], payload: Any, *extra: Any) -> Any:
-            seen.append((name, list(keys), [payload, *extra]))
-            return send(name, keys, payload, *extra)
+        def record(name: str, keys: list[str], payload: dict[str, Any]) -> Any:
+            seen.append((name, list(keys), payload))
+            return send(name, keys, payload)
 
         scripts.call = record  # type: ignore[method-assign]
         try:
@@ -175,8 +175,8 @@ class Replay:
             del scripts.call
         self.client = client
         self.calls = {
-            name: (scripts._scripts[name].sha, keys, [_as_bytes(a, json_encode) for a in args])
-            for name, keys, args in seen
+            name: (scripts.sha(name), keys, [json.dumps(payload, separators=(",", ":")).encode()])
+            for name, keys, payload in seen
         }
         self.bucket3 = work.bucket3.sha
         self.bucket3_keys = len(work.bucket3_keys)
@@ -219,14 +219,6 @@ class Replay:
             if (i + 1) % self.PIPELINE == 0:
                 pipe.execute()
         pipe.execute()
-
-
-def _as_bytes(arg: Any, encode: Callable[[Any], bytes]) -> bytes:
-    if isinstance(arg, bytes):
-        return arg
-    if isinstance(arg, str):
-        return arg.encode()
-    return encode(arg)
 
 
 class Decisions(Protocol):

@@ -1,5 +1,5 @@
-"""The engine's own connections for its script calls (quotas.engine.scripts): what the client's
-pool would guarantee still holds, against the real Redis."""
+"""The engine's script calls on the client's own connections, against the real Redis: a
+restart's losses (scripts, connections), a store that is down, threads and forked workers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import redis
 from django.conf import settings
 
 from quotas.engine import Engine
-from quotas.engine.scripts import SCRIPT_NAMES, Connections, script_source
+from quotas.engine.scripts import SCRIPT_NAMES, script_source
 from quotas.store import get_redis, redis_client
 from tests.fixtures import DEAD_STORE
 
@@ -40,49 +40,29 @@ def scripts_flushed() -> Iterator[None]:
 def test_a_script_redis_no_longer_holds_is_loaded_again(
     engine: Engine, scripts_flushed: None
 ) -> None:
-    assert get_redis().script_exists(engine.scripts._scripts["held"].sha) == [False]
+    assert get_redis().script_exists(engine.scripts.sha("held")) == [False]
 
     assert held_count(engine) == 0
-    assert get_redis().script_exists(engine.scripts._scripts["held"].sha) == [True]
-
-
-def client_id(connection: Any) -> int:
-    connection.send_command("CLIENT", "ID")
-    return int(connection.read_response())
+    assert get_redis().script_exists(engine.scripts.sha("held")) == [True]
 
 
 def test_a_connection_the_server_closed_is_replaced_before_use(engine: Engine) -> None:
     held_count(engine)
-    (kept,) = engine.scripts._connections._idle
-    first = client_id(kept)
+    first = int(engine.client.client_id())
     assert get_redis().client_kill_filter(_id=str(first)) == 1
 
     assert held_count(engine) == 0  # no ConnectionError: the closed socket is seen first
-    assert engine.scripts._connections._idle == [kept]
-    assert client_id(kept) != first
+    assert int(engine.client.client_id()) != first
 
 
-def test_a_scripts_error_leaves_its_connection_usable(engine: Engine) -> None:
-    held_count(engine)
-    (kept,) = engine.scripts._connections._idle
-    socket_before = kept._sock
-
-    with pytest.raises(redis.ResponseError):
-        engine.scripts.call("held", [engine.keys.leases], b"not json")
-
-    assert kept._sock is socket_before
-    assert held_count(engine) == 0
-
-
-def test_a_store_that_is_down_raises_at_once_and_is_used_again_once_back() -> None:
+def test_a_store_that_is_down_raises_at_once() -> None:
     dead = Engine(redis_client(DEAD_STORE), hash_tag=settings.QUOTA_HASH_TAG)
     for _ in range(3):
         with pytest.raises(redis.ConnectionError):
             held_count(dead)
-    assert len(dead.scripts._connections._idle) == 1  # kept, not one more per failed call
 
 
-def test_concurrent_calls_each_have_a_connection_of_their_own(engine: Engine) -> None:
+def test_concurrent_calls_each_get_their_own_answer(engine: Engine) -> None:
     threads, calls = 8, 40
     barrier = threading.Barrier(threads)
     failures: list[BaseException] = []
@@ -102,65 +82,26 @@ def test_concurrent_calls_each_have_a_connection_of_their_own(engine: Engine) ->
         t.join()
 
     assert failures == []
-    kept = engine.scripts._connections._idle
-    assert 1 <= len(kept) <= threads
-    assert len({id(c) for c in kept}) == len(kept)
 
 
-def test_a_forked_child_opens_its_own_connection(engine: Engine) -> None:
+def test_a_forked_child_and_its_parent_both_get_their_answers(engine: Engine) -> None:
     held_count(engine)
-    (parents,) = engine.scripts._connections._idle
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report whether its connection is the parent's, then leave
+    if pid == 0:  # the child: report whether its call was answered, then leave
         ok = b"0"
         try:
-            child = engine.scripts._connections.take()
-            ok = b"1" if child is not parents and held_count(engine) == 0 else b"0"
+            ok = b"1" if held_count(engine) == 0 else b"0"
         finally:
             os.write(write, ok)
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
     assert held_count(engine) == 0  # the parent's connection still answers in order
-    assert engine.scripts._connections._idle == [parents]
-
-
-def test_connections_are_made_by_the_clients_pool_with_its_settings() -> None:
-    client = redis_client(settings.REDIS_URL)
-    connections = Connections(client.connection_pool)
-    taken: Any = connections.take()
-    try:
-        assert taken.socket_timeout == 2.0
-        assert taken.health_check_interval == 30
-        assert taken.db == client.connection_pool.connection_kwargs["db"]
-    finally:
-        connections.give(taken)
-
-
-def test_engines_on_one_client_take_nothing_from_its_pools_limit() -> None:
-    client = get_redis()
-    for _ in range(client.connection_pool.max_connections + 20):
-        engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
-        assert held_count(engine) == 0
-    assert client.ping()
-
-
-def test_no_more_connections_than_the_pools_limit() -> None:
-    client = redis.Redis.from_url(settings.REDIS_URL, max_connections=2)
-    connections = Connections(client.connection_pool)
-    first, second = connections.take(), connections.take()
-    with pytest.raises(redis.exceptions.MaxConnectionsError):
-        connections.take()
-    connections.give(first)
-    assert connections.take() is first  # given back, it serves the next call
-    connections.give(first)
-    connections.give(second)
 
 
 class ClusterLike:
-    """A client without a plain connection pool (as redis-py's RedisCluster): scripts are
-    called its own way."""
+    """A client of another kind (as redis-py's RedisCluster): scripts are its own."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[Any]]] = []
@@ -173,7 +114,7 @@ class ClusterLike:
         return script
 
 
-def test_a_client_without_a_plain_pool_is_called_its_own_way() -> None:
+def test_a_client_of_another_kind_is_called_its_own_way() -> None:
     client: Any = ClusterLike()
     engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
 

@@ -13,7 +13,6 @@ import pytest
 
 from quotas.api.representations import iso
 from quotas.api.views import _drf_render, _render
-from quotas.engine.scripts import json_decode, json_encode
 
 RESERVATIONS = "/api/v1/reservations"
 
@@ -118,35 +117,3 @@ def test_instants_are_written_as_before() -> None:
 
     for ms in values:
         assert iso(ms) == _iso_before(ms), ms
-
-
-PAYLOADS = [
-    pytest.param({"a": 1, "b": 600.0, "c": 7.5e-05, "l": [1, {"k": "v"}], "e": {}}, False),
-    pytest.param({"meta": {"feature": "caf\u00e9 \u2603"}}, False),
-    pytest.param({"version": None, "tenant": 1}, True),
-    pytest.param({"nan": math.nan, "inf": math.inf}, True),
-    pytest.param({"big": 2**70}, True),
-    pytest.param({"surrogate": "\ud800"}, True),
-]
-
-
-@pytest.mark.parametrize("payload,by_json", PAYLOADS)
-def test_a_script_payload_reads_as_json_wrote_it(payload: dict[str, Any], by_json: bool) -> None:
-    before = json.dumps(payload, separators=(",", ":"))
-    ours = json_encode(payload)
-
-    if by_json:  # a null, NaN or Infinity, an integer past 64 bits, a lone surrogate
-        assert ours == before.encode()
-    assert repr(json.loads(ours)) == repr(json.loads(before))
-
-
-@pytest.mark.parametrize(
-    "reply",
-    [
-        b'{"remaining":9.99999925525e+14,"cap":1e+15,"reset_ms":1796083200000,"soft":{}}',
-        b'{"id":"rsv_1","limits":[{"id":4,"remaining":-0,"cap":12345678901234}],"ok":true}',
-        b'{"x":"\xed\xa0\x80"}',  # a lone surrogate as Lua may hand it over: json reads it
-    ],
-)
-def test_a_script_reply_reads_as_json_read_it(reply: bytes) -> None:
-    assert repr(json_decode(reply)) == repr(json.loads(reply))

@@ -20,13 +20,13 @@
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
-local lease, raw = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
+local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st == 'committed' then
   if lease.hash == req.usage.hash then return cjson.encode({result = lease.res}) end
   return cjson.encode({conflict = 'committed'})
 end
 if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end
-local _, result_json = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4],
-                             req.maxlen, req.retention_ms, now, raw)
-return '{"result":' .. result_json .. '}'
+local result = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4], req.maxlen,
+                      req.retention_ms, now)
+return cjson.encode({result = result})

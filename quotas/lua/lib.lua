@@ -2,8 +2,8 @@
 --
 -- State kept in Redis (every key carries the deployment's hash tag, so one decision's keys
 -- live in one Cluster slot):
---   bucket (minute limits, guarantees): hash {v = level, t = last refill in ms}; a missing key
---     is a full bucket, so keys expire once they would have refilled.
+--   bucket (minute limits, guarantees): string "level:t" (t: last refill in ms); a missing
+--     key is a full bucket, so keys expire once they would have refilled.
 --   budget (hour/day/month limits): string counter of units used in one calendar period; the
 --     key names the period, so a new period starts from zero with no reset job.
 --   concurrency: string counter of held reservations.
@@ -11,32 +11,9 @@
 --
 -- Amounts are integers in engine units: tokens, requests, nano-USD.
 
-local cjson = cjson
-
-local format, floor = string.format, math.floor
-
--- Whole numbers below 1e14 are written the same by %d, %.0f, %.14g (tostring, cjson) and
--- %.17g (Redis, for a number given to redis.call), and %d writes them fastest.
-local function short_whole(x)
-  return x == floor(x) and x < 1e14 and x > -1e14 and x ~= 0
-end
-
 -- Integers as Redis arguments: tostring() would write large ones as 1e+15.
 local function int(x)
-  if short_whole(x) then return format('%d', x) end
-  return format('%.0f', x)
-end
-
--- A number as tostring() writes it.
-local function num_text(x)
-  if short_whole(x) then return format('%d', x) end
-  return tostring(x)
-end
-
--- A number as an argument of redis.call: whole ones written here, others left to Redis.
-local function as_arg(x)
-  if short_whole(x) then return format('%d', x) end
-  return x
+  return string.format('%.0f', x)
 end
 
 local function now_ms()
@@ -53,9 +30,10 @@ end
 
 -- Level of a token bucket of capacity `cap` refilling cap per 60 s, at `now`.
 local function bucket_level(key, cap, now)
-  local st = redis.call('HMGET', key, 'v', 't')
-  if not st[1] then return cap end
-  local level = tonumber(st[1]) + (now - tonumber(st[2])) * cap / 60000
+  local raw = redis.call('GET', key)
+  if not raw then return cap end
+  local level, at = string.match(raw, '^(.-):(.*)$')
+  level = tonumber(level) + (now - tonumber(at)) * cap / 60000
   if level > cap then return cap end
   return level
 end
@@ -65,23 +43,23 @@ local function bucket_store(key, cap, level, now)
     redis.call('DEL', key)
     return
   end
-  redis.call('HSET', key, 'v', num_text(level), 't', num_text(now))
   -- a bucket left alone refills; once it would be full the key can go (with a margin, so
   -- that a clock that is stopped or moved in tests keeps its keys)
-  redis.call('PEXPIRE', key, as_arg(math.ceil((cap - level) * 60000 / cap) + 300000))
+  local ttl = math.ceil((cap - level) * 60000 / cap) + 300000
+  redis.call('SET', key, string.format('%.17g:%s', level, int(now)), 'PX', int(ttl))
 end
 
 local function counter(key)
   return tonumber(redis.call('GET', key) or '0')
 end
 
--- Amount a check takes for `out` output tokens: linear in out (a + b * out).
 -- Round a charge up to a whole unit, ignoring the binary noise of prices like 12.3 per token
 -- (12.3 * 10500 is 129150.00000000001 in floating point, not a unit more).
 local function ceil_units(x)
   return math.ceil(x - 1e-6)
 end
 
+-- Amount a check takes for `out` output tokens: linear in out (a + b * out).
 local function amount_for(check, out)
   if check.b == 0 then return check.a end
   return check.a + ceil_units(check.b * out)
@@ -132,29 +110,19 @@ local function field_text(value)
   return tostring(value)
 end
 
--- One usage event: XADD of the fields given as name, value, name, value, ...
-local function xadd(stream, maxlen, ...)
+-- One usage event, its fields from a table.
+local function emit(stream, maxlen, fields)
+  local flat = {}
+  for name, value in pairs(fields) do
+    flat[#flat + 1] = name
+    flat[#flat + 1] = field_text(value)
+  end
   if maxlen > 0 then
-    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', ...)
+    redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(flat))
   else
     -- uncapped: the ledger trims the stream below what every consumer has acknowledged
-    redis.call('XADD', stream, '*', ...)
+    redis.call('XADD', stream, '*', unpack(flat))
   end
-end
-
-local function emit(stream, maxlen, fields)
-  local flat, n = {}, 0
-  for name, value in pairs(fields) do
-    local kind = type(value)
-    if kind == 'number' and short_whole(value) then
-      value = format('%d', value)  -- as field_text writes it, sooner
-    elseif kind ~= 'string' then
-      value = field_text(value)
-    end
-    flat[n + 1], flat[n + 2] = name, value
-    n = n + 2
-  end
-  xadd(stream, maxlen, unpack(flat))
 end
 
 local function event_base(lease, kind, now)
@@ -171,25 +139,20 @@ local function expire_lease(lease_key, lease, index_key, stream, maxlen, retenti
   for _, check in ipairs(lease.ck) do free_slot(check) end
   lease.st = 'expired'
   lease.done = now
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', retention_ms)
+  redis.call('SET', lease_key, cjson.encode(lease), 'PX', int(retention_ms))
   redis.call('ZREM', index_key, lease.id)
   emit(stream, maxlen, event_base(lease, 'expired', now))
 end
 
 -- Expire up to `limit` leases whose time is up; returns how many.
 local function reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, limit)
-  local due = redis.call('ZRANGEBYSCORE', index_key, '-inf', as_arg(now), 'LIMIT', '0',
-                         as_arg(limit))
+  local due = redis.call('ZRANGEBYSCORE', index_key, '-inf', int(now), 'LIMIT', 0, limit)
   for _, rid in ipairs(due) do
     local lease_key = lease_prefix .. rid
     local raw = redis.call('GET', lease_key)
-    if raw then
-      local lease = cjson.decode(raw)
-      if lease.st == 'held' then
-        expire_lease(lease_key, lease, index_key, stream, maxlen, retention_ms, now)
-      else
-        redis.call('ZREM', index_key, rid)
-      end
+    local lease = raw and cjson.decode(raw)
+    if lease and lease.st == 'held' then
+      expire_lease(lease_key, lease, index_key, stream, maxlen, retention_ms, now)
     else
       redis.call('ZREM', index_key, rid)
     end
@@ -197,29 +160,10 @@ local function reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, 
   return #due
 end
 
--- The JSON of a held lease once settled: `raw` (the lease as read) with its state replaced
--- and the settlement's members appended, or nil when `raw` is not plainly that (its one
--- "st" member is not "held"); members named as an appended one (none are, in a held lease)
--- would read as the appended value, as JSON's last member of a name does.
-local function settled_text(raw, outcome, now, result_json, hash)
-  if not raw or string.sub(raw, -1) ~= '}' then return nil end
-  local at = string.find(raw, '"st":', 1, true)
-  if not at or string.sub(raw, at, at + 10) ~= '"st":"held"'
-      or string.find(raw, '"st":', at + 5, true) then
-    return nil
-  end
-  local hash_member = ''
-  if hash ~= nil then hash_member = ',"hash":' .. cjson.encode(hash) end
-  return string.sub(raw, 1, at + 4) .. cjson.encode(outcome) .. string.sub(raw, at + 11, -2)
-         .. ',"done":' .. cjson.encode(now) .. ',"res":' .. result_json .. hash_member .. '}'
-end
-
 -- Settle a lease with its actual usage: refund (or charge) the difference in every limit it
--- touched, free its slot, record it. Returns the result that a repeated call returns again,
--- and its JSON. `raw`, the lease's JSON as read, if given and still the held lease, is
--- written again with the settlement rather than encoding the whole lease.
+-- touched, free its slot, record it. Returns the result, which a repeated call returns again.
 local function settle(lease_key, lease, usage, outcome, index_key, stream, maxlen, retention_ms,
-                      now, raw)
+                      now)
   local late = lease.st == 'expired'
   if usage.cost == nil then
     -- priced with the model's prices as they were when the reservation was made
@@ -240,13 +184,11 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
                   refunded = {input_tokens = lease.r.in_ - usage.in_,
                               output_tokens = lease.r.out - usage.out,
                               cost_nusd = lease.r.cost - usage.cost}}
-  local result_json = cjson.encode(result)
-  local text = lease.st == 'held' and settled_text(raw, outcome, now, result_json, usage.hash)
   lease.st = outcome
   lease.done = now
   lease.res = result
   lease.hash = usage.hash
-  redis.call('SET', lease_key, text or cjson.encode(lease), 'PX', as_arg(retention_ms))
+  redis.call('SET', lease_key, cjson.encode(lease), 'PX', int(retention_ms))
   redis.call('ZREM', index_key, lease.id)
   local ev = event_base(lease, outcome, now)
   ev.input_tokens, ev.cached_input_tokens, ev.output_tokens = usage.in_, usage.cached, usage.out
@@ -254,12 +196,11 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
   ev.lease_expired = late and 1 or 0
   for name, value in pairs(usage.extra or {}) do ev[name] = value end
   emit(stream, maxlen, ev)
-  return result, result_json
+  return result
 end
 
 -- Load a lease for a caller: nil unless it exists and belongs to the caller's tenant (and,
 -- for a key narrowed to some features, to one of those). Expires it lazily when due.
--- Returns the lease and its JSON as read.
 local function load_lease(lease_key, req, index_key, stream, now)
   local raw = redis.call('GET', lease_key)
   if not raw then return nil end
@@ -275,7 +216,7 @@ local function load_lease(lease_key, req, index_key, stream, now)
   if lease.st == 'held' and lease.e <= now then
     expire_lease(lease_key, lease, index_key, stream, req.maxlen, req.retention_ms, now)
   end
-  return lease, raw
+  return lease
 end
 
 -- The caller decided with a compiled plan of the configuration at `version`; when the
@@ -313,4 +254,3 @@ local function observe(check, now)
     check.most = check.cap - (check.floor or 0) - reserved
   end
 end
-

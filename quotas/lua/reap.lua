@@ -1,5 +1,5 @@
 -- reap.lua: expire held reservations whose time is up (run by the lease reaper every few
--- seconds; reserve also reaps a few on each call).
+-- seconds; a reserve short of a concurrency slot also reaps a few).
 --
 -- KEYS[1]  config version                                q:{tag}:config_version
 -- KEYS[2]  index of held leases    q:{tag}:leases

@@ -14,11 +14,11 @@
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
 if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
-local lease, raw = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
+local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st == 'released' then return cjson.encode({result = lease.res}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
 local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release'}
-local _, result_json = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4],
-                             req.maxlen, req.retention_ms, now, raw)
-return '{"result":' .. result_json .. '}'
+local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
+                      req.retention_ms, now)
+return cjson.encode({result = result})
