@@ -79,11 +79,6 @@ def unhandled(exc: Exception) -> QuotaError:
     return QuotaError("internal_error", "Something went wrong on our side; it was logged.")
 
 
-def error_of(exc: Exception) -> QuotaError:
-    """The API error of anything a plain (non-DRF) API view raised."""
-    return _as_quota_error(exc) or unhandled(exc)
-
-
 def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     """Under /api/ an unknown route answers in the API's shape, not with an HTML page."""
     return JsonResponse(QuotaError("not_found", "No such route.").body(), status=404)
