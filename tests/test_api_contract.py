@@ -301,6 +301,12 @@ def test_a_format_the_api_does_not_speak_is_not_found_as_json(world: Any, reserv
     body_of(response, 404, "not_found")
 
 
+def test_a_bad_host_under_api_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(RESERVATIONS, {}, format="json", HTTP_HOST="evil.example")
+
+    body_of(response, 400, "invalid_request")
+
+
 def test_an_unexpected_error_is_a_logged_json_500(
     world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -79,6 +79,12 @@ def unhandled(exc: Exception) -> QuotaError:
     return QuotaError("internal_error", "Something went wrong on our side; it was logged.")
 
 
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """A request Django refuses before any view (a Host not allowed, say), in the API's shape."""
+    refused = QuotaError("invalid_request", "The request was refused.")
+    return JsonResponse(refused.body(), status=400)
+
+
 def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     """Under /api/ an unknown route answers in the API's shape, not with an HTML page."""
     return JsonResponse(QuotaError("not_found", "No such route.").body(), status=404)
