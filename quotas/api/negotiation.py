@@ -34,10 +34,16 @@ class OneRendererNegotiation(DefaultContentNegotiation):
             renderer is not None
             and not format_suffix
             and request.META.get("HTTP_ACCEPT", "*/*") in ("*/*", renderer.media_type)
-            and self.settings.URL_FORMAT_OVERRIDE not in request.query_params
+            and not _format_asked(request, self.settings.URL_FORMAT_OVERRIDE)
         ):
             return renderer, renderer.media_type
         return super().select_renderer(request, renderers, format_suffix)
+
+
+def _format_asked(request: Request, param: str | None) -> bool:
+    """Whether the query string names a format (read only when there is one: parsing even an
+    empty query string costs a QueryDict)."""
+    return bool(request.META.get("QUERY_STRING")) and param in request.query_params
 
 
 def _only(items: Iterable[T]) -> T | None:
