@@ -17,12 +17,14 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 from django.conf import settings
+from rest_framework.renderers import JSONRenderer as DrfJSONRenderer
 
 import quotas.api.views
 import quotas.degraded
 import quotas.reservations
 from ledger.models import UsageEvent
 from ledger.services import usage_ingest
+from quotas.api.renderers import JSONRenderer
 from quotas.api.representations import iso
 from quotas.engine.core import Engine
 from quotas.keys import api_key_create
@@ -1431,6 +1433,27 @@ def test_instants_are_written_as_iso_8601_utc() -> None:
 
     for ms in values:
         assert iso(ms) == formatted(ms), ms
+
+
+def test_answers_are_utf_8_json_with_the_line_separators_escaped(world: Any, reserve: Any) -> None:
+    metadata = {"run": "caf\u00e9 \u2028 \u2029 \u2603", "n": [1, 2.5, -0.0]}
+    rid = reserve(metadata=metadata).json()["id"]
+
+    response = world.client().get(f"{RESERVATIONS}/{rid}")
+
+    assert response["Content-Type"] == "application/json"
+    assert b"\\u2028" in response.content and b"\\u2029" in response.content
+    assert "\u2603".encode() in response.content
+    assert response.json()["metadata"] == metadata
+
+
+def test_what_orjson_would_write_otherwise_is_rendered_as_drf_renders_it() -> None:
+    body = {"at": datetime(2026, 11, 28, 23, 38, 26, 983000, tzinfo=UTC), "big": 2**70}
+    drf = DrfJSONRenderer().render(body, "application/json")
+
+    assert JSONRenderer().render(body, "application/json") == drf
+    assert JSONRenderer().render({1: "x"}, "application/json") == b'{"1":"x"}'
+    assert JSONRenderer().render(None, "application/json") == b""
 
 
 def test_the_openapi_schema_is_public_and_lists_the_reservation_paths(db: Any) -> None:
