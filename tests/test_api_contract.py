@@ -284,6 +284,14 @@ def test_a_body_of_another_media_type_is_refused_as_json(world: Any) -> None:
     body_of(response, 400, "invalid_request")
 
 
+def test_a_body_in_a_charset_that_is_not_text_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(
+        RESERVATIONS, data=_reserve_text(world), content_type="application/json; charset=bz2_codec"
+    )
+
+    body_of(response, 400, "invalid_request")
+
+
 def test_a_body_past_the_upload_limit_is_a_400_that_says_so(world: Any, reserve: Any) -> None:
     response = reserve(prompt="y" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1))
 
