@@ -47,7 +47,7 @@ class Server:
 def _command(options: ServerOptions) -> list[str]:
     command = [
         str(GUNICORN),
-        "config.wsgi",
+        "config.wsgi:application",
         "--config=python:config.gunicorn",
         f"--workers={options.workers}",
         f"--worker-class={options.worker_class}",

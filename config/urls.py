@@ -7,7 +7,7 @@ from django.views import defaults
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
 
 from quotas.api import urls as api_urls
-from quotas.api.errors import json_not_found, json_server_error
+from quotas.api.errors import json_bad_request, json_not_found, json_server_error
 
 urlpatterns = [
     *api_urls.urlpatterns,
@@ -25,6 +25,12 @@ urlpatterns = [
         name="api-docs",
     ),
 ]
+
+
+def handler400(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if request.path.startswith("/api/"):
+        return json_bad_request(request, exception)
+    return defaults.bad_request(request, exception)
 
 
 def handler404(request: HttpRequest, exception: Exception) -> HttpResponse:

@@ -31,7 +31,7 @@ class ApiPrincipal:
 
 def authenticate(request: HttpRequest) -> ApiPrincipal:
     """The principal of a request's bearer key, or a QuotaError (401, or 429 when this address
-    failed too often). Plain Django: the reservation views call it without DRF."""
+    failed too often)."""
     header = request.META.get("HTTP_AUTHORIZATION", "")
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
@@ -57,7 +57,7 @@ def _key(prefix: str) -> KeyInfo | None:
 
 
 class ApiKeyAuthentication(BaseAuthentication):
-    """The same keys for the views DRF serves (reads, and requests off the fast path)."""
+    """Every API view's authentication: the request's bearer key."""
 
     def authenticate(self, request: Request) -> tuple[ApiPrincipal, None]:
         return authenticate(request._request), None

@@ -79,9 +79,10 @@ def unhandled(exc: Exception) -> QuotaError:
     return QuotaError("internal_error", "Something went wrong on our side; it was logged.")
 
 
-def error_of(exc: Exception) -> QuotaError:
-    """The API error of anything a plain (non-DRF) API view raised."""
-    return _as_quota_error(exc) or unhandled(exc)
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+    """A request Django refuses before any view (a Host not allowed, say), in the API's shape."""
+    refused = QuotaError("invalid_request", "The request was refused.")
+    return JsonResponse(refused.body(), status=400)
 
 
 def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:

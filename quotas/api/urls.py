@@ -12,7 +12,7 @@ from quotas.api.middleware import API_PREFIX
 PREFIX = API_PREFIX.removeprefix("/")
 
 urlpatterns = [
-    path(PREFIX + "reservations", views.reservation_list, name="reservation-list"),
+    path(PREFIX + "reservations", views.ReservationListView.as_view(), name="reservation-list"),
     path(
         PREFIX + "reservations/<str:reservation_id>",
         views.ReservationDetailView.as_view(),
@@ -20,17 +20,17 @@ urlpatterns = [
     ),
     path(
         PREFIX + "reservations/<str:reservation_id>/commit",
-        views.reservation_commit,
+        views.ReservationCommitView.as_view(),
         name="reservation-commit",
     ),
     path(
         PREFIX + "reservations/<str:reservation_id>/release",
-        views.reservation_release,
+        views.ReservationReleaseView.as_view(),
         name="reservation-release",
     ),
     path(
         PREFIX + "reservations/<str:reservation_id>/extend",
-        views.reservation_extend,
+        views.ReservationExtendView.as_view(),
         name="reservation-extend",
     ),
     path(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
@@ -16,11 +17,15 @@ from zoneinfo import ZoneInfo
 import pytest
 import redis
 from django.conf import settings
+from rest_framework.renderers import JSONRenderer as DrfJSONRenderer
 
+import quotas.api.views
 import quotas.degraded
 import quotas.reservations
 from ledger.models import UsageEvent
 from ledger.services import usage_ingest
+from quotas.api.renderers import JSONRenderer
+from quotas.api.representations import iso
 from quotas.engine.core import Engine
 from quotas.keys import api_key_create
 from quotas.plan import plans
@@ -233,6 +238,97 @@ def test_a_body_sent_as_a_form_is_refused_as_json(world: Any) -> None:
     body_of(response, 400, "invalid_request")
 
 
+def _reserve_text(world: Any, **fields: str) -> bytes:
+    """A reservation's JSON written by hand, each field's value as given."""
+    values = {"feature": '"chat"', "model": json.dumps(world.model.name), "input_tokens": "100"}
+    values["max_output_tokens"] = "100"
+    values.update(fields)
+    return ("{" + ",".join(f'"{k}":{v}' for k, v in values.items()) + "}").encode()
+
+
+HOSTILE_BODIES = {
+    "nan": lambda w: _reserve_text(w, max_output_tokens="NaN"),
+    "infinity": lambda w: _reserve_text(w, max_output_tokens="Infinity"),
+    "minus-infinity": lambda w: _reserve_text(w, input_tokens="-Infinity"),
+    "int-past-64-bits": lambda w: _reserve_text(w, max_output_tokens="1" + "0" * 29),
+    "negative-int-past-64-bits": lambda w: _reserve_text(w, input_tokens="-9223372036854775809"),
+    "float-past-double": lambda w: _reserve_text(w, max_output_tokens="1e400"),
+    "long-digits-in-a-string": lambda w: _reserve_text(w, feature='"1234567890123456789012"'),
+    "lone-surrogate": lambda w: _reserve_text(w, feature='"\\ud800"'),
+    "bad-utf8": lambda w: _reserve_text(w, feature='"ch\xffat"').replace(b"\xc3\xbf", b"\xff"),
+    "bom": lambda w: b"\xef\xbb\xbf" + _reserve_text(w),
+    "raw-control-character": lambda w: _reserve_text(w, feature='"ch\x01at"'),
+    "duplicate-keys": lambda w: _reserve_text(w)[:-1] + b',"max_output_tokens":99999999999}',
+    "null": lambda w: b"null",
+    "trailing-garbage": lambda w: _reserve_text(w) + b" x",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
+def test_a_hostile_body_is_refused_as_json(world: Any, name: str) -> None:
+    response = world.client().post(
+        RESERVATIONS, data=HOSTILE_BODIES[name](world), content_type="application/json"
+    )
+
+    status = 404 if name == "long-digits-in-a-string" else 400
+    body_of(response, status, "not_found" if status == 404 else "invalid_request")
+
+
+def test_a_reservation_without_a_body_names_the_missing_fields(world: Any) -> None:
+    assert {"feature", "model"} <= invalid_fields(world.client().post(RESERVATIONS))
+
+
+def test_a_body_of_another_media_type_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(RESERVATIONS, data="hello", content_type="text/plain")
+
+    body_of(response, 400, "invalid_request")
+
+
+def test_a_body_in_a_charset_that_is_not_text_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(
+        RESERVATIONS, data=_reserve_text(world), content_type="application/json; charset=bz2_codec"
+    )
+
+    body_of(response, 400, "invalid_request")
+
+
+def test_a_body_past_the_upload_limit_is_a_400_that_says_so(world: Any, reserve: Any) -> None:
+    response = reserve(prompt="y" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 1))
+
+    body = body_of(response, 400, "invalid_request")
+    assert f"larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE:,} bytes" in body["message"]
+
+
+def test_a_request_accepting_only_html_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(RESERVATIONS, {}, format="json", HTTP_ACCEPT="text/html")
+
+    body_of(response, 406, "invalid_request")
+
+
+def test_a_format_the_api_does_not_speak_is_not_found_as_json(world: Any, reserve: Any) -> None:
+    response = world.client().post(RESERVATIONS + "?format=xml", {}, format="json")
+
+    body_of(response, 404, "not_found")
+
+
+def test_a_bad_host_under_api_is_refused_as_json(world: Any) -> None:
+    response = world.client().post(RESERVATIONS, {}, format="json", HTTP_HOST="evil.example")
+
+    body_of(response, 400, "invalid_request")
+
+
+def test_an_unexpected_error_is_a_logged_json_500(
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(reserved: Any) -> dict[str, Any]:
+        raise ValueError("cannot render")
+
+    monkeypatch.setattr(quotas.api.views, "reserved_body", broken)
+
+    body_of(reserve(), 500, "internal_error")
+    assert "unhandled error in the API" in caplog.text
+
+
 def test_a_commit_with_more_cached_than_input_tokens_is_invalid(world: Any, held: str) -> None:
     response = post(
         world.client(),
@@ -441,6 +537,7 @@ def test_a_wrong_method_answers_json(world: Any, held: str) -> None:
     response = world.client().get(f"{RESERVATIONS}/{held}/commit")
 
     body_of(response, 405, "method_not_allowed")
+    body_of(world.client().put(RESERVATIONS, {}, format="json"), 405, "method_not_allowed")
 
 
 # -- 409 conflict ------------------------------------------------------------------------------
@@ -1330,6 +1427,41 @@ def test_an_empty_prompt_is_estimated(world: Any, reserve: Any) -> None:
     assert response.status_code == 201, response.content
     assert response.json()["input_tokens_estimated"] is True
     assert response.json()["reserved"]["input_tokens"] >= 0
+
+
+def test_instants_are_written_as_iso_8601_utc() -> None:
+    def formatted(ms: Any) -> str:
+        return datetime.fromtimestamp(ms / 1000, UTC).isoformat().replace("+00:00", "Z")
+
+    rng = random.Random(7)
+    values = [rng.randrange(0, 4_102_444_800_000) for _ in range(20_000)]
+    values += [rng.randrange(0, 4_102_444_800) * 1000 for _ in range(2_000)]
+    values += [0, 1, 999, 1000, 1001, 1_796_083_200_000, 4_102_444_799_999, 4_102_444_800_000]
+    values += [-1, -1000, 5_000_000_000_000, 1_795_909_106_983.5, True]
+
+    for ms in values:
+        assert iso(ms) == formatted(ms), ms
+
+
+def test_answers_are_utf_8_json_with_the_line_separators_escaped(world: Any, reserve: Any) -> None:
+    metadata = {"run": "caf\u00e9 \u2028 \u2029 \u2603", "n": [1, 2.5, -0.0]}
+    rid = reserve(metadata=metadata).json()["id"]
+
+    response = world.client().get(f"{RESERVATIONS}/{rid}")
+
+    assert response["Content-Type"] == "application/json"
+    assert b"\\u2028" in response.content and b"\\u2029" in response.content
+    assert "\u2603".encode() in response.content
+    assert response.json()["metadata"] == metadata
+
+
+def test_what_orjson_would_write_otherwise_is_rendered_as_drf_renders_it() -> None:
+    body = {"at": datetime(2026, 11, 28, 23, 38, 26, 983000, tzinfo=UTC), "big": 2**70}
+    drf = DrfJSONRenderer().render(body, "application/json")
+
+    assert JSONRenderer().render(body, "application/json") == drf
+    assert JSONRenderer().render({1: "x"}, "application/json") == b'{"1":"x"}'
+    assert JSONRenderer().render(None, "application/json") == b""
 
 
 def test_the_openapi_schema_is_public_and_lists_the_reservation_paths(db: Any) -> None:
