@@ -10,8 +10,6 @@ from typing import Any
 import pytest
 import redis
 from django.conf import settings
-from django.core import signals
-from django.db import close_old_connections
 from rest_framework.test import APIClient
 
 from providers.models import LanguageModel, Pool
@@ -44,18 +42,6 @@ def redis_db() -> Iterator[redis.Redis]:
     client.flushdb()
     plans.clear()
     get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
-
-
-@pytest.fixture
-def connections_kept() -> Iterator[None]:
-    """For requests made straight to a WSGI application: as Django's test client does, the
-    request signals must not close the test's database connection (it holds the test's
-    transaction)."""
-    signals.request_started.disconnect(close_old_connections)
-    signals.request_finished.disconnect(close_old_connections)
-    yield
-    signals.request_started.connect(close_old_connections)
-    signals.request_finished.connect(close_old_connections)
 
 
 @dataclass

@@ -1,3 +1,3 @@
-from tests.fixtures import connections_kept, redis_db, reserve, world
+from tests.fixtures import redis_db, reserve, world
 
-__all__ = ["connections_kept", "redis_db", "reserve", "world"]
+__all__ = ["redis_db", "reserve", "world"]
