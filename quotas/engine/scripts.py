@@ -9,6 +9,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import orjson
 import redis
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
@@ -41,8 +42,15 @@ class Scripts:
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPT_NAMES}
 
     def call(self, name: str, keys: list[str], payload: dict[str, Any]) -> Any:
-        reply = self._scripts[name](keys=keys, args=[json.dumps(payload, separators=(",", ":"))])
-        return reply if isinstance(reply, int) else json.loads(reply)
+        reply = self._scripts[name](keys=keys, args=[_encode(payload)])
+        return reply if isinstance(reply, int) else orjson.loads(reply)
 
     def sha(self, name: str) -> str:
         return str(self._scripts[name].sha)
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(payload)
+    except orjson.JSONEncodeError:  # an integer past 64 bits (a budget counted in nano-USD)
+        return json.dumps(payload, separators=(",", ":")).encode()
