@@ -150,11 +150,6 @@ QUOTA_LEASE_RETENTION_SECONDS = env.int("QUOTA_LEASE_RETENTION_SECONDS", default
 # 0: the usage stream is trimmed only by the ledger, below what it has acknowledged. A
 # positive cap bounds Redis memory when no ledger runs, at the price of losing events.
 QUOTA_STREAM_MAXLEN = env.int("QUOTA_STREAM_MAXLEN", default=0)
-# In a process running one thread, each reload of the in-process plan ends with one full
-# garbage collection and a gc.freeze() of what the process holds, so that later collections
-# skip it (quotas.plan.load._refreeze).
-QUOTA_PLAN_FREEZE = env.bool("QUOTA_PLAN_FREEZE", default=True)
-
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

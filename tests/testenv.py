@@ -8,8 +8,5 @@ import os
 os.environ.setdefault("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ["REDIS_URL"] = os.environ["TEST_REDIS_URL"]
 os.environ.setdefault("CELERY_TASK_ALWAYS_EAGER", "true")
-# a full collection per plan reload would cost the suite minutes; tests/quotas/plan/test_load.py
-# turns it on where it is the subject
-os.environ.setdefault("QUOTA_PLAN_FREEZE", "false")
 # the tests' fake Slack and webhook receivers listen on loopback
 os.environ.setdefault("ALERTS_HTTP_ALLOWED_NETWORKS", "127.0.0.0/8,::1/128")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from decimal import Decimal
 from typing import NamedTuple
 
 import redis
-from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
@@ -233,49 +229,11 @@ class PlanCache:
         with self._lock:
             if self._plan is not older_than and self._plan is not None:
                 return self._plan  # another thread reloaded meanwhile
-            freeze = settings.QUOTA_PLAN_FREEZE and _one_thread()
-            with collector_paused() if freeze else nullcontext():
-                self._plan = plan_load()
-            if freeze:
-                _refreeze()
+            self._plan = plan_load()
             return self._plan
 
     def clear(self) -> None:
         self._plan = None
-
-
-def _one_thread() -> bool:
-    return threading.active_count() == 1
-
-
-def _refreeze() -> None:
-    """One full collection, then everything the process holds goes into the collector's
-    permanent generation, which later collections skip. Without it every full collection
-    walks the whole plan and all of Django (75-230 ms on a 2-core VM), a pause that every
-    request queued behind it waits out; with it, the only full walk is this one, once per
-    reload.
-
-    Frozen objects are still freed by reference counting, and a plan holds no reference
-    cycles, so the plan replaced here goes as soon as no request uses it. What a freeze can
-    keep too long is a cycle that was alive at the time and died since; hence only in a
-    process running one thread (a sync gunicorn worker, a prefork Celery child), where that
-    is the one request or task that found the plan stale, and unfrozen at the next reload."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-@contextmanager
-def collector_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the block: loading a plan of 100,000 features
-    creates 200,000 objects that it tracks, and would set off several full collections."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 plans = PlanCache()
