@@ -10,7 +10,7 @@ from typing import Any
 from django.db.models import F, Q, QuerySet, Sum
 
 from alerts.state import ms_to_datetime
-from ledger.models import Grain, UsageEvent, UsageRollup
+from ledger.models import DeadLetter, Grain, UsageEvent, UsageRollup
 
 # A limit's metric as a sum of rollup columns, in engine units (nano-USD for cost).
 _METRIC_EXPRESSIONS: dict[str, Any] = {
@@ -114,3 +114,22 @@ def would_refuse_limit_ids(
             if part.strip().isdigit():
                 counts[int(part)] = counts.get(int(part), 0) + 1
     return counts
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    """Dead letters parked after a given one: how many, the last one's id, and the first."""
+
+    count: int = 0
+    last_id: int = 0
+    first: DeadLetter | None = None
+
+
+def dead_letters_after(last_id: int) -> DeadLetters:
+    parked = DeadLetter.objects.filter(pk__gt=last_id).order_by("pk")
+    first = parked.first()
+    if first is None:
+        return DeadLetters(last_id=last_id)
+    newest = parked.last()
+    assert newest is not None
+    return DeadLetters(count=parked.count(), last_id=newest.pk, first=first)

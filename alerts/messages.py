@@ -180,6 +180,8 @@ def _bar(fraction: float) -> str:
 
 
 def _alert_link(alert: Alert) -> str:
+    if alert.kind == "dead_letters":
+        return _link(reverse("admin:ledger_deadletter_changelist"))
     if alert.limit_id is not None:
         return _link(reverse("admin:quotas_limit_change", args=[alert.limit_id]))
     if alert.feature_id is not None:

@@ -28,6 +28,7 @@ class RuleKind(models.TextChoices):
     UPSTREAM_429 = "upstream_429", "upstream 429s"
     EXPIRED_LEASES = "expired_leases", "expired leases"
     WOULD_REFUSE = "would_refuse", "soft/shadow limit would refuse"
+    DEAD_LETTERS = "dead_letters", "ledger dead letters"
 
 
 class Channel(models.Model):

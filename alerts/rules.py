@@ -34,6 +34,7 @@ DEFAULTS: dict[str, RuleSettings] = {
     RuleKind.UPSTREAM_429: RuleSettings(threshold=0.05),
     RuleKind.EXPIRED_LEASES: RuleSettings(threshold=0.05),
     RuleKind.WOULD_REFUSE: RuleSettings(threshold=0.0, min_events=1),
+    RuleKind.DEAD_LETTERS: RuleSettings(window_minutes=0, min_events=1),
 }
 BASELINE_DAYS = 7
 TRUNCATION_FLOOR = 0.05

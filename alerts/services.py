@@ -20,6 +20,7 @@ from django.utils import timezone
 
 from alerts.budgets import budgets_read, forecasts_evaluate, thresholds_evaluate
 from alerts.conf import alerts_setting
+from alerts.dead_letters import dead_letters_evaluate
 from alerts.delivery import delivery_create, delivery_send
 from alerts.health import health_evaluate
 from alerts.messages import notification_message, test_message
@@ -79,6 +80,7 @@ def alerts_evaluate(*, now_ms: int) -> None:
         thresholds_evaluate(readings=readings, rules=rules, now=now)
         forecasts_evaluate(readings=readings, rules=rules, now=now)
     health_evaluate(rules=rules, now=now)
+    dead_letters_evaluate(now=now)
 
 
 def notifications_dispatch(*, now: datetime) -> list[Notification]:

@@ -21,6 +21,7 @@ app.conf.beat_schedule = {
         "options": {"expires": 1.0},
     },
     "ledger-trim-stream": {"task": "ledger.tasks.ledger_trim_stream", "schedule": 60.0},
+    "ledger-expire-degraded": {"task": "ledger.tasks.ledger_expire_degraded", "schedule": 30.0},
     "ledger-rollups": {"task": "ledger.tasks.ledger_rollups", "schedule": 30.0},
     "ledger-budget-drift": {"task": "ledger.tasks.ledger_budget_drift", "schedule": 600.0},
     "ledger-prune": {"task": "ledger.tasks.ledger_prune_old", "schedule": 3600.0},

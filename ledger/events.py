@@ -295,3 +295,21 @@ def batch_from_entries(
         if refusal is not None:
             batch.refusals[refusal["rid"]] = refusal
     return batch
+
+
+def safe_text(value: str) -> str:
+    """Text every database stores: a lone surrogate as its backslash escape, NUL as `\\x00`."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
+def dead_letter_row(entry: tuple[str, dict[str, str]], error: BaseException) -> Row:
+    """An entry that cannot be stored, as it came, and why."""
+    entry_id, fields = entry
+    return {
+        "entry_id": entry_id,
+        "rid": safe_text(str(fields.get("rid", "")))[:64],
+        "event_type": safe_text(str(fields.get("type", "")))[:16],
+        "tenant": safe_text(str(fields.get("tenant", "")))[:64],
+        "fields": json.dumps(fields, ensure_ascii=True, sort_keys=True),
+        "error": safe_text(f"{type(error).__name__}: {error}")[:2000],
+    }

@@ -117,6 +117,28 @@ class Refusal(models.Model):
         return f"{self.rid} {self.reason}"
 
 
+class DeadLetter(models.Model):
+    """A stream entry the ledger could not store (a value the database refuses), parked so
+    that the rest of its batch is written and the stream moves on. `fields` is the entry as
+    received, as JSON with every character outside ASCII escaped (NUL, lone surrogates from
+    bytes that were not UTF-8), which any database stores; it can be read back exactly with
+    `json.loads`."""
+
+    entry_id = models.CharField("stream entry id", max_length=64, unique=True)
+    rid = models.CharField("reservation id", max_length=64, blank=True)
+    event_type = models.CharField("type", max_length=16, blank=True)
+    tenant = models.CharField(max_length=64, blank=True)
+    fields = models.TextField(help_text="The entry's fields as received (escaped JSON).")
+    error = models.TextField()
+    parked_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.entry_id} {self.event_type}"
+
+
 class Grain(models.TextChoices):
     MINUTE = "minute"
     HOUR = "hour"

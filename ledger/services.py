@@ -19,13 +19,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from django.db import connection, transaction
-from django.db.models import F
+import redis
+from django.db import (
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connection,
+    transaction,
+)
+from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 
 from ledger.conf import ledger_setting
-from ledger.events import Batch, Resolver, batch_from_entries
-from ledger.models import LedgerState
-from ledger.writer import refusal_rows_write, usage_rows_write
+from ledger.events import Batch, Resolver, Row, batch_from_entries, dead_letter_row
+from ledger.models import LedgerState, UsageEvent
+from ledger.writer import dead_letters_write, refusal_rows_write, usage_rows_write
+from quotas.api.serializers import MAX_TTL
 from quotas.engine.stream import Entry, UsageStream
 from quotas.keys import api_keys_used
 from quotas.plan import plans
@@ -36,12 +46,22 @@ log = logging.getLogger(__name__)
 # Crash tests set this to a point's name: the process dies there, as a killed worker would.
 FAULT_ENV = "LEDGER_FAULT_POINT"
 
+# What a stored value makes the database (or its driver) refuse, and would make it refuse
+# again: a string with NUL or a lone surrogate, a number out of a column's range, a text too
+# long. A batch failing so is isolated and the entries at fault parked. Any other error (the
+# database unreachable, a lock timeout, a faulty statement) fails the batch as before: its
+# entries stay pending and are read again.
+ENTRY_ERRORS = (DataError, IntegrityError, ValueError, OverflowError)
+# Never an entry's fault, even while reading one.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError)
+
 
 @dataclass(frozen=True)
 class IngestReport:
     batches: int = 0
     entries: int = 0
     reclaimed: int = 0
+    parked: int = 0
 
 
 @lru_cache(maxsize=1)
@@ -80,7 +100,9 @@ def usage_ingest(
                 batches, entries = batches + 1, entries + len(read)
             elif time.monotonic() >= deadline:
                 break
-    return IngestReport(batches=batches, entries=entries + reclaimed, reclaimed=reclaimed)
+    return IngestReport(
+        batches=batches, entries=entries + reclaimed, reclaimed=reclaimed, parked=writer.parked
+    )
 
 
 class BatchWriter:
@@ -93,7 +115,8 @@ class BatchWriter:
         self.resolver = Resolver(plans.get())
         background = connection.vendor == "postgresql" and not connection.in_atomic_block
         self.pool = ThreadPoolExecutor(max_workers=1) if background else None
-        self.pending: Future[None] | None = None
+        self.pending: Future[int] | None = None
+        self.parked = 0
 
     def __enter__(self) -> BatchWriter:
         return self
@@ -108,36 +131,112 @@ class BatchWriter:
                 self.pool.shutdown()
 
     def submit(self, entries: list[Entry]) -> None:
-        batch = batch_from_entries(entries, self.resolver, int(time.time() * 1000))
+        batch = batch_parse(entries, self.resolver)
         if self.pool is None:
-            batch_write(stream=self.stream, batch=batch)
+            self.parked += batch_write(stream=self.stream, entries=entries, batch=batch)
             return
         self.drained()
-        self.pending = self.pool.submit(batch_write, stream=self.stream, batch=batch)
+        self.pending = self.pool.submit(
+            batch_write, stream=self.stream, entries=entries, batch=batch
+        )
 
     def drained(self) -> bool:
         """Wait for the batch in flight (raising its error); True to read on."""
         pending, self.pending = self.pending, None
         if pending is not None:
-            pending.result()
+            self.parked += pending.result()
         return True
 
 
-def entries_batch_write(*, stream: UsageStream, entries: list[Entry]) -> None:
-    batch = batch_from_entries(entries, Resolver(plans.get()), int(time.time() * 1000))
-    batch_write(stream=stream, batch=batch)
+def batch_parse(entries: list[Entry], resolver: Resolver) -> Batch | None:
+    """The entries as one batch of rows; None when one of them cannot be read (the batch is
+    then isolated entry by entry when it is written)."""
+    try:
+        return batch_from_entries(entries, resolver, int(time.time() * 1000))
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception:
+        log.warning("ledger: a batch of %d entries could not be read", len(entries), exc_info=True)
+        return None
 
 
-def batch_write(*, stream: UsageStream, batch: Batch) -> None:
-    """One transaction for the batch; the acknowledgement only once it has committed."""
+def entries_batch_write(*, stream: UsageStream, entries: list[Entry]) -> int:
+    """Write and acknowledge these entries as one batch; the number parked."""
+    resolver = Resolver(plans.get())
+    return batch_write(stream=stream, entries=entries, batch=batch_parse(entries, resolver))
+
+
+def batch_write(*, stream: UsageStream, entries: list[Entry], batch: Batch | None) -> int:
+    """One transaction for the batch; the acknowledgement only once it has committed. When the
+    database refuses a value of the batch, the batch is written again with the entries it
+    refuses parked as dead letters (`batch_isolate`). Returns how many were parked."""
+    if batch is not None:
+        try:
+            batch_commit(batch)
+        except ENTRY_ERRORS as error:
+            log.warning("ledger: a batch of %d entries failed: %s", len(entries), error)
+            batch = None
+    parked = batch_isolate(entries) if batch is None else 0
+    _fault("after_commit")
+    stream.ack([entry_id for entry_id, _ in entries])
+    return parked
+
+
+def batch_commit(batch: Batch) -> None:
     with transaction.atomic():
         ledger_state_lock(count=len(batch.ids), now_ms=int(time.time() * 1000))
-        usage_rows_write(list(batch.usage.values()))
-        refusal_rows_write(list(batch.refusals.values()))
-        api_keys_used(last_used_ms=batch.keys_used)
+        batch_rows_write(batch)
         _fault("before_commit")
-    _fault("after_commit")
-    stream.ack(batch.ids)
+
+
+def batch_rows_write(batch: Batch) -> None:
+    usage_rows_write(list(batch.usage.values()))
+    refusal_rows_write(list(batch.refusals.values()))
+    api_keys_used(last_used_ms=batch.keys_used)
+
+
+def batch_isolate(entries: list[Entry]) -> int:
+    """The batch again in one transaction: every entry that can be stored is, the others are
+    parked (`DeadLetter`); the number parked."""
+    resolver, now_ms = Resolver(plans.get()), int(time.time() * 1000)
+    readable, parked = [], []
+    for entry in entries:
+        try:
+            batch_from_entries([entry], resolver, now_ms)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as error:
+            parked.append(dead_letter_row(entry, error))
+        else:
+            readable.append(entry)
+    with transaction.atomic():
+        ledger_state_lock(now_ms=now_ms)
+        parked += entries_bisect(readable, resolver, now_ms)
+        ledger_state_lock(count=len(entries) - len(parked))
+        dead_letters_write(parked)
+        _fault("before_commit")
+    for row in parked:
+        log.error("ledger: entry %s parked as a dead letter: %s", row["entry_id"], row["error"])
+    return len(parked)
+
+
+def entries_bisect(entries: list[Entry], resolver: Resolver, now_ms: int) -> list[Row]:
+    """Write the entries in a savepoint; when the database refuses them, each half on its own,
+    down to the single entries it refuses, which are returned as dead letters. A batch with
+    k bad entries among n costs about 2k·log2(n) statements."""
+    if not entries:
+        return []
+    try:
+        with transaction.atomic():
+            batch_rows_write(batch_from_entries(entries, resolver, now_ms))
+        return []
+    except ENTRY_ERRORS as error:
+        if len(entries) == 1:
+            return [dead_letter_row(entries[0], error)]
+    half = len(entries) // 2
+    return entries_bisect(entries[:half], resolver, now_ms) + entries_bisect(
+        entries[half:], resolver, now_ms
+    )
 
 
 def ledger_state_lock(*, count: int = 0, now_ms: int | None = None) -> None:
@@ -162,3 +261,21 @@ def usage_stream_trim() -> int:
     stream = usage_stream()
     stream.forget_idle_consumers(idle_ms=ledger_setting("LEDGER_CONSUMER_IDLE_MS"))
     return get_engine().trim_events()
+
+
+def degraded_leases_expire(*, now_ms: int | None = None) -> int:
+    """Expire degraded reservations held past their expiry: admitted while the store was
+    down, they have no lease in Redis for the reaper to expire, so the ledger does it, charged
+    as reserved like any expired lease; a later commit still turns the row into a commit after
+    expiry. A reservation whose event carried no expiry (written before they did) is given
+    the longest TTL the API grants. Returns how many expired."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    longest_ms = MAX_TTL * 1000
+    due = Q(expires_ms__lt=now_ms) | Q(expires_ms__isnull=True, created_ms__lt=now_ms - longest_ms)
+    with transaction.atomic():
+        ledger_state_lock()  # after any batch in flight, so its commit merges, not races
+        return UsageEvent.objects.filter(due, state="held", degraded=True).update(
+            state="expired",
+            finished_ms=Coalesce(F("expires_ms"), F("created_ms") + longest_ms),
+            ingested_ms=now_ms,  # so the rollups count it
+        )

@@ -10,7 +10,7 @@ from celery import shared_task
 from ledger.conf import ledger_setting
 from ledger.reconcile import budgets_reconcile
 from ledger.rollups import ledger_prune, rollups_update
-from ledger.services import usage_ingest, usage_stream_trim
+from ledger.services import degraded_leases_expire, usage_ingest, usage_stream_trim
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,11 @@ def ledger_ingest() -> int:
 @shared_task(ignore_result=True)
 def ledger_trim_stream() -> int:
     return usage_stream_trim()
+
+
+@shared_task(ignore_result=True)
+def ledger_expire_degraded() -> int:
+    return degraded_leases_expire()
 
 
 @shared_task(ignore_result=True)

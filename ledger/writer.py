@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.db import connection
+from django.utils import timezone
 
 from ledger.events import (
     IDENTITY_FLAG,
@@ -20,7 +21,7 @@ from ledger.events import (
     USAGE_COLUMNS,
     Row,
 )
-from ledger.models import Refusal, UsageEvent
+from ledger.models import DeadLetter, Refusal, UsageEvent
 
 USAGE_TABLE = UsageEvent._meta.db_table
 REFUSAL_TABLE = Refusal._meta.db_table
@@ -96,7 +97,11 @@ def _usage_copy(rows: list[Row]) -> None:
             f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGE_TABLE} ON COMMIT DELETE ROWS AS "
             f"SELECT {columns} FROM {USAGE_TABLE} WITH NO DATA"
         )
-        with cursor.copy(f"COPY {STAGE_TABLE} ({columns}) FROM STDIN") as copy:
+        # COPY is psycopg's own: its errors are raised as Django's, like a statement's
+        with (
+            connection.wrap_database_errors,
+            cursor.copy(f"COPY {STAGE_TABLE} ({columns}) FROM STDIN") as copy,
+        ):
             for values in _values(rows, USAGE_COLUMNS):
                 copy.write_row(values)
         cursor.execute(
@@ -117,3 +122,10 @@ def refusal_rows_write(rows: list[Row]) -> None:
     )
     with connection.cursor() as cursor:
         cursor.executemany(sql, _values(rows, REFUSAL_COLUMNS))
+
+
+def dead_letters_write(rows: list[Row]) -> None:
+    """Park entries; one parked before (an entry read again) is left as it was."""
+    now = timezone.now()
+    letters = [DeadLetter(**row, parked_at=now) for row in rows]
+    DeadLetter.objects.bulk_create(letters, ignore_conflicts=True)

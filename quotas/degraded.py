@@ -157,6 +157,7 @@ def degraded_admit(
             "type": "reserved",
             "rid": reservation_id,
             "at_ms": now,
+            "expires_ms": now + call.ttl_ms,  # the ledger expires it then: no reaper will
             "pool": pool_slug,
             "degraded": 1,
             "reserved_input_tokens": call.input_tokens,

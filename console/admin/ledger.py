@@ -3,6 +3,7 @@ usage through the rollups on their own pages). The drift report lives on the usa
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib import admin, messages
@@ -10,8 +11,9 @@ from django.db.models import Model
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html
 
-from ledger.models import ProviderUsage, Refusal, UsageEvent, UsageRollup
+from ledger.models import DeadLetter, ProviderUsage, Refusal, UsageEvent, UsageRollup
 from ledger.reconcile import budgets_reconcile
 from ledger.selectors import provider_drift
 
@@ -85,3 +87,21 @@ class ProviderUsageAdmin(LedgerAdmin):
     list_display = ("pool", "day", "model", "requests", "input_tokens", "output_tokens",
                     "cost_nusd", "source", "imported_at")  # fmt: skip
     list_filter = ("pool", "source")
+
+
+@admin.register(DeadLetter)
+class DeadLetterAdmin(LedgerAdmin):
+    """Stream entries the ingest could not store: each with the database's error and the
+    fields as received, to fix at their source and replay if they matter."""
+
+    list_display = ("entry_id", "parked_at", "event_type", "tenant", "rid", "error")
+    list_filter = ("event_type", "tenant")
+    search_fields = ("entry_id", "rid", "error")
+    fields = ("entry_id", "parked_at", "event_type", "tenant", "rid", "error", "raw_fields")
+    readonly_fields = fields
+
+    @admin.display(description="fields as received")
+    def raw_fields(self, obj: DeadLetter) -> str:
+        # escaped JSON (NUL and undecodable bytes stay visible as \u escapes)
+        pretty = json.dumps(json.loads(obj.fields), indent=2, sort_keys=True, ensure_ascii=True)
+        return format_html("<pre>{}</pre>", pretty)

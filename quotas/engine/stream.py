@@ -26,8 +26,13 @@ def _text(value: bytes | str) -> str:
 class UsageStream:
     def __init__(self, client: redis.Redis, key: str, group: str) -> None:
         # text replies, decoded by the protocol parser: decoding ~30 fields per entry in
-        # Python costs more than the rest of an ingest
-        kwargs = {**client.connection_pool.connection_kwargs, "decode_responses": True}
+        # Python costs more than the rest of an ingest. Bytes that are not UTF-8 become lone
+        # surrogates instead of failing the whole read: the ledger parks such an entry.
+        kwargs = {
+            **client.connection_pool.connection_kwargs,
+            "decode_responses": True,
+            "encoding_errors": "surrogateescape",
+        }
         pool = redis.ConnectionPool(
             connection_class=client.connection_pool.connection_class, **kwargs
         )

@@ -9,9 +9,10 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
+from ledger.models import DeadLetter
 from ledger.reconcile import budgets_reconcile
 from ledger.rollups import rollups_update
-from ledger.services import usage_ingest
+from ledger.services import usage_ingest, usage_stream
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.factories import UserFactory
@@ -48,3 +49,34 @@ def test_owners_do_not_see_the_ledger(world: World) -> None:
     client.force_login(UserFactory())
     assert client.get(reverse("admin:ledger_usageevent_changelist")).status_code == 403
     assert client.get(reverse("admin:ledger_drift")).status_code == 403
+
+
+def _park_one(world: World, reserve: Any) -> str:
+    reserve()
+    stream = usage_stream()
+    bad_id = stream.client.xadd(
+        stream.key, {"type": "committed", "rid": "rsv_bad", "finish_reason": b"stop\xff"}
+    )
+    assert usage_ingest().parked == 1
+    return str(bad_id)
+
+
+def test_superusers_see_dead_letters_with_their_error_and_raw_fields(
+    world: World, reserve: Any
+) -> None:
+    bad_id = _park_one(world, reserve)
+    letter = DeadLetter.objects.get()
+    root = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
+    client = Client()
+    client.force_login(root)
+
+    listing = client.get(reverse("admin:ledger_deadletter_changelist")).content.decode()
+    assert bad_id in listing and "UnicodeEncodeError" in listing
+    page = client.get(reverse("admin:ledger_deadletter_change", args=[letter.pk]))
+    assert page.status_code == 200
+    assert "stop\\udcff" in page.content.decode()  # the byte that was not UTF-8, escaped
+    assert b'name="_save"' not in page.content  # read-only
+
+    owner = Client()
+    owner.force_login(UserFactory())
+    assert owner.get(reverse("admin:ledger_deadletter_changelist")).status_code == 403

@@ -7,10 +7,21 @@ from typing import Any
 import pytest
 from django.test import override_settings
 
+import quotas.degraded
+import quotas.reservations
 from ledger.models import LedgerState, Refusal, UsageEvent
-from ledger.services import entries_batch_write, usage_ingest, usage_stream, usage_stream_trim
+from ledger.services import (
+    degraded_leases_expire,
+    entries_batch_write,
+    usage_ingest,
+    usage_stream,
+    usage_stream_trim,
+)
+from quotas.engine import Engine
+from quotas.plan import plans
 from quotas.reservations import get_engine, leases_expire
-from tests.fixtures import World
+from quotas.store import redis_client
+from tests.fixtures import DEAD_STORE, World
 
 pytestmark = pytest.mark.django_db
 
@@ -226,3 +237,38 @@ def test_ingest_records_when_each_api_key_was_last_used_without_a_config_change(
     usage_ingest()
     key.refresh_from_db()
     assert key.last_used_at == datetime.fromtimestamp(1_900_000_005, tz=UTC)
+
+
+def test_a_degraded_reservation_never_committed_expires_in_the_ledger_after_its_ttl(
+    world: World, reserve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.pool.fail_mode = "open"
+    world.pool.save()
+    plans.clear()
+    quotas.degraded._spool.clear()
+    dead = Engine(redis_client(DEAD_STORE), hash_tag="quota")
+    monkeypatch.setattr(quotas.reservations, "get_engine", lambda: dead)
+    held = reserve(ttl_seconds=60).json()
+    committed = reserve(ttl_seconds=60).json()
+    assert held["degraded"] is True
+    assert commit(world, committed["id"]).status_code == 200
+    monkeypatch.undo()  # the store is back: the next reservation flushes the spool
+    reserve()
+    usage_ingest()
+    row = UsageEvent.objects.get(rid=held["id"])
+    assert (row.state, row.degraded) == ("held", True) and row.expires_ms is not None
+
+    assert degraded_leases_expire(now_ms=row.expires_ms - 1) == 0  # not yet
+    assert degraded_leases_expire(now_ms=row.expires_ms + 1) == 1
+
+    row.refresh_from_db()
+    assert (row.state, row.finished_ms, row.reserved_output_tokens) == (
+        "expired",
+        row.expires_ms,
+        100,
+    )
+    assert UsageEvent.objects.get(rid=committed["id"]).state == "committed"
+    assert UsageEvent.objects.filter(state="held").count() == 1  # the store's own lease
+    assert commit(world, held["id"]).status_code == 200  # a late commit still counts
+    usage_ingest()
+    assert UsageEvent.objects.get(rid=held["id"]).state == "committed"
