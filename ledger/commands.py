@@ -12,6 +12,7 @@ from django.core.management.base import CommandError, CommandParser
 
 from ledger.provider_usage import PARSERS, ExportInvalid, provider_usage_import
 from ledger.reconcile import BudgetReport, budgets_reconcile
+from ledger.recovery import store_rebuild
 from ledger.selectors import provider_drift
 from ledger.services import usage_ingest
 
@@ -25,11 +26,13 @@ else:
 REBUILD_DESCRIPTION = """\
 Restore what Redis lost (a restart without persistence, FLUSHALL, a failover) from the ledger
 and the configuration: the current period of every hour, day and month budget, and the leases
-of held reservations with their concurrency slots. Run it once Redis is back; it is safe to
-run with traffic flowing and to run twice (counters are moved by the difference, leases only
-written where missing). Minute buckets need nothing: a missing bucket is a full one and every
-bucket refills within its minute. Events that never reached the ledger before Redis lost them
-are lost with them; with AOF every second that is at most a second of decisions.
+of held reservations with their concurrency slots. It runs by itself (a Celery task) when the
+first decision finds the store lost its data; this runs it now, even on a store that did not.
+It is safe to run with traffic flowing and to run twice (counters are moved by the
+difference, leases only written where missing). Minute buckets need nothing: a missing bucket
+is a full one and every bucket refills within its minute. Events that never reached the ledger
+before Redis lost them are lost with them; with AOF every second that is at most a second of
+decisions.
 """
 
 
@@ -55,8 +58,8 @@ def add_rebuild(subparsers: Subparsers) -> None:
 
 
 def run_rebuild(command: BaseCommand, options: dict[str, Any]) -> None:
-    usage_ingest()  # whatever is still in the stream first
-    report = budgets_reconcile(repair=True, restore_leases=True)
+    report = store_rebuild(force=True)
+    assert report is not None  # forced: it always runs
     for line in _table(report, only_drift=True):
         command.stdout.write(line)
     command.stdout.write(

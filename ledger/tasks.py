@@ -9,6 +9,7 @@ from celery import shared_task
 
 from ledger.conf import ledger_setting
 from ledger.reconcile import budgets_reconcile
+from ledger.recovery import store_rebuild
 from ledger.rollups import ledger_prune, rollups_update
 from ledger.services import degraded_leases_expire, usage_ingest, usage_stream_trim
 
@@ -55,3 +56,10 @@ def ledger_budget_drift() -> int:
             row.ledger,
         )
     return len(drifted)
+
+
+@shared_task(ignore_result=True)
+def ledger_store_rebuild() -> bool:
+    """Started by the first process that finds the store lost its data (quotas/recovery.py);
+    a second run finds the version written and does nothing."""
+    return store_rebuild() is not None

@@ -222,14 +222,15 @@ class ConfigVersion(models.Model):
         return f"config version {self.number}"
 
     @classmethod
-    def bump(cls) -> None:
-        if cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1):
-            return
-        try:
-            with transaction.atomic():
-                cls.objects.create(pk=cls.ROW, number=1)
-        except IntegrityError:  # created meanwhile by another change
-            cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1)
+    def bump(cls) -> int:
+        """The number after the bump (read back: another bump may have landed since)."""
+        if not cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1):
+            try:
+                with transaction.atomic():
+                    cls.objects.create(pk=cls.ROW, number=1)
+            except IntegrityError:  # created meanwhile by another change
+                cls.objects.filter(pk=cls.ROW).update(number=models.F("number") + 1)
+        return cls.read()
 
     @classmethod
     def read(cls) -> int:

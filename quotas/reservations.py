@@ -25,6 +25,7 @@ from quotas.engine import (
     Existing,
     Granted,
     LeaseView,
+    Lost,
     Missing,
     Owner,
     Refused,
@@ -36,6 +37,7 @@ from quotas.engine import (
 from quotas.errors import QuotaError, invalid, not_found
 from quotas.estimate import estimate_tokens
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
+from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error
 from quotas.store import get_engine
 
@@ -122,9 +124,13 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         try:
             result = get_engine().reserve(call)
         except redis.RedisError as exc:
-            result = _store_down(exc, call, pools[0])
+            log.warning("store unavailable on reserve: %s", exc)
+            result = _unenforced(call, pools[0], STORE_DOWN)
         else:
             spool_drain(get_engine())
+        if isinstance(result, Lost):
+            store_lost()
+            result = _unenforced(call, pools[0], STORE_LOST)
         if isinstance(result, Stale):
             key_recheck(plans.reload(older_than=plan), key)
             continue
@@ -289,12 +295,18 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
     )
     if is_degraded_id(reservation_id):
         return _degraded_settle(key, reservation_id, "committed", usage)
-    result = _with_plan(
-        key,
-        lambda version: get_engine().commit(
+
+    def commit(version: int | None) -> Any:
+        return get_engine().commit(
             reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
-        ),
-    )
+        )
+
+    result = _with_plan(key, commit, missing_ok=True)
+    if isinstance(result, Missing) and lease_restore(reservation_id, owner_of(key)):
+        # the store lost it and the ledger still has it: its usage is recorded all the same
+        result = _with_plan(key, commit)
+    if isinstance(result, Missing):
+        raise not_found("reservation")
     if isinstance(result, Conflict):
         if result.state == "released":
             raise QuotaError("conflict", "This reservation was released; it cannot be committed.")
@@ -364,7 +376,7 @@ def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
     return result
 
 
-def _with_plan(key: KeyInfo, call: Any) -> Any:
+def _with_plan(key: KeyInfo, call: Any, *, missing_ok: bool = False) -> Any:
     """Run an engine call with the current plan's version; reload and retry if it is stale
     (and the key is still valid in the new plan)."""
     for _ in range(STALE_RETRIES):
@@ -373,15 +385,14 @@ def _with_plan(key: KeyInfo, call: Any) -> Any:
             result = call(plan.version)
         except redis.RedisError as exc:
             log.warning("store unavailable: %s", exc)
-            raise QuotaError(
-                "unavailable",
-                "The quota store is unavailable; try again shortly.",
-                headers={"Retry-After": "1"},
-            ) from exc
+            raise STORE_DOWN.error() from exc
         if isinstance(result, Stale):
             key_recheck(plans.reload(older_than=plan), key)
             continue
-        if isinstance(result, Missing):
+        if isinstance(result, Lost):
+            store_lost()
+            raise STORE_LOST.error()
+        if isinstance(result, Missing) and not missing_ok:
             raise not_found("reservation")
         return result
     raise QuotaError(
@@ -400,17 +411,29 @@ def leases_expire(*, batch: int = 500) -> int:
             return total
 
 
-def _store_down(exc: redis.RedisError, call: ReserveCall, pool: PoolInfo) -> Granted:
-    """Closed pools refuse; open pools admit, unenforced, and owe the ledger an event."""
-    log.warning(
-        "store unavailable on reserve (pool %s fails %s): %s", pool.slug, pool.fail_mode, exc
-    )
+@dataclass(frozen=True, slots=True)
+class StoreTrouble:
+    """Why the store cannot decide, and the 503 a fail-closed pool answers meanwhile."""
+
+    message: str
+    retry_after: str
+
+    def error(self) -> QuotaError:
+        return QuotaError("unavailable", self.message, headers={"Retry-After": self.retry_after})
+
+
+STORE_DOWN = StoreTrouble("The quota store is unavailable; try again shortly.", "1")
+# a rebuild takes about a second (the ledger's sums of the current periods)
+STORE_LOST = StoreTrouble(
+    "The quota store is being rebuilt from the ledger; try again shortly.", "2"
+)
+
+
+def _unenforced(call: ReserveCall, pool: PoolInfo, trouble: StoreTrouble) -> Granted:
+    """The store cannot decide: closed pools refuse; open pools admit, unenforced, and owe
+    the ledger an event."""
     if pool.fail_mode != "open":
-        raise QuotaError(
-            "unavailable",
-            "The quota store is unavailable; try again shortly.",
-            headers={"Retry-After": "1"},
-        ) from exc
+        raise trouble.error()
     model = pool.models.get(call.meta["model"])
     return degraded_admit(
         engine=get_engine(),

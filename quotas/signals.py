@@ -52,12 +52,13 @@ def _bump_now() -> None:
     """In the database first, in a transaction of its own (bumping inside the change's
     transaction would hold the row's lock until it commits, so every other config write
     would wait for it, and two could deadlock), then in Redis."""
+    stored = None
     try:
-        ConfigVersion.bump()
+        stored = ConfigVersion.bump()
     except DatabaseError:
         log.warning("could not bump the config version in the database", exc_info=True)
     try:
-        config_version_bump()
+        config_version_bump(stored)
     except redis.RedisError:
         # Processes also check the database's version every minute, so a missed bump delays a
         # change, never loses it.

@@ -40,9 +40,33 @@ def config_version_key() -> str:
     return f"q:{{{settings.QUOTA_HASH_TAG}}}:config_version"
 
 
-def config_version_bump() -> None:
-    get_redis().incr(config_version_key())
+# A missing key is created only for the first configuration ever: in a store that lost its
+# data the key stays missing, so the loss stays visible until the rebuild writes it back.
+_BUMP = """
+if redis.call('EXISTS', KEYS[1]) == 1 or ARGV[1] == 'first' then
+  return redis.call('INCR', KEYS[1])
+end
+return 0
+"""
 
 
-def config_version_read() -> int:
-    return int(get_redis().get(config_version_key()) or 0)
+def config_version_bump(stored: int | None = None) -> None:
+    """`stored`: the database's version after its bump (None: unknown, then a missing key
+    stays missing)."""
+    first = "first" if stored is not None and stored <= 1 else "later"
+    get_redis().eval(_BUMP, 1, config_version_key(), first)
+
+
+def config_version_read() -> int | None:
+    """The version in Redis; None when there is none (never configured, or the data lost)."""
+    raw = get_redis().get(config_version_key())
+    return None if raw is None else int(raw)
+
+
+def config_version_restore() -> bool:
+    """Write the version back once the store is rebuilt, unless one is there already: Redis's
+    clock in milliseconds, a number no process's plan holds, so that every process reloads
+    once and decides again."""
+    client = get_redis()
+    seconds, micros = client.time()
+    return bool(client.set(config_version_key(), seconds * 1000 + micros // 1000, nx=True))

@@ -19,6 +19,7 @@ from quotas.engine.types import (
     LeaseRestore,
     LeaseView,
     LimitState,
+    Lost,
     Missing,
     Owner,
     PoolOption,
@@ -40,6 +41,7 @@ class KeySpace:
         self.prefix = f"q:{{{tag}}}:"
         self.version = self.prefix + "config_version"
         self.leases = self.prefix + "leases"
+        self.rebuild_lock = self.prefix + "rebuild_lock"
         self.events = self.prefix + "events"
         self.lease_prefix = self.prefix + "r:"
 
@@ -83,7 +85,7 @@ class Engine:
         self.clock_offset_ms = clock_offset_ms
         self.frozen_ms: int | None = None
 
-    def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale:
+    def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale | Lost:
         keys = [
             self.keys.version,
             self.keys.lease(call.reservation_id),
@@ -96,7 +98,7 @@ class Engine:
 
     def commit(
         self, *, reservation_id: str, owner: Owner, usage: Usage, version: int | None
-    ) -> Settled | Conflict | Missing | Stale:
+    ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         payload["usage"] = {
             "in_": usage.input_tokens,
@@ -110,20 +112,20 @@ class Engine:
 
     def release(
         self, *, reservation_id: str, owner: Owner, version: int | None
-    ) -> Settled | Conflict | Missing | Stale:
+    ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         return self._settle_result(self._lease_call("release", reservation_id, payload))
 
     def extend(
         self, *, reservation_id: str, owner: Owner, ttl_ms: int, version: int | None
-    ) -> LeaseView | Conflict | Missing | Stale:
+    ) -> LeaseView | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         payload["ttl_ms"] = ttl_ms
         return self._lease_result(self._lease_call("extend", reservation_id, payload))
 
     def peek(
         self, *, reservation_id: str, owner: Owner, version: int | None
-    ) -> LeaseView | Conflict | Missing | Stale:
+    ) -> LeaseView | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         return self._lease_result(self._lease_call("peek", reservation_id, payload))
 
@@ -286,9 +288,11 @@ class Engine:
     # -- replies --------------------------------------------------------------------------
 
     @staticmethod
-    def _reserve_result(reply: Reply) -> Granted | Refused | Existing | Conflict | Stale:
+    def _reserve_result(reply: Reply) -> Granted | Refused | Existing | Conflict | Stale | Lost:
         if reply.get("stale"):
             return Stale()
+        if reply.get("lost"):
+            return Lost()
         if reply.get("conflict"):
             return Conflict(state="idempotency")
         if "existing" in reply:
@@ -309,9 +313,11 @@ class Engine:
         )
 
     @staticmethod
-    def _settle_result(reply: Reply) -> Settled | Conflict | Missing | Stale:
+    def _settle_result(reply: Reply) -> Settled | Conflict | Missing | Stale | Lost:
         if reply.get("stale"):
             return Stale()
+        if reply.get("lost"):
+            return Lost()
         if reply.get("missing"):
             return Missing()
         if "conflict" in reply:
@@ -319,9 +325,11 @@ class Engine:
         return Settled(result=reply["result"])
 
     @staticmethod
-    def _lease_result(reply: Reply) -> LeaseView | Conflict | Missing | Stale:
+    def _lease_result(reply: Reply) -> LeaseView | Conflict | Missing | Stale | Lost:
         if reply.get("stale"):
             return Stale()
+        if reply.get("lost"):
+            return Lost()
         if reply.get("missing"):
             return Missing()
         if "conflict" in reply:

@@ -166,6 +166,12 @@ class Stale:
 
 
 @dataclass(frozen=True, slots=True)
+class Lost:
+    """The store lost its data (its config version key is gone while the plan has one):
+    nothing was decided; the store must be rebuilt from the ledger first."""
+
+
+@dataclass(frozen=True, slots=True)
 class Held:
     """Reservations held now: how many match, and the first few (as `held.lua` shows them)."""
 

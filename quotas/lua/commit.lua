@@ -4,7 +4,8 @@
 -- KEYS[2]  lease key               q:{tag}:r:<id>
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
--- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant,
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older, {lost = true} when the
+--          store lost its data: see plan_check), tenant,
 --          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock,
 --          usage = {in_, cached, out, cost (nano-USD),
 --          requests (1), hash (of the commit body), extra (event fields: finish_reason,
@@ -19,7 +20,8 @@
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
-if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local halt = plan_check(KEYS[1], req.version)
+if halt then return cjson.encode({[halt] = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st == 'committed' then

@@ -219,10 +219,20 @@ local function load_lease(lease_key, req, index_key, stream, now)
   return lease
 end
 
--- The caller decided with a compiled plan of the configuration at `version`; when the
--- configuration has moved on, nothing is done and the caller reloads and asks again.
-local function stale(version_key, version)
-  return version ~= nil and tonumber(redis.call('GET', version_key) or '0') ~= version
+-- Whether the caller's plan may decide here, from the one version key: nil when it may;
+-- 'stale' when the configuration has moved on (the caller reloads and asks again); 'lost'
+-- when the key is gone while the plan has a version: the store lost its data (a restart
+-- without persistence, FLUSHALL, a failover), every counter reads zero, and nothing is
+-- decided until the rebuild from the ledger writes the key back.
+local function plan_check(version_key, version)
+  if version == nil then return nil end
+  local stored = redis.call('GET', version_key)
+  if not stored then
+    if version ~= 0 then return 'lost' end
+    return nil
+  end
+  if tonumber(stored) ~= version then return 'stale' end
+  return nil
 end
 
 -- Current state of one check: how much it holds now (level for buckets, used for budgets).

@@ -4,14 +4,16 @@
 -- KEYS[2]  lease key               q:{tag}:r:<id>
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
--- ARGV[1]  JSON: version (of the plan; {stale = true} when older), tenant, features,
+-- ARGV[1]  JSON: version (of the plan; {stale = true} when older, {lost = true} when the
+--          store lost its data: see plan_check), tenant, features,
 --          maxlen, retention_ms, clock
 --
 -- Returns JSON: {lease = {...}, now_ms} or {missing = true}.
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
-if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local halt = plan_check(KEYS[1], req.version)
+if halt then return cjson.encode({[halt] = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 return cjson.encode({lease = lease, now_ms = now})

@@ -29,12 +29,14 @@
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
 --   {stale = true}                     the plan is older than the configuration
+--   {lost = true}                      the store lost its data (see plan_check in lib.lua)
 --   {existing = lease, now_ms}         idempotency key replayed: the first reservation
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
 local lease_key, index_key, stream, idem_key = KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-if stale(KEYS[1], req.version) then return cjson.encode({stale = true}) end
+local halt = plan_check(KEYS[1], req.version)
+if halt then return cjson.encode({[halt] = true}) end
 
 if req.idempotency then
   local seen = redis.call('HMGET', idem_key, 'id', 'hash')

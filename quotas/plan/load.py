@@ -34,6 +34,10 @@ def plan_load() -> Plan:
     loading bumps them again, and the next call reloads."""
     version = _version_or_unknown()
     stored_version = ConfigVersion.read()
+    if version is None:
+        # A store without a version whose database has one lost its data: the plan takes the
+        # database's, so that every script it calls says so (plan_check in quotas/lua/lib.lua).
+        version = stored_version
     tenants = {t.id: TenantInfo(t.id, t.slug, t.timezone, t.status) for t in Tenant.objects.all()}
     pool_ids: dict[int, list[int]] = defaultdict(list)
     for feature_id, pool_id in Feature.pools.through.objects.values_list("feature_id", "pool_id"):
@@ -85,13 +89,20 @@ def plan_load() -> Plan:
     )
 
 
-def _version_or_unknown() -> int:
+def _version_or_unknown() -> int | None:
     """With the store down the plan still loads (fail-open pools need it); version -1 never
-    matches, so the first call once the store is back reloads."""
+    matches, so the first call once the store is back reloads. None: the store has none."""
     try:
         return config_version_read()
     except redis.RedisError:
         return -1
+
+
+def _version_moved(plan: Plan) -> bool:
+    """Whether the store's version is not the plan's; a store without one is at the
+    database's version the plan was loaded with (see plan_load)."""
+    version = _version_or_unknown()
+    return (plan.stored_version if version is None else version) != plan.version
 
 
 def _stored_version_or(known: int) -> int:
@@ -208,7 +219,7 @@ class PlanCache:
             return self.reload(older_than=plan)
         now = time.monotonic()
         if now - plan.checked_at > RECHECK_SECONDS:
-            if _version_or_unknown() != plan.version:
+            if _version_moved(plan):
                 return self.reload(older_than=plan)
             plan.checked_at = now
         if now - plan.stored_checked_at > STORED_RECHECK_SECONDS:
@@ -221,7 +232,7 @@ class PlanCache:
         """The plan as the database holds it now, for pages that show what was just saved:
         one read of the version in Redis, and a reload if it moved."""
         plan = self.get()
-        if _version_or_unknown() != plan.version:
+        if _version_moved(plan):
             return self.reload(older_than=plan)
         return plan
 

@@ -1,5 +1,6 @@
-"""`quota rebuild`: Redis loses everything mid-period; the ledger and the configuration put
-every calendar budget and every open lease back, and hard limits hold afterwards."""
+"""Redis loses everything mid-period; the ledger and the configuration put every calendar
+budget and every open lease back (`quota rebuild`, or by itself once a decision finds the loss),
+and hard limits hold afterwards."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from ledger.recovery import store_rebuild
 from ledger.services import usage_ingest
-from quotas.models import Limit
+from quotas import recovery
+from quotas.keys import api_key_create
+from quotas.models import ConfigVersion, Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine, leases_expire
+from quotas.store import config_version_bump, config_version_read
+from tests.factories import TenantFactory
 from tests.fixtures import World
 
 pytestmark = pytest.mark.django_db
@@ -185,3 +191,108 @@ def test_a_restored_lease_keeps_the_expiry_an_extension_granted(
     done = commit(world, rid, input_tokens=100, output_tokens=10)
     assert done.status_code == 200, done.content
     assert done.json()["lease_expired"] is False
+
+
+# -- a store that lost its data, found by the first decision ---------------------------------
+
+
+@pytest.fixture
+def deployed(world: World, redis_db: Any) -> None:
+    """A configured deployment: the database's config version and the store's both set (the
+    test transaction runs no on-commit bumps of its own)."""
+    ConfigVersion.bump()
+    config_version_bump(1)
+    plans.clear()
+
+
+def test_a_lost_store_refuses_then_rebuilds_itself_and_never_readmits_a_spent_budget(
+    world: World, reserve: Any, redis_db: Any, deployed: None
+) -> None:
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    traffic(world, reserve)
+    usage_ingest()
+    left = state(day)["remaining"]
+    assert 0 < left < 5000
+
+    redis_db.flushdb()  # Redis restarted without persistence; the process keeps its plan
+    refused = reserve(input_tokens=100, max_output_tokens=100)
+    assert refused.status_code == 503, refused.json()
+    assert refused.json()["error"] == "unavailable"
+    assert refused["Retry-After"] == "2"
+
+    # the rebuild ran (eagerly here, a Celery task in production) and wrote the version back
+    assert config_version_read() is not None
+    assert not redis_db.exists(get_engine().keys.rebuild_lock)
+    assert state(day)["remaining"] == left
+    too_much = reserve(input_tokens=left, max_output_tokens=1)
+    assert too_much.status_code == 429
+    assert too_much.json()["error"] == "budget_exhausted"
+    assert store_rebuild() is None  # a second run finds nothing to do
+
+
+def test_a_process_started_after_the_loss_sees_it_too(
+    world: World, reserve: Any, redis_db: Any, deployed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    monkeypatch.setattr(recovery._Hooks, "rebuild_start", lambda: started.append(1))
+    redis_db.flushdb()
+    plans.clear()  # a fresh process: its plan is loaded from a store without a version
+
+    assert reserve().status_code == 503
+    assert [reserve().status_code for _ in range(3)] == [503] * 3
+    assert started == [1]  # one rebuild started, however many decisions saw the loss
+
+
+def test_a_config_change_before_the_rebuild_does_not_hide_the_loss(
+    world: World, reserve: Any, redis_db: Any, deployed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recovery._Hooks, "rebuild_start", lambda: None)
+    redis_db.flushdb()
+    config_version_bump(ConfigVersion.bump())
+
+    assert config_version_read() is None
+    assert reserve().status_code == 503
+
+
+def test_a_fail_open_pool_admits_degraded_while_the_store_is_rebuilt(
+    world: World, reserve: Any, redis_db: Any, deployed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.pool.fail_mode = "open"
+    world.pool.save()
+    plans.clear()
+    monkeypatch.setattr(recovery._Hooks, "rebuild_start", lambda: None)
+    redis_db.flushdb()
+
+    admitted = reserve()
+    assert admitted.status_code == 201, admitted.json()
+    assert admitted.json()["degraded"] is True
+
+
+def test_commits_of_reservations_the_store_lost_are_accepted_and_charged(
+    world: World, reserve: Any, redis_db: Any, deployed: None
+) -> None:
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    held = reserve(input_tokens=400, max_output_tokens=100).json()["id"]
+    late = reserve(input_tokens=300, max_output_tokens=100, ttl_seconds=1).json()["id"]
+    advance(2)
+    assert leases_expire() == 1
+    usage_ingest()
+    redis_db.flushdb()
+    assert reserve().status_code == 503  # the loss is seen, the store rebuilt
+    rebuilt = state(day)["remaining"]
+    assert rebuilt == 5000 - 500 - 400
+
+    assert commit(world, held, input_tokens=400, output_tokens=20).status_code == 200
+    redis_db.delete(get_engine().keys.lease(late))  # gone with the data; the ledger has it
+    accepted = commit(world, late, input_tokens=300, output_tokens=10)
+    assert accepted.status_code == 200, accepted.json()
+    assert accepted.json()["lease_expired"] is True
+    assert state(day)["remaining"] == rebuilt + 80 + 90
+
+    other = TenantFactory(slug="other")
+    stranger = world.client(api_key_create(tenant=other, name="x").secret)
+    plans.clear()
+    redis_db.delete(get_engine().keys.lease(held))
+    body = {"input_tokens": 1, "output_tokens": 1}
+    answer = stranger.post(f"/api/v1/reservations/{held}/commit", body, format="json")
+    assert answer.status_code == 404

@@ -125,7 +125,7 @@ def test_a_config_change_whose_redis_bump_was_lost_shows_within_a_minute(
     assert reserve().status_code == 201
     before = ConfigVersion.read()
 
-    def lost() -> None:
+    def lost(stored: int | None) -> None:
         raise redis.ConnectionError("blip")
 
     monkeypatch.setattr(signals, "config_version_bump", lost)
@@ -194,7 +194,7 @@ def test_a_rolled_back_change_leaves_both_versions_alone(
 def test_a_transaction_that_saves_many_objects_bumps_once(
     world: World, redis_db: redis.Redis, django_capture_on_commit_callbacks: Any
 ) -> None:
-    before, in_redis = ConfigVersion.read(), config_version_read()
+    before, in_redis = ConfigVersion.read(), config_version_read() or 0
 
     with django_capture_on_commit_callbacks(execute=True) as due, transaction.atomic():
         for metric, window in (("tokens", "minute"), ("tokens", "day"), ("requests", "minute")):
@@ -215,7 +215,7 @@ def test_a_transaction_that_saves_many_objects_bumps_once(
 def test_a_bump_rolled_back_with_its_savepoint_is_registered_again(
     world: World, redis_db: redis.Redis, django_capture_on_commit_callbacks: Any
 ) -> None:
-    before, in_redis = ConfigVersion.read(), config_version_read()
+    before, in_redis = ConfigVersion.read(), config_version_read() or 0
 
     with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
         with pytest.raises(RuntimeError), transaction.atomic():
@@ -297,7 +297,7 @@ def test_a_plan_that_cannot_load_answers_503_not_500(
     world: World, reserve: Any, redis_db: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert reserve().status_code == 201
-    config_version_bump()  # a change elsewhere: this plan is stale, and must be reloaded
+    config_version_bump(1)  # a change elsewhere: this plan is stale, and must be reloaded
 
     def down() -> None:
         raise OperationalError("connection refused")

@@ -1,0 +1,76 @@
+"""When the store lost its data: one rebuild, and the reservations the ledger still knows.
+
+The engine's scripts answer `Lost` while the store's config version key is gone and the plan
+has a version (`plan_check` in quotas/lua/lib.lua): every counter would read zero, so nothing
+is decided. The first process to see it takes a lock (SET NX PX) and starts the rebuild, so
+that processes seeing the loss at once start one; the lock expires, so a rebuild whose worker
+died is started again by a later decision. The rebuild and the ledger lookup are the
+ledger's, registered here when its app is ready (quotas imports no ledger).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import redis
+
+from quotas.engine import Owner
+from quotas.engine.types import LeaseRestore
+from quotas.store import get_engine
+
+log = logging.getLogger(__name__)
+REBUILD_LOCK_MS = 60_000
+
+RebuildStart = Callable[[], None]
+LeaseFinder = Callable[[str, Owner], LeaseRestore | None]
+
+
+class _Hooks:
+    rebuild_start: RebuildStart | None = None
+    lease_finder: LeaseFinder | None = None
+
+
+def recovery_register(*, rebuild_start: RebuildStart, lease_finder: LeaseFinder) -> None:
+    _Hooks.rebuild_start = rebuild_start
+    _Hooks.lease_finder = lease_finder
+
+
+def store_lost() -> None:
+    """Start the rebuild, unless another process already has."""
+    engine = get_engine()
+    holder = f"{socket.gethostname()}-{os.getpid()}"
+    try:
+        if not engine.client.set(engine.keys.rebuild_lock, holder, nx=True, px=REBUILD_LOCK_MS):
+            return
+    except redis.RedisError:
+        log.warning("could not take the rebuild lock", exc_info=True)
+        return
+    log.error("the quota store lost its data; starting its rebuild from the ledger")
+    try:
+        if _Hooks.rebuild_start is None:
+            raise RuntimeError("no rebuild registered (is the ledger app installed?)")
+        _Hooks.rebuild_start()
+    except Exception:
+        # the next decision tries again, rather than every one waiting for the lock to expire
+        log.exception("could not start the rebuild of the quota store")
+        rebuild_lock_release()
+
+
+def rebuild_lock_release() -> None:
+    engine = get_engine()
+    engine.client.delete(engine.keys.rebuild_lock)
+
+
+def lease_restore(reservation_id: str, owner: Owner) -> bool:
+    """Write back the lease of a reservation that the store lost and the ledger still has
+    (held, or expired and still committable), so that it can be committed: True if there is
+    one now."""
+    finder = _Hooks.lease_finder
+    lease = finder(reservation_id, owner) if finder else None
+    if lease is None:
+        return False
+    get_engine().rebuild([], [lease])  # written only where none exists
+    return True
