@@ -37,7 +37,7 @@ from quotas.errors import QuotaError, invalid, not_found
 from quotas.estimate import estimate_tokens
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.refusals import refusal_error
-from quotas.store import get_engine
+from quotas.store import STORE_DOWN, get_engine
 
 log = logging.getLogger(__name__)
 STALE_RETRIES = 3
@@ -121,7 +121,7 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         )
         try:
             result = get_engine().reserve(call)
-        except redis.RedisError as exc:
+        except STORE_DOWN as exc:
             result = _store_down(exc, call, pools[0])
         else:
             spool_drain(get_engine())
@@ -371,7 +371,7 @@ def _with_plan(key: KeyInfo, call: Any) -> Any:
         plan = plans.get()
         try:
             result = call(plan.version)
-        except redis.RedisError as exc:
+        except STORE_DOWN as exc:
             log.warning("store unavailable: %s", exc)
             raise QuotaError(
                 "unavailable",
