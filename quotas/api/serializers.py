@@ -57,19 +57,20 @@ def shown(text: str, limit: int = 64) -> str:
 def nested_problem(value: Any, *, depth: int, controls: bool) -> str | None:
     """The first problem in an array's or object's strings (keys too) and nesting, walked
     without recursion: a value nested a thousand levels must not exhaust the stack."""
+    pattern = LONE_SURROGATE if controls else NOT_TEXT
     stack = [(value, 1)]
     while stack:
         item, level = stack.pop()
-        if isinstance(item, str):
-            if problem := text_problem(item, controls=controls):
-                return problem
-        elif isinstance(item, dict | list):
+        if type(item) is str:  # JSON gives exact types, tested faster than by isinstance
+            if pattern.search(item):
+                return text_problem(item, controls=controls)
+        elif type(item) is dict or type(item) is list:
             if level > depth:
                 return f"Must not nest arrays and objects more than {depth} levels deep."
-            if isinstance(item, dict):
-                stack.extend((key, level) for key in item)
+            if type(item) is dict:
+                stack += [(key, level) for key in item]
                 item = item.values()
-            stack.extend((child, level + 1) for child in item)
+            stack += [(child, level + 1) for child in item]
     return None
 
 
@@ -101,9 +102,9 @@ class Field:
             return f"Must be one of {', '.join(self.choices)}."
         if self.slug and not SLUG.match(value):
             return "Must be a slug: letters, digits, hyphens and underscores."
-        if isinstance(value, str):
+        if self.kind is str:
             return text_problem(value, controls=self.controls)
-        if isinstance(value, dict | list):
+        if self.kind is not int:  # a list or a dict
             return nested_problem(value, depth=self.depth, controls=self.controls)
         return None
 
