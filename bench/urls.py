@@ -4,7 +4,7 @@ from django.urls import path
 
 from bench.baseline import views
 from config import urls
-from config.urls import handler404, handler500
+from config.urls import handler400, handler404, handler500
 
 # The product's routes as deployed (config.urls), after the two baselines, in one list: an
 # include() would put every product route one resolver level deeper than in production.
@@ -14,4 +14,4 @@ urlpatterns = [
     *urls.urlpatterns,
 ]
 
-__all__ = ["handler404", "handler500", "urlpatterns"]
+__all__ = ["handler400", "handler404", "handler500", "urlpatterns"]

@@ -12,6 +12,7 @@ STATUS_BY_CODE = {
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "length_required": 411,
     "feature_paused": 423,
     "rate_limited": 429,
     "budget_exhausted": 429,

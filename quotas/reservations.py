@@ -9,7 +9,6 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis
 from django.conf import settings
 
 from quotas.degraded import (
@@ -39,7 +38,7 @@ from quotas.estimate import estimate_tokens
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error
-from quotas.store import get_engine
+from quotas.store import STORE_UNREACHABLE, get_engine
 
 log = logging.getLogger(__name__)
 STALE_RETRIES = 3
@@ -123,7 +122,7 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         )
         try:
             result = get_engine().reserve(call)
-        except redis.RedisError as exc:
+        except STORE_UNREACHABLE as exc:
             log.warning("store unavailable on reserve: %s", exc)
             result = _unenforced(call, pools[0], STORE_DOWN)
         else:
@@ -383,7 +382,7 @@ def _with_plan(key: KeyInfo, call: Any, *, missing_ok: bool = False) -> Any:
         plan = plans.get()
         try:
             result = call(plan.version)
-        except redis.RedisError as exc:
+        except STORE_UNREACHABLE as exc:
             log.warning("store unavailable: %s", exc)
             raise STORE_DOWN.error() from exc
         if isinstance(result, Stale):

@@ -10,6 +10,10 @@ from django.conf import settings
 
 from quotas.engine import Engine
 
+# The errors that say the store cannot be reached: only these answer 503 or admit fail-open.
+# Any other (a script's ResponseError) is a bug, answered as one, never retried as an outage.
+STORE_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+
 
 def redis_client(url: str) -> redis.Redis:
     """A client as the app makes them. Built from a URL it carries no retry policy: a store

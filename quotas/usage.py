@@ -6,12 +6,11 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-import redis
-
 from quotas.errors import QuotaError, not_found
 from quotas.plan import KeyInfo, LimitInfo, Plan, plans
 from quotas.refusals import limit_body, units_shown
 from quotas.reservations import get_engine, key_recheck
+from quotas.store import STORE_UNREACHABLE
 
 CHUNK = 2_000  # limits per script call: a long script would hold up every reservation
 
@@ -20,7 +19,7 @@ def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]
     """Each limit's state now, read from the engine (one script call per CHUNK limits), as
     the API shows a limit (id, name, scope, metric, window, enforcement, limit, remaining)
     plus `used` and `reset_seconds` (when the bucket is full again, or the budget's period
-    ends). Raises RedisError when the store is down."""
+    ends). Raises one of STORE_UNREACHABLE when the store is down."""
     engine = get_engine()
     now_ms = engine.now_ms_estimate()
     checks = [plan.inspection_check(limit, engine.keys, now_ms) for limit in limits]
@@ -51,7 +50,7 @@ def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
         raise QuotaError("forbidden", f"This API key may not act for feature '{slug}'.")
     try:
         rows = limits_read(plan, plan.feature_limits(feature))
-    except redis.RedisError as exc:
+    except STORE_UNREACHABLE as exc:
         raise QuotaError(
             "unavailable",
             "The quota store is unavailable; try again shortly.",

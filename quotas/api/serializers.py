@@ -22,10 +22,56 @@ from tenants.models import Priority
 MAX_TOKENS = 10_000_000
 MAX_TTL = 3600
 MAX_METADATA_BYTES = 4096
+MAX_METADATA_DEPTH = 8
+# Levels of arrays and objects within one field's value: chat messages with parts nest a few.
+MAX_DEPTH = 32
 SLUG = re.compile(r"^[-a-zA-Z0-9_]+\Z")
 MISSING: Any = object()
 
 Errors = dict[str, list[str]]
+
+# What no text in a body may hold: a lone surrogate (not a character: it cannot be encoded as
+# UTF-8, for Redis, the ledger or an answer) or a C0 control character other than tab, line
+# feed and carriage return (PostgreSQL's text refuses NUL; the others arrive only by mistake).
+# Text that is only counted and never stored (a prompt, messages) may hold control characters.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff]")
+
+
+def text_problem(text: str, *, controls: bool = False) -> str | None:
+    """What makes a string unfit to keep, in words, or None."""
+    if not (LONE_SURROGATE if controls else NOT_TEXT).search(text):
+        return None
+    if LONE_SURROGATE.search(text):
+        return "Must be text: it holds a lone UTF-16 surrogate."
+    return "Must not hold NUL or control characters other than tab, newline and return."
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """A caller's text as an answer may repeat it: escaped when it is not plain text, cut
+    when long."""
+    clipped = text if len(text) <= limit else text[:limit] + "..."
+    return ascii(clipped) if NOT_TEXT.search(clipped) else clipped
+
+
+def nested_problem(value: Any, *, depth: int, controls: bool) -> str | None:
+    """The first problem in an array's or object's strings (keys too) and nesting, walked
+    without recursion: a value nested a thousand levels must not exhaust the stack."""
+    pattern = LONE_SURROGATE if controls else NOT_TEXT
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if type(item) is str:  # JSON gives exact types, tested faster than by isinstance
+            if pattern.search(item):
+                return text_problem(item, controls=controls)
+        elif type(item) is dict or type(item) is list:
+            if level > depth:
+                return f"Must not nest arrays and objects more than {depth} levels deep."
+            if type(item) is dict:
+                stack += [(key, level) for key in item]
+                item = item.values()
+            stack += [(child, level + 1) for child in item]
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,6 +84,8 @@ class Field:
     max_length: int | None = None
     choices: tuple[str, ...] = ()
     slug: bool = False
+    depth: int = MAX_DEPTH  # of a list or dict
+    controls: bool = False  # text only counted, never stored, may hold control characters
     help: str = ""
 
     def check(self, value: Any) -> str | None:
@@ -54,6 +102,10 @@ class Field:
             return f"Must be one of {', '.join(self.choices)}."
         if self.slug and not SLUG.match(value):
             return "Must be a slug: letters, digits, hyphens and underscores."
+        if self.kind is str:
+            return text_problem(value, controls=self.controls)
+        if self.kind is not int:  # a list or a dict
+            return nested_problem(value, depth=self.depth, controls=self.controls)
         return None
 
     def as_drf(self) -> serializers.Field:
@@ -91,7 +143,9 @@ class Body:
             data = {}
         if not isinstance(data, dict):
             raise invalid({"non_field_errors": "Send a JSON object."})
-        errors: Errors = {name: ["Unknown field."] for name in data if name not in self.fields}
+        errors: Errors = {
+            shown(name): ["Unknown field."] for name in data if name not in self.fields
+        }
         clean: dict[str, Any] = {}
         for name, spec in self.fields.items():
             value = data.get(name, MISSING)
@@ -146,8 +200,8 @@ def _min_below_max(body: dict[str, Any]) -> Errors:
 def _small_metadata(body: dict[str, Any]) -> Errors:
     if not body.get("metadata"):  # none, or {}: nothing to measure
         return {}
-    try:
-        size = len(json.dumps(body["metadata"], default=str, allow_nan=False))
+    try:  # as the usage events carry it: ASCII (a byte a character), and bounded in depth
+        size = len(json.dumps(body["metadata"], separators=(",", ":"), allow_nan=False))
     except ValueError:  # a number past a double's range reads as infinity
         return {"metadata": ["Numbers in metadata must be finite."]}
     if size > MAX_METADATA_BYTES:
@@ -180,12 +234,14 @@ RESERVE = Body(
             list,
             required=False,
             max_length=10_000,
+            controls=True,
             help="Chat messages; the server estimates their tokens.",
         ),
         "prompt": Field(
             str,
             required=False,
             max_length=40_000_000,
+            controls=True,
             help="Prompt text; the server estimates its tokens.",
         ),
         "max_output_tokens": tokens("The most output the call may produce."),
@@ -199,7 +255,7 @@ RESERVE = Body(
         "pool": Field(str, required=False, max_length=64, slug=True, help="Use this pool only."),
         "ttl_seconds": Field(int, required=False, default=60, low=1, high=MAX_TTL),
         "idempotency_key": Field(str, required=False, max_length=200),
-        "metadata": Field(dict, required=False, default=dict),
+        "metadata": Field(dict, required=False, default=dict, depth=MAX_METADATA_DEPTH),
     },
     rules=(_one_input, _messages_are_objects, _min_below_max, _small_metadata),
 )
