@@ -17,13 +17,15 @@ ensure_python() {
   fi
 }
 
+# Installs the project, its dev extras and the SDK at the versions in constraints.txt, again
+# whenever pyproject.toml, the SDK's or constraints.txt changed since the last install.
 ensure_venv() {
-  if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
+  if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ] \
+    || [ sdk/pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
     ensure_python
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet -e '.[dev]'
-    .venv/bin/pip install --quiet -e ./sdk
+    .venv/bin/pip install --quiet -c constraints.txt -e '.[dev]' -e ./sdk
     touch .venv/.installed
   fi
   mkdir -p var/static  # STATIC_ROOT: whitenoise warns on every request while it is missing
