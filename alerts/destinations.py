@@ -4,9 +4,12 @@ A channel's URL is typed by an owner, so without a rule it could point the platf
 at its own network: Redis or PostgreSQL on a private address, a cloud metadata endpoint on a
 link-local one. Every address the host resolves to must be global (not loopback, private,
 link-local, shared, reserved or multicast), or fall in ALERTS_HTTP_ALLOWED_NETWORKS
-(comma-separated CIDRs, e.g. a company's own relay). Checked when a channel is saved (a
-literal address or `localhost`) and again before every POST (every resolved address);
-redirects are never followed.
+(comma-separated CIDRs, e.g. a company's own relay). An IPv6 address that carries an IPv4 one
+(IPv4-mapped, IPv4-compatible, IPv4-translated, NAT64's 64:ff9b::/96, 6to4's 2002::/16) is
+judged by the IPv4 address it carries, since that is where a gateway would deliver it;
+NAT64's local-use 64:ff9b:1::/48, whose layout only its own network knows, is refused.
+Checked when a channel is saved (a literal address or `localhost`) and again before every
+POST (every resolved address); redirects are never followed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ from urllib.parse import urlsplit
 from alerts.conf import alerts_setting
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# IPv6 prefixes whose last 32 bits are an IPv4 address (RFC 4291, 2765, 6052)
+_EMBEDDING_96 = [
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible
+    ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64, well-known prefix
+]
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
 
 
 class DestinationRefused(Exception):
@@ -61,10 +73,26 @@ def _resolved(host: str) -> list[Address]:
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
-def _judge(host: str, address: Address) -> None:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if any(address in network for network in allowed_networks()):
+def _carried(address: Address) -> Address:
+    """The IPv4 address an IPv6 transition form carries, else the address itself. `::` and
+    `::1` come out as 0.0.0.0 and 0.0.0.1, refused like themselves."""
+    if isinstance(address, ipaddress.IPv4Address):
+        return address
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if any(address in network for network in _EMBEDDING_96):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def _judge(host: str, literal: Address) -> None:
+    if isinstance(literal, ipaddress.IPv6Address) and literal in _NAT64_LOCAL:
+        raise DestinationRefused(
+            f"{host} is a local-use NAT64 address ({literal}); alerts do not post through it."
+        )
+    address = _carried(literal)
+    allowed = allowed_networks()
+    if any(a in network for network in allowed for a in (literal, address)):
         return
     if not address.is_global or address.is_multicast:
         raise DestinationRefused(

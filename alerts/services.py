@@ -198,6 +198,18 @@ def channel_enable(*, channel_id: int) -> None:
     Channel.objects.filter(pk=channel_id).update(enabled=True, disabled_reason="", disabled_at=None)
 
 
+REDACTED = "REDACTED"
+
+
+def channel_target_redacted(kind: str, target: str) -> str:
+    """The target as it may be shown outside the database: a Slack webhook URL's last path
+    segment is the token that lets anyone post, so it is replaced by REDACTED."""
+    head, _, token = target.rpartition("/")
+    if kind != "slack" or not head or not token:
+        return target
+    return f"{head}/{REDACTED}"
+
+
 def channel_upsert(
     *,
     tenant: Tenant | None,

@@ -17,13 +17,15 @@ ensure_python() {
   fi
 }
 
+# Installs the project, its dev extras and the SDK at the versions in constraints.txt, again
+# whenever pyproject.toml, the SDK's or constraints.txt changed since the last install.
 ensure_venv() {
-  if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ]; then
+  if [ ! -x .venv/bin/python ] || [ pyproject.toml -nt .venv/.installed ] \
+    || [ sdk/pyproject.toml -nt .venv/.installed ] || [ constraints.txt -nt .venv/.installed ]; then
     ensure_python
     python3 -m venv .venv
     .venv/bin/pip install --quiet --upgrade pip
-    .venv/bin/pip install --quiet -e '.[dev]'
-    .venv/bin/pip install --quiet -e ./sdk
+    .venv/bin/pip install --quiet -c constraints.txt -e '.[dev]' -e ./sdk
     touch .venv/.installed
   fi
   mkdir -p var/static  # STATIC_ROOT: whitenoise warns on every request while it is missing
@@ -87,4 +89,30 @@ ensure_redis() {
   for _ in $(seq 50); do redis_reachable && return 0; sleep 0.1; done
   echo "Redis did not come up; see var/redis/redis.log" >&2
   return 1
+}
+
+# Runs a command again whenever it exits, so one crashed process does not take bin/run's
+# others down. The pause before a restart doubles from 1 s up to 30 s while the command keeps
+# exiting soon after it started (a run of SUPERVISE_HEALTHY_SECONDS, 60, starts it over);
+# after SUPERVISE_GIVE_UP (5) such quick exits in a row no restart will help, and it returns.
+supervise() {
+  local name="$1" delay=1 quick=0 status started
+  shift
+  while true; do
+    started=$SECONDS
+    status=0
+    "$@" </dev/null || status=$?
+    if ((SECONDS - started >= ${SUPERVISE_HEALTHY_SECONDS:-60})); then
+      delay=1 quick=0
+    else
+      quick=$((quick + 1))
+    fi
+    if ((quick >= ${SUPERVISE_GIVE_UP:-5})); then
+      echo "bin/run: $name exited $quick times in a row soon after starting (status $status); giving up" >&2
+      return $((status == 0 ? 1 : status))
+    fi
+    echo "bin/run: $name exited (status $status); restarting it in $delay s" >&2
+    sleep "$delay"
+    delay=$((delay * 2 > 30 ? 30 : delay * 2))
+  done
 }

@@ -142,6 +142,22 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=REDIS_URL)
 CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TIMEZONE = "UTC"
+# A restarted or failed-over Redis must not end the worker or beat: they reconnect, at start
+# too, for as long as it takes (Celery's default gives up after 100 attempts), and kombu's
+# health checks and socket timeouts notice a connection that died without being closed.
+CELERY_BROKER_CONNECTION_RETRY = True
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "health_check_interval": 10,
+    "socket_timeout": 10,  # above kombu's 1 s BRPOP, so only a dead connection times out
+    "socket_connect_timeout": 5,
+    "socket_keepalive": True,
+    "retry_on_timeout": True,
+}
+CELERY_REDIS_BACKEND_HEALTH_CHECK_INTERVAL = 10
+CELERY_REDIS_SOCKET_KEEPALIVE = True
+CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 
 # The engine's own settings: plain values handed to the engine by the layer above it.
 QUOTA_HASH_TAG = env.str("QUOTA_HASH_TAG", default="quota")

@@ -8,8 +8,10 @@
 A channel is identified by its tenant and name (no tenant: a platform channel, for alerts
 about shared pools). E-mail channels take `to` (none: the owners), Slack and webhook channels
 take `url`. A webhook's signing `secret` may be given; left out, the stored one is kept (one
-is generated for a new channel), and `export` never prints it. With `prune`, channels of the
-file's tenants that the file does not declare are deleted.
+is generated for a new channel), and `export` never prints it. `export` prints a Slack URL
+with its token replaced by REDACTED, and `apply` of such a URL keeps the stored one, so an
+exported file applies as it is and a file under version control need not hold the token.
+With `prune`, channels of the file's tenants that the file does not declare are deleted.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from alerts.models import Channel
-from alerts.services import channel_upsert
+from alerts.services import REDACTED, channel_target_redacted, channel_upsert
 from control.configfile.apply import Applier, Skip
 from control.configfile.report import Change
 from control.configfile.schema import Entry
@@ -49,7 +51,7 @@ def _channel(applier: Applier, entry: Entry) -> Channel | None:
             raise Skip
         applier.declare(KIND, key, entry.path, f"alert channel '{key[1]}'")
         tenant, feature = _scope(applier, entry)
-        target, target_key = _target(applier, entry)
+        target, target_key = _target(applier, entry, tenant)
     except Skip:
         applier.skip(KIND, key, entry.path)
         return None
@@ -81,7 +83,7 @@ def _scope(applier: Applier, entry: Entry) -> tuple[Tenant | None, Feature | Non
     return tenant, applier.feature_of(tenant, feature_slug, f"{entry.path}.feature")
 
 
-def _target(applier: Applier, entry: Entry) -> tuple[str, str]:
+def _target(applier: Applier, entry: Entry, tenant: Tenant | None) -> tuple[str, str]:
     """The channel's target, and the key of the file it comes from."""
     data, path = entry.data, entry.path
     wanted, unwanted = ("to", "url") if data["kind"] == "email" else ("url", "to")
@@ -93,7 +95,23 @@ def _target(applier: Applier, entry: Entry) -> tuple[str, str]:
     if "url" not in data:
         applier.errors.add(f"{path}.url", "missing (required)")
         raise Skip
-    return str(data["url"]), "url"
+    url = str(data["url"])
+    if data["kind"] == "slack" and url.endswith(f"/{REDACTED}"):
+        return _stored_url(applier, entry, tenant, url), "url"
+    return url, "url"
+
+
+def _stored_url(applier: Applier, entry: Entry, tenant: Tenant | None, redacted: str) -> str:
+    """The stored URL a redacted one stands for: the same channel's, if it redacts alike."""
+    stored = Channel.objects.filter(tenant=tenant, name=entry.data["name"], kind="slack").first()
+    if stored is None or channel_target_redacted("slack", stored.target) != redacted:
+        applier.errors.add(
+            f"{entry.path}.url",
+            f"a URL ending in /{REDACTED} keeps the stored one, and this channel has no "
+            "stored URL like it: give the full URL",
+        )
+        raise Skip
+    return stored.target
 
 
 def _label(channel: Channel) -> str:
@@ -116,5 +134,5 @@ def _exported(channel: Channel) -> dict[str, Any]:
         if channel.target:
             entry["to"] = [a.strip() for a in channel.target.split(",") if a.strip()]
     else:
-        entry["url"] = channel.target
+        entry["url"] = channel_target_redacted(channel.kind, channel.target)
     return entry

@@ -73,3 +73,54 @@ def test_allowed_networks_let_a_relay_on_the_own_network_through(httpserver: HTT
     WebhookTransport(target=httpserver.url_for("/hook"), secret="s").send_once(MESSAGE)
 
     assert len(httpserver.log) == 1
+
+
+@ONLY_PUBLIC
+@pytest.mark.parametrize(
+    ("host", "carried"),
+    [
+        ("64:ff9b::7f00:1", "127.0.0.1"),  # NAT64, well-known prefix
+        ("64:ff9b::a9fe:a9fe", "169.254.169.254"),
+        ("::10.0.0.5", "10.0.0.5"),  # IPv4-compatible
+        ("::ffff:0:192.168.1.1", "192.168.1.1"),  # IPv4-translated
+        ("::ffff:10.1.2.3", "10.1.2.3"),  # IPv4-mapped
+        ("2002:7f00:1::", "127.0.0.1"),  # 6to4
+        ("2002:a00:5:1::1", "10.0.0.5"),
+    ],
+)
+def test_ipv6_forms_carrying_a_private_ipv4_address_are_judged_by_it(
+    host: str, carried: str
+) -> None:
+    with pytest.raises(ValidationError, match=rf"non-public address \({carried}\)"):
+        WebhookTransport.validate_target(f"http://[{host}]/hook")
+
+
+@ONLY_PUBLIC
+def test_a_name_resolving_to_nat64_of_a_private_address_is_refused_before_posting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        "alerts.destinations.socket.getaddrinfo",
+        lambda host, *a, **k: [(10, 1, 6, "", ("64:ff9b::a00:5", 0, 0, 0))],
+    )
+    with pytest.raises(DestinationRefused, match=r"10\.0\.0\.5"):
+        destination_check("https://innocent.example/hook", resolve=True)
+
+
+@ONLY_PUBLIC
+def test_local_use_nat64_addresses_are_refused() -> None:
+    with pytest.raises(DestinationRefused, match="local-use NAT64"):
+        destination_check("http://[64:ff9b:1::808:808]/hook", resolve=False)
+
+
+@ONLY_PUBLIC
+@pytest.mark.parametrize(
+    "host", ["64:ff9b::808:808", "::ffff:0:8.8.8.8", "2002:808:808::1", "2606:4700::1111"]
+)
+def test_ipv6_forms_carrying_a_public_ipv4_address_pass(host: str) -> None:
+    destination_check(f"http://[{host}]/hook", resolve=False)
+
+
+@override_settings(ALERTS_HTTP_ALLOWED_NETWORKS="::1/128")
+def test_an_allowed_ipv6_network_still_matches_the_address_as_written() -> None:
+    destination_check("http://[::1]/hook", resolve=False)

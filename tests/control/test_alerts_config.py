@@ -99,3 +99,47 @@ def test_mistakes_are_reported_at_their_path(tmp_path: Path) -> None:
         "alert_channels[6].to: 'nobody' is not an e-mail address.",
         "alert_channels[7]: alert channel 'd' is declared twice (first at alert_channels[3])",
     ]
+
+
+def test_export_redacts_slack_tokens_and_applying_it_keeps_the_stored_url(tmp_path: Path) -> None:
+    slack = "https://hooks.slack.com/services/T0AB/B0CD/s3cr3tT0k3n"
+    apply(tmp_path, with_channels({"tenant": "acme", "name": "ops", "kind": "slack", "url": slack}))
+
+    exported = quota("export")[0]
+
+    assert "s3cr3tT0k3n" not in exported
+    assert yaml.safe_load(exported)["alert_channels"] == [
+        {
+            "tenant": "acme",
+            "name": "ops",
+            "kind": "slack",
+            "url": "https://hooks.slack.com/services/T0AB/B0CD/REDACTED",
+        }
+    ]
+    assert totals(apply(tmp_path, exported)).startswith("0 created, 0 updated")
+    assert Channel.objects.get(name="ops").target == slack
+
+
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("new", "https://hooks.slack.com/services/T0AB/B0CD/REDACTED"),  # nothing stored
+        ("ops", "https://hooks.slack.com/services/T0AB/B0XX/REDACTED"),  # another webhook
+    ],
+)
+def test_a_redacted_slack_url_that_stands_for_no_stored_one_is_refused(
+    tmp_path: Path, name: str, url: str
+) -> None:
+    slack = "https://hooks.slack.com/services/T0AB/B0CD/s3cr3tT0k3n"
+    apply(tmp_path, with_channels({"tenant": "acme", "name": "ops", "kind": "slack", "url": slack}))
+
+    errors = apply_refused(
+        tmp_path, with_channels({"tenant": "acme", "name": name, "kind": "slack", "url": url})
+    )
+
+    assert errors == [
+        "alert_channels[0].url: a URL ending in /REDACTED keeps the stored one, and this "
+        "channel has no stored URL like it: give the full URL"
+    ]
+    assert Channel.objects.get(name="ops").target == slack
+    assert not Channel.objects.filter(name="new").exists()
