@@ -173,7 +173,7 @@ local function settled_result(lease, u, late, outcome, now)
                       cost_nusd = lease.r.cost - u[4]}}
 end
 
--- What a settled reservation must still answer, and no more (about a quarter of the lease):
+-- What a settled reservation must still answer, and no more (a third of the lease's bytes):
 -- owner (tenant, feature) for the ownership check, the commit body's hash for a replay, the
 -- usage `u` and `x` (1: committed after expiry) to give the result again, and what a GET and
 -- an idempotent reserve replay show (pool, reserved `r`, times, `soft`, `limits`, and the
@@ -195,18 +195,16 @@ local function settled_record(lease, u, late, outcome, hash, now)
   for _, name in ipairs(SHOWN_META) do meta[name] = lease.meta[name] end
   local record = {id = lease.id, st = outcome, tenant = lease.tenant, feature = lease.feature,
                   pool = lease.pool, created = lease.created, e = lease.e, done = now,
-                  r = lease.r, u = u, meta = meta, limits = lease.limits}
+                  r = lease.r, u = u, meta = meta, soft = lease.soft, limits = lease.limits}
   if outcome == 'committed' then record.hash = string.sub(hash, 1, HASH_KEPT) end
   if late then record.x = 1 end
-  if lease.soft and #lease.soft > 0 then record.soft = lease.soft end
   return record
 end
 
--- The lease as callers read it: a settled record gets its result back, and an empty `soft`.
+-- The lease as callers read it: a settled record gets its result back.
 local function lease_view(lease)
   if lease.u then
     lease.res = settled_result(lease, lease.u, lease.x == 1, lease.st, lease.done)
-    lease.soft = lease.soft or {}
   end
   return lease
 end
