@@ -162,7 +162,9 @@ CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 # The engine's own settings: plain values handed to the engine by the layer above it.
 QUOTA_HASH_TAG = env.str("QUOTA_HASH_TAG", default="quota")
 QUOTA_API_KEY_PEPPER = env.str("QUOTA_API_KEY_PEPPER", default=SECRET_KEY)
-QUOTA_LEASE_RETENTION_SECONDS = env.int("QUOTA_LEASE_RETENTION_SECONDS", default=86400)
+# An hour: a late commit (past its expiry) or a replay has one longest TTL to arrive; see
+# docs/engine.md for the memory it costs.
+QUOTA_LEASE_RETENTION_SECONDS = env.int("QUOTA_LEASE_RETENTION_SECONDS", default=3600)
 # 0: the usage stream is trimmed only by the ledger, below what it has acknowledged. A
 # positive cap bounds Redis memory when no ledger runs, at the price of losing events.
 QUOTA_STREAM_MAXLEN = env.int("QUOTA_STREAM_MAXLEN", default=0)

@@ -72,7 +72,7 @@ class Engine:
         client: redis.Redis,
         *,
         hash_tag: str,
-        retention_ms: int = 86_400_000,
+        retention_ms: int = 3_600_000,
         stream_maxlen: int = 0,
         clock_offset_ms: int = 0,
     ) -> None:

@@ -25,7 +25,7 @@ if halt then return cjson.encode({[halt] = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st == 'committed' then
-  if lease.hash == req.usage.hash then return cjson.encode({result = lease.res}) end
+  if same_body(lease.hash, req.usage.hash) then return cjson.encode({result = lease.res}) end
   return cjson.encode({conflict = 'committed'})
 end
 if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end

@@ -7,7 +7,10 @@
 --   budget (hour/day/month limits): string counter of units used in one calendar period; the
 --     key names the period, so a new period starts from zero with no reset job.
 --   concurrency: string counter of held reservations.
---   lease: string, JSON of the reservation (state, what every limit was debited, metadata).
+--   lease: string, JSON of the reservation (state, what every limit was debited, metadata)
+--     while held or expired (a commit after expiry still needs all of it). Once committed or
+--     released it is replaced by a compact record (`settled_record`), which answers replays
+--     and reads; `lease_view` turns either back into the lease as the callers read it.
 --
 -- Amounts are integers in engine units: tokens, requests, nano-USD.
 
@@ -160,6 +163,52 @@ local function reap(index_key, stream, maxlen, retention_ms, lease_prefix, now, 
   return #due
 end
 
+-- A settlement's answer, from the lease and its usage `u` = {in, cached, out, cost}: what
+-- settle returns, and what a settled record gives again to a replay or a read.
+local function settled_result(lease, u, late, outcome, now)
+  return {id = lease.id, status = outcome, lease_expired = late, now_ms = now,
+          input_tokens = u[1], cached_input_tokens = u[2], output_tokens = u[3],
+          cost_nusd = u[4],
+          refunded = {input_tokens = lease.r.in_ - u[1], output_tokens = lease.r.out - u[3],
+                      cost_nusd = lease.r.cost - u[4]}}
+end
+
+-- What a settled reservation must still answer, and no more (a third of the lease's bytes):
+-- owner (tenant, feature) for the ownership check, the commit body's hash for a replay, the
+-- usage `u` and `x` (1: committed after expiry) to give the result again, and what a GET and
+-- an idempotent reserve replay show (pool, reserved `r`, times, `soft`, `limits`, and the
+-- meta fields the API reads). The checks, prices and the events' meta are dropped: nothing
+-- is charged or emitted for it again.
+local SHOWN_META = {'feature', 'model', 'priority', 'estimated', 'metadata'}
+-- A record keeps 16 hex digits (64 bits) of the commit body's hash: enough to tell a replay
+-- from another body, at a quarter of the bytes.
+local HASH_KEPT = 16
+
+-- Whether a commit body's hash is the one a settled lease recorded (in full before records
+-- kept a prefix).
+local function same_body(recorded, hash)
+  return recorded == hash or recorded == string.sub(hash, 1, HASH_KEPT)
+end
+
+local function settled_record(lease, u, late, outcome, hash, now)
+  local meta = {}
+  for _, name in ipairs(SHOWN_META) do meta[name] = lease.meta[name] end
+  local record = {id = lease.id, st = outcome, tenant = lease.tenant, feature = lease.feature,
+                  pool = lease.pool, created = lease.created, e = lease.e, done = now,
+                  r = lease.r, u = u, meta = meta, soft = lease.soft, limits = lease.limits}
+  if outcome == 'committed' then record.hash = string.sub(hash, 1, HASH_KEPT) end
+  if late then record.x = 1 end
+  return record
+end
+
+-- The lease as callers read it: a settled record gets its result back.
+local function lease_view(lease)
+  if lease.u then
+    lease.res = settled_result(lease, lease.u, lease.x == 1, lease.st, lease.done)
+  end
+  return lease
+end
+
 -- Settle a lease with its actual usage: refund (or charge) the difference in every limit it
 -- touched, free its slot, record it. Returns the result, which a repeated call returns again.
 local function settle(lease_key, lease, usage, outcome, index_key, stream, maxlen, retention_ms,
@@ -178,17 +227,9 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
       adjust(check, actual_for(check, usage) - check.amt, now)
     end
   end
-  local result = {id = lease.id, status = outcome, lease_expired = late, now_ms = now,
-                  input_tokens = usage.in_, cached_input_tokens = usage.cached,
-                  output_tokens = usage.out, cost_nusd = usage.cost,
-                  refunded = {input_tokens = lease.r.in_ - usage.in_,
-                              output_tokens = lease.r.out - usage.out,
-                              cost_nusd = lease.r.cost - usage.cost}}
-  lease.st = outcome
-  lease.done = now
-  lease.res = result
-  lease.hash = usage.hash
-  redis.call('SET', lease_key, cjson.encode(lease), 'PX', int(retention_ms))
+  local u = {usage.in_, usage.cached, usage.out, usage.cost}
+  local record = settled_record(lease, u, late, outcome, usage.hash, now)
+  redis.call('SET', lease_key, cjson.encode(record), 'PX', int(retention_ms))
   redis.call('ZREM', index_key, lease.id)
   local ev = event_base(lease, outcome, now)
   ev.input_tokens, ev.cached_input_tokens, ev.output_tokens = usage.in_, usage.cached, usage.out
@@ -196,7 +237,7 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
   ev.lease_expired = late and 1 or 0
   for name, value in pairs(usage.extra or {}) do ev[name] = value end
   emit(stream, maxlen, ev)
-  return result
+  return settled_result(lease, u, late, outcome, now)
 end
 
 -- Load a lease for a caller: nil unless it exists and belongs to the caller's tenant (and,
@@ -216,7 +257,7 @@ local function load_lease(lease_key, req, index_key, stream, now)
   if lease.st == 'held' and lease.e <= now then
     expire_lease(lease_key, lease, index_key, stream, req.maxlen, req.retention_ms, now)
   end
-  return lease
+  return lease_view(lease)
 end
 
 -- Whether the caller's plan may decide here, from the one version key: nil when it may;

@@ -43,7 +43,7 @@ if req.idempotency then
   if seen[1] then
     if seen[2] ~= req.idempotency.hash then return cjson.encode({conflict = true}) end
     local raw = redis.call('GET', req.lease_prefix .. seen[1])
-    if raw then return cjson.encode({existing = cjson.decode(raw), now_ms = now}) end
+    if raw then return cjson.encode({existing = lease_view(cjson.decode(raw)), now_ms = now}) end
   end
 end
 

@@ -190,13 +190,13 @@ def snapshot(ids: dict[str, int], engine: Engine | None = None) -> Snapshot:
     leases = {}
     for raw in reply[len(COUNTERS) :]:
         lease = json.loads(raw)
-        settled = lease.get("res") or {}
+        used_in, _, used_out, used_cost = lease.get("u") or (0, 0, 0, 0)  # settled: its usage
         leases[lease["id"]] = Lease(
             state=lease["st"],
             reserved_tokens=int(lease["r"]["in_"]) + int(lease["r"]["out"]),
             reserved_cost=int(lease["r"]["cost"]),
-            used_tokens=int(settled.get("input_tokens", 0)) + int(settled.get("output_tokens", 0)),
-            used_cost=int(settled.get("cost_nusd", 0)),
+            used_tokens=int(used_in) + int(used_out),
+            used_cost=int(used_cost),
         )
     counters = dict(zip(COUNTERS, map(int, reply[: len(COUNTERS)]), strict=True))
     return Snapshot(leases, counters)

@@ -12,12 +12,14 @@ import redis
 from django.conf import settings
 
 from quotas.engine import Engine
+from quotas.engine.scripts import script_source
 from quotas.engine.types import (
     Check,
     Conflict,
     Existing,
     Granted,
     LeaseView,
+    Missing,
     Owner,
     Period,
     PoolOption,
@@ -110,14 +112,17 @@ def events(client: redis.Redis, engine: Engine) -> list[dict[str, str]]:
 
 def test_each_decision_is_one_round_trip(engine: Engine, client: Counting) -> None:
     checks = (bucket(engine, 1, 10_000), budget(engine, 2, 10**9), slots(engine, 3, 5))
+    for name in ("reserve", "extend", "commit", "release"):
+        # loaded first: a script new to this Redis costs one EVALSHA refused with NOSCRIPT
+        client.script_load(script_source(name))
+    client.sent.clear()
     engine.reserve(call("rsv_a", *checks))
     engine.reserve(call("rsv_b", *checks))
     engine.extend(reservation_id="rsv_a", owner=OWNER, ttl_ms=90_000, version=3)
     engine.commit(reservation_id="rsv_a", owner=OWNER, usage=Usage(100, 5), version=3)
     engine.release(reservation_id="rsv_b", owner=OWNER, version=3)
 
-    # the first call of a script may load it (NOSCRIPT), and SET is the fixture's own
-    assert [c for c in client.sent if c not in ("SCRIPT LOAD", "SET")] == ["EVALSHA"] * 5
+    assert client.sent == ["EVALSHA"] * 5
 
 
 def test_a_grant_stores_the_lease_the_readers_expect(engine: Engine, client: Counting) -> None:
@@ -289,7 +294,8 @@ def test_a_commit_refunds_at_once_and_repeats_its_answer(engine: Engine, client:
     assert client.get(check.key) == f"480:{NOW}".encode()
     stored = lease(client, engine, "rsv_a")
     assert (stored["st"], stored["done"], stored["hash"]) == ("committed", NOW, "b")
-    assert stored["res"] == done.result
+    assert stored["u"] == [100, 0, 20, 27_000]
+    assert 0 < client.pttl(engine.keys.lease("rsv_a")) <= HOUR  # kept the retention from now
     committed = events(client, engine)[-1]
     assert (committed["type"], committed["output_tokens"], committed["cost_nusd"]) == (
         "committed",
@@ -307,3 +313,72 @@ def test_an_extension_moves_the_expiry_and_says_so(engine: Engine, client: Count
     assert client.zscore(engine.keys.leases, "rsv_a") == NOW + 90_000
     extended = events(client, engine)[-1]
     assert (extended["type"], extended["expires_ms"]) == ("extended", str(NOW + 90_000))
+
+
+def test_a_settled_lease_keeps_a_compact_record_that_answers_as_the_lease_did(
+    engine: Engine, client: Counting
+) -> None:
+    checks = (bucket(engine, 1, 10_000), budget(engine, 2, 10**9), slots(engine, 3, 5))
+    meta = {"feature": "chat", "model": "m", "tenant": "acme", "key": "k1", "metadata": "{}"}
+    engine.reserve(call("rsv_a", *checks, meta=meta))
+    held = client.get(engine.keys.lease("rsv_a"))
+    usage = Usage(100, 5, body_hash="0123456789abcdef" * 4)
+    done = engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3)
+
+    stored = client.get(engine.keys.lease("rsv_a"))
+    assert held is not None and stored is not None and len(stored) < len(held)
+    record = json.loads(stored)
+    assert not {"ck", "prices", "res", "ttl_ms"} & record.keys()
+    assert record["meta"] == {"feature": "chat", "model": "m", "metadata": "{}"}
+    assert record["hash"] == "0123456789abcdef"
+    view = engine.peek(reservation_id="rsv_a", owner=OWNER, version=3)
+    assert isinstance(view, LeaseView) and isinstance(done, Settled)
+    assert (view.state, view.data["res"], view.data["pool"]) == ("committed", done.result, "main")
+    assert engine.peek(reservation_id="rsv_a", owner=Owner(8), version=3) == Missing()
+    assert engine.release(reservation_id="rsv_a", owner=OWNER, version=3) == Conflict("committed")
+    assert engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3) == done
+    other = Usage(100, 5, body_hash="0123456789abcdef" + "0" * 48)
+    assert engine.commit(reservation_id="rsv_a", owner=OWNER, usage=other, version=3) == done
+    other = Usage(100, 5, body_hash="1" * 64)
+    assert engine.commit(reservation_id="rsv_a", owner=OWNER, usage=other, version=3) == Conflict(
+        "committed"
+    )
+
+
+def test_a_release_replays_from_the_record(engine: Engine) -> None:
+    engine.reserve(call("rsv_a", bucket(engine, 1, 10_000)))
+    first = engine.release(reservation_id="rsv_a", owner=OWNER, version=3)
+    engine.frozen_ms = NOW + 5_000
+
+    assert engine.release(reservation_id="rsv_a", owner=OWNER, version=3) == first
+    usage = Usage(1, 1, body_hash="b")
+    again = engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3)
+    assert again == Conflict("released")
+
+
+def test_a_late_commit_s_record_says_so_on_replay(engine: Engine) -> None:
+    engine.reserve(call("rsv_a", budget(engine, 2, 10**9)))
+    engine.frozen_ms = NOW + 60_000
+    assert engine.reap() == 1
+    usage = Usage(10, 2, body_hash="b")
+
+    late = engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3)
+    again = engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3)
+
+    assert isinstance(late, Settled) and late.result["lease_expired"] is True
+    assert again == late
+
+
+def test_an_idempotent_replay_after_settlement_answers_the_first_answer(engine: Engine) -> None:
+    first = engine.reserve(
+        call("rsv_a", bucket(engine, 1, 10_000), idempotency_key="k", idempotency_hash="h")
+    )
+    engine.commit(reservation_id="rsv_a", owner=OWNER, usage=Usage(100, 5), version=3)
+    engine.frozen_ms = NOW + 1_000
+
+    again = engine.reserve(
+        call("rsv_b", bucket(engine, 1, 10_000), idempotency_key="k", idempotency_hash="h")
+    )
+
+    assert isinstance(again, Existing) and again.granted == first
+    assert again.lease.state == "committed"
