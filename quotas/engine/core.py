@@ -16,6 +16,7 @@ from quotas.engine.types import (
     Existing,
     Granted,
     Held,
+    KeyHolder,
     LeaseRestore,
     LeaseView,
     LimitState,
@@ -97,7 +98,7 @@ class Engine:
         return self._reserve_result(self.scripts.call("reserve", keys, self._reserve_payload(call)))
 
     def commit(
-        self, *, reservation_id: str, owner: Owner, usage: Usage, version: int | None
+        self, *, reservation_id: str, owner: Owner | KeyHolder, usage: Usage, version: int | None
     ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         payload["usage"] = {
@@ -111,20 +112,20 @@ class Engine:
         return self._settle_result(self._lease_call("commit", reservation_id, payload))
 
     def release(
-        self, *, reservation_id: str, owner: Owner, version: int | None
+        self, *, reservation_id: str, owner: Owner | KeyHolder, version: int | None
     ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         return self._settle_result(self._lease_call("release", reservation_id, payload))
 
     def extend(
-        self, *, reservation_id: str, owner: Owner, ttl_ms: int, version: int | None
+        self, *, reservation_id: str, owner: Owner | KeyHolder, ttl_ms: int, version: int | None
     ) -> LeaseView | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         payload["ttl_ms"] = ttl_ms
         return self._lease_result(self._lease_call("extend", reservation_id, payload))
 
     def peek(
-        self, *, reservation_id: str, owner: Owner, version: int | None
+        self, *, reservation_id: str, owner: Owner | KeyHolder, version: int | None
     ) -> LeaseView | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
         return self._lease_result(self._lease_call("peek", reservation_id, payload))
@@ -263,17 +264,24 @@ class Engine:
         }
         if call.idempotency_key:
             payload["idempotency"] = {"hash": call.idempotency_hash}
+        if call.key_digest:
+            payload["lease"]["kd"] = call.key_digest
         return payload
 
-    def _owner_payload(self, owner: Owner, version: int | None) -> dict[str, Any]:
-        return {
-            "version": version,
-            "tenant": owner.tenant_id,
-            "features": list(owner.feature_ids),
+    def _owner_payload(self, owner: Owner | KeyHolder, version: int | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {
             "maxlen": self.stream_maxlen,
             "retention_ms": self.retention_ms,
             **self._clock(),
         }
+        if version is not None:  # absent, not null: cjson reads null as a value, not nil
+            payload["version"] = version
+        if isinstance(owner, KeyHolder):
+            payload["kd"] = owner.digest
+        else:
+            payload["tenant"] = owner.tenant_id
+            payload["features"] = list(owner.feature_ids)
+        return payload
 
     def _lease_call(self, script: str, reservation_id: str, payload: dict[str, Any]) -> Reply:
         keys = [

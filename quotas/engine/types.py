@@ -66,6 +66,15 @@ class Owner:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyHolder:
+    """Who asks when the plan cannot be loaded: the holder of the API key that made the
+    reservation, known by the digest its lease recorded (`quotas.keys.lease_digest`). The
+    tenant and features are the lease's; no plan version is checked."""
+
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReserveCall:
     reservation_id: str
     version: int
@@ -82,6 +91,7 @@ class ReserveCall:
     meta: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str = ""
     idempotency_hash: str = ""
+    key_digest: str = ""  # of the API key that asks, recorded in the lease
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,10 @@
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
 -- ARGV[1]  JSON: version (of the plan; {stale = true} when older, {lost = true} when the
---          store lost its data: see plan_check), tenant,
---          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock,
---          usage = {in_, cached, out, cost (nano-USD),
+--          store lost its data: see plan_check; absent with kd), tenant,
+--          features (a narrowed key's feature ids, or empty), or instead of both kd (the
+--          API key's digest, when the plan cannot be loaded: see owns in lib.lua), maxlen,
+--          retention_ms, clock, usage = {in_, cached, out, cost (nano-USD),
 --          requests (1), hash (of the commit body), extra (event fields: finish_reason,
 --          upstream_status, latency_ms)}
 --

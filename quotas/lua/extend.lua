@@ -5,7 +5,8 @@
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
 -- ARGV[1]  JSON: version (of the plan; {stale = true} when older, {lost = true} when the
---          store lost its data: see plan_check), tenant, features,
+--          store lost its data: see plan_check; absent with kd), tenant, features
+--          (or instead of both kd, the API key's digest: see owns in lib.lua),
 --          maxlen, retention_ms, clock, ttl_ms (from now)
 --
 -- Returns JSON: {lease = {...}}, {missing = true}, or {conflict = state} when the

@@ -7,10 +7,11 @@
 --   budget (hour/day/month limits): string counter of units used in one calendar period; the
 --     key names the period, so a new period starts from zero with no reset job.
 --   concurrency: string counter of held reservations.
---   lease: string, JSON of the reservation (state, what every limit was debited, metadata)
---     while held or expired (a commit after expiry still needs all of it). Once committed or
---     released it is replaced by a compact record (`settled_record`), which answers replays
---     and reads; `lease_view` turns either back into the lease as the callers read it.
+--   lease: string, JSON of the reservation (state, what every limit was debited, metadata,
+--     `kd`: a digest of the API key that made it) while held or expired (a commit after
+--     expiry still needs all of it). Once committed or released it is replaced by a compact
+--     record (`settled_record`), which answers replays and reads; `lease_view` turns either
+--     back into the lease as the callers read it.
 --
 -- Amounts are integers in engine units: tokens, requests, nano-USD.
 
@@ -175,10 +176,10 @@ end
 
 -- What a settled reservation must still answer, and no more (a third of the lease's bytes):
 -- owner (tenant, feature) for the ownership check, the commit body's hash for a replay, the
--- usage `u` and `x` (1: committed after expiry) to give the result again, and what a GET and
--- an idempotent reserve replay show (pool, reserved `r`, times, `soft`, `limits`, and the
--- meta fields the API reads). The checks, prices and the events' meta are dropped: nothing
--- is charged or emitted for it again.
+-- usage `u` and `x` (1: committed after expiry) to give the result again, the key's digest
+-- `kd` (see `owns`), and what a GET and an idempotent reserve replay show (pool, reserved
+-- `r`, times, `soft`, `limits`, and the meta fields the API reads). The checks, prices and
+-- the events' meta are dropped: nothing is charged or emitted for it again.
 local SHOWN_META = {'feature', 'model', 'priority', 'estimated', 'metadata'}
 -- A record keeps 16 hex digits (64 bits) of the commit body's hash: enough to tell a replay
 -- from another body, at a quarter of the bytes.
@@ -194,8 +195,9 @@ local function settled_record(lease, u, late, outcome, hash, now)
   local meta = {}
   for _, name in ipairs(SHOWN_META) do meta[name] = lease.meta[name] end
   local record = {id = lease.id, st = outcome, tenant = lease.tenant, feature = lease.feature,
-                  pool = lease.pool, created = lease.created, e = lease.e, done = now,
-                  r = lease.r, u = u, meta = meta, soft = lease.soft, limits = lease.limits}
+                  kd = lease.kd, pool = lease.pool, created = lease.created, e = lease.e,
+                  done = now, r = lease.r, u = u, meta = meta, soft = lease.soft,
+                  limits = lease.limits}
   if outcome == 'committed' then record.hash = string.sub(hash, 1, HASH_KEPT) end
   if late then record.x = 1 end
   return record
@@ -240,20 +242,29 @@ local function settle(lease_key, lease, usage, outcome, index_key, stream, maxle
   return settled_result(lease, u, late, outcome, now)
 end
 
--- Load a lease for a caller: nil unless it exists and belongs to the caller's tenant (and,
--- for a key narrowed to some features, to one of those). Expires it lazily when due.
+-- Whether a lease is the caller's: it belongs to the caller's tenant (and, for a key narrowed
+-- to some features, to one of those). A caller whose plan could not be loaded sends `kd`, the
+-- digest of its API key, instead: only the key that made the reservation, as its lease
+-- recorded, may act on it (a lease without a digest is no one's in that mode).
+local function owns(lease, req)
+  if req.kd then return lease.kd == req.kd end
+  if lease.tenant ~= req.tenant then return false end
+  if req.features and #req.features > 0 then
+    for _, f in ipairs(req.features) do
+      if f == lease.feature then return true end
+    end
+    return false
+  end
+  return true
+end
+
+-- Load a lease for a caller: nil unless it exists and is the caller's (`owns`). Expires it
+-- lazily when due.
 local function load_lease(lease_key, req, index_key, stream, now)
   local raw = redis.call('GET', lease_key)
   if not raw then return nil end
   local lease = cjson.decode(raw)
-  if lease.tenant ~= req.tenant then return nil end
-  if req.features and #req.features > 0 then
-    local allowed = false
-    for _, f in ipairs(req.features) do
-      if f == lease.feature then allowed = true end
-    end
-    if not allowed then return nil end
-  end
+  if not owns(lease, req) then return nil end
   if lease.st == 'held' and lease.e <= now then
     expire_lease(lease_key, lease, index_key, stream, req.maxlen, req.retention_ms, now)
   end

@@ -5,8 +5,10 @@
 -- KEYS[3]  index of held leases    q:{tag}:leases
 -- KEYS[4]  usage event stream      q:{tag}:events
 -- ARGV[1]  JSON: version (of the plan; {stale = true} when older, {lost = true} when the
---          store lost its data: see plan_check), tenant,
---          features (a narrowed key's feature ids, or empty), maxlen, retention_ms, clock
+--          store lost its data: see plan_check; absent with kd), tenant,
+--          features (a narrowed key's feature ids, or empty), or instead of both kd (the
+--          API key's digest, when the plan cannot be loaded: see owns in lib.lua), maxlen,
+--          retention_ms, clock
 --
 -- Returns JSON: {result = {...}} (a repeated release returns the same result),
 -- {missing = true}, or {conflict = state} (already committed, or expired: an expired lease

@@ -12,7 +12,9 @@
 --   in_ (input tokens), out (max output tokens), min_out (smallest acceptable grant),
 --   cost = {a, b} (nano-USD for `out` output tokens: a + b * out),
 --   lease = {tenant, feature, prices = {i, c, o} (nano-USD per input, cached input and
---            output token, to price the commit), meta (usage event fields)},
+--            output token, to price the commit), meta (usage event fields),
+--            kd (digest of the API key, which alone may settle it when the plan cannot be
+--            loaded; see `owns` in lib.lua)},
 --   options = [{pool, checks = [check]}] in the order to try, where
 --     check = {id, kind = 'b' bucket | 'p' budget | 'c' concurrency | 'g' guarantee,
 --              enf = 'hard' | 'soft' | 'shadow',
@@ -172,7 +174,8 @@ local function grant(option, out)
   local meta = req.lease.meta
   meta.pool = option.pool
   local lease = {id = req.id, st = 'held', tenant = req.lease.tenant,
-                 feature = req.lease.feature, ttl_ms = req.ttl_ms, prices = req.lease.prices,
+                 feature = req.lease.feature, kd = req.lease.kd, ttl_ms = req.ttl_ms,
+                 prices = req.lease.prices,
                  meta = meta, pool = option.pool, created = now, e = expires, ck = recorded,
                  soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
   local keep_ms = int(req.ttl_ms + req.retention_ms)

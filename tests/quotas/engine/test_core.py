@@ -18,6 +18,7 @@ from quotas.engine.types import (
     Conflict,
     Existing,
     Granted,
+    KeyHolder,
     LeaseView,
     Missing,
     Owner,
@@ -342,6 +343,49 @@ def test_a_settled_lease_keeps_a_compact_record_that_answers_as_the_lease_did(
     other = Usage(100, 5, body_hash="1" * 64)
     assert engine.commit(reservation_id="rsv_a", owner=OWNER, usage=other, version=3) == Conflict(
         "committed"
+    )
+
+
+def test_the_key_that_made_a_reservation_settles_it_by_its_digest_alone(
+    engine: Engine, client: Counting
+) -> None:
+    check = bucket(engine, 1, 600)
+    engine.reserve(call("rsv_a", check, key_digest="d1" * 8))
+    holder, other = KeyHolder("d1" * 8), KeyHolder("d2" * 8)
+    usage = Usage(100, 20, body_hash="b")
+
+    assert engine.peek(reservation_id="rsv_a", owner=other, version=None) == Missing()
+    assert engine.commit(reservation_id="rsv_a", owner=other, usage=usage, version=None) == (
+        Missing()
+    )
+    view = engine.extend(reservation_id="rsv_a", owner=holder, ttl_ms=90_000, version=None)
+    done = engine.commit(reservation_id="rsv_a", owner=holder, usage=usage, version=None)
+
+    assert isinstance(view, LeaseView) and view.data["e"] == NOW + 90_000
+    # priced from the lease and refunded to the limit it recorded, as with the plan
+    assert isinstance(done, Settled) and done.result["cost_nusd"] == 27_000
+    assert client.get(check.key) == f"480:{NOW}".encode()
+    assert lease(client, engine, "rsv_a")["kd"] == "d1" * 8  # the record keeps it
+    read = engine.peek(reservation_id="rsv_a", owner=holder, version=None)
+    assert isinstance(read, LeaseView) and read.data["res"] == done.result
+    assert engine.commit(reservation_id="rsv_a", owner=holder, usage=usage, version=None) == done
+    assert engine.peek(reservation_id="rsv_a", owner=other, version=None) == Missing()
+    assert [e["type"] for e in events(client, engine)] == ["reserved", "extended", "committed"]
+    assert all("kd" not in e for e in events(client, engine))  # the digest stays in Redis
+
+
+def test_a_lease_without_a_key_digest_is_settled_only_with_the_plan(engine: Engine) -> None:
+    engine.reserve(call("rsv_a", bucket(engine, 1, 600)))  # as leases were before digests
+    usage = Usage(100, 20, body_hash="b")
+
+    assert "kd" not in lease(engine.client, engine, "rsv_a")
+    assert engine.release(reservation_id="rsv_a", owner=KeyHolder(""), version=None) == Missing()
+    assert (
+        engine.commit(reservation_id="rsv_a", owner=KeyHolder("d1" * 8), usage=usage, version=None)
+        == Missing()
+    )
+    assert isinstance(
+        engine.commit(reservation_id="rsv_a", owner=OWNER, usage=usage, version=3), Settled
     )
 
 
