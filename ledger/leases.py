@@ -16,6 +16,7 @@ from ledger.budgets import row_amount
 from ledger.events import Row
 from quotas.engine.core import KeySpace
 from quotas.engine.types import LeaseRestore
+from quotas.keys import lease_digest
 from quotas.plan import FeatureInfo, Plan, PoolInfo, pool_by_id
 
 
@@ -58,6 +59,9 @@ def lease_for_row(
             "o": float(model.output_nusd),
         },
     }
+    key = plan.keys.get(row["api_key"])
+    if key is not None:  # the key's digest, as reserve.lua records it (see quotas.keys)
+        lease["kd"] = lease_digest(key.hashed_secret)
     slots = tuple(check["k"] for check in checks if check["kind"] == "c")
     return LeaseRestore(row["rid"], lease, expires_ms, slots)
 

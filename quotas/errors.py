@@ -52,3 +52,12 @@ def invalid(fields: dict[str, list[str] | str], message: str = "") -> QuotaError
 
 def not_found(what: str) -> QuotaError:
     return QuotaError("not_found", f"No such {what}.")
+
+
+def database_unavailable() -> QuotaError:
+    """The plan must be (re)loaded, or a call needs the database, while it is down."""
+    return QuotaError(
+        "unavailable",
+        "The configuration database is unavailable; try again shortly.",
+        headers={"Retry-After": "5"},
+    )

@@ -21,6 +21,7 @@ from tenants.models import Feature, Tenant
 KEY_SCHEME = "qk"
 PREFIX_BYTES = 6
 SECRET_BYTES = 24
+LEASE_DIGEST_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ class IssuedKey:
 
 def api_key_hash(secret: str, *, pepper: str) -> str:
     return hmac.new(pepper.encode(), secret.encode(), hashlib.sha256).hexdigest()
+
+
+def lease_digest(hashed_secret: str) -> str:
+    """What a reservation's lease records of the API key that made it: the first 64 bits of
+    the key's stored HMAC. It lets that key alone settle the reservation when the plan cannot
+    be loaded, by the HMAC of the key it presents (the pepper is a setting: no SQL). 64 bits
+    are beyond guessing one request at a time, and the secret cannot be had back from them."""
+    return hashed_secret[:LEASE_DIGEST_CHARS]
 
 
 def api_key_split(secret: str) -> str | None:

@@ -6,10 +6,12 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.db import DatabaseError
 
 from quotas.degraded import (
     Subject,
@@ -23,6 +25,7 @@ from quotas.engine import (
     Conflict,
     Existing,
     Granted,
+    KeyHolder,
     LeaseView,
     Lost,
     Missing,
@@ -33,8 +36,9 @@ from quotas.engine import (
     Stale,
     Usage,
 )
-from quotas.errors import QuotaError, invalid, not_found
+from quotas.errors import QuotaError, database_unavailable, invalid, not_found
 from quotas.estimate import estimate_tokens
+from quotas.keys import lease_digest
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error
@@ -91,8 +95,16 @@ def body_hash(data: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+Caller = KeyInfo | KeyHolder  # the API key, or only its digest when the plan cannot load
+EngineCall = Callable[[Owner | KeyHolder, int | None], Any]
+
+
 def owner_of(key: KeyInfo) -> Owner:
     return Owner(tenant_id=key.tenant_id, feature_ids=key.feature_ids)
+
+
+def holder_of(key: Caller) -> KeyHolder:
+    return key if isinstance(key, KeyHolder) else KeyHolder(lease_digest(key.hashed_secret))
 
 
 # -- reserve ---------------------------------------------------------------------------------
@@ -249,6 +261,7 @@ def _reserve_call(
         meta=meta,
         idempotency_key=data.idempotency_key or "",
         idempotency_hash=data.body_hash,
+        key_digest=lease_digest(key.hashed_secret),
     )
 
 
@@ -279,7 +292,7 @@ def _reserve_outcome(
     raise refusal_error(result, plan)
 
 
-def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) -> Settled:
+def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -> Settled:
     extra = {"finish_reason": data.finish_reason}
     if data.upstream_status is not None:
         extra["upstream_status"] = str(data.upstream_status)
@@ -295,13 +308,17 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
     if is_degraded_id(reservation_id):
         return _degraded_settle(key, reservation_id, "committed", usage)
 
-    def commit(version: int | None) -> Any:
+    def commit(owner: Owner | KeyHolder, version: int | None) -> Any:
         return get_engine().commit(
-            reservation_id=reservation_id, owner=owner_of(key), usage=usage, version=version
+            reservation_id=reservation_id, owner=owner, usage=usage, version=version
         )
 
     result = _with_plan(key, commit, missing_ok=True)
-    if isinstance(result, Missing) and lease_restore(reservation_id, owner_of(key)):
+    if (
+        isinstance(result, Missing)
+        and isinstance(key, KeyInfo)
+        and lease_restore(reservation_id, owner_of(key))
+    ):
         # the store lost it and the ledger still has it: its usage is recorded all the same
         result = _with_plan(key, commit)
     if isinstance(result, Missing):
@@ -314,13 +331,13 @@ def reservation_commit(*, key: KeyInfo, reservation_id: str, data: CommitInput) 
     return result
 
 
-def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
+def reservation_release(*, key: Caller, reservation_id: str) -> Settled:
     if is_degraded_id(reservation_id):
         return _degraded_settle(key, reservation_id, "released", Usage(0, 0))
     result = _with_plan(
         key,
-        lambda version: get_engine().release(
-            reservation_id=reservation_id, owner=owner_of(key), version=version
+        lambda owner, version: get_engine().release(
+            reservation_id=reservation_id, owner=owner, version=version
         ),
     )
     if isinstance(result, Conflict):
@@ -335,12 +352,12 @@ def reservation_release(*, key: KeyInfo, reservation_id: str) -> Settled:
     return result
 
 
-def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -> LeaseView:
+def reservation_extend(*, key: Caller, reservation_id: str, ttl_seconds: int) -> LeaseView:
     if is_degraded_id(reservation_id):
         return _found(
             degraded_lease(
                 engine=get_engine(),
-                owner=owner_of(key),
+                owner=owner_of(_known(key)),
                 reservation_id=reservation_id,
                 ttl_ms=ttl_seconds * 1000,
                 secret=settings.QUOTA_API_KEY_PEPPER,
@@ -348,9 +365,9 @@ def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -
         )
     result = _with_plan(
         key,
-        lambda version: get_engine().extend(
+        lambda owner, version: get_engine().extend(
             reservation_id=reservation_id,
-            owner=owner_of(key),
+            owner=owner,
             ttl_ms=ttl_seconds * 1000,
             version=version,
         ),
@@ -364,29 +381,34 @@ def reservation_extend(*, key: KeyInfo, reservation_id: str, ttl_seconds: int) -
     return result
 
 
-def reservation_get(*, key: KeyInfo, reservation_id: str) -> LeaseView:
+def reservation_get(*, key: Caller, reservation_id: str) -> LeaseView:
     result = _with_plan(
         key,
-        lambda version: get_engine().peek(
-            reservation_id=reservation_id, owner=owner_of(key), version=version
+        lambda owner, version: get_engine().peek(
+            reservation_id=reservation_id, owner=owner, version=version
         ),
     )
     assert isinstance(result, LeaseView)
     return result
 
 
-def _with_plan(key: KeyInfo, call: Any, *, missing_ok: bool = False) -> Any:
+def _with_plan(key: Caller, call: EngineCall, *, missing_ok: bool = False) -> Any:
     """Run an engine call with the current plan's version; reload and retry if it is stale
-    (and the key is still valid in the new plan)."""
+    (and the key is still valid in the new plan). When the plan cannot be loaded, the call
+    goes on without it, for the key's own reservations (`_without_plan`)."""
+    if isinstance(key, KeyHolder):
+        return _without_plan(key, call)
     for _ in range(STALE_RETRIES):
-        plan = plans.get()
         try:
-            result = call(plan.version)
-        except STORE_UNREACHABLE as exc:
-            log.warning("store unavailable: %s", exc)
-            raise STORE_DOWN.error() from exc
+            plan = plans.get()
+        except DatabaseError as exc:
+            return _without_plan(holder_of(key), call, exc)
+        result = _engine(call, owner_of(key), plan.version)
         if isinstance(result, Stale):
-            key_recheck(plans.reload(older_than=plan), key)
+            try:
+                key_recheck(plans.reload(older_than=plan), key)
+            except DatabaseError as exc:
+                return _without_plan(holder_of(key), call, exc)
             continue
         if isinstance(result, Lost):
             store_lost()
@@ -397,6 +419,28 @@ def _with_plan(key: KeyInfo, call: Any, *, missing_ok: bool = False) -> Any:
     raise QuotaError(
         "unavailable", "The configuration is changing; try again.", headers={"Retry-After": "1"}
     )
+
+
+def _without_plan(holder: KeyHolder, call: EngineCall, cause: Exception | None = None) -> Any:
+    """Settle or read without a plan (the database is down): what that takes is in the lease
+    (tenant, feature, prices, the limits it debited), and the lease says whether this key made
+    it. Anything else (another key's reservation, a lease without a digest, no reservation at
+    all) answers 503 as every call did without the plan, the same for each, so it tells
+    nothing; another key of the tenant settles it once the database is back."""
+    if cause is not None:
+        log.warning("plan unavailable, settling by the key's digest: %s", cause)
+    result = _engine(call, holder, None)
+    if isinstance(result, Missing):
+        raise database_unavailable()
+    return result
+
+
+def _engine(call: EngineCall, owner: Owner | KeyHolder, version: int | None) -> Any:
+    try:
+        return call(owner, version)
+    except STORE_UNREACHABLE as exc:
+        log.warning("store unavailable: %s", exc)
+        raise STORE_DOWN.error() from exc
 
 
 def leases_expire(*, batch: int = 500) -> int:
@@ -443,7 +487,8 @@ def _unenforced(call: ReserveCall, pool: PoolInfo, trouble: StoreTrouble) -> Gra
     )
 
 
-def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usage) -> Settled:
+def _degraded_settle(key: Caller, reservation_id: str, outcome: str, usage: Usage) -> Settled:
+    key = _known(key)
     settled = degraded_settle(
         engine=get_engine(),
         plan=plans.get(),
@@ -455,6 +500,14 @@ def _degraded_settle(key: KeyInfo, reservation_id: str, outcome: str, usage: Usa
         secret=settings.QUOTA_API_KEY_PEPPER,
     )
     return _found(settled)
+
+
+def _known(key: Caller) -> KeyInfo:
+    """A degraded reservation has no lease to record a key's digest: without the plan, the
+    key that asks cannot be told to be its tenant's."""
+    if isinstance(key, KeyHolder):
+        raise database_unavailable()
+    return key
 
 
 def _found(result: Any) -> Any:

@@ -13,7 +13,7 @@ from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from quotas.errors import QuotaError, invalid
+from quotas.errors import QuotaError, database_unavailable, invalid
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +45,7 @@ def _as_quota_error(exc: Exception) -> QuotaError | None:
     if isinstance(exc, DatabaseError):
         # reached when a plan must be (re)loaded, or a read needs the database, while it is down
         log.warning("database unavailable: %s", exc)
-        return QuotaError(
-            "unavailable",
-            "The configuration database is unavailable; try again shortly.",
-            headers={"Retry-After": "5"},
-        )
+        return database_unavailable()
     return None
 
 

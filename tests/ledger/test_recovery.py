@@ -4,6 +4,7 @@ and hard limits hold afterwards."""
 
 from __future__ import annotations
 
+import json
 from io import StringIO
 from typing import Any
 
@@ -44,6 +45,12 @@ def state(limit: Limit) -> dict[str, Any]:
     plan, engine = plans.get(), get_engine()
     check = plan.inspection_check(plan.limits[limit.id], engine.keys, engine.now_ms_estimate())
     return engine.inspect([check])[0]
+
+
+def lease_digest_of(client: Any, rid: str) -> str | None:
+    """The API key's digest a lease recorded (see quotas.keys.lease_digest)."""
+    digest: str | None = json.loads(client.get(get_engine().keys.lease(rid))).get("kd")
+    return digest
 
 
 def commit(world: World, rid: str, **usage: Any) -> Any:
@@ -93,6 +100,7 @@ def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
     before = {limit.id: state(limit)["remaining"] for limit in limits}
     assert all(state(limit)["used"] > 0 for limit in limits)  # the traffic touched every one
     assert state(slots)["used"] == 2
+    digests = {rid: lease_digest_of(redis_db, rid) for rid in held}
 
     redis_db.flushdb()  # Redis restarted without persistence
     plans.clear()
@@ -106,6 +114,9 @@ def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
     assert {limit.id: state(limit)["remaining"] for limit in limits} == before
     assert state(slots)["used"] == 2
     assert "2 leases restored" in out.getvalue()
+    # the key that made each may still settle it while the plan cannot be loaded
+    assert {rid: lease_digest_of(redis_db, rid) for rid in held} == digests
+    assert None not in digests.values()
 
     # a restored lease settles like the original: the unused part comes back
     day = limits[0]
