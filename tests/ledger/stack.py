@@ -332,10 +332,13 @@ class Deployment:
     services: Services
     traffic: Traffic
 
+    @property
+    def stream(self) -> UsageStream:
+        return UsageStream(self.store.client, EVENTS_KEY, ledger_setting("LEDGER_GROUP"))
+
     def drained(self) -> bool:
         """Every entry of the usage stream is in the ledger and acknowledged."""
-        stream = UsageStream(self.store.client, EVENTS_KEY, ledger_setting("LEDGER_GROUP"))
-        return stream.backlog() == 0 and self.store.client.exists(EVENTS_KEY) == 1
+        return self.stream.backlog() == 0 and self.store.client.exists(EVENTS_KEY) == 1
 
     def settled_rows(self) -> dict[str, dict[str, Any]]:
         """The ledger once the stream is drained; a later ingest finds nothing more to add."""
