@@ -19,7 +19,8 @@ from django.conf import settings
 from config.chunked import ChunkedBodies
 from tests.config.test_gunicorn import GUNICORN, ROOT, _free_port, _own_options
 from tests.fixtures import World
-from tests.ledger.test_worker import WorkerDatabase, worker_database
+from tests.ledger.stack import Ledger
+from tests.ledger.test_worker import worker_database
 
 __all__ = ["worker_database"]  # the fixture, for the tests here
 
@@ -28,7 +29,7 @@ RESERVATIONS = "/api/v1/reservations"
 
 
 @pytest.fixture
-def server(world: World, worker_database: WorkerDatabase) -> Iterator[int]:
+def server(world: World, worker_database: Ledger) -> Iterator[int]:
     """The app under gunicorn with one sync worker, on the world's database and Redis."""
     port = _free_port()
     environment = {

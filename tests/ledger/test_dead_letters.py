@@ -18,7 +18,8 @@ from quotas.plan import plans
 from tests.factories import FeatureFactory, TenantFactory
 from tests.fixtures import World
 from tests.ledger import test_worker
-from tests.ledger.test_worker import Workers, drained, wait_until
+from tests.ledger.stack import wait_until
+from tests.ledger.test_worker import Workers, drained
 
 pytestmark = pytest.mark.django_db
 workers, worker_database = test_worker.workers, test_worker.worker_database

@@ -10,66 +10,37 @@ test database is copied to a file for the worker and copied back to be checked.
 
 from __future__ import annotations
 
-import os
-import sqlite3
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from django.conf import settings
-from django.db import connection
 from django.db.models import Sum
 
 from ledger.models import UsageEvent
 from ledger.services import FAULT_ENV, usage_stream
 from tests.fixtures import World
+from tests.ledger.stack import ROOT, Ledger, celery_worker, process_env, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 INGEST_TASK = "ledger.tasks.ledger_ingest"
 
 
-@dataclass
-class WorkerDatabase:
-    url: str
-    sync: Callable[[], None]  # make what the worker wrote visible to this process
-
-
-def _postgres_url() -> str:
-    s = connection.settings_dict
-    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "")
-    return f"postgres://{auth}@{s['HOST'] or 'localhost'}:{s['PORT'] or 5432}/{s['NAME']}"
-
-
 @pytest.fixture
-def worker_database(tmp_path: Path) -> Iterator[WorkerDatabase]:
-    if connection.vendor != "sqlite":
-        yield WorkerDatabase(url=_postgres_url(), sync=lambda: None)
-        return
-    path = tmp_path / "worker.sqlite3"
-    connection.ensure_connection()
-    with sqlite3.connect(path) as copy:
-        connection.connection.backup(copy)
-
-    def sync() -> None:
-        with sqlite3.connect(path) as source:
-            source.backup(connection.connection)
-
-    yield WorkerDatabase(url=f"sqlite:///{path}", sync=sync)
+def worker_database(tmp_path: Path) -> Ledger:
+    return Ledger(tmp_path)
 
 
 class Workers:
     """Starts worker processes on a queue of their own and sends them tasks."""
 
-    def __init__(self, database: WorkerDatabase, logs: Path) -> None:
+    def __init__(self, database: Ledger, logs: Path) -> None:
         self.database = database
         self.logs = logs
         self.queue = f"ledger-test-{uuid.uuid4().hex[:8]}"
@@ -77,23 +48,16 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self, **env: str) -> subprocess.Popen[bytes]:
-        environment = {
-            **{k: v for k, v in os.environ.items() if k != FAULT_ENV},
-            "DJANGO_SETTINGS_MODULE": "config.settings",
-            "DATABASE_URL": self.database.url,
-            "REDIS_URL": settings.REDIS_URL,
-            "CELERY_BROKER_URL": settings.REDIS_URL,
-            "CELERY_RESULT_BACKEND": settings.REDIS_URL,
-            "CELERY_TASK_ALWAYS_EAGER": "false",
-            "LEDGER_INGEST_SECONDS": "0.3",
-            **env,
-        }
+        # no fault point unless asked for, whatever the test's own environment says
+        environment = process_env(self.database.url, settings.REDIS_URL, **{FAULT_ENV: ""} | env)
         log = (self.logs / f"worker-{len(self.processes)}.log").open("wb")
-        command = [sys.executable, "-m", "celery", "-A", "config", "worker", "--pool=solo"]
-        command += ["-Q", self.queue, "-n", f"{self.queue}-{len(self.processes)}@%h"]
-        command += ["--without-heartbeat", "--without-gossip", "--without-mingle"]
+        name = f"{self.queue}-{len(self.processes)}@%h"
         process = subprocess.Popen(
-            command, cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
+            celery_worker("-Q", self.queue, "-n", name),
+            cwd=ROOT,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
         return process
@@ -114,18 +78,10 @@ class Workers:
 
 
 @pytest.fixture
-def workers(worker_database: WorkerDatabase, tmp_path: Path) -> Iterator[Workers]:
+def workers(worker_database: Ledger, tmp_path: Path) -> Iterator[Workers]:
     started = Workers(worker_database, tmp_path)
     yield started
     started.stop()
-
-
-def wait_until(condition: Callable[[], bool], *, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def drained() -> bool:
