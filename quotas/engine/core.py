@@ -42,6 +42,7 @@ class KeySpace:
         self.version = self.prefix + "config_version"
         self.leases = self.prefix + "leases"
         self.rebuild_lock = self.prefix + "rebuild_lock"
+        self.rebuilt_at = self.prefix + "rebuilt_at"
         self.events = self.prefix + "events"
         self.lease_prefix = self.prefix + "r:"
 
