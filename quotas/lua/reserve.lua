@@ -24,7 +24,7 @@
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
 --    (its `r.out` the output tokens granted, `soft` the ids of soft or shadow limits it went
---    over; with an idempotency key, `limits` too)
+--    over; with an idempotency key, `limits` too and the key's name `ik`)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
@@ -177,8 +177,9 @@ local function grant(option, out)
                  soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
-    -- a replay of the request answers as this call does
-    lease.limits = limits
+    -- a replay of the request answers as this call does; an extension keeps the key (`ik`)
+    -- as long as the lease
+    lease.limits, lease.ik = limits, idem_key
     redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idempotency.hash)
     redis.call('PEXPIRE', idem_key, keep_ms)
   end

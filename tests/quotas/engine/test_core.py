@@ -436,3 +436,21 @@ def test_a_lease_from_before_the_bucket_rename_settles_into_the_current_buckets(
     assert client.get(engine.keys.guarantee(4)) == f"{300 + 200 - used}:{NOW}".encode()
     assert client.hgetall(engine.keys.prefix + "b:1") == {b"v": b"300", b"t": str(NOW).encode()}
     assert lease(client, engine, "rsv_old")["st"] == outcome
+
+
+def test_an_extension_keeps_the_idempotency_key_as_long_as_the_lease(
+    engine: Engine, client: Counting
+) -> None:
+    check = bucket(engine, 1, 10_000)
+    first = engine.reserve(call("rsv_a", check, idempotency_key="k", idempotency_hash="h"))
+    idem = engine.keys.idempotency(7, "k")
+    assert 0 < client.pttl(idem) <= 60_000 + HOUR
+
+    engine.extend(reservation_id="rsv_a", owner=OWNER, ttl_ms=3 * HOUR, version=3)
+
+    assert 3 * HOUR < client.pttl(idem) <= 4 * HOUR
+    assert 3 * HOUR < client.pttl(engine.keys.lease("rsv_a")) <= 4 * HOUR
+    engine.frozen_ms = NOW + 2 * HOUR
+    again = engine.reserve(call("rsv_b", check, idempotency_key="k", idempotency_hash="h"))
+    assert isinstance(first, Granted) and isinstance(again, Existing)
+    assert again.granted.reservation_id == first.reservation_id
