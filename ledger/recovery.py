@@ -40,6 +40,8 @@ def store_rebuild(*, force: bool = False) -> BudgetReport | None:
     with transaction.atomic():
         ledger_state_lock()
         if not force and config_version_read() is not None:
+            # rebuilt already (or never lost): the lock that started this one is free again
+            rebuild_lock_release()
             return None
         report = budgets_reconcile(repair=True, restore_leases=True)
         rebuild_mark()

@@ -347,3 +347,13 @@ def test_only_reservations_made_before_the_last_rebuild_are_restored(
     restored = commit(world, before, input_tokens=300, output_tokens=10)
     assert restored.status_code == 200, restored.json()
     assert state(day)["remaining"] == left + 90
+
+
+def test_a_rebuild_with_nothing_to_do_frees_the_lock(
+    world: World, redis_db: Any, deployed: None
+) -> None:
+    engine = get_engine()
+    redis_db.set(engine.keys.rebuild_lock, "another-process", px=60_000)
+
+    assert store_rebuild() is None
+    assert not redis_db.exists(engine.keys.rebuild_lock)
