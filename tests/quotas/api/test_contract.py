@@ -1,4 +1,4 @@
-"""The reservation API's contract (DESIGN.md section 5), against the real Redis and database:
+"""The reservation API's contract (README.md), against the real Redis and database:
 every row of the error table, and the shapes of the successful answers.
 
 Authentication (401) and narrowed keys (403) are in tests/quotas/api/test_auth.py."""
