@@ -81,10 +81,11 @@ local function later(a, b)
   return (a.retry_ms or math.huge) > (b.retry_ms or math.huge)
 end
 
--- The largest grant of output tokens every hard check of an option admits, or nil and the
--- refusal (the limit to wait longest for: retrying earlier would still be refused).
+-- Whether a concurrency limit refused, in any option tried (see the reap at the end).
 local short_of_slots = false
 
+-- The largest grant of output tokens every hard check of an option admits, or nil and the
+-- refusal (the limit to wait longest for: retrying earlier would still be refused).
 local function fit(option)
   local out, worst = req.out, nil
   for _, check in ipairs(option.checks) do
