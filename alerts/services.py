@@ -13,6 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from django.db import IntegrityError, transaction
@@ -202,12 +203,16 @@ REDACTED = "REDACTED"
 
 
 def channel_target_redacted(kind: str, target: str) -> str:
-    """The target as it may be shown outside the database: a Slack webhook URL's last path
-    segment is the token that lets anyone post, so it is replaced by REDACTED."""
-    head, _, token = target.rpartition("/")
-    if kind != "slack" or not head or not token:
+    """The target as it may be shown outside the database. A Slack webhook URL's path after
+    `/services/` holds the token that lets anyone post: it becomes REDACTED (the whole path of
+    a URL without `/services/`), and any query, fragment or user info goes."""
+    if kind != "slack" or not target:
         return target
-    return f"{head}/{REDACTED}"
+    url = urlsplit(target)
+    head, services, _ = url.path.partition("/services/")
+    path = f"{head}{services}{REDACTED}" if services else f"/{REDACTED}"
+    host = url.netloc.rpartition("@")[2]
+    return urlunsplit((url.scheme, host, path, "", ""))
 
 
 def channel_upsert(

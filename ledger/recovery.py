@@ -25,7 +25,7 @@ from ledger.services import ledger_state_lock, usage_ingest
 from quotas.engine import Owner
 from quotas.engine.types import LeaseRestore
 from quotas.plan import features_by_id, plans
-from quotas.recovery import rebuild_lock_release
+from quotas.recovery import rebuild_lock_release, rebuild_mark
 from quotas.store import config_version_read, config_version_restore, get_engine
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,11 @@ def store_rebuild(*, force: bool = False) -> BudgetReport | None:
     with transaction.atomic():
         ledger_state_lock()
         if not force and config_version_read() is not None:
+            # rebuilt already (or never lost): the lock that started this one is free again
+            rebuild_lock_release()
             return None
         report = budgets_reconcile(repair=True, restore_leases=True)
+        rebuild_mark()
         config_version_restore()
     rebuild_lock_release()
     log.warning(
@@ -53,13 +56,21 @@ def store_rebuild(*, force: bool = False) -> BudgetReport | None:
     return report
 
 
-def lease_from_ledger(reservation_id: str, owner: Owner) -> LeaseRestore | None:
-    """The lease of a reservation of the owner's that the ledger has as held or expired and
-    that the store would still know had it not lost it (within the lease retention after its
-    expiry); None otherwise. An expired one comes back expired: a commit is accepted and
-    refunds the difference to the budget the rebuild charged in full."""
+def lease_from_ledger(
+    reservation_id: str, owner: Owner, made_before_ms: int
+) -> LeaseRestore | None:
+    """The lease of a reservation of the owner's made before `made_before_ms` (the store's
+    last rebuild) that the ledger has as held or expired and that the store would still know
+    had it not lost it (within the lease retention after its expiry); None otherwise. An
+    expired one comes back expired: a commit is accepted and refunds the difference to the
+    budget the rebuild charged in full."""
     row = (
-        UsageEvent.objects.filter(rid=reservation_id, degraded=False, state__in=("held", "expired"))
+        UsageEvent.objects.filter(
+            rid=reservation_id,
+            degraded=False,
+            state__in=("held", "expired"),
+            created_ms__lt=made_before_ms,
+        )
         .values(*USAGE_COLUMNS)
         .first()
     )

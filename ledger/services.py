@@ -35,8 +35,8 @@ from ledger.conf import ledger_setting
 from ledger.events import Batch, Resolver, Row, batch_from_entries, dead_letter_row
 from ledger.models import LedgerState, UsageEvent
 from ledger.writer import dead_letters_write, refusal_rows_write, usage_rows_write
-from quotas.api.serializers import MAX_TTL
 from quotas.engine.stream import Entry, UsageStream
+from quotas.engine.types import MAX_TTL
 from quotas.keys import api_keys_used
 from quotas.plan import plans
 from quotas.reservations import get_engine

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 REBUILD_LOCK_MS = 60_000
 
 RebuildStart = Callable[[], None]
-LeaseFinder = Callable[[str, Owner], LeaseRestore | None]
+# (reservation id, owner, made before this Redis time in ms)
+LeaseFinder = Callable[[str, Owner, int], LeaseRestore | None]
 
 
 class _Hooks:
@@ -64,13 +65,26 @@ def rebuild_lock_release() -> None:
     engine.client.delete(engine.keys.rebuild_lock)
 
 
+def rebuild_mark() -> None:
+    """Note when the store was rebuilt (Redis time, in ms), for lease_restore."""
+    engine = get_engine()
+    engine.client.set(engine.keys.rebuilt_at, engine.now_ms())
+
+
 def lease_restore(reservation_id: str, owner: Owner) -> bool:
     """Write back the lease of a reservation that the store lost and the ledger still has
     (held, or expired and still committable), so that it can be committed: True if there is
-    one now."""
+    one now. Only a reservation made before the store's last rebuild can be one it lost; any
+    other that is missing was settled and its record has expired (restored from a ledger that
+    lags, it would be settled twice) or never existed. A store never rebuilt restores none,
+    and asks the ledger nothing."""
     finder = _Hooks.lease_finder
-    lease = finder(reservation_id, owner) if finder else None
+    engine = get_engine()
+    rebuilt_at = engine.client.get(engine.keys.rebuilt_at) if finder else None
+    if finder is None or rebuilt_at is None:
+        return False
+    lease = finder(reservation_id, owner, int(rebuilt_at))
     if lease is None:
         return False
-    get_engine().rebuild([], [lease])  # written only where none exists
+    engine.rebuild([], [lease])  # written only where none exists
     return True

@@ -4,15 +4,46 @@ caches."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import redis
 from django.conf import settings
 
 from quotas.engine import Engine
 
-# The errors that say the store cannot be reached: only these answer 503 or admit fail-open.
+
+class StoreBusyError(redis.ResponseError):
+    """`BUSY`: a script ran past Redis's busy threshold and every other call is refused until
+    it ends or is killed. redis-py raises a bare ResponseError for it; the app's client raises
+    this instead."""
+
+
+# The errors that say the store cannot serve now: only these answer 503 or admit fail-open.
+# Unreachable (connection refused, reset or timed out, or a server still loading its data),
+# a replica that cannot take writes (a failover in progress), out of memory under
+# `noeviction`, a cluster that is down or resharding, and a script holding the server (BUSY).
 # Any other (a script's ResponseError) is a bug, answered as one, never retried as an outage.
-STORE_UNREACHABLE = (redis.ConnectionError, redis.TimeoutError)
+STORE_UNREACHABLE = (
+    redis.ConnectionError,  # BusyLoadingError too
+    redis.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,  # MasterDownError too
+    StoreBusyError,
+)
+
+
+class StoreClient(redis.Redis):
+    """redis.Redis that tells a BUSY reply from other errors (see StoreBusyError)."""
+
+    def parse_response(self, connection: Any, command_name: str | bytes, **options: Any) -> Any:
+        try:
+            return super().parse_response(connection, command_name, **options)
+        except redis.ResponseError as exc:
+            if type(exc) is redis.ResponseError and str(exc).startswith("BUSY "):
+                raise StoreBusyError(*exc.args) from exc
+            raise
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -20,7 +51,7 @@ def redis_client(url: str) -> redis.Redis:
     that refuses connections is known at the first attempt, so a fail-open pool admits and a
     fail-closed one answers 503 at once (a client built as `redis.Redis(...)` would retry ten
     times with backoff, over four seconds); connections idle for 30 s are checked first."""
-    return redis.Redis.from_url(
+    return StoreClient.from_url(
         url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=30
     )
 

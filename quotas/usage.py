@@ -8,9 +8,10 @@ from typing import Any
 
 from quotas.errors import QuotaError, not_found
 from quotas.plan import KeyInfo, LimitInfo, Plan, plans
+from quotas.recovery import store_lost
 from quotas.refusals import limit_body, units_shown
-from quotas.reservations import get_engine, key_recheck
-from quotas.store import STORE_UNREACHABLE
+from quotas.reservations import STORE_DOWN, STORE_LOST, get_engine, key_recheck
+from quotas.store import STORE_UNREACHABLE, config_version_read
 
 CHUNK = 2_000  # limits per script call: a long script would hold up every reservation
 
@@ -40,6 +41,15 @@ def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]
     return rows
 
 
+def _check_not_lost(plan: Plan) -> None:
+    """A store that lost its data reads zero used everywhere until it is rebuilt: say so as
+    a decision would (see plan_check in quotas/lua/lib.lua), rather than report every limit
+    as full."""
+    if plan.version > 0 and config_version_read() is None:
+        store_lost()
+        raise STORE_LOST.error()
+
+
 def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
     plan = plans.fresh()  # a read carries no version for the engine to check
     key_recheck(plan, key)
@@ -49,13 +59,10 @@ def feature_usage(*, key: KeyInfo, slug: str) -> dict[str, Any]:
     if key.feature_ids and feature.id not in key.feature_ids:
         raise QuotaError("forbidden", f"This API key may not act for feature '{slug}'.")
     try:
+        _check_not_lost(plan)
         rows = limits_read(plan, plan.feature_limits(feature))
     except STORE_UNREACHABLE as exc:
-        raise QuotaError(
-            "unavailable",
-            "The quota store is unavailable; try again shortly.",
-            headers={"Retry-After": "1"},
-        ) from exc
+        raise STORE_DOWN.error() from exc
     return {
         "feature": feature.slug,
         "status": feature.status,

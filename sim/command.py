@@ -26,7 +26,7 @@ from sim.run import simulate
 from sim.traffic import Scenario
 
 DESCRIPTION = """\
-Replay the starvation story (DESIGN.md section 1) on the real stack: a fake provider with its
+Replay the starvation of a shared provider account on the real stack: a fake provider with its
 own TPM and RPM buckets, an interactive chat feature and a flooding batch feature sharing one
 pool, both calling through the SDK's wrap_openai. The same traffic runs twice, without the
 platform's limits and with them; a table per feature is printed and a chart written.

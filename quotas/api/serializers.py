@@ -16,11 +16,11 @@ from typing import Any
 
 from rest_framework import serializers
 
+from quotas.engine.types import MAX_TTL
 from quotas.errors import invalid
 from tenants.models import Priority
 
 MAX_TOKENS = 10_000_000
-MAX_TTL = 3600
 MAX_METADATA_BYTES = 4096
 MAX_METADATA_DEPTH = 8
 # Levels of arrays and objects within one field's value: chat messages with parts nest a few.

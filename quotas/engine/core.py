@@ -43,6 +43,7 @@ class KeySpace:
         self.version = self.prefix + "config_version"
         self.leases = self.prefix + "leases"
         self.rebuild_lock = self.prefix + "rebuild_lock"
+        self.rebuilt_at = self.prefix + "rebuilt_at"
         self.events = self.prefix + "events"
         self.lease_prefix = self.prefix + "r:"
 
@@ -52,8 +53,10 @@ class KeySpace:
     def idempotency(self, tenant_id: int, key: str) -> str:
         return f"{self.prefix}idem:{tenant_id}:{key}"
 
-    # Buckets are strings "level:t"; they were hashes under b: and g:, which a rolling
-    # deploy's older scripts still read, so the new ones live apart and the old ones expire.
+    # Buckets are strings "level:t"; they were hashes under b: and g:. The new names keep
+    # the two formats apart, not the limits: while old and new nodes both serve, each keeps
+    # its own bucket (up to twice the rate is admitted), and the new ones start full. A lease
+    # that still names an old key settles into the new bucket (`bucket_key` in lib.lua).
     def bucket(self, limit_id: int) -> str:
         return f"{self.prefix}tb:{limit_id}"
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# The longest TTL, in seconds, a reservation or an extension may ask for: the API refuses
+# more, and the ledger expires a degraded reservation that recorded none after it.
+MAX_TTL = 3600
+
 
 @dataclass(frozen=True, slots=True)
 class Period:

@@ -10,9 +10,10 @@
 --          maxlen, retention_ms, clock, ttl_ms (from now)
 --
 -- Returns JSON: {lease = {...}}, {missing = true}, or {conflict = state} when the
--- reservation is no longer held (committed, released or already expired). An extension
--- appends an `extended` event with the new `expires_ms`, so that the ledger knows the expiry
--- a rebuild must restore.
+-- reservation is no longer held (committed, released or already expired). The lease and its
+-- idempotency key (`ik`, when it has one) are kept ttl_ms + retention_ms from now. An
+-- extension appends an `extended` event with the new `expires_ms`, so that the ledger knows
+-- the expiry a rebuild must restore.
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
@@ -23,8 +24,12 @@ if not lease then return cjson.encode({missing = true}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
 lease.e = now + req.ttl_ms
 lease.ttl_ms = req.ttl_ms
-redis.call('SET', KEYS[2], cjson.encode(lease), 'PX', req.ttl_ms + req.retention_ms)
-redis.call('ZADD', KEYS[3], lease.e, lease.id)
+local keep_ms = int(req.ttl_ms + req.retention_ms)
+redis.call('SET', KEYS[2], cjson.encode(lease), 'PX', keep_ms)
+redis.call('ZADD', KEYS[3], int(lease.e), lease.id)
+-- a replay of the reserve with its idempotency key answers the first answer as long as the
+-- lease lasts
+if lease.ik then redis.call('PEXPIRE', lease.ik, keep_ms) end
 local ev = event_base(lease, 'extended', now)
 ev.expires_ms = lease.e
 emit(KEYS[4], req.maxlen, ev)

@@ -80,21 +80,33 @@ local function actual_for(check, usage)
   return 0
 end
 
+-- The key of a recorded bucket or guarantee as it is named now. Buckets were hashes under
+-- `b:<id>` / `g:<id>`; a lease written then still names those, but the bucket in force is
+-- the string under `tb:<id>` / `tg:<id>` (reading the old hash with GET is an error, and the
+-- old keys expire by themselves).
+local function bucket_key(check)
+  local head, kind, id = string.match(check.k, '^(.*):([bg]):(%d+)$')
+  if head then return head .. ':t' .. kind .. ':' .. id end
+  return check.k
+end
+
 -- Apply `delta` units of usage (positive: charge, negative: refund) to one recorded check.
 local function adjust(check, delta, now)
   if delta == 0 then return end
   if check.kind == 'b' then
-    local level = bucket_level(check.k, check.cap, now) - delta
+    local key = bucket_key(check)
+    local level = bucket_level(key, check.cap, now) - delta
     if level > check.cap then level = check.cap end
-    bucket_store(check.k, check.cap, level, now)
+    bucket_store(key, check.cap, level, now)
   elseif check.kind == 'g' then
     -- use drains the guarantee first, so a refund fills the shared part first: the guarantee
     -- gets back only what was taken from it beyond the actual use
     local actual = check.amt + delta
     local back = math.max(0, check.took - math.max(0, actual))
     if back > 0 then
-      local level = math.min(check.cap, bucket_level(check.k, check.cap, now) + back)
-      bucket_store(check.k, check.cap, level, now)
+      local key = bucket_key(check)
+      local level = math.min(check.cap, bucket_level(key, check.cap, now) + back)
+      bucket_store(key, check.cap, level, now)
     end
   elseif check.kind == 'p' then
     redis.call('INCRBY', check.k, int(delta))

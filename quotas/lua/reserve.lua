@@ -26,7 +26,7 @@
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
 --    (its `r.out` the output tokens granted, `soft` the ids of soft or shadow limits it went
---    over; with an idempotency key, `limits` too)
+--    over; with an idempotency key, `limits` too and the key's name `ik`)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
@@ -83,10 +83,11 @@ local function later(a, b)
   return (a.retry_ms or math.huge) > (b.retry_ms or math.huge)
 end
 
--- The largest grant of output tokens every hard check of an option admits, or nil and the
--- refusal (the limit to wait longest for: retrying earlier would still be refused).
+-- Whether a concurrency limit refused, in any option tried (see the reap at the end).
 local short_of_slots = false
 
+-- The largest grant of output tokens every hard check of an option admits, or nil and the
+-- refusal (the limit to wait longest for: retrying earlier would still be refused).
 local function fit(option)
   local out, worst = req.out, nil
   for _, check in ipairs(option.checks) do
@@ -180,8 +181,9 @@ local function grant(option, out)
                  soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
-    -- a replay of the request answers as this call does
-    lease.limits = limits
+    -- a replay of the request answers as this call does; an extension keeps the key (`ik`)
+    -- as long as the lease
+    lease.limits, lease.ik = limits, idem_key
     redis.call('HSET', idem_key, 'id', req.id, 'hash', req.idempotency.hash)
     redis.call('PEXPIRE', idem_key, keep_ms)
   end

@@ -1,6 +1,6 @@
 """When to try a refused reservation again, and how often any retry may happen at all.
 
-Two rules keep many clients from retrying in lockstep (the thundering herd of DESIGN.md 1):
+Two rules keep many clients from retrying in lockstep (a thundering herd):
 
 * a retry waits the server's `Retry-After` plus *full jitter*: a uniform random share of an
   exponentially growing window, so clients refused at the same instant spread out instead of

@@ -307,3 +307,64 @@ def test_commits_of_reservations_the_store_lost_are_accepted_and_charged(
     body = {"input_tokens": 1, "output_tokens": 1}
     answer = stranger.post(f"/api/v1/reservations/{held}/commit", body, format="json")
     assert answer.status_code == 404
+
+
+def _committed_twice_if_restored(world: World, reserve: Any, redis_db: Any) -> tuple[str, Any]:
+    """A reservation committed after the ledger saw it held, whose settled record expired:
+    the ledger, lagging, still says held."""
+    rid = reserve(input_tokens=400, max_output_tokens=100).json()["id"]
+    usage_ingest()
+    assert commit(world, rid, input_tokens=400, output_tokens=20).status_code == 200
+    redis_db.delete(get_engine().keys.lease(rid))
+    return rid, redis_db.xlen(get_engine().keys.events)
+
+
+def test_a_missing_reservation_of_a_store_never_rebuilt_is_not_restored(
+    world: World,
+    reserve: Any,
+    redis_db: Any,
+    deployed: None,
+    django_assert_num_queries: Any,
+) -> None:
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    rid, events = _committed_twice_if_restored(world, reserve, redis_db)
+    left = state(day)["remaining"]
+
+    with django_assert_num_queries(0):  # nor is the ledger asked
+        again = commit(world, rid, input_tokens=400, output_tokens=20)
+
+    assert again.status_code == 404, again.json()
+    assert state(day)["remaining"] == left
+    assert redis_db.xlen(get_engine().keys.events) == events
+
+
+def test_only_reservations_made_before_the_last_rebuild_are_restored(
+    world: World, reserve: Any, redis_db: Any, deployed: None
+) -> None:
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    before = reserve(input_tokens=300, max_output_tokens=100).json()["id"]
+    advance(1)
+    store_rebuild(force=True)
+    advance(1)
+    rid, events = _committed_twice_if_restored(world, reserve, redis_db)
+    left = state(day)["remaining"]
+
+    assert commit(world, rid, input_tokens=400, output_tokens=20).status_code == 404
+    assert state(day)["remaining"] == left
+    assert redis_db.xlen(get_engine().keys.events) == events
+
+    usage_ingest()
+    redis_db.delete(get_engine().keys.lease(before))  # lost with the data before the rebuild
+    restored = commit(world, before, input_tokens=300, output_tokens=10)
+    assert restored.status_code == 200, restored.json()
+    assert state(day)["remaining"] == left + 90
+
+
+def test_a_rebuild_with_nothing_to_do_frees_the_lock(
+    world: World, redis_db: Any, deployed: None
+) -> None:
+    engine = get_engine()
+    redis_db.set(engine.keys.rebuild_lock, "another-process", px=60_000)
+
+    assert store_rebuild() is None
+    assert not redis_db.exists(engine.keys.rebuild_lock)

@@ -1,4 +1,4 @@
-"""No over-admission under real concurrency, against the real Redis (DESIGN.md 6.1, 6.2, 6.6).
+"""No over-admission under real concurrency, against the real Redis.
 
 Many clients (threads calling the services, processes calling the engine, threads calling the
 HTTP API) reserve and commit at once against overlapping hard limits. Three independent

@@ -1,4 +1,4 @@
-"""The limit semantics of DESIGN.md section 6, each against the real Redis."""
+"""The limit semantics of docs/engine.md, each against the real Redis."""
 
 from __future__ import annotations
 
@@ -294,7 +294,7 @@ def test_a_request_may_lower_its_priority_and_then_meets_the_floor(
 def test_starvation_story_interactive_is_untouched_by_a_batch_flood(
     world: World, reserve: Any
 ) -> None:
-    """DESIGN.md section 1: one pool of 100,000 TPM, 30% protected for interactive traffic,
+    """The noisy neighbour: one pool of 100,000 TPM, 30% protected for interactive traffic,
     a batch feature flooding at five times capacity, chat asking for 20,000 TPM."""
     world.pool.protect = {"interactive": 0.3}
     world.pool.save()

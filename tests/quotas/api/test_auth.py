@@ -1,4 +1,4 @@
-"""The reservation API's authentication and authorisation (DESIGN.md section 5): 401 for a
+"""The reservation API's authentication and authorisation: 401 for a
 missing, unknown, malformed or revoked key, throttling of failed attempts per address, and
 403 for a key narrowed to other features of its tenant."""
 

@@ -1,4 +1,4 @@
-"""The reservation API's contract (DESIGN.md section 5), against the real Redis and database:
+"""The reservation API's contract (README.md), against the real Redis and database:
 every row of the error table, and the shapes of the successful answers.
 
 Authentication (401) and narrowed keys (403) are in tests/quotas/api/test_auth.py."""
@@ -21,6 +21,7 @@ from rest_framework.renderers import JSONRenderer as DrfJSONRenderer
 
 import quotas.api.views
 import quotas.degraded
+import quotas.recovery
 import quotas.reservations
 from ledger.models import UsageEvent
 from ledger.services import usage_ingest
@@ -28,9 +29,10 @@ from quotas.api.renderers import JSONRenderer
 from quotas.api.representations import iso
 from quotas.engine.core import Engine
 from quotas.keys import api_key_create
+from quotas.models import ConfigVersion
 from quotas.plan import plans
 from quotas.reservations import get_engine
-from quotas.store import redis_client
+from quotas.store import config_version_bump, redis_client
 from tests.factories import FeatureFactory, LanguageModelFactory, PoolFactory, TenantFactory
 from tests.fixtures import DEAD_STORE
 
@@ -1512,3 +1514,22 @@ def test_metadata_with_a_number_past_a_double_s_range_is_invalid(world: Any) -> 
 
     assert invalid_fields(response) == {"metadata"}
     assert response.json()["fields"]["metadata"] == ["Numbers in metadata must be finite."]
+
+
+def test_the_usage_of_a_store_that_lost_its_data_is_unavailable_until_rebuilt(
+    world: Any, reserve: Any, redis_db: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    ConfigVersion.bump()
+    config_version_bump(1)
+    plans.clear()
+    assert reserve().status_code == 201
+    started: list[int] = []
+    monkeypatch.setattr(quotas.recovery._Hooks, "rebuild_start", lambda: started.append(1))
+    redis_db.flushdb()  # the store lost its data: every counter reads zero
+
+    response = world.client().get("/api/v1/features/chat/usage")
+
+    body_of(response, 503, "unavailable")
+    assert response["Retry-After"] == "2"
+    assert started == [1]

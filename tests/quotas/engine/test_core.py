@@ -426,3 +426,75 @@ def test_an_idempotent_replay_after_settlement_answers_the_first_answer(engine: 
 
     assert isinstance(again, Existing) and again.granted == first
     assert again.lease.state == "committed"
+
+
+def old_format_lease(engine: Engine, rid: str) -> dict[str, Any]:
+    """A held lease as reserve.lua wrote it while buckets were hashes under b: and g:."""
+    return {
+        "st": "held",
+        "pool": "main",
+        "created": NOW,
+        "e": NOW + 60_000,
+        "r": {"in_": 100, "out": 100, "cost": 75_000},
+        "ck": [
+            {"kind": "b", "m": "tokens", "cap": 1000, "k": engine.keys.prefix + "b:1", "amt": 200},
+            {
+                "kind": "g",
+                "m": "tokens",
+                "cap": 1000,
+                "k": engine.keys.prefix + "g:4",
+                "amt": 200,
+                "took": 200,
+            },
+        ],
+        "soft": [],
+        "id": rid,
+        "tenant": 7,
+        "feature": 8,
+        "ttl_ms": 60_000,
+        "prices": {"i": 150.0, "c": 15.0, "o": 600.0},
+        "meta": {"tenant": "acme", "feature": "chat", "model": "m", "pool": "main"},
+    }
+
+
+@pytest.mark.parametrize("outcome", ["committed", "released"])
+def test_a_lease_from_before_the_bucket_rename_settles_into_the_current_buckets(
+    engine: Engine, client: Counting, outcome: str
+) -> None:
+    for old in ("b:1", "g:4"):  # the old hash buckets, still alive
+        client.hset(engine.keys.prefix + old, mapping={"v": 300, "t": NOW})
+    client.set(engine.keys.bucket(1), f"400:{NOW}")
+    client.set(engine.keys.guarantee(4), f"300:{NOW}")
+    client.set(engine.keys.lease("rsv_old"), json.dumps(old_format_lease(engine, "rsv_old")))
+    client.zadd(engine.keys.leases, {"rsv_old": NOW + 60_000})
+
+    if outcome == "committed":
+        usage = Usage(100, 20, body_hash="b")
+        done = engine.commit(reservation_id="rsv_old", owner=OWNER, usage=usage, version=3)
+    else:
+        done = engine.release(reservation_id="rsv_old", owner=OWNER, version=3)
+
+    assert isinstance(done, Settled) and done.result["status"] == outcome
+    used = 120 if outcome == "committed" else 0  # the refund: what was debited less the use
+    assert client.get(engine.keys.bucket(1)) == f"{400 + 200 - used}:{NOW}".encode()
+    assert client.get(engine.keys.guarantee(4)) == f"{300 + 200 - used}:{NOW}".encode()
+    assert client.hgetall(engine.keys.prefix + "b:1") == {b"v": b"300", b"t": str(NOW).encode()}
+    assert lease(client, engine, "rsv_old")["st"] == outcome
+
+
+def test_an_extension_keeps_the_idempotency_key_as_long_as_the_lease(
+    engine: Engine, client: Counting
+) -> None:
+    check = bucket(engine, 1, 10_000)
+    first = engine.reserve(call("rsv_a", check, idempotency_key="k", idempotency_hash="h"))
+    idem = engine.keys.idempotency(7, "k")
+    assert 0 < client.pttl(idem) <= 60_000 + HOUR
+
+    engine.extend(reservation_id="rsv_a", owner=OWNER, ttl_ms=3 * HOUR, version=3)
+
+    assert 3 * HOUR < client.pttl(idem) <= 4 * HOUR
+    assert 3 * HOUR < client.pttl(engine.keys.lease("rsv_a")) <= 4 * HOUR
+    engine.frozen_ms = NOW + 2 * HOUR
+    again = engine.reserve(call("rsv_b", check, idempotency_key="k", idempotency_hash="h"))
+    assert isinstance(first, Granted) and isinstance(again, Existing)
+    assert again.granted.reservation_id == first.reservation_id

@@ -12,7 +12,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from quotas.engine import Engine
+from quotas.engine import Engine, LeaseView, Owner, PoolOption, ReserveCall
 from quotas.engine.scripts import SCRIPT_NAMES, script_source
 from quotas.store import get_redis, redis_client
 from tests.fixtures import DEAD_STORE
@@ -25,6 +25,34 @@ def engine() -> Engine:
 
 def held_count(engine: Engine) -> int:
     return engine.held().count
+
+
+def reserved(engine: Engine, rid: str) -> str:
+    """A reservation of no limits, for a caller to read back as its own."""
+    call = ReserveCall(
+        reservation_id=rid,
+        version=0,
+        tenant_id=7,
+        feature_id=8,
+        options=(PoolOption("main", ()),),
+        input_tokens=1,
+        max_output_tokens=1,
+        min_output_tokens=1,
+        cost_fixed=0,
+        cost_per_output=0.0,
+        prices=(0.0, 0.0, 0.0),
+        ttl_ms=60_000,
+    )
+    engine.reserve(call)
+    return rid
+
+
+def read_back(engine: Engine, rid: str) -> str:
+    """The id of the reservation the answer to a read of `rid` is about: `rid` itself unless
+    answers were crossed between callers."""
+    view = engine.peek(reservation_id=rid, owner=Owner(7), version=0)
+    assert isinstance(view, LeaseView)
+    return str(view.data["id"])
 
 
 @pytest.fixture
@@ -67,15 +95,16 @@ def test_concurrent_calls_each_get_their_own_answer(engine: Engine) -> None:
     barrier = threading.Barrier(threads)
     failures: list[BaseException] = []
 
-    def work() -> None:
+    def work(rid: str) -> None:
         barrier.wait()
         try:
             for _ in range(calls):
-                assert held_count(engine) == 0
+                assert read_back(engine, rid) == rid
         except BaseException as exc:  # reported below, with the thread's error
             failures.append(exc)
 
-    pool = [threading.Thread(target=work) for _ in range(threads)]
+    rids = [reserved(engine, f"rsv_thread{n}") for n in range(threads)]
+    pool = [threading.Thread(target=work, args=(rid,)) for rid in rids]
     for t in pool:
         t.start()
     for t in pool:
@@ -85,19 +114,19 @@ def test_concurrent_calls_each_get_their_own_answer(engine: Engine) -> None:
 
 
 def test_a_forked_child_and_its_parent_both_get_their_answers(engine: Engine) -> None:
-    held_count(engine)
+    parent, child = reserved(engine, "rsv_parent"), reserved(engine, "rsv_child")
     read, write = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: report whether its call was answered, then leave
+    if pid == 0:  # the child: report whether its own call was answered, then leave
         ok = b"0"
         try:
-            ok = b"1" if held_count(engine) == 0 else b"0"
+            ok = b"1" if read_back(engine, child) == child else b"0"
         finally:
             os.write(write, ok)
             os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(read, 1) == b"1"
-    assert held_count(engine) == 0  # the parent's connection still answers in order
+    assert read_back(engine, parent) == parent  # the parent's connection still answers in order
 
 
 class ClusterLike:

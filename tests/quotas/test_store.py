@@ -1,0 +1,180 @@
+"""A store that answers but cannot serve now (a read-only replica, out of memory, a script
+holding it) is down like an unreachable one: 503 on a fail-closed pool, degraded admission on
+a fail-open one. Against a redis-server of the test's own on a loopback port (7170-7179)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.conf import settings
+
+import quotas.degraded
+import quotas.reservations
+from quotas.engine.core import Engine
+from quotas.plan import plans
+from quotas.store import StoreBusyError, config_version_key, redis_client
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server is missing"
+)
+PORTS = range(7170, 7180)
+
+
+def free_port(taken: int = 0) -> int:
+    for port in PORTS:
+        if port == taken:
+            continue
+        with socket.socket() as probe:
+            # as redis-server binds: a port whose last connections wait in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
+
+
+def wait_for(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def own_store(world: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    """A redis-server of the test's own holding the plan's version, serving the engine."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    try:
+        client = redis_client(f"redis://127.0.0.1:{port}/0")
+        wait_for(lambda: answers(client), "redis-server to answer")
+        client.set(config_version_key(), plans.get().version)
+        engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
+        monkeypatch.setattr(quotas.reservations, "get_engine", lambda: engine)
+        quotas.degraded._spool.clear()
+        yield client
+    finally:
+        quotas.degraded._spool.clear()
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def read_only(client: redis.Redis) -> None:
+    """A replica of a master that is not there: it keeps its data and refuses writes."""
+    port = client.connection_pool.connection_kwargs["port"]
+    client.replicaof("127.0.0.1", free_port(taken=port))
+
+
+def out_of_memory(client: redis.Redis) -> None:
+    client.set("filler", b"x" * 2_000_000)
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", "1mb")
+
+
+def error_of(response: Any, status: int) -> str:
+    assert response["Content-Type"].startswith("application/json"), response.content[:200]
+    assert response.status_code == status, response.content
+    return str(json.loads(response.content)["error"])
+
+
+def test_the_errors_of_a_store_that_cannot_serve_are_the_ones_redis_py_raises(
+    own_store: redis.Redis,
+) -> None:
+    read_only(own_store)
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        own_store.set("k", 1)
+    own_store.replicaof("NO", "ONE")
+    out_of_memory(own_store)
+    with pytest.raises(redis.exceptions.OutOfMemoryError):
+        own_store.set("k", 1)
+
+
+@pytest.mark.parametrize("trouble", [read_only, out_of_memory])
+def test_a_fail_closed_pool_answers_503_when_the_store_cannot_write(
+    world: Any, reserve: Any, own_store: redis.Redis, trouble: Callable[[redis.Redis], None]
+) -> None:
+    held = reserve().json()["id"]
+    trouble(own_store)
+
+    assert error_of(reserve(), 503) == "unavailable"
+    commit = world.client().post(
+        f"/api/v1/reservations/{held}/commit",
+        {"input_tokens": 1, "output_tokens": 1},
+        format="json",
+    )
+    assert error_of(commit, 503) == "unavailable"
+
+
+@pytest.mark.parametrize("trouble", [read_only, out_of_memory])
+def test_a_fail_open_pool_admits_degraded_when_the_store_cannot_write(
+    world: Any, reserve: Any, own_store: redis.Redis, trouble: Callable[[redis.Redis], None]
+) -> None:
+    world.pool.fail_mode = "open"
+    world.pool.save()
+    plans.clear()
+    own_store.set(config_version_key(), plans.get().version)  # the save bumped it
+    trouble(own_store)
+
+    admitted = reserve()
+
+    assert admitted.status_code == 201, admitted.content
+    assert admitted.json()["degraded"] is True
+
+
+def test_a_script_holding_the_store_is_an_outage(reserve: Any, own_store: redis.Redis) -> None:
+    own_store.config_set("busy-reply-threshold", 50)
+    port = own_store.connection_pool.connection_kwargs["port"]
+    spin = "local t = redis.call('TIME')[1] + 5 while tonumber(redis.call('TIME')[1]) < t do end"
+    runner = threading.Thread(target=_run_killed, args=(redis.Redis(port=port), spin))
+    runner.start()
+    try:
+        wait_for(lambda: _busy(own_store), "the script to hold the store")
+        assert error_of(reserve(), 503) == "unavailable"
+    finally:
+        own_store.script_kill()
+        runner.join(timeout=10)
+
+
+def test_an_error_of_the_script_itself_stays_a_logged_500(
+    reserve: Any, own_store: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    own_store.delete(config_version_key())
+    own_store.hset(config_version_key(), "v", 1)  # WRONGTYPE for the script's GET
+
+    assert error_of(reserve(), 500) == "internal_error"
+    assert "WRONGTYPE" in caplog.text
+
+
+def _run_killed(client: redis.Redis, script: str) -> None:
+    with pytest.raises(redis.ResponseError, match="killed"):
+        client.eval(script, 0)
+
+
+def _busy(client: redis.Redis) -> bool:
+    try:
+        client.ping()
+    except StoreBusyError:
+        return True
+    return False
