@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +19,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from celery import Celery
+
+from tests.fakes.redis_server import RedisServer
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,58 +33,16 @@ PORTS = range(7150, 7160)
 RESTARTS = 3
 
 
-def _free_port() -> int:
-    for port in PORTS:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise RuntimeError("no free port in 7150-7159 for the test's own Redis")
-
-
-class Broker:
-    """A redis-server on one port that can be killed and started again."""
-
-    def __init__(self, port: int, directory: Path) -> None:
-        self.port = port
-        self.directory = directory
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    raise
-                time.sleep(0.05)
-            finally:
-                client.close()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    started = Broker(_free_port(), tmp_path)
+def broker(tmp_path: Path) -> Iterator[RedisServer]:
+    started = RedisServer(tmp_path, PORTS)
     started.start()
     yield started
     started.kill()
 
 
 @pytest.fixture
-def worker(broker: Broker, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker(broker: RedisServer, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     environment = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "config.settings",
@@ -127,7 +84,7 @@ def _round_trip(sender: Celery, worker: subprocess.Popen[bytes], log: Path) -> N
 
 
 def test_the_worker_survives_broker_restarts_and_keeps_running_tasks(
-    broker: Broker, worker: subprocess.Popen[bytes], tmp_path: Path
+    broker: RedisServer, worker: subprocess.Popen[bytes], tmp_path: Path
 ) -> None:
     log = tmp_path / "worker.log"
     sender = Celery(broker=broker.url, backend=broker.url)

@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
 from django.db import connection
 
 from ledger.conf import ledger_setting
 from ledger.models import UsageEvent
 from quotas.engine.stream import UsageStream
 from tests.config.test_gunicorn import GUNICORN, _own_options
+from tests.fakes import redis_server
+from tests.fakes.redis_server import free_port, wait_until
 from tests.fixtures import World
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,68 +37,14 @@ VERSION_KEY = "q:{quota}:config_version"
 EVENTS_KEY = "q:{quota}:events"
 
 
-def wait_until(condition: Callable[[], bool], *, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+PORTS = range(7130, 7150)
 
 
-def free_port(ports: range = range(7130, 7150)) -> int:
-    for port in ports:
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {ports}")
-
-
-class RedisServer:
-    """A redis-server of the test's own. Without persistence a SIGKILL and a restart lose
-    everything; `persistent` keeps an AOF (fsync every second) in `logs`/redis, which a restart
-    loads."""
+class RedisServer(redis_server.RedisServer):
+    """A redis-server of the fault tests' own, on their ports."""
 
     def __init__(self, logs: Path, *, persistent: bool = False) -> None:
-        self.port = free_port()
-        self.logs = logs
-        self.persistent = persistent
-        self.process: subprocess.Popen[bytes] | None = None
-        self.client = redis.Redis(port=self.port)
-
-    def start(self) -> None:
-        command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        if self.persistent:
-            (self.logs / "redis").mkdir(exist_ok=True)
-            command += ["--dir", str(self.logs / "redis")]
-            command += ["--appendonly", "yes", "--appendfsync", "everysec"]
-        else:
-            command += ["--appendonly", "no"]
-        log = (self.logs / "redis.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, seconds=10, what="redis-server to answer")
-
-    def _answers(self) -> bool:
-        try:
-            return bool(self.client.ping())
-        except (redis.ConnectionError, redis.BusyLoadingError):
-            return False
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        super().__init__(logs, PORTS, persistent=persistent)
 
 
 def postgres_url() -> str:
@@ -188,7 +134,7 @@ class Services:
 
     def web(self) -> int:
         """Starts gunicorn; returns its port once it answers."""
-        port = free_port()
+        port = free_port(PORTS)
         command = [str(GUNICORN), "config.wsgi:application", "--workers=2"]
         self._start("web", [*command, f"--bind=127.0.0.1:{port}", "--timeout=60", *_own_options()])
         wait_until(

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +20,7 @@ import quotas.reservations
 from quotas.engine.core import Engine
 from quotas.plan import plans
 from quotas.store import StoreBusyError, config_version_key, redis_client
+from tests.fakes.redis_server import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is missing"
@@ -29,47 +28,13 @@ pytestmark = pytest.mark.skipif(
 PORTS = range(7170, 7180)
 
 
-def free_port(taken: int = 0) -> int:
-    for port in PORTS:
-        if port == taken:
-            continue
-        with socket.socket() as probe:
-            # as redis-server binds: a port whose last connections wait in TIME_WAIT is free
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
-
-
-def wait_for(condition: Callable[[], bool], what: str, seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.02)
-
-
-def answers(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.ConnectionError:
-        return False
-
-
 @pytest.fixture
-def own_store(world: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+def own_store(world: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[redis.Redis]:
     """A redis-server of the test's own holding the plan's version, serving the engine."""
-    port = free_port()
-    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1"]
-    process = subprocess.Popen(
-        [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
-    )
+    store = RedisServer(tmp_path, PORTS)
+    store.start()
     try:
-        client = redis_client(f"redis://127.0.0.1:{port}/0")
-        wait_for(lambda: answers(client), "redis-server to answer")
+        client = redis_client(store.url)
         client.set(config_version_key(), plans.get().version)
         engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
         monkeypatch.setattr(quotas.reservations, "get_engine", lambda: engine)
@@ -77,14 +42,13 @@ def own_store(world: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Red
         yield client
     finally:
         quotas.degraded._spool.clear()
-        process.terminate()
-        process.wait(timeout=10)
+        store.stop()
 
 
 def read_only(client: redis.Redis) -> None:
     """A replica of a master that is not there: it keeps its data and refuses writes."""
     port = client.connection_pool.connection_kwargs["port"]
-    client.replicaof("127.0.0.1", free_port(taken=port))
+    client.replicaof("127.0.0.1", free_port(PORTS, taken=port))
 
 
 def out_of_memory(client: redis.Redis) -> None:
@@ -150,7 +114,7 @@ def test_a_script_holding_the_store_is_an_outage(reserve: Any, own_store: redis.
     runner = threading.Thread(target=_run_killed, args=(redis.Redis(port=port), spin))
     runner.start()
     try:
-        wait_for(lambda: _busy(own_store), "the script to hold the store")
+        wait_until(lambda: _busy(own_store), seconds=10, what="the script to hold the store")
         assert error_of(reserve(), 503) == "unavailable"
     finally:
         own_store.script_kill()
