@@ -78,14 +78,20 @@ def consumer_name() -> str:
 def usage_ingest(
     *, batch_size: int | None = None, max_seconds: float = 0.0, block_ms: int = 100
 ) -> IngestReport:
-    """Reclaim what dead consumers left, then drain the stream in batches; with
-    `max_seconds`, keep waiting for new entries that long (the beat task does)."""
+    """Finish what this process left pending, reclaim what dead consumers left, then drain
+    the stream in batches; with `max_seconds`, keep waiting for new entries that long (the
+    beat task does)."""
     size = batch_size or ledger_setting("LEDGER_BATCH_SIZE")
     stream, consumer = usage_stream(), consumer_name()
     stream.ensure_group()
     deadline = time.monotonic() + max_seconds
     batches = entries = reclaimed = 0
     with BatchWriter(stream) as writer:
+        # This process's own unacknowledged entries first (a task of it failed mid-batch,
+        # e.g. Redis restarted): they are ours, no need to wait until they look abandoned.
+        while held := writer.drained() and stream.held(consumer, count=size):
+            writer.submit(held)
+            batches, reclaimed = batches + 1, reclaimed + len(held)
         idle_ms = ledger_setting("LEDGER_CLAIM_IDLE_MS")
         while claimed := writer.drained() and stream.claim(
             consumer, min_idle_ms=idle_ms, count=size

@@ -55,6 +55,12 @@ class UsageStream:
         )
         return _entries(reply[0][1]) if reply else []
 
+    def held(self, consumer: str, *, count: int) -> list[Entry]:
+        """Entries delivered to this consumer and not yet acknowledged, oldest first: what an
+        earlier read of the same process left when it failed (Redis went away mid-batch)."""
+        reply: Any = self.client.xreadgroup(self.group, consumer, {self.key: "0"}, count=count)
+        return _entries(reply[0][1]) if reply else []
+
     def claim(self, consumer: str, *, min_idle_ms: int, count: int) -> list[Entry]:
         """Entries that some consumer (maybe a dead one) has held unacknowledged too long."""
         reply = self.client.xautoclaim(

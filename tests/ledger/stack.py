@@ -148,7 +148,7 @@ class Services:
         """A Celery worker with beat (its schedule file its own: a killed beat may leave its
         file half written)."""
         schedule = self.logs / f"beat-schedule-{len(self.started)}"
-        options = ["-B", "-s", str(schedule), "--loglevel=WARNING"]
+        options = ["-B", "-s", str(schedule), "--loglevel=INFO"]
         self.worker = self._start("worker", celery_worker(*options))
 
     def kill_worker(self) -> None:

@@ -11,6 +11,7 @@ import quotas.degraded
 import quotas.reservations
 from ledger.models import LedgerState, Refusal, UsageEvent
 from ledger.services import (
+    consumer_name,
     degraded_leases_expire,
     entries_batch_write,
     usage_ingest,
@@ -183,6 +184,24 @@ def test_entries_a_dead_consumer_held_are_reclaimed(world: World, reserve: Any) 
     assert set(UsageEvent.objects.values_list("rid", flat=True)) == set(rids)
     assert stream.pending() == 0
     assert LedgerState.objects.get().ingested_total == 4
+
+
+def test_what_this_process_read_and_never_acknowledged_is_finished_at_once(
+    world: World, reserve: Any
+) -> None:
+    """An ingest of this process that failed mid-batch (Redis went away after the read) left
+    its entries pending under this process's own consumer: the next ingest writes them first,
+    without waiting the claim idle time meant for dead consumers (30 s by default)."""
+    rids = [reserve().json()["id"] for _ in range(4)]
+    stream = usage_stream()
+    stream.ensure_group()
+    assert len(stream.read(consumer_name(), count=3)) == 3  # read, then the task failed
+
+    report = usage_ingest()
+
+    assert report.reclaimed == 3 and report.entries == 4
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == set(rids)
+    assert stream.pending() == 0
 
 
 def test_the_stream_is_trimmed_only_below_what_every_group_acknowledged(
