@@ -13,7 +13,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from django.db import IntegrityError, transaction
@@ -205,13 +205,19 @@ REDACTED = "REDACTED"
 def channel_target_redacted(kind: str, target: str) -> str:
     """The target as it may be shown outside the database. A Slack webhook URL's path after
     `/services/` holds the token that lets anyone post: it becomes REDACTED (the whole path of
-    a URL without `/services/`), and any query, fragment or user info goes."""
-    if kind != "slack" or not target:
+    a URL without `/services/`), and any query, fragment or user info goes. Another webhook's
+    URL keeps its path; its user info and every query value (where such URLs carry tokens)
+    become REDACTED."""
+    if kind == "email" or not target:
         return target
     url = urlsplit(target)
+    host = url.netloc.rpartition("@")[2]
+    if kind != "slack":
+        user = f"{REDACTED}@" if "@" in url.netloc else ""
+        query = urlencode([(name, REDACTED) for name, _ in parse_qsl(url.query, True)])
+        return urlunsplit((url.scheme, user + host, url.path, query, ""))
     head, services, _ = url.path.partition("/services/")
     path = f"{head}{services}{REDACTED}" if services else f"/{REDACTED}"
-    host = url.netloc.rpartition("@")[2]
     return urlunsplit((url.scheme, host, path, "", ""))
 
 

@@ -9,8 +9,9 @@ A channel is identified by its tenant and name (no tenant: a platform channel, f
 about shared pools). E-mail channels take `to` (none: the owners), Slack and webhook channels
 take `url`. A webhook's signing `secret` may be given; left out, the stored one is kept (one
 is generated for a new channel), and `export` never prints it. `export` prints a Slack URL
-with its token replaced by REDACTED, and `apply` of such a URL keeps the stored one, so an
-exported file applies as it is and a file under version control need not hold the token.
+with its token replaced by REDACTED, and a webhook URL with its user info and query values
+replaced so, and `apply` of such a URL keeps the stored one, so an exported file applies as
+it is and a file under version control need not hold the token.
 With `prune`, channels of the file's tenants that the file does not declare are deleted.
 """
 
@@ -96,18 +97,19 @@ def _target(applier: Applier, entry: Entry, tenant: Tenant | None) -> tuple[str,
         applier.errors.add(f"{path}.url", "missing (required)")
         raise Skip
     url = str(data["url"])
-    if data["kind"] == "slack" and url.endswith(f"/{REDACTED}"):
+    if REDACTED in url:
         return _stored_url(applier, entry, tenant, url), "url"
     return url, "url"
 
 
 def _stored_url(applier: Applier, entry: Entry, tenant: Tenant | None, redacted: str) -> str:
     """The stored URL a redacted one stands for: the same channel's, if it redacts alike."""
-    stored = Channel.objects.filter(tenant=tenant, name=entry.data["name"], kind="slack").first()
-    if stored is None or channel_target_redacted("slack", stored.target) != redacted:
+    kind = entry.data["kind"]
+    stored = Channel.objects.filter(tenant=tenant, name=entry.data["name"], kind=kind).first()
+    if stored is None or channel_target_redacted(kind, stored.target) != redacted:
         applier.errors.add(
             f"{entry.path}.url",
-            f"a URL ending in /{REDACTED} keeps the stored one, and this channel has no "
+            f"a URL with {REDACTED} in it keeps the stored one, and this channel has no "
             "stored URL like it: give the full URL",
         )
         raise Skip

@@ -29,5 +29,14 @@ def test_a_slack_url_of_another_shape_loses_its_whole_path() -> None:
     assert redacted == "https://chat.example/REDACTED"
 
 
-def test_other_targets_are_shown_as_they_are() -> None:
+def test_a_webhook_url_keeps_its_path_and_loses_its_credentials() -> None:
     assert channel_target_redacted("webhook", SLACK + "/") == SLACK + "/"
+    assert (
+        channel_target_redacted("webhook", "https://u:p@hook.example/x?key=k1&key=k2#f")
+        == "https://REDACTED@hook.example/x?key=REDACTED&key=REDACTED"
+    )
+
+
+def test_an_email_target_is_shown_as_it_is() -> None:
+    to = "a@b.example, c@d.example"
+    assert channel_target_redacted("email", to) == to

@@ -120,6 +120,22 @@ def test_export_redacts_slack_tokens_and_applying_it_keeps_the_stored_url(tmp_pa
     assert Channel.objects.get(name="ops").target == slack
 
 
+def test_export_redacts_a_webhooks_credentials_and_applying_it_keeps_the_stored_url(
+    tmp_path: Path,
+) -> None:
+    url = "https://bot:pa55@hooks.example/alerts/in?token=s3cr3tT0k3n&team=ops"
+    channel = {"tenant": "acme", "name": "pager", "kind": "webhook", "url": url}
+    apply(tmp_path, with_channels(channel))
+
+    exported = quota("export")[0]
+
+    assert "s3cr3tT0k3n" not in exported and "pa55" not in exported
+    (entry,) = yaml.safe_load(exported)["alert_channels"]
+    assert entry["url"] == "https://REDACTED@hooks.example/alerts/in?token=REDACTED&team=REDACTED"
+    assert totals(apply(tmp_path, exported)).startswith("0 created, 0 updated")
+    assert Channel.objects.get(name="pager").target == url
+
+
 @pytest.mark.parametrize(
     ("name", "url"),
     [
@@ -138,7 +154,7 @@ def test_a_redacted_slack_url_that_stands_for_no_stored_one_is_refused(
     )
 
     assert errors == [
-        "alert_channels[0].url: a URL ending in /REDACTED keeps the stored one, and this "
+        "alert_channels[0].url: a URL with REDACTED in it keeps the stored one, and this "
         "channel has no stored URL like it: give the full URL"
     ]
     assert Channel.objects.get(name="ops").target == slack
