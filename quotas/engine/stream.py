@@ -82,6 +82,24 @@ class UsageStream:
                 return self._undelivered(info) + int(info["pending"])
         return int(self.client.xlen(self.key))
 
+    def length(self) -> int:
+        return int(self.client.xlen(self.key))
+
+    def oldest_unacknowledged_ms(self) -> int | None:
+        """When the oldest entry not yet acknowledged was added (an entry id is its time in
+        ms): the first pending one or the first never delivered. None: there is none."""
+        try:
+            summary: Any = self.client.xpending(self.key, self.group)
+            groups = self.client.xinfo_groups(self.key)
+        except redis.ResponseError:  # no stream or no group yet
+            return None
+        ids = [summary["min"]] if summary["pending"] else []
+        for info in groups:
+            if _text(info["name"]) == self.group:
+                after = "(" + _text(info["last-delivered-id"])
+                ids += [entry_id for entry_id, _ in self.client.xrange(self.key, after, count=1)]
+        return min((int(_text(i).split("-")[0]) for i in ids), default=None)
+
     def _undelivered(self, info: dict[Any, Any]) -> int:
         if info.get("lag") is not None:
             return int(info["lag"])
