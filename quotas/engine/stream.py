@@ -87,17 +87,17 @@ class UsageStream:
 
     def oldest_unacknowledged_ms(self) -> int | None:
         """When the oldest entry not yet acknowledged was added (an entry id is its time in
-        ms): the first pending one or the first never delivered. None: there is none."""
+        ms): the first pending one or the first never delivered, or the stream's first while
+        the group has never read. None: there is none."""
         try:
-            summary: Any = self.client.xpending(self.key, self.group)
             groups = self.client.xinfo_groups(self.key)
-        except redis.ResponseError:  # no stream or no group yet
+        except redis.ResponseError:  # no stream yet
             return None
-        ids = [summary["min"]] if summary["pending"] else []
-        for info in groups:
-            if _text(info["name"]) == self.group:
-                after = "(" + _text(info["last-delivered-id"])
-                ids += [entry_id for entry_id, _ in self.client.xrange(self.key, after, count=1)]
+        info = next((g for g in groups if _text(g["name"]) == self.group), None)
+        first_unread = "-" if info is None else "(" + _text(info["last-delivered-id"])
+        ids = [entry_id for entry_id, _ in self.client.xrange(self.key, first_unread, count=1)]
+        if info is not None and int(info["pending"]):
+            ids.append(self.client.xpending(self.key, self.group)["min"])
         return min((int(_text(i).split("-")[0]) for i in ids), default=None)
 
     def _undelivered(self, info: dict[Any, Any]) -> int:
