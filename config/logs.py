@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 from pythonjsonlogger.json import JsonFormatter
 
 NO_REQUEST = "-"
+REQUEST_ID_FILTER_NAME = "request_id"
 REQUEST_ID: ContextVar[str] = ContextVar("request_id", default=NO_REQUEST)
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 JSON_FIELDS = "%(levelname)s %(name)s %(request_id)s %(message)s"
@@ -50,12 +51,12 @@ def logging_config(*, level: str, fmt: str) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request_id": {"()": RequestIdFilter}},
+        "filters": {REQUEST_ID_FILTER_NAME: {"()": RequestIdFilter}},
         "formatters": {"default": formatters[fmt]},
         "handlers": {
             "console": {
                 "class": "logging.StreamHandler",
-                "filters": ["request_id"],
+                "filters": [REQUEST_ID_FILTER_NAME],
                 "formatter": "default",
             }
         },
