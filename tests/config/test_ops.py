@@ -3,15 +3,21 @@ settings allow, and never a line in Django's request log."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from django.db import DatabaseError
 from django.test import Client, override_settings
+from prometheus_client import REGISTRY
 
+import config.celery  # its metrics are exported too
 import config.ops
 import quotas.store
+from ledger.metrics import LedgerCollector
 from quotas.store import redis_client
 from tests.fixtures import DEAD_STORE, World
 
@@ -156,3 +162,18 @@ def _value(exposition: str, sample: str) -> float:
         if line.startswith(sample + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def test_the_sample_dashboard_queries_only_metrics_the_app_exports(world: World) -> None:
+    dashboard = json.loads((Path(__file__).parents[2] / "docs/grafana-dashboard.json").read_text())
+    queried = {
+        re.sub(r"_(total|bucket)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"\bquota_[a-z_]+", target["expr"])
+    }
+    exported = {family.name for family in REGISTRY.collect()} | {
+        family.name for family in LedgerCollector().collect()
+    }
+    assert len(queried) == 10
+    assert queried <= exported
