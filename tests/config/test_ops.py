@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import DatabaseError
 from django.test import Client, override_settings
 from prometheus_client import REGISTRY
@@ -20,6 +22,7 @@ import quotas.store
 from ledger.metrics import LedgerCollector
 from quotas.store import redis_client
 from tests.fixtures import DEAD_STORE, World
+from tests.ledger.stack import Ledger, Services, call, process_env, wait_until
 
 TOKEN = "s3cret-metrics-token"
 
@@ -177,3 +180,56 @@ def test_the_sample_dashboard_queries_only_metrics_the_app_exports(world: World)
     }
     assert len(queried) == 10
     assert queried <= exported
+
+
+# -- several processes: gunicorn's workers and a Celery worker --------------------------------
+
+
+def _scrape(port: int) -> str:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_one_scrape_sums_every_gunicorn_worker_and_the_celery_worker(
+    world: World, tmp_path: Path
+) -> None:
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    env = process_env(
+        Ledger(tmp_path).url,
+        settings.REDIS_URL,
+        PROMETHEUS_MULTIPROC_DIR=str(shared),
+        METRICS_TOKEN=TOKEN,
+    )
+    body = {
+        "feature": "chat",
+        "model": world.model.name,
+        "input_tokens": 10,
+        "max_output_tokens": 10,
+    }
+    granted = (
+        'quota_reservations_total{feature="chat",outcome="granted",pool="shared",'
+        'reason="",tenant="acme"}'
+    )
+    reaped = 'quota_script_duration_seconds_count{script="reap"}'
+    with Services(env, tmp_path) as services:
+        port = services.web()
+        for _ in range(6):
+            status, _ = call(port, "POST", "/api/v1/reservations", world.secret, body)
+            assert status == 201
+        services.start_worker()  # with beat: it expires leases (reap.lua) every 2 s
+        wait_until(
+            lambda: _value(_scrape(port), reaped) > 0, seconds=60, what="the worker's metrics"
+        )
+        shown = _scrape(port)
+
+    assert _value(shown, granted) == 6  # whichever worker served each
+    assert _value(shown, 'quota_script_duration_seconds_count{script="reserve"}') == 6
+    # reap.lua runs in the Celery worker alone: its count came from another process's file
+    writers = {path.stem.rsplit("_", 1)[1] for path in shared.glob("*.db")}
+    assert len(writers) >= 2
