@@ -30,7 +30,7 @@ class RequestIdFilter(logging.Filter):
 class TextFormatter(logging.Formatter):
     """ISO 8601 times in UTC, with milliseconds."""
 
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # logging's documented way to UTC
     default_time_format = "%Y-%m-%dT%H:%M:%S"
     default_msec_format = "%s.%03dZ"
 

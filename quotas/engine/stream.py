@@ -95,9 +95,11 @@ class UsageStream:
             return None
         info = next((g for g in groups if _text(g["name"]) == self.group), None)
         first_unread = "-" if info is None else "(" + _text(info["last-delivered-id"])
-        ids = [entry_id for entry_id, _ in self.client.xrange(self.key, first_unread, count=1)]
+        first: Any = self.client.xrange(self.key, first_unread, count=1)
+        ids = [entry_id for entry_id, _ in first]
         if info is not None and int(info["pending"]):
-            ids.append(self.client.xpending(self.key, self.group)["min"])
+            summary: Any = self.client.xpending(self.key, self.group)
+            ids.append(summary["min"])
         return min((int(_text(i).split("-")[0]) for i in ids), default=None)
 
     def _undelivered(self, info: dict[Any, Any]) -> int:
