@@ -90,11 +90,10 @@ def metrics(request: HttpRequest) -> HttpResponse:
 def _registry() -> CollectorRegistry:
     """Under gunicorn and Celery every process writes its values to PROMETHEUS_MULTIPROC_DIR,
     and a scrape sums them; a single process (runserver, tests) answers its own."""
+    registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
         MultiProcessCollector(registry)
     else:
-        registry = CollectorRegistry()
         registry.register(_Delegate(REGISTRY))
     registry.register(LedgerCollector())
     return registry
