@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from alerts.conf import alerts_setting
 from alerts.messages import channel_disabled_message
+from alerts.metrics import DELIVERIES
 from alerts.models import Channel, Delivery
 from alerts.selectors import Route, owner_addresses
 from alerts.transports import Message, RetryPolicy, Transport, TransportError, transport_class
@@ -70,9 +71,16 @@ def delivery_send(*, delivery_id: int, message: Message) -> Delivery | None:
     delivery.save(
         update_fields=["status", "error", "permanent", "attempts", "duration_ms", "finished_at"]
     )
+    DELIVERIES.labels(delivery.kind, _outcome(delivery)).inc()
     if delivery.permanent and delivery.channel_id is not None:
         channel_disable(channel_id=delivery.channel_id, reason=delivery.error)
     return delivery
+
+
+def _outcome(delivery: Delivery) -> str:
+    if delivery.status == Delivery.Status.SENT:
+        return "sent"
+    return "failed_permanent" if delivery.permanent else "failed"
 
 
 def _transport(delivery: Delivery) -> Transport:

@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+import logging.config
 import os
+from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging, task_failure
+from prometheus_client import Counter
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+TASK_FAILURES = Counter(
+    "quota_celery_task_failures", "Celery tasks that ended in an exception, by task.", ["task"]
+)
 
 app = Celery("quota")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -32,3 +40,18 @@ app.conf.beat_schedule = {
         "options": {"expires": 60.0},
     },
 }
+
+
+@task_failure.connect
+def count_task_failure(sender: Any = None, **kwargs: Any) -> None:
+    TASK_FAILURES.labels(getattr(sender, "name", "unknown")).inc()
+
+
+@setup_logging.connect
+def log_like_the_web_app(loglevel: Any = None, **kwargs: Any) -> None:
+    """The worker and beat write the web app's format (LOG_FORMAT), at their --loglevel."""
+    from django.conf import settings
+
+    logging.config.dictConfig(settings.LOGGING)
+    if loglevel:
+        logging.getLogger().setLevel(loglevel)

@@ -14,6 +14,7 @@ slowly. A buffering proxy in front of the sync workers is the cure for those.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -35,3 +36,12 @@ def post_fork(server: Any, worker: Any) -> None:
     (the arbiter's, or its own with --reuse-port); setting the option again is harmless."""
     for listener in worker.sockets:
         defer_accept(listener.sock)
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker that exits leaves its metric files to the others (prometheus-client's
+    multiprocess mode): its counters still count, its live gauges no longer do."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

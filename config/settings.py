@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import environ
+
+from config.logs import logging_config
+from config.production import INSECURE_SECRET_KEY, refuse_default_secrets
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
@@ -13,7 +17,7 @@ env = environ.Env()
 environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DEBUG", default=False)
-SECRET_KEY = env.str("SECRET_KEY", default="dev-only-insecure-secret-key-change-me")
+SECRET_KEY = env.str("SECRET_KEY", default=INSECURE_SECRET_KEY)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000")
@@ -41,6 +45,9 @@ INSTALLED_APPS = [
 # Session, authentication, messages and history: Django's and simple-history's, passed over
 # for the bearer-key API under /api/v1/ (quotas/api/middleware.py), which uses none of them.
 MIDDLEWARE = [
+    "config.middleware.OpsMiddleware",  # /healthz, /readyz, /metrics: before any other
+    "config.middleware.RequestIdMiddleware",
+    "quotas.api.access.AccessLogMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "quotas.api.middleware.SessionMiddleware",
@@ -168,9 +175,32 @@ QUOTA_LEASE_RETENTION_SECONDS = env.int("QUOTA_LEASE_RETENTION_SECONDS", default
 # 0: the usage stream is trimmed only by the ledger, below what it has acknowledged. A
 # positive cap bounds Redis memory when no ledger runs, at the price of losing events.
 QUOTA_STREAM_MAXLEN = env.int("QUOTA_STREAM_MAXLEN", default=0)
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-}
+LOGGING = logging_config(
+    level=env.str("LOG_LEVEL", default="INFO"), fmt=env.str("LOG_FORMAT", default="text")
+)
+
+# -- Operating it (docs/operations.md) -------------------------------------------------------
+# Production by environment alone: DEBUG=false declares it, and then the secrets must be set.
+refuse_default_secrets(
+    production="DEBUG" in env.ENVIRON and not DEBUG,
+    secret_key=SECRET_KEY,
+    pepper=QUOTA_API_KEY_PEPPER,
+)
+# Behind a TLS-terminating proxy: e.g. SECURE_PROXY_SSL_HEADER=HTTP_X_FORWARDED_PROTO,https
+# (the proxy must set that header itself, never pass on the client's).
+SECURE_PROXY_SSL_HEADER = env.tuple("SECURE_PROXY_SSL_HEADER", default=None)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SILENCED_SYSTEM_CHECKS = env.list("SILENCED_SYSTEM_CHECKS", default=[])
+
+# /metrics: to a bearer token and/or from these networks (CIDRs); with neither, only in DEBUG.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_ALLOWED_NETWORKS = env.list("METRICS_ALLOWED_NETWORKS", default=[])
+for _network in METRICS_ALLOWED_NETWORKS:
+    ipaddress.ip_network(_network, strict=False)  # a typo fails at start, not at each scrape
+# /readyz answers 503 while the oldest usage event not yet in the ledger is older (0: never)
+READYZ_MAX_LEDGER_LAG_SECONDS = env.float("READYZ_MAX_LEDGER_LAG_SECONDS", default=300.0)

@@ -39,6 +39,7 @@ from quotas.engine import (
 from quotas.errors import QuotaError, database_unavailable, invalid, not_found
 from quotas.estimate import estimate_tokens
 from quotas.keys import lease_digest
+from quotas.metrics import DEGRADED_GRANTS, RESERVATIONS
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error
@@ -120,10 +121,11 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         plan = plans.get()
         try:
             feature = _feature_for(plan, key, data.feature)
-        except QuotaError:
+        except QuotaError as error:
             # Decided from the cached plan alone, without the script's version check: a
             # feature resumed or created a moment ago must not be refused for that.
             if plans.fresh() is plan:
+                _count_paused(error, plan, key, data.feature)
                 raise
             continue
         priority = _priority(feature, data.priority)
@@ -145,7 +147,9 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
         if isinstance(result, Stale):
             key_recheck(plans.reload(older_than=plan), key)
             continue
-        return _reserve_outcome(result, plan, feature, data, priority, input_tokens, estimated)
+        return _reserve_outcome(
+            result, plan, feature, pools[0], data, priority, input_tokens, estimated
+        )
     raise QuotaError(
         "unavailable", "The configuration is changing; try again.", headers={"Retry-After": "1"}
     )
@@ -269,13 +273,17 @@ def _reserve_outcome(
     result: Granted | Refused | Existing | Conflict,
     plan: Plan,
     feature: FeatureInfo,
+    pool: PoolInfo,
     data: ReserveInput,
     priority: str,
     input_tokens: int,
     estimated: bool,
 ) -> Reserved:
     if isinstance(result, Existing):
+        _count("granted", "replay", plan, feature, result.granted.pool)
         result = result.granted  # a replay answers as the first call did
+    elif isinstance(result, Granted) and not is_degraded_id(result.reservation_id):
+        _count("granted", "would_refuse" if result.would_refuse else "", plan, feature, result.pool)
     if isinstance(result, Granted):
         return Reserved(
             result,
@@ -289,7 +297,21 @@ def _reserve_outcome(
         )
     if isinstance(result, Conflict):
         raise QuotaError("conflict", "This idempotency key was used with another request body.")
+    _count("refused", result.reason, plan, feature, pool.slug)
     raise refusal_error(result, plan)
+
+
+def _count(outcome: str, reason: str, plan: Plan, feature: FeatureInfo, pool: str) -> None:
+    """One reserve decision, labelled with the plan's own slugs (bounded by the config)."""
+    tenant = plan.tenants[feature.tenant_id].slug
+    RESERVATIONS.labels(outcome, reason, tenant, feature.slug, pool).inc()
+
+
+def _count_paused(error: QuotaError, plan: Plan, key: KeyInfo, slug: str) -> None:
+    """A refusal of a paused feature is a decision; an unknown or forbidden one is not."""
+    feature = plan.features.get((key.tenant_id, slug))
+    if error.code == "feature_paused" and feature is not None:
+        _count("paused", "", plan, feature, "")
 
 
 def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -> Settled:
@@ -460,23 +482,28 @@ class StoreTrouble:
 
     message: str
     retry_after: str
+    reason: str  # the metrics' label
 
     def error(self) -> QuotaError:
         return QuotaError("unavailable", self.message, headers={"Retry-After": self.retry_after})
 
 
-STORE_DOWN = StoreTrouble("The quota store is unavailable; try again shortly.", "1")
+STORE_DOWN = StoreTrouble("The quota store is unavailable; try again shortly.", "1", "store_down")
 # a rebuild takes about a second (the ledger's sums of the current periods)
 STORE_LOST = StoreTrouble(
-    "The quota store is being rebuilt from the ledger; try again shortly.", "2"
+    "The quota store is being rebuilt from the ledger; try again shortly.", "2", "store_lost"
 )
 
 
 def _unenforced(call: ReserveCall, pool: PoolInfo, trouble: StoreTrouble) -> Granted:
     """The store cannot decide: closed pools refuse; open pools admit, unenforced, and owe
     the ledger an event."""
+    tenant, feature = call.meta["tenant"], call.meta["feature"]
     if pool.fail_mode != "open":
+        RESERVATIONS.labels("unavailable", trouble.reason, tenant, feature, pool.slug).inc()
         raise trouble.error()
+    RESERVATIONS.labels("degraded", trouble.reason, tenant, feature, pool.slug).inc()
+    DEGRADED_GRANTS.labels(trouble.reason, tenant, feature, pool.slug).inc()
     model = pool.models.get(call.meta["model"])
     return degraded_admit(
         engine=get_engine(),

@@ -3,12 +3,15 @@ declarations of serializers.py), calls one service, and renders."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from quotas import reservations
+from quotas.api.access import access_note
 from quotas.api.auth import ApiPrincipal, SettlingAuthentication
 from quotas.api.representations import (
     lease_body,
@@ -18,7 +21,7 @@ from quotas.api.representations import (
 )
 from quotas.api.serializers import COMMIT, EXTEND, RELEASE, RESERVE
 from quotas.errors import QuotaError
-from quotas.plan import KeyInfo
+from quotas.plan import KeyInfo, plans
 from quotas.reservations import CommitInput, ReserveInput, body_hash
 from quotas.usage import feature_usage
 
@@ -45,6 +48,8 @@ def with_limit_headers(exc: Exception) -> Exception:
 
 
 class QuotaView(APIView):
+    done = ""  # the access log's outcome of a call that succeeds
+
     def principal(self, request: Request) -> ApiPrincipal:
         user = request.user
         assert isinstance(user, ApiPrincipal)
@@ -59,8 +64,51 @@ class QuotaView(APIView):
     def handle_exception(self, exc: Exception) -> Response:
         return super().handle_exception(with_limit_headers(exc))
 
+    def finalize_response(self, request: Request, response: Any, *args: Any, **kwargs: Any) -> Any:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        access_note(
+            request._request,
+            tenant=_tenant_of(request),
+            feature=_feature_of(request, response, kwargs),
+            outcome=self._outcome(response),
+        )
+        return response
+
+    def _outcome(self, response: Response) -> str | None:
+        if response.status_code >= 400:
+            return None  # the error code of the body says it
+        return "degraded" if "Quota-Degraded" in response else self.done
+
+
+def _tenant_of(request: Request) -> str | None:
+    """The slug of the key's tenant, as the plan in hand knows it (none is loaded for it)."""
+    key = getattr(getattr(request, "_user", None), "key", None)  # never authenticates again
+    plan = plans.in_hand()
+    if not isinstance(key, KeyInfo) or plan is None:
+        return None
+    tenant = plan.tenants.get(key.tenant_id)
+    return tenant.slug if tenant else None
+
+
+def _feature_of(request: Request, response: Response, kwargs: dict[str, Any]) -> str | None:
+    """The feature the answer names, else the one the call asked for."""
+    for source in (getattr(response, "data", None), kwargs, _body(request)):
+        feature = source.get("feature") or source.get("slug") if isinstance(source, dict) else None
+        if isinstance(feature, str):
+            return feature
+    return None
+
+
+def _body(request: Request) -> Any:
+    try:
+        return request.data
+    except Exception:  # a body DRF could not parse: it was answered 400 already
+        return None
+
 
 class ReservationListView(QuotaView):
+    done = "reserved"
+
     @extend_schema(request=RESERVE.serializer(), responses={201: dict, **ERRORS})
     def post(self, request: Request) -> Response:
         raw = request.data
@@ -86,6 +134,8 @@ class SettlingView(QuotaView):
 
 
 class ReservationDetailView(SettlingView):
+    done = "read"
+
     @extend_schema(responses={200: dict, **ERRORS})
     def get(self, request: Request, reservation_id: str) -> Response:
         lease = reservations.reservation_get(
@@ -95,6 +145,8 @@ class ReservationDetailView(SettlingView):
 
 
 class ReservationCommitView(SettlingView):
+    done = "committed"
+
     @extend_schema(request=COMMIT.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
         data = COMMIT.validate(request.data)
@@ -107,6 +159,8 @@ class ReservationCommitView(SettlingView):
 
 
 class ReservationReleaseView(SettlingView):
+    done = "released"
+
     @extend_schema(request=RELEASE.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
         RELEASE.validate(request.data)
@@ -117,6 +171,8 @@ class ReservationReleaseView(SettlingView):
 
 
 class ReservationExtendView(SettlingView):
+    done = "extended"
+
     @extend_schema(request=EXTEND.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
         data = EXTEND.validate(request.data)
@@ -129,6 +185,8 @@ class ReservationExtendView(SettlingView):
 
 
 class FeatureUsageView(QuotaView):
+    done = "read"
+
     @extend_schema(responses={200: dict, **ERRORS})
     def get(self, request: Request, slug: str) -> Response:
         return Response(feature_usage(key=self.key(request), slug=slug))

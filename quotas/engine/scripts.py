@@ -5,12 +5,15 @@ restart, SCRIPT FLUSH)."""
 from __future__ import annotations
 
 import json
+import time
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import orjson
 import redis
+
+from quotas.metrics import REDIS_ERRORS, SCRIPT_SECONDS
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
 SCRIPT_NAMES = (
@@ -40,9 +43,18 @@ class Scripts:
 
     def __init__(self, client: redis.Redis) -> None:
         self._scripts = {name: client.register_script(script_source(name)) for name in SCRIPT_NAMES}
+        # the labelled children, looked up once: a call only observes
+        self._seconds = {name: SCRIPT_SECONDS.labels(name) for name in SCRIPT_NAMES}
 
     def call(self, name: str, keys: list[str], payload: dict[str, Any]) -> Any:
-        reply = self._scripts[name](keys=keys, args=[_encode(payload)])
+        args = [_encode(payload)]
+        started = time.perf_counter()
+        try:
+            reply = self._scripts[name](keys=keys, args=args)
+        except redis.RedisError as exc:
+            REDIS_ERRORS.labels(name, type(exc).__name__).inc()
+            raise
+        self._seconds[name].observe(time.perf_counter() - started)
         return reply if isinstance(reply, int) else orjson.loads(reply)
 
     def sha(self, name: str) -> str:

@@ -88,6 +88,26 @@ class UsageStream:
                 return self._undelivered(info) + int(info["pending"])
         return int(self.client.xlen(self.key))
 
+    def length(self) -> int:
+        return int(self.client.xlen(self.key))
+
+    def oldest_unacknowledged_ms(self) -> int | None:
+        """When the oldest entry not yet acknowledged was added (an entry id is its time in
+        ms): the first pending one or the first never delivered, or the stream's first while
+        the group has never read. None: there is none."""
+        try:
+            groups = self.client.xinfo_groups(self.key)
+        except redis.ResponseError:  # no stream yet
+            return None
+        info = next((g for g in groups if _text(g["name"]) == self.group), None)
+        first_unread = "-" if info is None else "(" + _text(info["last-delivered-id"])
+        first: Any = self.client.xrange(self.key, first_unread, count=1)
+        ids = [entry_id for entry_id, _ in first]
+        if info is not None and int(info["pending"]):
+            summary: Any = self.client.xpending(self.key, self.group)
+            ids.append(summary["min"])
+        return min((int(_text(i).split("-")[0]) for i in ids), default=None)
+
     def _undelivered(self, info: dict[Any, Any]) -> int:
         if info.get("lag") is not None:
             return int(info["lag"])

@@ -16,6 +16,7 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from providers.models import LanguageModel, Pool
+from quotas.metrics import PLAN_RELOADS
 from quotas.models import ApiKey, ConfigVersion, Limit, amount_at, boost_active
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import FeatureInfo, KeyInfo, LimitInfo, ModelInfo, PoolInfo, TenantInfo
@@ -240,8 +241,17 @@ class PlanCache:
         with self._lock:
             if self._plan is not older_than and self._plan is not None:
                 return self._plan  # another thread reloaded meanwhile
-            self._plan = plan_load()
+            try:
+                self._plan = plan_load()
+            except Exception:
+                PLAN_RELOADS.labels("failed").inc()
+                raise
+            PLAN_RELOADS.labels("loaded").inc()
             return self._plan
+
+    def in_hand(self) -> Plan | None:
+        """The plan this process holds, never loading one (for the access log)."""
+        return self._plan
 
     def clear(self) -> None:
         self._plan = None

@@ -1,0 +1,142 @@
+"""What an operator's tools ask: is the process alive, is it ready to serve, its metrics.
+
+Answered by `config.middleware.OpsMiddleware` ahead of the rest of the site, so that a load
+balancer's probe or Prometheus, which address a node by its IP over plain HTTP, are not
+refused by ALLOWED_HOSTS or redirected to HTTPS.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import DatabaseError, connection
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from ledger.metrics import LedgerCollector, ledger_lag_seconds
+from quotas.plan import plans
+from quotas.store import get_redis
+
+log = logging.getLogger(__name__)
+Check = Callable[[], dict[str, Any]]
+
+
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Alive: the process answers. No I/O."""
+    return JsonResponse({"status": "ok"})
+
+
+def readyz(request: HttpRequest) -> JsonResponse:
+    """Ready: Redis and the database answer, the plan is loaded and the ledger keeps up."""
+    checks = {name: _run(check) for name, check in READINESS.items()}
+    ready = all(result["ok"] for result in checks.values())
+    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    return JsonResponse(body, status=200 if ready else 503)
+
+
+def _redis() -> dict[str, Any]:
+    get_redis().ping()
+    return {"ok": True}
+
+
+def _database() -> dict[str, Any]:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return {"ok": True}
+
+
+def _plan() -> dict[str, Any]:
+    return {"ok": True, "version": plans.get().version}
+
+
+def _ledger() -> dict[str, Any]:
+    lag = ledger_lag_seconds()
+    limit = settings.READYZ_MAX_LEDGER_LAG_SECONDS
+    return {"ok": not limit or lag <= limit, "lag_seconds": round(lag, 3)}
+
+
+READINESS: dict[str, Check] = {
+    "redis": _redis,
+    "database": _database,
+    "plan": _plan,
+    "ledger": _ledger,
+}
+
+
+def _run(check: Check) -> dict[str, Any]:
+    try:
+        return check()
+    except (redis.RedisError, DatabaseError) as exc:
+        log.info("not ready: %s", exc)  # the probe's own answer says it; not an error here
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    refusal = _metrics_refusal(request)
+    if refusal is not None:
+        return refusal
+    return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
+
+
+def _registry() -> CollectorRegistry:
+    """Under gunicorn and Celery every process writes its values to PROMETHEUS_MULTIPROC_DIR,
+    and a scrape sums them; a single process (runserver, tests) answers its own."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        MultiProcessCollector(registry)
+    else:
+        registry.register(_Delegate(REGISTRY))
+    registry.register(LedgerCollector())
+    return registry
+
+
+class _Delegate(Collector):
+    """The process's default registry, collected as one more collector."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Any:
+        return self.registry.collect()
+
+
+def _metrics_refusal(request: HttpRequest) -> JsonResponse | None:
+    """None when the caller may read the metrics: it presents METRICS_TOKEN, or comes from
+    METRICS_ALLOWED_NETWORKS, or neither is set and DEBUG is on. Closed otherwise."""
+    token = settings.METRICS_TOKEN
+    networks = settings.METRICS_ALLOWED_NETWORKS
+    if token and hmac.compare_digest(
+        request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()
+    ):
+        return None
+    if networks and _address_in(request.META.get("REMOTE_ADDR", ""), networks):
+        return None
+    if not token and not networks and settings.DEBUG:
+        return None
+    if token:
+        response = JsonResponse(
+            {"error": "unauthenticated", "message": "Send Authorization: Bearer <METRICS_TOKEN>."},
+            status=401,
+        )
+        response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+        return response
+    return JsonResponse(
+        {"error": "forbidden", "message": "Metrics are not served to this address."}, status=403
+    )
+
+
+def _address_in(address: str, networks: list[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in networks)

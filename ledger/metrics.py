@@ -1,0 +1,62 @@
+"""The ledger's Prometheus metrics, computed when `/metrics` is scraped: how long the usage
+stream is and how far the ledger is behind it (a few Redis reads, once per scrape)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import redis
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from ledger.services import usage_stream
+from quotas.store import STORE_UNREACHABLE, get_engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamState:
+    length: int  # entries in the usage stream, acknowledged or not
+    backlog: int  # entries the ledger has not acknowledged yet
+    lag_seconds: float  # age of the oldest of those; 0 when there is none
+
+
+def ledger_lag_seconds() -> float:
+    """How long the oldest usage event not yet in the ledger has waited (Redis's clock)."""
+    oldest = usage_stream().oldest_unacknowledged_ms()
+    if oldest is None:
+        return 0.0
+    return max(0, get_engine().now_ms() - oldest) / 1000
+
+
+def stream_state() -> StreamState:
+    stream = usage_stream()
+    return StreamState(
+        length=stream.length(), backlog=stream.backlog(), lag_seconds=ledger_lag_seconds()
+    )
+
+
+class LedgerCollector:
+    """A prometheus-client collector, registered in the registry that `/metrics` builds."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            state = stream_state()
+        except (*STORE_UNREACHABLE, redis.ResponseError) as exc:
+            log.warning("ledger metrics unavailable: %s", exc)
+            return
+        yield GaugeMetricFamily(
+            "quota_usage_stream_length", "Entries in the usage stream.", value=state.length
+        )
+        yield GaugeMetricFamily(
+            "quota_ledger_backlog_events",
+            "Usage events the ledger has not acknowledged yet.",
+            value=state.backlog,
+        )
+        yield GaugeMetricFamily(
+            "quota_ledger_lag_seconds",
+            "Age of the oldest usage event not yet in the ledger (0: none waits).",
+            value=state.lag_seconds,
+        )
