@@ -46,6 +46,10 @@ def store_lost() -> None:
     try:
         if not engine.client.set(engine.keys.rebuild_lock, holder, nx=True, px=REBUILD_LOCK_MS):
             return
+        if engine.client.exists(engine.keys.version):
+            # the decision that saw the loss raced a rebuild that has just finished
+            rebuild_lock_release()
+            return
     except redis.RedisError:
         log.warning("could not take the rebuild lock", exc_info=True)
         return

@@ -368,3 +368,17 @@ def test_a_rebuild_with_nothing_to_do_frees_the_lock(
 
     assert store_rebuild() is None
     assert not redis_db.exists(engine.keys.rebuild_lock)
+
+
+def test_a_loss_seen_just_before_a_rebuild_finished_starts_no_other(
+    world: World, redis_db: Any, deployed: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A decision answered `lost` before the rebuild wrote the version back, and its process
+    reaches the (now free) lock after it: the store is whole again, nothing is started."""
+    started: list[int] = []
+    monkeypatch.setattr(recovery._Hooks, "rebuild_start", lambda: started.append(1))
+
+    recovery.store_lost()
+
+    assert started == []
+    assert not redis_db.exists(get_engine().keys.rebuild_lock)
