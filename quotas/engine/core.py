@@ -269,6 +269,8 @@ class Engine:
             payload["idempotency"] = {"hash": call.idempotency_hash}
         if call.key_digest:
             payload["lease"]["kd"] = call.key_digest
+        if call.max_wait_ms:
+            payload["max_wait"] = call.max_wait_ms
         return payload
 
     def _owner_payload(self, owner: Owner | KeyHolder, version: int | None) -> dict[str, Any]:
@@ -332,7 +334,7 @@ class Engine:
         if reply.get("missing"):
             return Missing()
         if "conflict" in reply:
-            return Conflict(state=reply["conflict"])
+            return Conflict(state=reply["conflict"], wait_ms=reply.get("wait_ms"))
         return Settled(result=reply["result"])
 
     @staticmethod
@@ -367,6 +369,7 @@ def _granted(lease: dict[str, Any], limits: Any) -> Granted:
             for d in _as_list(limits)
         ),
         would_refuse=tuple(_as_list(lease["soft"])),
+        start_ms=lease.get("sa"),
     )
 
 
