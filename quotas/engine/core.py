@@ -177,6 +177,7 @@ class Engine:
             complete=bool(reply["complete"]),
             leases=tuple(_as_list(reply["leases"])),
             now_ms=int(reply["now_ms"]),
+            waiting=int(reply.get("waiting", 0)),
         )
 
     # -- the ledger's side: snapshots, recovery, trimming ----------------------------------

@@ -201,6 +201,7 @@ class Held:
     complete: bool  # False: more leases were held than the scan looked at
     leases: tuple[dict[str, Any], ...]
     now_ms: int
+    waiting: int = 0  # scheduled reservations not yet started (in line)
 
 
 @dataclass(frozen=True, slots=True)
