@@ -4,20 +4,27 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('ledger', '0006_dead_letters'),
+        ("ledger", "0006_dead_letters"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='usageevent',
-            name='actual_wait_ms',
-            field=models.IntegerField(blank=True, help_text="From the reservation to the provider call's start (the commit's time less its latency), when the caller reported a latency.", null=True),
+            model_name="usageevent",
+            name="actual_wait_ms",
+            field=models.IntegerField(
+                blank=True,
+                help_text="From the reservation to the provider call's start (the commit's time less its latency), when the caller reported a latency.",
+                null=True,
+            ),
         ),
         migrations.AddField(
-            model_name='usageevent',
-            name='promised_wait_ms',
-            field=models.IntegerField(blank=True, help_text="A scheduled reservation's wait in line, as promised.", null=True),
+            model_name="usageevent",
+            name="promised_wait_ms",
+            field=models.IntegerField(
+                blank=True,
+                help_text="A scheduled reservation's wait in line, as promised.",
+                null=True,
+            ),
         ),
     ]

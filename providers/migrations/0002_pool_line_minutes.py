@@ -6,20 +6,37 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('providers', '0001_initial'),
+        ("providers", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='historicalpool',
-            name='line_minutes',
-            field=models.DecimalField(decimal_places=2, default=Decimal('1'), help_text='Callers that may wait (max_wait_ms) line up behind each per-minute limit for at most this many minutes of its capacity; 0 never schedules.', max_digits=4, validators=[django.core.validators.MinValueValidator(Decimal('0')), django.core.validators.MaxValueValidator(Decimal('5'))]),
+            model_name="historicalpool",
+            name="line_minutes",
+            field=models.DecimalField(
+                decimal_places=2,
+                default=Decimal("1"),
+                help_text="Callers that may wait (max_wait_ms) line up behind each per-minute limit for at most this many minutes of its capacity; 0 never schedules.",
+                max_digits=4,
+                validators=[
+                    django.core.validators.MinValueValidator(Decimal("0")),
+                    django.core.validators.MaxValueValidator(Decimal("5")),
+                ],
+            ),
         ),
         migrations.AddField(
-            model_name='pool',
-            name='line_minutes',
-            field=models.DecimalField(decimal_places=2, default=Decimal('1'), help_text='Callers that may wait (max_wait_ms) line up behind each per-minute limit for at most this many minutes of its capacity; 0 never schedules.', max_digits=4, validators=[django.core.validators.MinValueValidator(Decimal('0')), django.core.validators.MaxValueValidator(Decimal('5'))]),
+            model_name="pool",
+            name="line_minutes",
+            field=models.DecimalField(
+                decimal_places=2,
+                default=Decimal("1"),
+                help_text="Callers that may wait (max_wait_ms) line up behind each per-minute limit for at most this many minutes of its capacity; 0 never schedules.",
+                max_digits=4,
+                validators=[
+                    django.core.validators.MinValueValidator(Decimal("0")),
+                    django.core.validators.MaxValueValidator(Decimal("5")),
+                ],
+            ),
         ),
     ]

@@ -21,12 +21,15 @@
 --              m = metric (sets the amount: tokens = in_ + out, cost_usd = cost, ...),
 --              cap, k = key (or periods = [{k, start, stop}] for 'p'),
 --              floor (capacity kept for higher priority classes),
---              guards = [{k, cap}] (other features' guarantees, kept unless spent)}
+--              guards = [{k, cap}] (other features' guarantees, kept unless spent),
+--              lq (most a minute bucket's line may hold; absent: never scheduled)},
+--   max_wait (ms; absent: refuse rather than schedule; see line.lua)
 --
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
 --    (its `r.out` the output tokens granted, `soft` the ids of soft or shadow limits it went
---    over; with an idempotency key, `limits` too and the key's name `ik`)
+--    over; with an idempotency key, `limits` too and the key's name `ik`; scheduled: `sa`,
+--    the start, from which the lease runs)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body

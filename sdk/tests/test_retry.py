@@ -165,9 +165,7 @@ def test_the_async_client_sleeps_until_the_start_too(stack: Stack) -> None:
 def test_a_wait_longer_than_max_wait_is_refused_not_scheduled(stack: Stack) -> None:
     tight_minute_limit(stack)
     frozen = TimeMachine(move_engine=False)
-    client = stack.client(
-        retry=RetryPolicy(max_wait=20), sleep=frozen.sleep, clock=frozen.clock
-    )
+    client = stack.client(retry=RetryPolicy(max_wait=20), sleep=frozen.sleep, clock=frozen.clock)
 
     with pytest.raises(quotaclient.RateLimited):
         client.reserve("chat", "gpt-4o-mini", input_tokens=100, max_output_tokens=700)
