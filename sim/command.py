@@ -102,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def storm_main(options: argparse.Namespace) -> None:
     storm = Storm(seed=options.seed)
+    logging.getLogger("quotaclient").setLevel(logging.WARNING)  # a line per retry otherwise
     print(f"three runs of {storm.callers} callers waking together ...", flush=True)
     with api_server() as url:
         runs = storm_runs(url, storm)

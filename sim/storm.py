@@ -84,6 +84,7 @@ class StormRun:
     provider_log: list[Entry]
     events: dict[str, int]  # usage events of the run's key by type
     promised_ms: int | None  # the largest call's promised wait, when it was scheduled
+    kept_ms: int | None  # its wait from its reservation to the provider call's start
     seconds: float
 
 
@@ -113,8 +114,8 @@ class Caller:
     storm: Storm
     client: Any
     per_token: float
-    started: float
     rng: random.Random = field(default_factory=random.Random)
+    started: float = 0.0  # when the callers woke (time.monotonic)
 
     def run(self, call: StormCall) -> None:
         attempt = 0
@@ -160,11 +161,10 @@ def run_storm(quota_url: str, storm: Storm, mode: str) -> StormRun:
     pool, secret = configure(storm, limited=mode != "no platform")
     per_token = chars_per_token()
     left = storm.tpm - backlog_tokens(storm)
-    account = Account(storm.tpm, storm.rpm, per_token, tokens_left=left)
+    account = Account(storm.tpm, storm.rpm, per_token, tokens_left=left)  # replaced at waking
     calls = storm_calls(storm)
     clients = [quota_client(quota_url, secret, mode) for _ in calls]
     try:
-        take_backlog(clients[0], pool, storm)
         with (
             FakeProvider(account, Latency(storm.first_token_s, storm.per_token_s)) as provider,
             openai.OpenAI(
@@ -175,18 +175,24 @@ def run_storm(quota_url: str, storm: Storm, mode: str) -> StormRun:
                 http_client=openai.DefaultHttpxClient(limits=_connections(storm.callers)),
             ) as upstream,
         ):
-            started = time.monotonic()
             callers = [
                 Caller(
                     mode,
                     storm,
                     wrapped(mode, storm, upstream, quota, pool, call.feature),
                     per_token,
-                    started,
                     random.Random(index),
                 )
                 for index, (quota, call) in enumerate(zip(clients, calls, strict=True))
             ]
+            # Making 200 clients takes seconds: the account and the pool are both drained
+            # now, the account first (so that the platform never counts on more refill than
+            # the provider has), and then the callers wake.
+            provider.account = account = Account(storm.tpm, storm.rpm, per_token, left)
+            take_backlog(clients[0], pool, storm)
+            started = time.monotonic()
+            for caller in callers:
+                caller.started = started
             threads = [
                 threading.Thread(target=caller.run, args=(call,), daemon=True)
                 for caller, call in zip(callers, calls, strict=True)
@@ -199,8 +205,8 @@ def run_storm(quota_url: str, storm: Storm, mode: str) -> StormRun:
     finally:
         for client in clients:
             client.close()
-    events, promised = _platform_events(secret, storm)
-    return StormRun(mode, storm, calls, account.entries(), events, promised, seconds)
+    events, promised, kept = _platform_events(secret, storm)
+    return StormRun(mode, storm, calls, account.entries(), events, promised, kept, seconds)
 
 
 def wrapped(
@@ -217,26 +223,33 @@ def _connections(callers: int) -> httpx2.Limits:
     return httpx2.Limits(max_connections=callers + 10, max_keepalive_connections=callers + 10)
 
 
-def _platform_events(secret: str, storm: Storm) -> tuple[dict[str, int], int | None]:
-    """The run's usage events by type (the key is the run's own), and the promised wait of
-    the largest call's last reservation."""
+def _platform_events(secret: str, storm: Storm) -> tuple[dict[str, int], int | None, int | None]:
+    """The run's usage events by type (the key is the run's own); and of the largest call's
+    last reservation, the wait it was promised and the one it had, both in the engine's own
+    time: from the reservation to the provider call's start (its commit's time less the
+    latency the SDK reported), as the ledger records them."""
     prefix = api_key_split(secret)
     engine = get_engine()
     counts: dict[str, int] = {}
     promised: int | None = None
+    waited: dict[str, int] = {}
+    largest = ""
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], engine.client.xrange(engine.keys.events))
     for _, raw in entries:
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         if fields.get("key") != prefix:
             continue
-        counts[fields["type"]] = counts.get(fields["type"], 0) + 1
-        if fields["type"] == "reserved" and fields.get("reserved_input_tokens") == str(
-            storm.largest_input
-        ):
-            promised = int(fields.get("wait_ms", "0"))
+        kind = fields["type"]
+        counts[kind] = counts.get(kind, 0) + 1
+        # the largest call is the only one that reserves `largest_max_tokens` of output
+        if kind == "reserved" and fields["reserved_output_tokens"] == str(storm.largest_max_tokens):
+            largest, promised = fields["rid"], int(fields.get("wait_ms", "0"))
+        if kind == "committed" and fields.get("latency_ms"):
+            start = int(fields["at_ms"]) - int(fields["latency_ms"])
+            waited[fields["rid"]] = start - int(fields["created_ms"])
     counts["reserved"] = counts.get("reserved", 0) - 1  # the backlog's reservation
     counts["committed"] = counts.get("committed", 0) - 1
-    return counts, promised
+    return counts, promised, waited.get(largest)
 
 
 def storm_runs(quota_url: str, storm: Storm) -> list[StormRun]:

@@ -29,8 +29,9 @@ class RunSummary:
     provider_calls_per_call: float
     provider_429s: int
     gave_up: int
-    largest_wait: float  # seconds
+    largest_wait: float  # seconds, from waking
     largest_promised: str  # seconds, when it was scheduled
+    largest_kept: str  # seconds, from its reservation (which the promise counts from)
     seconds: float
 
 
@@ -55,6 +56,7 @@ RUN_COLUMNS: Columns = (
     ("gave up", "gave_up"),
     ("largest wait s", "largest_wait"),
     ("largest promised s", "largest_promised"),
+    ("largest waited from promise s", "largest_kept"),
     ("all done s", "seconds"),
 )
 WAIT_COLUMNS: Columns = (
@@ -76,25 +78,44 @@ def waits(run: StormRun, calls: list[StormCall]) -> list[float]:
     return [c.wait(_latency(run), run.storm.patience) for c in calls]
 
 
+def tallies(run: StormRun) -> dict[str, int]:
+    """What the run counted: reserves (granted or refused) and their outcomes at the
+    platform, calls and 429s at the provider, callers that gave up."""
+    events = run.events
+    return {
+        "reserves": events.get("reserved", 0) + events.get("refused", 0),
+        "reserved": events.get("reserved", 0),
+        "committed": events.get("committed", 0),
+        "settled": events.get("committed", 0) + events.get("released", 0),
+        "provider_calls": len(run.provider_log),
+        "provider_429s": sum(1 for e in run.provider_log if e.status == 429),
+        "gave_up": sum(1 for c in run.calls if c.done is None),
+    }
+
+
 def run_summary(run: StormRun) -> RunSummary:
     n = len(run.calls)
     largest = next(c for c in run.calls if c.largest)
     platform = run.mode != "no platform"
-    reserves = run.events.get("reserved", 0) + run.events.get("refused", 0)
-    settled = run.events.get("committed", 0) + run.events.get("released", 0)
+    counted = tallies(run)
     promised = run.promised_ms if run.mode == "scheduled" else None
     return RunSummary(
         run=run.mode,
         calls=n,
-        reserves_per_call=f"{reserves / n:.2f}" if platform else "-",
-        commits_per_call=f"{settled / n:.2f}" if platform else "-",
-        provider_calls_per_call=len(run.provider_log) / n,
-        provider_429s=sum(1 for e in run.provider_log if e.status == 429),
-        gave_up=sum(1 for c in run.calls if c.done is None),
+        reserves_per_call=f"{counted['reserves'] / n:.2f}" if platform else "-",
+        commits_per_call=f"{counted['settled'] / n:.2f}" if platform else "-",
+        provider_calls_per_call=counted["provider_calls"] / n,
+        provider_429s=counted["provider_429s"],
+        gave_up=counted["gave_up"],
         largest_wait=largest.wait(_latency(run), run.storm.patience),
-        largest_promised="-" if promised is None else f"{promised / 1000:.2f}",
+        largest_promised=_seconds(promised),
+        largest_kept=_seconds(run.kept_ms if promised is not None else None),
         seconds=run.seconds,
     )
+
+
+def _seconds(ms: int | None) -> str:
+    return "-" if ms is None else f"{ms / 1000:.2f}"
 
 
 def class_waits(run: StormRun) -> list[ClassWaits]:
