@@ -194,6 +194,17 @@ def test_an_extension_of_a_scheduled_lease_runs_from_its_start(engine: Engine) -
     assert view.data["e"] == NOW + 5_000 + 1_000  # type: ignore[union-attr]
 
 
+def test_a_scheduled_reservation_never_used_expires_from_its_start(engine: Engine) -> None:
+    drain(engine)
+    ask(engine, "rsv_a", 5_000)  # starts at +5 s, a lease of 60 s
+    engine.frozen_ms = NOW + 60_000
+    assert engine.reap() == 1  # the drain's lease only
+    assert lease(engine.client, engine, "rsv_a")["st"] == "held"
+    engine.frozen_ms = NOW + 65_000
+    assert engine.reap() == 1
+    assert lease(engine.client, engine, "rsv_a")["st"] == "expired"
+
+
 # -- several processes promising against one bucket ----------------------------------------
 
 PROCESSES = 8
