@@ -18,7 +18,7 @@ import redis
 from django.conf import settings
 
 from quotas.engine import Engine
-from quotas.engine.types import Check, Conflict, Granted, Refused, Settled, Usage
+from quotas.engine.types import Check, Conflict, Existing, Granted, Refused, Settled, Usage
 from tests.quotas.engine.test_core import HOUR, NOW, OWNER, budget, call, lease, slots
 
 CAP = 60_000  # tokens per minute: 1 token per ms
@@ -203,6 +203,38 @@ def test_a_scheduled_reservation_never_used_expires_from_its_start(engine: Engin
     engine.frozen_ms = NOW + 65_000
     assert engine.reap() == 1
     assert lease(engine.client, engine, "rsv_a")["st"] == "expired"
+
+
+def test_a_replay_of_a_scheduled_reservation_answers_its_first_answer(engine: Engine) -> None:
+    drain(engine)
+    first = engine.reserve(
+        call(
+            "rsv_a",
+            bucket(engine),
+            input_tokens=2_999,
+            max_output_tokens=1,
+            min_output_tokens=1,
+            max_wait_ms=10_000,
+            idempotency_key="k",
+            idempotency_hash="h",
+        )
+    )
+    engine.frozen_ms = NOW + 1_000
+    again = engine.reserve(
+        call(
+            "rsv_b",
+            bucket(engine),
+            input_tokens=2_999,
+            max_output_tokens=1,
+            min_output_tokens=1,
+            max_wait_ms=10_000,
+            idempotency_key="k",
+            idempotency_hash="h",
+        )
+    )
+    assert isinstance(first, Granted) and first.start_ms == NOW + 3_000
+    assert isinstance(again, Existing) and again.granted == first
+    assert engine.client.get(engine.keys.lease("rsv_b")) is None  # nothing taken twice
 
 
 # -- several processes promising against one bucket ----------------------------------------
