@@ -97,9 +97,18 @@ def _live(
     if found is not None:
         for lease in found.leases:
             lease["expires_in"] = max(0, (int(lease["expires_ms"]) - found.now_ms) // 1000)
+            _line_wait(lease, found.now_ms)
     if user is not None:
         _boost_links(limits, user)
     return Live(limits=limits, held=found)
+
+
+def _line_wait(lease: dict[str, Any], now_ms: int) -> None:
+    """A scheduled reservation still in line: when it starts, and the wait it was promised."""
+    start = lease.get("start_ms")
+    if start is not None and int(start) > now_ms:
+        lease["starts_in"] = -(-(int(start) - now_ms) // 1000)
+        lease["promised_wait"] = -(-(int(start) - int(lease["created_ms"])) // 1000)
 
 
 def _boost_links(rows: list[dict[str, Any]], user: Any) -> None:

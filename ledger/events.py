@@ -40,6 +40,7 @@ IDENTITY_NUMBER = (
     "reserved_output_tokens",
     "reserved_cost_nusd",
     "wait_ms",
+    "promised_wait_ms",
     "metadata",
     "created_ms",
 )
@@ -57,6 +58,7 @@ OUTCOME = (
     "finish_reason",
     "upstream_status",
     "latency_ms",
+    "actual_wait_ms",
     "lease_expired",
     "finished_ms",
 )
@@ -155,6 +157,7 @@ def usage_row(fields: dict[str, str], resolver: Resolver, now_ms: int) -> Row | 
         "reserved_output_tokens": _int(get("reserved_output_tokens")),
         "reserved_cost_nusd": _int(get("reserved_cost_nusd")),
         "wait_ms": _int(str(metadata.get("wait_ms", ""))) if metadata else None,
+        "promised_wait_ms": _int(get("wait_ms")),
         "metadata": json.dumps(metadata) if metadata else None,
         "created_ms": _int(get("created_ms")),
         "expires_ms": _int(get("expires_ms")),
@@ -186,6 +189,7 @@ HELD_OUTCOME: Row = {
     "finish_reason": "",
     "upstream_status": None,
     "latency_ms": None,
+    "actual_wait_ms": None,
     "lease_expired": False,
     "finished_ms": None,
 }
@@ -204,9 +208,20 @@ def _outcome(state: str, fields: dict[str, str]) -> Row:
         "finish_reason": fields.get("finish_reason", "")[:32],
         "upstream_status": _int(fields.get("upstream_status")),
         "latency_ms": _int(fields.get("latency_ms")),
+        "actual_wait_ms": _actual_wait(fields) if state == "committed" else None,
         "lease_expired": fields.get("lease_expired") == "1",
         "finished_ms": None if state == "held" else _int(fields.get("at_ms")),
     }
+
+
+def _actual_wait(fields: dict[str, str]) -> int | None:
+    """How long the call waited before it went to the provider: the commit's time less the
+    call's latency, from the reservation's creation (unknown without a latency)."""
+    at, latency = _int(fields.get("at_ms")), _int(fields.get("latency_ms"))
+    created = _int(fields.get("created_ms"))
+    if at is None or latency is None or created is None:
+        return None
+    return max(0, at - latency - created)
 
 
 def _metadata(raw: str | None) -> dict[str, Any] | None:

@@ -53,6 +53,15 @@ class UsageEvent(models.Model):
     wait_ms = models.IntegerField(
         null=True, blank=True, help_text="Reservation wait reported by the caller (metadata)."
     )
+    promised_wait_ms = models.IntegerField(
+        null=True, blank=True, help_text="A scheduled reservation's wait in line, as promised."
+    )
+    actual_wait_ms = models.IntegerField(
+        null=True,
+        blank=True,
+        help_text="From the reservation to the provider call's start (the commit's time less "
+        "its latency), when the caller reported a latency.",
+    )
     would_refuse = models.CharField(
         max_length=200, blank=True, help_text="Soft or shadow limits that would have refused."
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.core.exceptions import ValidationError
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from simple_history.models import HistoricalRecords
 
@@ -82,6 +82,14 @@ class Pool(models.Model):
     )
     position = models.PositiveIntegerField(
         default=0, help_text="Where several pools qualify, the lowest position is tried first."
+    )
+    line_minutes = models.DecimalField(
+        max_digits=4,
+        decimal_places=2,
+        default=Decimal(1),
+        validators=[MinValueValidator(Decimal(0)), MaxValueValidator(Decimal(5))],
+        help_text="Callers that may wait (max_wait_ms) line up behind each per-minute limit "
+        "for at most this many minutes of its capacity; 0 never schedules.",
     )
     history = HistoricalRecords(m2m_fields=[served_models])
 

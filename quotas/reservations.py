@@ -64,6 +64,7 @@ class ReserveInput:
     idempotency_key: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     body_hash: str = ""
+    max_wait_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +267,7 @@ def _reserve_call(
         idempotency_key=data.idempotency_key or "",
         idempotency_hash=data.body_hash,
         key_digest=lease_digest(key.hashed_secret),
+        max_wait_ms=data.max_wait_ms,
     )
 
 
@@ -348,9 +350,22 @@ def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -
     if isinstance(result, Conflict):
         if result.state == "released":
             raise QuotaError("conflict", "This reservation was released; it cannot be committed.")
+        if result.state == "scheduled":
+            raise not_started(result.wait_ms or 0)
         raise QuotaError("conflict", "This reservation was already committed with other usage.")
     assert isinstance(result, Settled)
     return result
+
+
+def not_started(wait_ms: int) -> QuotaError:
+    """A scheduled reservation committed before its start: its call cannot have happened."""
+    return QuotaError(
+        "conflict",
+        f"This reservation is scheduled: its call may start in {wait_ms} ms, "
+        "and be committed once it has.",
+        headers={"Retry-After": str(max(1, -(-wait_ms // 1000)))},
+        wait_ms=wait_ms,
+    )
 
 
 def reservation_release(*, key: Caller, reservation_id: str) -> Settled:

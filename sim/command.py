@@ -23,6 +23,8 @@ from quotas.store import get_redis
 from sim.chart import chart
 from sim.report import markdown, provider_429s, summaries, table
 from sim.run import simulate
+from sim.storm import Storm, storm_runs
+from sim.storm_report import RUN_COLUMNS, WAIT_COLUMNS, class_waits, run_summary, storm_chart
 from sim.traffic import Scenario
 
 DESCRIPTION = """\
@@ -38,6 +40,9 @@ Redis: run it against a database and a Redis database of its own, e.g.
 """
 
 
+CHART = "var/simulation.png"
+
+
 def parser_create() -> argparse.ArgumentParser:
     default = Scenario()
     parser = argparse.ArgumentParser(
@@ -51,8 +56,14 @@ def parser_create() -> argparse.ArgumentParser:
     parser.add_argument("--batch-workers", type=int, default=default.batch_workers)
     parser.add_argument("--chat-rate", type=float, default=default.chat_rate, help="per second")
     parser.add_argument("--seed", type=int, default=default.seed)
-    parser.add_argument("--chart", default="var/simulation.png", help="where to write the PNG")
+    parser.add_argument("--chart", default=CHART, help="where to write the PNG")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
+    parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="run the retry storm instead (sim/storm.py): no platform, refusals and retries, "
+        "scheduled admission; --chart and --markdown then write its chart and tables",
+    )
     parser.add_argument(
         "--allow-redis-db0",
         action="store_true",
@@ -65,6 +76,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = parser_create().parse_args(argv)
     _refuse_shared_redis(options.allow_redis_db0)
     call_command("migrate", verbosity=0, interactive=False)  # a fresh throwaway database
+    if options.storm:
+        storm_main(options)
+        return
     scenario = Scenario(
         seconds=options.seconds,
         tpm=options.tpm,
@@ -84,6 +98,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     if options.markdown:
         Path(options.markdown).write_text(markdown(rows) + "\n", encoding="utf-8")
         print(f"table: {options.markdown}")
+
+
+def storm_main(options: argparse.Namespace) -> None:
+    storm = Storm(seed=options.seed)
+    logging.getLogger("quotaclient").setLevel(logging.WARNING)  # a line per retry otherwise
+    print(f"three runs of {storm.callers} callers waking together ...", flush=True)
+    with api_server() as url:
+        runs = storm_runs(url, storm)
+    per_run = [run_summary(run) for run in runs]
+    per_class = [row for run in runs for row in class_waits(run)]
+    print(table(per_run, RUN_COLUMNS))
+    print()
+    print(table(per_class, WAIT_COLUMNS))
+    chart_path = Path(options.chart).with_name("storm.png") if options.chart == CHART else None
+    print(f"chart: {storm_chart(runs, chart_path or Path(options.chart))}")
+    if options.markdown:
+        text = markdown(per_run, RUN_COLUMNS) + "\n\n" + markdown(per_class, WAIT_COLUMNS)
+        Path(options.markdown).write_text(text + "\n", encoding="utf-8")
+        print(f"tables: {options.markdown}")
 
 
 def _refuse_shared_redis(allowed: bool) -> None:

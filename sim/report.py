@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sim.run import Run
@@ -60,7 +61,8 @@ def summaries(runs: list[Run]) -> list[Summary]:
     return [summarise(run, feature) for run in runs for feature in (CHAT, BATCH)]
 
 
-COLUMNS = (
+Columns = tuple[tuple[str, str], ...]  # (title, attribute) of each column
+COLUMNS: Columns = (
     ("run", "run"),
     ("feature", "feature"),
     ("tokens/min", "tokens_per_min"),
@@ -82,14 +84,14 @@ def _cell(attr: str, value: object) -> str:
     return str(value)
 
 
-def _rows(rows: list[Summary]) -> list[list[str]]:
-    return [[_cell(attr, getattr(row, attr)) for _, attr in COLUMNS] for row in rows]
+def _rows(rows: Sequence[object], columns: Columns) -> list[list[str]]:
+    return [[_cell(attr, getattr(row, attr)) for _, attr in columns] for row in rows]
 
 
-def table(rows: list[Summary]) -> str:
-    """Plain text, aligned, for the terminal."""
-    cells = [[title for title, _ in COLUMNS], *_rows(rows)]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+def table(rows: Sequence[object], columns: Columns = COLUMNS) -> str:
+    """Plain text, aligned, for the terminal: two text columns, then numbers."""
+    cells = [[title for title, _ in columns], *_rows(rows, columns)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(cells):
         left, right = row[:2], row[2:]
@@ -101,10 +103,11 @@ def table(rows: list[Summary]) -> str:
     return "\n".join(lines)
 
 
-def markdown(rows: list[Summary]) -> str:
-    header = "| " + " | ".join(title for title, _ in COLUMNS) + " |"
-    rule = "| --- | --- |" + " ---: |" * (len(COLUMNS) - 2)
-    return "\n".join([header, rule, *("| " + " | ".join(r) + " |" for r in _rows(rows))])
+def markdown(rows: Sequence[object], columns: Columns = COLUMNS) -> str:
+    header = "| " + " | ".join(title for title, _ in columns) + " |"
+    rule = "| --- | --- |" + " ---: |" * (len(columns) - 2)
+    body = ("| " + " | ".join(r) + " |" for r in _rows(rows, columns))
+    return "\n".join([header, rule, *body])
 
 
 def provider_429s(run: Run) -> int:

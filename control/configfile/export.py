@@ -108,6 +108,7 @@ def _pool(pool: Pool, index: int) -> dict[str, Any]:
         **_optional(
             protect=_Flow(pool.protect) if pool.protect else None,
             position=None if pool.position == index else pool.position,
+            line_minutes=None if pool.line_minutes == 1 else float(pool.line_minutes),
         ),
     }
 

@@ -44,7 +44,7 @@ def usd(nano: float) -> float:
 
 def reserved_body(reserved: Reserved) -> dict[str, Any]:
     granted = reserved.granted
-    return {
+    body: dict[str, Any] = {
         "id": granted.reservation_id,
         "status": "held",
         "feature": reserved.feature.slug,
@@ -66,6 +66,14 @@ def reserved_body(reserved: Reserved) -> dict[str, Any]:
         "would_refuse": [_name(reserved.plan, i) for i in granted.would_refuse],
         "degraded": granted.degraded,
     }
+    if granted.start_ms is not None:
+        body.update(_scheduled(granted.start_ms, granted.now_ms))
+    return body
+
+
+def _scheduled(start_ms: int, now_ms: int) -> dict[str, Any]:
+    """A scheduled reservation: its call may go to the provider from `start_at` on."""
+    return {"status": "scheduled", "start_at": iso(start_ms), "wait_ms": start_ms - now_ms}
 
 
 def _limit(plan: Plan, state: LimitState, now_ms: int) -> dict[str, Any]:
@@ -117,6 +125,10 @@ def lease_body(lease: LeaseView) -> dict[str, Any]:
         "expires_at": iso(data["e"]),
         "metadata": json.loads(meta.get("metadata", "{}")),
     }
+    if data.get("sa") is not None:
+        body["start_at"] = iso(data["sa"])
+        if data["st"] == "held" and lease.now_ms < data["sa"]:
+            body.update(_scheduled(data["sa"], lease.now_ms))
     if data.get("res"):
         body.update(settled_body(Settled(result=data["res"])))
         body["status"] = data["st"]

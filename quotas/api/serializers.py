@@ -16,7 +16,7 @@ from typing import Any
 
 from rest_framework import serializers
 
-from quotas.engine.types import MAX_TTL
+from quotas.engine.types import MAX_TTL, MAX_WAIT_MS
 from quotas.errors import invalid
 from tenants.models import Priority
 
@@ -254,6 +254,14 @@ RESERVE = Body(
         ),
         "pool": Field(str, required=False, max_length=64, slug=True, help="Use this pool only."),
         "ttl_seconds": Field(int, required=False, default=60, low=1, high=MAX_TTL),
+        "max_wait_ms": Field(
+            int,
+            required=False,
+            default=0,
+            low=0,
+            high=MAX_WAIT_MS,
+            help="Wait in line up to this long when only per-minute limits are short.",
+        ),
         "idempotency_key": Field(str, required=False, max_length=200),
         "metadata": Field(dict, required=False, default=dict, depth=MAX_METADATA_DEPTH),
     },

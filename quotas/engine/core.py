@@ -177,6 +177,7 @@ class Engine:
             complete=bool(reply["complete"]),
             leases=tuple(_as_list(reply["leases"])),
             now_ms=int(reply["now_ms"]),
+            waiting=int(reply.get("waiting", 0)),
         )
 
     # -- the ledger's side: snapshots, recovery, trimming ----------------------------------
@@ -269,6 +270,8 @@ class Engine:
             payload["idempotency"] = {"hash": call.idempotency_hash}
         if call.key_digest:
             payload["lease"]["kd"] = call.key_digest
+        if call.max_wait_ms:
+            payload["max_wait"] = call.max_wait_ms
         return payload
 
     def _owner_payload(self, owner: Owner | KeyHolder, version: int | None) -> dict[str, Any]:
@@ -332,7 +335,7 @@ class Engine:
         if reply.get("missing"):
             return Missing()
         if "conflict" in reply:
-            return Conflict(state=reply["conflict"])
+            return Conflict(state=reply["conflict"], wait_ms=reply.get("wait_ms"))
         return Settled(result=reply["result"])
 
     @staticmethod
@@ -367,6 +370,7 @@ def _granted(lease: dict[str, Any], limits: Any) -> Granted:
             for d in _as_list(limits)
         ),
         would_refuse=tuple(_as_list(lease["soft"])),
+        start_ms=lease.get("sa"),
     )
 
 

@@ -16,6 +16,7 @@ import redis
 from quotas.metrics import REDIS_ERRORS, SCRIPT_SECONDS
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LIBRARIES = ("lib", "line")  # prepended to every script, in this order
 SCRIPT_NAMES = (
     "reserve",
     "commit",
@@ -33,8 +34,8 @@ SCRIPT_NAMES = (
 
 @cache
 def script_source(name: str) -> str:
-    """The shared library followed by the script: Lua scripts cannot include one another."""
-    return (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    """The shared libraries followed by the script: Lua scripts cannot include one another."""
+    return "\n".join((LUA_DIR / f"{part}.lua").read_text() for part in (*LIBRARIES, name))
 
 
 class Scripts:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 # The longest TTL, in seconds, a reservation or an extension may ask for: the API refuses
 # more, and the ledger expires a degraded reservation that recorded none after it.
 MAX_TTL = 3600
+# The longest a reserve may offer to wait in line (`max_wait_ms`, line.lua).
+MAX_WAIT_MS = 300_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,7 @@ class Check:
     periods: tuple[Period, ...] = ()
     floor: int = 0
     guards: tuple[tuple[str, int], ...] = ()  # (key, cap) of other features' guarantees
+    line: int = 0  # most a minute bucket's line may hold (units); 0: never scheduled
 
     def redis_keys(self) -> list[str]:
         return [self.key] if self.key else [p.key for p in self.periods]
@@ -52,6 +55,8 @@ class Check:
             data["floor"] = self.floor
         if self.guards:
             data["guards"] = [{"k": k, "cap": cap} for k, cap in self.guards]
+        if self.line:
+            data["lq"] = self.line
         return data
 
 
@@ -96,6 +101,7 @@ class ReserveCall:
     idempotency_key: str = ""
     idempotency_hash: str = ""
     key_digest: str = ""  # of the API key that asks, recorded in the lease
+    max_wait_ms: int = 0  # may wait in line this long for per-minute capacity (line.lua)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +132,7 @@ class Granted:
     limits: tuple[LimitState, ...]
     would_refuse: tuple[int, ...]
     degraded: bool = False  # admitted unenforced: the store was down and the pool fails open
+    start_ms: int | None = None  # scheduled: the call may go to the provider from then on
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +174,7 @@ class Settled:
 @dataclass(frozen=True, slots=True)
 class Conflict:
     state: str
+    wait_ms: int | None = None  # 'scheduled': how long until the reservation's start
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +201,7 @@ class Held:
     complete: bool  # False: more leases were held than the scan looked at
     leases: tuple[dict[str, Any], ...]
     now_ms: int
+    waiting: int = 0  # scheduled reservations not yet started (in line)
 
 
 @dataclass(frozen=True, slots=True)

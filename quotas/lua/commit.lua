@@ -17,7 +17,8 @@
 --
 -- Returns JSON: {result = {...}} (also for a repeated identical commit; a commit after expiry
 -- is accepted and says lease_expired = true), {missing = true}, or
--- {conflict = state} (released, or committed with another body).
+-- {conflict = state} (released, or committed with another body), or
+-- {conflict = 'scheduled', wait_ms} before a scheduled reservation's start.
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
@@ -30,6 +31,10 @@ if lease.st == 'committed' then
   return cjson.encode({conflict = 'committed'})
 end
 if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end
+-- a scheduled reservation's call may not have gone before its start
+if lease.sa and now < lease.sa then
+  return cjson.encode({conflict = 'scheduled', wait_ms = lease.sa - now})
+end
 local result = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
 return cjson.encode({result = result})

@@ -22,7 +22,8 @@ if halt then return cjson.encode({[halt] = true}) end
 local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
-lease.e = now + req.ttl_ms
+-- a scheduled reservation's lease runs from its start
+lease.e = math.max(now, lease.sa or now) + req.ttl_ms
 lease.ttl_ms = req.ttl_ms
 local keep_ms = int(req.ttl_ms + req.retention_ms)
 redis.call('SET', KEYS[2], cjson.encode(lease), 'PX', keep_ms)

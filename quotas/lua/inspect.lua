@@ -13,9 +13,11 @@ for i, check in ipairs(req.checks) do
   observe(check, now)
   local state = {id = check.id, now_ms = now}
   if check.kind == 'b' or check.kind == 'g' then
-    state.used = check.cap - check.level
-    state.remaining = check.level
-    state.reset_ms = now + math.ceil((check.cap - check.level) * 60000 / check.cap)
+    -- capacity promised to callers in line (line.lua) is as good as used
+    local level = check.level - (check.line or 0)
+    state.used = check.cap - level
+    state.remaining = level
+    state.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
   else
     state.used = check.used
     state.remaining = check.cap - check.used

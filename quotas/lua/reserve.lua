@@ -21,12 +21,15 @@
 --              m = metric (sets the amount: tokens = in_ + out, cost_usd = cost, ...),
 --              cap, k = key (or periods = [{k, start, stop}] for 'p'),
 --              floor (capacity kept for higher priority classes),
---              guards = [{k, cap}] (other features' guarantees, kept unless spent)}
+--              guards = [{k, cap}] (other features' guarantees, kept unless spent),
+--              lq (most a minute bucket's line may hold; absent: never scheduled)},
+--   max_wait (ms; absent: refuse rather than schedule; see line.lua)
 --
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
 --    (its `r.out` the output tokens granted, `soft` the ids of soft or shadow limits it went
---    over; with an idempotency key, `limits` too and the key's name `ik`)
+--    over; with an idempotency key, `limits` too and the key's name `ik`; scheduled: `sa`,
+--    the start, from which the lease runs)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
 --   {conflict = true}                  idempotency key reused with another body
@@ -68,7 +71,7 @@ local function retry_ms(check, need)
   if check.kind == 'c' then return nil end
   -- the most this caller can ever have: capacity less protected shares and others' guarantees
   if check.growth <= 0 or need > check.most then return nil end
-  return math.ceil((need - check.headroom) * 60000 / check.growth)
+  return math.ceil((need - check.headroom + check.line) * 60000 / check.growth)
 end
 
 local function refusal(check, need)
@@ -129,7 +132,8 @@ local function debit(check, out)
   local amount = amount_for(check, out)
   check.amt = amount
   if check.kind == 'b' then
-    bucket_store(check.k, check.cap, check.level - amount, now)
+    bucket_store(check.k, check.cap, check.level - (check.take or amount), now,
+                 check.queue or check.line)
   elseif check.kind == 'g' then
     -- use drains a guarantee only as far as it holds
     check.took = math.max(0, math.min(check.level, amount))
@@ -150,7 +154,7 @@ local function describe(check)
   elseif check.kind == 'c' then
     d.remaining = check.cap - check.used - 1
   else
-    local level = check.level - check.amt
+    local level = check.level - (check.take or check.amt) - (check.queue or check.line)
     d.remaining = math.floor(level)
     d.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
   end
@@ -159,7 +163,7 @@ end
 
 -- Debit every check of the option (soft and shadow ones too), write the lease, tell the
 -- ledger.
-local function grant(option, out)
+local function grant(option, out, start)
   local soft, limits, recorded = {}, {}, {}
   for _, check in ipairs(option.checks) do
     if check.enf ~= 'hard' and amount_for(check, out) > check.headroom then
@@ -170,7 +174,7 @@ local function grant(option, out)
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
                                amt = check.amt, took = check.took}
   end
-  local expires = now + req.ttl_ms
+  local expires = (start or now) + req.ttl_ms
   local cost = amount_for(req.cost, out)
   local meta = req.lease.meta
   meta.pool = option.pool
@@ -178,7 +182,7 @@ local function grant(option, out)
                  feature = req.lease.feature, kd = req.lease.kd, ttl_ms = req.ttl_ms,
                  prices = req.lease.prices,
                  meta = meta, pool = option.pool, created = now, e = expires, ck = recorded,
-                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
+                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}, sa = start}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
     -- a replay of the request answers as this call does; an extension keeps the key (`ik`)
@@ -192,6 +196,7 @@ local function grant(option, out)
   redis.call('ZADD', index_key, int(expires), req.id)
   local ev = event_base(lease, 'reserved', now)
   ev.granted_output_tokens, ev.expires_ms = out, expires
+  if start then ev.start_ms, ev.wait_ms = start, start - now end
   emit(stream, req.maxlen, ev)
   -- the answer holds the lease as written rather than the same values encoded again
   return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits) .. '}'
@@ -214,4 +219,9 @@ if not option and short_of_slots
   option, out, refused = decide()
 end
 if option then return grant(option, out) end
+if req.max_wait then
+  local start
+  option, out, start = line_decide(req.options, req.out, now, req.max_wait)
+  if option then return grant(option, out, start) end
+end
 return refuse(refused)

@@ -204,6 +204,7 @@ class Plan:
                     key=keyspace.bucket(limit.id),
                     floor=floor,
                     guards=guards,
+                    line=int(cap * pool.line_minutes),
                 )
             )
         return checks

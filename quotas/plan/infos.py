@@ -56,6 +56,7 @@ class PoolInfo:
     fail_mode: str
     protect: dict[str, float]
     models: dict[str, ModelInfo]  # served models by name
+    line_minutes: float = 1.0  # a minute limit's line holds this many minutes of capacity
 
     def protected_share_above(self, priority: str) -> float:
         """Share of per-minute capacity kept for classes more important than `priority`."""

@@ -59,7 +59,14 @@ def plan_load() -> Plan:
     ):
         served[pool_id][models[model_id].name] = models[model_id]
     pools = [
-        PoolInfo(p.id, p.slug, p.fail_mode, dict(p.protect or {}), served.get(p.id, {}))
+        PoolInfo(
+            p.id,
+            p.slug,
+            p.fail_mode,
+            dict(p.protect or {}),
+            served.get(p.id, {}),
+            float(p.line_minutes),
+        )
         for p in Pool.objects.order_by("position", "slug")
     ]
     now = timezone.now()

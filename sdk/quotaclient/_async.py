@@ -19,7 +19,14 @@ import httpx
 from ._errors import QuotaError, Unreachable
 from ._held import HeldBase
 from ._keeper import gives_up, interval_of
-from ._protocol import base_url_of, decode, headers_of, reservation_path, reserve_request
+from ._protocol import (
+    base_url_of,
+    decode,
+    headers_of,
+    reservation_path,
+    reserve_request,
+    with_wait,
+)
 from ._retry import RetryBudget, RetryPolicy, Waiter, transport_retry_delay
 from ._types import Grant, Settlement, Usage, parse_time
 
@@ -100,7 +107,9 @@ class AsyncQuotaClient:
         waiter = self._waiter(max_wait)
         while True:
             try:
-                granted = await self._send("POST", "/reservations", body, resendable=True)
+                granted = await self._send(
+                    "POST", "/reservations", with_wait(body, waiter), resendable=True
+                )
             except QuotaError as error:
                 delay = waiter.next_delay(error)
                 if delay is None:
@@ -108,7 +117,11 @@ class AsyncQuotaClient:
                 log.info("reservation refused (%s); retrying in %.2f s", error.code, delay)
                 await self._sleep(delay)
                 continue
-            return AsyncReservation(self, Grant.from_body(granted), ttl_seconds)
+            reservation = AsyncReservation(self, Grant.from_body(granted), ttl_seconds)
+            if reservation.grant.wait_ms:  # scheduled: the call may start once this has passed
+                await self._sleep(reservation.grant.wait_ms / 1000)
+                reservation.started()
+            return reservation
 
     async def get(self, reservation_id: str) -> dict[str, Any]:
         return await self._send("GET", reservation_path(reservation_id), resendable=True)

@@ -53,6 +53,15 @@ class HeldBase:
     def settled(self) -> bool:
         return self.settlement is not None
 
+    @property
+    def wait_ms(self) -> int:
+        """How long the server scheduled the call to wait (0: it could start at once)."""
+        return self.grant.wait_ms
+
+    def started(self) -> None:
+        """The call may start now (a scheduled one has waited): latency counts from here."""
+        self._started = time.monotonic()
+
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self._started) * 1000)
 

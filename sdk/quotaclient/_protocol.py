@@ -13,6 +13,7 @@ import httpx
 
 from ._errors import ServerError, error_from_response
 from ._messages import for_estimate
+from ._retry import Waiter
 from ._version import VERSION
 
 API_PREFIX = "/api/v1"
@@ -64,6 +65,12 @@ def reserve_request(
     if metadata:
         body["metadata"] = dict(metadata)
     return ReserveRequest(body, ttl_seconds)
+
+
+def with_wait(body: dict[str, Any], waiter: Waiter) -> dict[str, Any]:
+    """The reserve body, offering to wait in line for what is left of the caller's wait."""
+    wait = waiter.max_wait_ms()
+    return body if wait is None else {**body, "max_wait_ms": wait}
 
 
 def base_url_of(base_url: str | None) -> str:

@@ -57,12 +57,17 @@ class RetryPolicy:
     """How long a reservation may wait for admission.
 
     `max_wait` is the total time (seconds) one `reserve` may spend waiting; 0 raises the first
-    refusal at once. A wait is `retry_after + uniform(0, min(cap, base * 2**attempt))`: never
-    before the server said the request could be admitted, and spread out after that."""
+    refusal at once. With `schedule` (the default) the server is asked to keep the call's
+    place in line for that long (`max_wait_ms`): it answers when the call may start, and the
+    client sleeps until then, one request instead of retries. A refusal (the line is full, or
+    longer than the wait) is retried as without it. A retry waits
+    `retry_after + uniform(0, min(cap, base * 2**attempt))`: never before the server said the
+    request could be admitted, and spread out after that."""
 
     max_wait: float = 0.0
     base: float = 0.5
     cap: float = 30.0
+    schedule: bool = True
 
     def delay(self, error: QuotaError, attempt: int, rng: random.Random) -> float:
         floor = error.retry_after or 0.0
@@ -95,6 +100,14 @@ class Waiter:
         self.started = self.clock()
         self.budget.record_request()
 
+    def max_wait_ms(self) -> int | None:
+        """What the next attempt may offer to wait in line (ms), or None: do not ask."""
+        if not self.policy.schedule:
+            return None
+        left = self.policy.max_wait - (self.clock() - self.started)
+        wait = min(MAX_WAIT_MS, int(left * 1000))
+        return wait if wait > 0 else None
+
     def next_delay(self, error: QuotaError) -> float | None:
         """Seconds to sleep before the next attempt, or None to give up and raise `error`."""
         if not retryable(error):
@@ -110,6 +123,7 @@ class Waiter:
         return delay
 
 
+MAX_WAIT_MS = 300_000  # the most the server accepts as max_wait_ms
 TRANSPORT_RETRIES = 2
 TRANSPORT_BASE = 0.1
 

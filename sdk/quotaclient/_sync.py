@@ -17,7 +17,14 @@ import httpx
 from ._errors import QuotaError, Unreachable
 from ._held import HeldBase
 from ._keeper import LeaseKeeper
-from ._protocol import base_url_of, decode, headers_of, reservation_path, reserve_request
+from ._protocol import (
+    base_url_of,
+    decode,
+    headers_of,
+    reservation_path,
+    reserve_request,
+    with_wait,
+)
 from ._retry import RetryBudget, RetryPolicy, Waiter, transport_retry_delay
 from ._types import Grant, Settlement, Usage, parse_time
 
@@ -85,7 +92,10 @@ class QuotaClient:
         server from `messages` or `prompt`) plus `max_output_tokens`. With
         `min_output_tokens`, the server may grant less output (`reservation.output_tokens`).
         Raises a `Refused` subclass when the call may not happen, after waiting up to
-        `max_wait` seconds (default: the client's retry policy) for admission."""
+        `max_wait` seconds (default: the client's retry policy) for admission. Within that
+        wait the server may schedule the call (it is short only of per-minute capacity): the
+        capacity is taken now and this returns once the call may start, after one sleep
+        (`reservation.wait_ms`)."""
         request = reserve_request(
             feature=feature,
             model=model,
@@ -103,7 +113,9 @@ class QuotaClient:
         waiter = self._waiter(max_wait)
         while True:
             try:
-                body = self._send("POST", "/reservations", request.body, resendable=True)
+                body = self._send(
+                    "POST", "/reservations", with_wait(request.body, waiter), resendable=True
+                )
             except QuotaError as error:
                 delay = waiter.next_delay(error)
                 if delay is None:
@@ -111,7 +123,11 @@ class QuotaClient:
                 log.info("reservation refused (%s); retrying in %.2f s", error.code, delay)
                 self._sleep(delay)
                 continue
-            return Reservation(self, Grant.from_body(body), request.ttl_seconds)
+            reservation = Reservation(self, Grant.from_body(body), request.ttl_seconds)
+            if reservation.grant.wait_ms:  # scheduled: the call may start once this has passed
+                self._sleep(reservation.grant.wait_ms / 1000)
+                reservation.started()
+            return reservation
 
     def get(self, reservation_id: str) -> dict[str, Any]:
         return self._send("GET", reservation_path(reservation_id), resendable=True)

@@ -62,6 +62,10 @@ class Grant:
     limits: tuple[Limit, ...]
     would_refuse: tuple[str, ...]
     raw: Mapping[str, Any]
+    # Scheduled: the server took the capacity now for a call that may start at `start_at`,
+    # `wait_ms` after the answer (the client sleeps that long before returning it).
+    start_at: datetime | None = None
+    wait_ms: int = 0
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Grant:
@@ -83,6 +87,8 @@ class Grant:
             limits=tuple(Limit.from_body(lim) for lim in body.get("limits") or ()),
             would_refuse=tuple(str(name) for name in body.get("would_refuse") or ()),
             raw=body,
+            start_at=parse_time(body.get("start_at")),
+            wait_ms=int(body.get("wait_ms") or 0),
         )
 
 

@@ -15,7 +15,7 @@ from quotaclient import Quota, wrap_anthropic
 from quotas.plan import plans
 from tests.factories import LanguageModelFactory, PoolFactory, ProviderFactory
 from tests.fakes.providers import FakeAnthropic
-from tests.fakes.stack import Stack, live_stack
+from tests.fakes.stack import Sleeper, Stack, live_stack
 from tests.fixtures import World
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,6 +46,25 @@ def protected(stack: Stack, fake: FakeAnthropic, **quota: Any) -> anthropic.Anth
         anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url, max_retries=0),
         quota=Quota("chat", client=stack.client(), **quota),
     )
+
+
+def test_a_scheduled_call_sleeps_until_its_start_before_calling_the_provider(
+    stack: Stack, fake: FakeAnthropic
+) -> None:
+    stack.world.limit(feature=stack.world.chat, metric="tokens", window="minute", amount=1000)
+    fake.script.reply_tokens = 800  # the first call uses what it reserved
+    sleep = Sleeper(fake.requests)
+    client = wrap_anthropic(
+        anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url, max_retries=0),
+        quota=Quota("chat", client=stack.client(sleep=sleep), max_wait=60),
+    )
+    client.messages.create(model=MODEL, messages=HELLO, max_tokens=800)
+
+    client.messages.create(model=MODEL, messages=HELLO, max_tokens=800)
+
+    reserved = stack.events("reserved")[-1]
+    assert sleep.sleeps == [(int(reserved["wait_ms"]) / 1000, 1)]  # before the second call
+    assert len(fake.requests) == 2 and stack.events("committed")[-1]["rid"] == reserved["rid"]
 
 
 def committed(stack: Stack) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import redis
 from quotaclient import Quota, wrap_openai
 
 from tests.fakes.providers import FakeOpenAI
-from tests.fakes.stack import Stack, live_stack
+from tests.fakes.stack import Sleeper, Stack, live_stack
 from tests.fixtures import World
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -98,6 +98,25 @@ def test_several_choices_reserve_the_cap_of_each(stack: Stack, fake: FakeOpenAI)
 
     assert stack.event("reserved")["reserved_output_tokens"] == "300"
     assert fake.requests[-1]["max_tokens"] == 100
+
+
+def test_a_scheduled_call_sleeps_until_its_start_before_calling_the_provider(
+    stack: Stack, fake: FakeOpenAI
+) -> None:
+    stack.world.limit(feature=stack.world.chat, metric="tokens", window="minute", amount=1000)
+    fake.script.reply_tokens = 800  # the first call uses what it reserved
+    sleep = Sleeper(fake.requests)
+    client = wrap_openai(
+        openai.OpenAI(api_key="sk-test", base_url=f"{fake.url}/v1", max_retries=0),
+        quota=Quota("chat", client=stack.client(sleep=sleep), max_wait=60),
+    )
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=800)
+
+    client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=800)
+
+    reserved = stack.events("reserved")[-1]
+    assert sleep.sleeps == [(int(reserved["wait_ms"]) / 1000, 1)]  # before the second call
+    assert len(fake.requests) == 2 and stack.events("committed")[-1]["rid"] == reserved["rid"]
 
 
 # -- partial grants and refusals -----------------------------------------------------------

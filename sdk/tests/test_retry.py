@@ -85,7 +85,7 @@ def test_a_refused_reservation_waits_retry_after_plus_jitter_and_is_then_admitte
 ) -> None:
     tight_minute_limit(stack)
     time_machine = TimeMachine()
-    policy = SpyPolicy(max_wait=120, base=0.5)
+    policy = SpyPolicy(max_wait=120, base=0.5, schedule=False)
     client = stack.client(
         retry=policy, sleep=time_machine.sleep, clock=time_machine.clock, rng=random.Random(7)
     )
@@ -104,7 +104,7 @@ def test_a_refused_reservation_waits_retry_after_plus_jitter_and_is_then_admitte
 def test_the_async_client_waits_the_same_way(stack: Stack) -> None:
     tight_minute_limit(stack)
     time_machine = TimeMachine()
-    policy = SpyPolicy(max_wait=120, base=0.5)
+    policy = SpyPolicy(max_wait=120, base=0.5, schedule=False)
 
     async def main() -> int:
         async with stack.async_client(
@@ -122,11 +122,62 @@ def test_the_async_client_waits_the_same_way(stack: Stack) -> None:
     assert retry_after is not None and retry_after <= waited <= retry_after + 0.5
 
 
+def test_a_caller_that_may_wait_is_scheduled_and_sleeps_once_until_its_start(
+    stack: Stack,
+) -> None:
+    tight_minute_limit(stack)
+    time_machine = TimeMachine()
+    policy = SpyPolicy(max_wait=120)
+    client = stack.client(retry=policy, sleep=time_machine.sleep, clock=time_machine.clock)
+
+    reservation = client.reserve("chat", "gpt-4o-mini", input_tokens=100, max_output_tokens=700)
+
+    assert policy.seen == []  # never refused
+    assert 30_000 <= reservation.wait_ms <= 36_000
+    assert time_machine.sleeps == [reservation.wait_ms / 1000]
+    assert [e["type"] for e in stack.events()][-1] == "reserved"
+    assert client.get(reservation.id)["status"] == "held"  # the engine's clock has moved on
+    reservation.commit(100, 10)
+    assert reservation.settlement is not None
+    assert reservation.settlement.status == "committed"
+
+
+def test_the_async_client_sleeps_until_the_start_too(stack: Stack) -> None:
+    tight_minute_limit(stack)
+    time_machine = TimeMachine()
+
+    async def main() -> int:
+        async with stack.async_client(
+            retry=RetryPolicy(max_wait=120),
+            sleep=time_machine.async_sleep,
+            clock=time_machine.clock,
+        ) as client:
+            reservation = await client.reserve(
+                "chat", "gpt-4o-mini", input_tokens=100, max_output_tokens=700
+            )
+            await reservation.release()
+            return reservation.wait_ms
+
+    wait_ms = asyncio.run(main())
+    assert wait_ms > 0 and time_machine.sleeps == [wait_ms / 1000]
+
+
+def test_a_wait_longer_than_max_wait_is_refused_not_scheduled(stack: Stack) -> None:
+    tight_minute_limit(stack)
+    frozen = TimeMachine(move_engine=False)
+    client = stack.client(retry=RetryPolicy(max_wait=20), sleep=frozen.sleep, clock=frozen.clock)
+
+    with pytest.raises(quotaclient.RateLimited):
+        client.reserve("chat", "gpt-4o-mini", input_tokens=100, max_output_tokens=700)
+    assert frozen.sleeps == []  # Retry-After (~36 s) is past the wait: no retry either
+    assert stack.events("refused")[-1]["reason"] == "rate_limited"
+
+
 def test_retries_stop_when_the_retry_budget_is_spent(stack: Stack) -> None:
     tight_minute_limit(stack)
     frozen = TimeMachine(move_engine=False)  # every retry is refused again
     client = stack.client(
-        retry=RetryPolicy(max_wait=10_000),
+        retry=RetryPolicy(max_wait=10_000, schedule=False),
         budget=RetryBudget(ratio=0.1, burst=2),
         sleep=frozen.sleep,
         clock=frozen.clock,

@@ -109,6 +109,24 @@ def test_a_feature_page_shows_each_limit_as_the_engine_counts_it(
     assert held.json()["id"] in html and done.json()["id"] not in html
 
 
+def test_a_feature_page_shows_the_callers_in_line_and_their_promised_wait(
+    world: Any, reserve: Any, owners: Any
+) -> None:
+    tpm = world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=60_000)
+    assert reserve(input_tokens=59_000, max_output_tokens=1_000).status_code == 201
+    waiting = reserve(input_tokens=4_000, max_output_tokens=1_000, max_wait_ms=60_000)
+    assert waiting.json()["status"] == "scheduled"
+    get_engine().frozen_ms += 2_000  # two of its five seconds in line have passed
+
+    html = logged_in(owners.owner).get(feature_url(world.chat)).content.decode()
+
+    assert re.search(r'class="console-held-waiting">1 in line<', html)
+    row = re.search(rf"{waiting.json()['id']}.*?</tr>", html, re.S)
+    assert row and "starts in 3" in row.group(0) and "promised 5" in row.group(0)
+    # the line's 5,000 tokens count as used, less the 2,000 refilled since
+    assert cell(limit_row(html, tpm.pk), "used") == "63,000"
+
+
 def test_a_bar_turns_red_when_a_limit_is_nearly_used_up(
     world: Any, reserve: Any, owners: Any
 ) -> None:

@@ -242,7 +242,9 @@ def test_export_round_trips_non_default_values(tmp_path: Path) -> None:
         cached_input_per_mtok=0.075, context_window=128000, chars_per_token=3.5
     )
     config["pools"][0].update(fail_mode="open", protect={"interactive": 0.2, "standard": 0.1})
-    config["pools"].append({"slug": "backup", "provider": "openai", "position": 7})
+    config["pools"].append(
+        {"slug": "backup", "provider": "openai", "position": 7, "line_minutes": 2.5}
+    )
     config["tenants"][1].update(status="suspended", name="Globex Inc")
     config["tenants"][0]["features"][0].update(status="paused", pools=["shared", "backup"])
     config["limits"].append(
@@ -264,6 +266,7 @@ def test_export_round_trips_non_default_values(tmp_path: Path) -> None:
     assert quota("export")[0] == exported
     assert "{name: gpt-4o-mini, input_per_mtok: 0.15, cached_input_per_mtok: 0.075" in exported
     assert "{scope: {model: gpt-4o}, metric: cost_usd, window: day, amount: 12.5" in exported
+    assert "line_minutes: 2.5" in exported
 
 
 # Updates, dry runs and pruning.

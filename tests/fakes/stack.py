@@ -16,10 +16,24 @@ from django.conf import settings
 from django.core.servers.basehttp import WSGIRequestHandler
 from quotaclient import AsyncQuotaClient, QuotaClient
 
+from quotas.reservations import get_engine
 from tests.fixtures import World
 
 EVENTS = f"q:{{{settings.QUOTA_HASH_TAG}}}:events"
 T = TypeVar("T")
+
+
+@dataclass
+class Sleeper:
+    """A client's sleep that does not sleep: it moves the quota engine's clock instead, and
+    notes how long it slept and how many upstream calls `seen` had counted by then."""
+
+    seen: list[Any]
+    sleeps: list[tuple[float, int]] = field(default_factory=list)
+
+    def __call__(self, seconds: float) -> None:
+        self.sleeps.append((seconds, len(self.seen)))
+        get_engine().clock_offset_ms += round(seconds * 1000)
 
 
 @dataclass

@@ -68,6 +68,25 @@ def test_a_committed_reservation_becomes_one_row_with_its_actual_usage(
     assert usage_stream().backlog() == 0
 
 
+def test_a_scheduled_reservation_records_its_promised_and_actual_wait(
+    world: World, reserve: Any
+) -> None:
+    world.limit(pool=world.pool, metric="tokens", amount=60_000)
+    engine = get_engine()
+    engine.frozen_ms = engine.now_ms()
+    reserve(input_tokens=59_900, max_output_tokens=100)
+    body = reserve(input_tokens=1_900, max_output_tokens=100, max_wait_ms=10_000).json()
+    assert body["status"] == "scheduled" and body["wait_ms"] == 2_000
+    engine.frozen_ms += 2_500  # the call went 2.5 s after the reservation and took 300 ms
+    engine.frozen_ms += 300
+    assert commit(world, body["id"], latency_ms=300).status_code == 200
+
+    usage_ingest()
+
+    row = UsageEvent.objects.get(rid=body["id"])
+    assert (row.promised_wait_ms, row.actual_wait_ms) == (2_000, 2_500)
+
+
 def test_a_batch_read_twice_makes_no_second_row(world: World, reserve: Any) -> None:
     rids = [reserve().json()["id"] for _ in range(3)]
     commit(world, rids[0])
