@@ -98,7 +98,9 @@ def notifications_dispatch(*, now: datetime) -> list[Notification]:
     for group, alerts in groups.items():
         urgent = any(alert.refusing for alert in alerts)
         starts = now if urgent else window_start
-        notification = _notification_claim(group, alerts, window_start=starts, now=now, urgent=urgent)
+        notification = _notification_claim(
+            group, alerts, window_start=starts, now=now, urgent=urgent
+        )
         if notification is not None:
             sent.append(notification)
     return sent

@@ -25,7 +25,6 @@ FEATURES = (("acme", "chat"), ("acme", "report-gen"), ("globex", "ticket-triage"
 MODELS = ("gpt-4o-mini", "gpt-4o")
 ABANDON_TTL_SECONDS = 5
 TALLY_LOCK = threading.Lock()
-PAUSE_SECONDS = 0.05  # between one thread's calls, on average
 
 
 def parser_create() -> argparse.ArgumentParser:
@@ -38,10 +37,22 @@ def parser_create() -> argparse.ArgumentParser:
     parser.add_argument("--admin-user", default="")
     parser.add_argument("--admin-password", default="")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--pause", type=float, default=0.05, help="mean seconds between one thread's calls"
+    )
+    parser.add_argument(
+        "--max-wait", type=float, default=1.0, help="at most this long a refused call waits"
+    )
     return parser
 
 
-def one_call(client: httpx.Client, keys: dict[str, str], rng: random.Random, tally: Counter) -> None:
+def one_call(
+    client: httpx.Client,
+    keys: dict[str, str],
+    rng: random.Random,
+    tally: Counter,
+    max_wait: float,
+) -> None:
     tenant, feature = rng.choice(FEATURES)
     headers = {"Authorization": f"Bearer {keys[tenant]}"}
     fate = rng.random()
@@ -56,8 +67,8 @@ def one_call(client: httpx.Client, keys: dict[str, str], rng: random.Random, tal
     answer = client.post("/api/v1/reservations", json=body, headers=headers)
     tally[f"reserve {answer.status_code}"] += 1
     if answer.status_code == 429:
-        # a well-behaved caller waits (here at most a second) before trying again
-        time.sleep(min(1.0, float(answer.headers.get("Retry-After", 1))))
+        # a well-behaved caller waits (here at most --max-wait) before trying again
+        time.sleep(min(max_wait, float(answer.headers.get("Retry-After", 1))))
     if answer.status_code != 201:
         return
     rid = answer.json()["id"]
@@ -105,8 +116,8 @@ def worker(options: argparse.Namespace, index: int, until: float, tally: Counter
                 admin = None
         while time.monotonic() < until:
             try:
-                one_call(client, keys, rng, local)
-                time.sleep(rng.uniform(0, 2 * PAUSE_SECONDS))
+                one_call(client, keys, rng, local, options.max_wait)
+                time.sleep(rng.uniform(0, 2 * options.pause))
                 if admin is not None and time.monotonic() >= next_admin:
                     page = admin.get("/admin/")
                     local[f"admin dashboard {page.status_code}"] += 1

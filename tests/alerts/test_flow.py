@@ -66,9 +66,10 @@ def test_a_storm_for_one_feature_is_one_message_per_window(
     assert len(mail.outbox) == 1
     assert Alert.objects.filter(fired_in__isnull=True).count() == 2  # waiting for the window
     alerts_run(now_ms=at(9, 10))
+    limit = "acme / chat: 10,000 tokens per day, soft (not enforced)"
     assert [m.subject for m in mail.outbox] == [
-        "[LLM quota] acme/chat: 50% of the budget used: acme / chat: 10,000 tokens per day, soft (not enforced)",
-        "[LLM quota] acme/chat: 100% of the budget used: acme / chat: 10,000 tokens per day, soft (not enforced)",
+        f"[LLM quota] acme/chat: 50% of the budget used: {limit}",
+        f"[LLM quota] acme/chat: 100% of the budget used: {limit}",
     ]
     _, second = Notification.objects.order_by("created_at")
     assert [a.level for a in second.fired.order_by("level")] == [0.8, 1.0]
@@ -176,8 +177,7 @@ def test_a_worker_that_read_before_another_claimed_loses_every_claim(
     window = ms_to_datetime(at(9, 10))  # B, even in the next window, finds nothing to claim
     group = alert_group(seen_by_b[0])
     assert (
-        _notification_claim(group, seen_by_b, window_start=window, now=window, urgent=False)
-        is None
+        _notification_claim(group, seen_by_b, window_start=window, now=window, urgent=False) is None
     )
     assert deliveries_send_pending(now=window) == 1  # A's one e-mail; B has none
     assert deliveries_send_pending(now=window) == 0
