@@ -77,6 +77,9 @@ def _refusing_limits(ctx: Context) -> dict[str, Any]:
     limits = Limit.objects.select_related("tenant", "feature", "pool", "model").in_bulk(
         [pk for pk in by_limit if pk is not None]
     )
+    # Shares, not counts: the refusals are read as ingested, the rollups a little later, so
+    # counts of the two would disagree by the rollups' lag.
+    total = sum(by_limit.values())
     refused_by = []
     for pk, count in sorted(by_limit.items(), key=lambda item: (-item[1], item[0] or 0)):
         limit = limits.get(pk or 0)
@@ -85,7 +88,7 @@ def _refusing_limits(ctx: Context) -> dict[str, Any]:
                 "limit_id": limit.pk if limit else None,
                 "limit_name": str(limit) if limit else "a limit since deleted",
                 "whose": _whose(limit),
-                "refused": count,
+                "percent": round(100 * count / total),
             }
         )
     details: dict[str, Any] = {"refused_by": refused_by}

@@ -111,7 +111,11 @@ def worker(options: argparse.Namespace, index: int, until: float, tally: Counter
         admin = None
         if options.admin_user and index == 0:
             admin = httpx.Client(base_url=options.url, timeout=30, follow_redirects=True)
-            if not admin_login(admin, options.admin_user, options.admin_password):
+            try:
+                logged_in = admin_login(admin, options.admin_user, options.admin_password)
+            except httpx.HTTPError:
+                logged_in = False
+            if not logged_in:
                 local["admin login failed"] += 1
                 admin = None
         while time.monotonic() < until:

@@ -220,8 +220,9 @@ def test_a_refusal_spike_names_the_limits_that_refused_and_whose_they_are(world:
         "[LLM quota] acme/chat: 40% of reservations refused by shared: 1,000 tokens per minute"
     )
     assert (
-        "Calls are being refused: 30 by shared: 1,000 tokens per minute (the shared pool's); "
-        "10 by acme / chat: 50 requests per minute (the feature's own)." in sent.body
+        "Calls are being refused by shared: 1,000 tokens per minute (the shared pool's, 75% of "
+        "the refusals); acme / chat: 50 requests per minute (the feature's own, 25% of the "
+        "refusals)." in sent.body
     )
     assert "acme/batch used the most of it." in sent.body
     # what to do, each a link to the page that does it
