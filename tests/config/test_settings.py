@@ -49,15 +49,16 @@ def test_sqlite_gets_no_connect_timeout() -> None:
 
 
 WRITER = """
-import sys, django
+import sys, time, django
 django.setup()
 from django.db import connection, transaction
 
 for n in range(int(sys.argv[1])):
-    # the ledger's pattern: read inside the transaction, then write what was read
+    # the rollups' pattern: read inside the transaction, work on it, then write
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT COALESCE(MAX(n), 0) FROM counter")
         (top,) = cursor.fetchone()
+        time.sleep(0.002)
         cursor.execute("INSERT INTO counter (n, writer) VALUES (%s, %s)", [top + 1, sys.argv[2]])
 """
 
@@ -65,9 +66,10 @@ for n in range(int(sys.argv[1])):
 @pytest.mark.slow
 def test_sqlite_takes_concurrent_writers_that_read_first(tmp_path: object) -> None:
     """Processes that each read and then write in one transaction, at once, on the default
-    SQLite settings: with a deferred BEGIN the second to write fails at once with "database
-    is locked" (SQLite will not wait on a lock upgrade); with BEGIN IMMEDIATE each waits its
-    turn, and no read-then-write loses an update."""
+    SQLite settings. With a deferred BEGIN a writer that read first fails at once with
+    "database is locked" (SQLite will not wait on a lock upgrade): run with Django's own
+    SQLite defaults, or with WAL alone, three of the four writers fail. With BEGIN IMMEDIATE
+    each waits its turn, and no read-then-write loses an update."""
     import sqlite3
     from pathlib import Path
 
