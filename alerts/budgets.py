@@ -1,6 +1,7 @@
 """Rules on calendar budgets, read from the live counters in Redis: threshold crossings
-(once per threshold and period, resolved when usage is back under it) and the forecast of
-a budget that runs out before its period ends."""
+(once per crossing: resolved when usage is back under it, fired again when it crosses again
+in the same period, after a boost ends, the limit is lowered or usage was refunded and rose
+again) and the forecast of a budget that runs out before its period ends."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from alerts.ledger_reads import scope_usage_since
-from alerts.models import RuleKind
+from alerts.ledger_reads import scope_top_feature, scope_usage_since
+from alerts.models import Alert, RuleKind
 from alerts.rules import RuleBook
 from alerts.selectors import firing_alerts
 from alerts.state import Firing, alert_fire, alert_resolve, ms_to_datetime
@@ -19,6 +20,12 @@ from quotas.plan import LimitInfo, plan_load
 from quotas.store import get_engine
 
 BUDGET_WINDOWS = ("hour", "day", "month")
+# A threshold alert resolves once usage is this share of the cap below its threshold: a
+# budget hovering at its threshold (reservations held, then refunded by their commits)
+# would otherwise resolve and fire again at every evaluation.
+RESOLVE_MARGIN = 0.02
+# The "noisy feature" of a budget shared by several is the one that used most of it lately.
+NOISY_WINDOW_MINUTES = 60
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,11 @@ class Reading:
     def fraction(self) -> float:
         return self.used / self.cap if self.cap > 0 else 0.0
 
+    @property
+    def refusing(self) -> bool:
+        """A hard budget that is spent refuses every call until its reset (or a boost)."""
+        return self.info.enforcement == "hard" and self.fraction >= 1
+
     def details(self) -> dict[str, Any]:
         return {
             "limit_name": self.info.name,
@@ -48,6 +60,7 @@ class Reading:
             "cap": self.cap,
             "fraction": round(self.fraction, 4),
             "reset_ms": self.period_end_ms,
+            "refusing": self.refusing,
         }
 
 
@@ -71,16 +84,19 @@ def budgets_read(*, now_ms: int) -> list[Reading]:
 
 def thresholds_evaluate(*, readings: list[Reading], rules: RuleBook, now: datetime) -> None:
     current = {r.limit.id: r for r in readings}
+    still_firing = set()
     for alert in firing_alerts(RuleKind.THRESHOLD):
         reading = current.get(alert.limit_id or 0)
         reason = _threshold_gone(alert.level, alert.period_start, reading, rules)
         if reason:
             details = {**alert.details, **(reading.details() if reading else {})}
             alert_resolve(alert_id=alert.id, now=now, reason=reason, details=details)
+        else:
+            still_firing.add(alert.subject)
     for reading in readings:
         runs_out_ms = _runs_out_at(reading, rules)
         for level in _levels(reading, rules):
-            if reading.fraction >= level:
+            if reading.fraction >= level and _subject(reading, level) not in still_firing:
                 alert_fire(firing=_threshold_firing(reading, level, runs_out_ms), now=now)
 
 
@@ -101,20 +117,21 @@ def _threshold_gone(
         return "a new period began"
     if level not in _levels(reading, rules):
         return "the threshold was removed"
-    if reading.fraction < level:
+    if reading.fraction < level - RESOLVE_MARGIN:
         return "usage is back under the threshold"
     return ""
 
 
 def _threshold_firing(reading: Reading, level: float, runs_out_ms: int | None) -> Firing:
     limit = reading.limit
-    details = reading.details()
+    details = {**reading.details(), **_noisy_feature(reading)}
     if runs_out_ms is not None:
         details["runs_out_ms"] = runs_out_ms  # the owner reads the forecast with the threshold
+    subject = _subject(reading, level)
     return Firing(
-        key=f"threshold:limit:{limit.id}@{level}:{reading.period_start_ms}",
+        key=_crossing_key(f"threshold:{subject}", RuleKind.THRESHOLD, subject, reading),
         kind=RuleKind.THRESHOLD,
-        subject=f"limit:{limit.id}@{level}",
+        subject=subject,
         level=level,
         tenant_id=limit.tenant_id,
         feature_id=limit.feature_id,
@@ -122,20 +139,57 @@ def _threshold_firing(reading: Reading, level: float, runs_out_ms: int | None) -
         period_start=ms_to_datetime(reading.period_start_ms),
         period_end=ms_to_datetime(reading.period_end_ms),
         details=details,
+        refusing=level >= 1 and reading.refusing,
     )
+
+
+def _subject(reading: Reading, level: float | None = None) -> str:
+    """What a budget alert is about: the limit, and the threshold if it is a threshold's."""
+    limit = f"limit:{reading.limit.id}"
+    return limit if level is None else f"{limit}@{level}"
+
+
+def _crossing_key(base: str, kind: str, subject: str, reading: Reading) -> str:
+    """The claim of this crossing: the period and how many crossings of it came before.
+    Two workers that see the same crossing count the same and write the same key, so one
+    alert is inserted; a crossing after the last one resolved counts one more, and fires."""
+    before = Alert.objects.filter(
+        kind=kind, subject=subject, period_start=ms_to_datetime(reading.period_start_ms)
+    ).count()
+    return f"{base}:{reading.period_start_ms}#{before + 1}"
+
+
+def _noisy_feature(reading: Reading) -> dict[str, Any]:
+    """For a budget shared by several features (a tenant's, a pool's): the one that used
+    most of it in the last hour, the one whose pause helps most."""
+    if reading.limit.feature_id is not None:
+        return {}
+    since_ms = reading.now_ms - NOISY_WINDOW_MINUTES * 60_000
+    top = scope_top_feature(scope=reading.info.scope, metric=reading.info.metric, since_ms=since_ms)
+    if top is None:
+        return {}
+    tenant, feature, used = top
+    return {"noisy_feature": f"{tenant}/{feature}", "noisy_used": used}
 
 
 def forecasts_evaluate(*, readings: list[Reading], rules: RuleBook, now: datetime) -> None:
     current = {r.limit.id: r for r in readings}
+    still_firing = set()
     for alert in firing_alerts(RuleKind.FORECAST):
         reading = current.get(alert.limit_id or 0)
         if reading is None or alert.period_start != ms_to_datetime(reading.period_start_ms):
-            alert_resolve(alert_id=alert.id, now=now, reason="a new period began")
+            reason = "a new period began" if reading else "the limit was removed"
         elif _runs_out_at(reading, rules) is None and reading.fraction < 1:
-            alert_resolve(alert_id=alert.id, now=now, reason="the budget now lasts the period")
+            reason = "the budget now lasts the period"
+        else:
+            still_firing.add(alert.subject)
+            continue
+        details = {**alert.details, **(reading.details() if reading else {})}
+        details.pop("runs_out_ms", None)  # what it said then; it no longer runs out
+        alert_resolve(alert_id=alert.id, now=now, reason=reason, details=details)
     for reading in readings:
         runs_out_ms = _runs_out_at(reading, rules)
-        if runs_out_ms is not None:
+        if runs_out_ms is not None and _subject(reading) not in still_firing:
             alert_fire(firing=_forecast_firing(reading, runs_out_ms), now=now)
 
 
@@ -168,15 +222,16 @@ def _burn_rate_per_ms(reading: Reading, window_minutes: int) -> float:
 
 def _forecast_firing(reading: Reading, runs_out_ms: int) -> Firing:
     limit = reading.limit
+    subject = _subject(reading)
     return Firing(
-        key=f"forecast:limit:{limit.id}:{reading.period_start_ms}",
+        key=_crossing_key(f"forecast:{subject}", RuleKind.FORECAST, subject, reading),
         kind=RuleKind.FORECAST,
-        subject=f"limit:{limit.id}",
+        subject=subject,
         level=round(reading.fraction, 4),
         tenant_id=limit.tenant_id,
         feature_id=limit.feature_id,
         limit_id=limit.id,
         period_start=ms_to_datetime(reading.period_start_ms),
         period_end=ms_to_datetime(reading.period_end_ms),
-        details={**reading.details(), "runs_out_ms": runs_out_ms},
+        details={**reading.details(), **_noisy_feature(reading), "runs_out_ms": runs_out_ms},
     )

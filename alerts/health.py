@@ -14,6 +14,8 @@ from alerts.ledger_reads import (
     Counts,
     feature_counts,
     feature_truncation_baseline,
+    refusals_by_limit,
+    scope_top_feature,
     would_refuse_limit_ids,
 )
 from alerts.models import RuleKind
@@ -33,44 +35,116 @@ class Context:
     until: datetime
 
 
-# A rule's verdict: the details to announce when it fires, None when all is well.
-Check = Callable[[Context], dict[str, Any] | None]
+# A rule's reading of the window: whether it fires, and the numbers it measured, which a
+# firing alert announces and a resolve reports as they are then.
+@dataclass(frozen=True)
+class Verdict:
+    fires: bool
+    details: dict[str, Any]
+
+
+Check = Callable[[Context], Verdict]
 
 
 def _share(part: int, whole: int) -> float:
     return part / whole if whole else 0.0
 
 
-def _refusal_spike(ctx: Context) -> dict[str, Any] | None:
+def _rate(ctx: Context, part: int, whole: int) -> tuple[bool, float]:
+    """Whether `part` of `whole` is above the rule's threshold (with enough events)."""
+    share = _share(part, whole)
+    return whole >= ctx.settings.min_events and share > ctx.settings.threshold, round(share, 4)
+
+
+def _refusal_spike(ctx: Context) -> Verdict:
+    counts = ctx.counts
+    fires, share = _rate(ctx, counts.refused, counts.settled + counts.refused)
+    details = {"refused": counts.refused, "admitted": counts.settled, "share": share}
+    if fires:
+        details.update(_refusing_limits(ctx))
+    return Verdict(fires, details)
+
+
+def _refusing_limits(ctx: Context) -> dict[str, Any]:
+    """Which limits refused, the most first, each said whose it is: a shared pool's capacity
+    (the platform's to raise), the tenant's, or the feature's own."""
+    by_limit = refusals_by_limit(
+        tenant=ctx.feature.tenant.slug,
+        feature=ctx.feature.slug,
+        since_ms=int(ctx.since.timestamp() * 1000),
+        until_ms=int(ctx.until.timestamp() * 1000),
+    )
+    limits = Limit.objects.select_related("tenant", "feature", "pool", "model").in_bulk(
+        [pk for pk in by_limit if pk is not None]
+    )
+    # Shares, not counts: the refusals are read as ingested, the rollups a little later, so
+    # counts of the two would disagree by the rollups' lag.
+    total = sum(by_limit.values())
+    refused_by = []
+    for pk, count in sorted(by_limit.items(), key=lambda item: (-item[1], item[0] or 0)):
+        limit = limits.get(pk or 0)
+        refused_by.append(
+            {
+                "limit_id": limit.pk if limit else None,
+                "limit_name": str(limit) if limit else "a limit since deleted",
+                "whose": _whose(limit),
+                "percent": round(100 * count / total),
+            }
+        )
+    details: dict[str, Any] = {"refused_by": refused_by}
+    top = limits.get(refused_by[0]["limit_id"] or 0) if refused_by else None
+    if top is not None and top.feature_id is None:
+        # a shared limit: the feature that used most of it is the one to pause
+        noisy = scope_top_feature(
+            scope=_scope(top), metric=top.metric, since_ms=int(ctx.since.timestamp() * 1000)
+        )
+        if noisy is not None:
+            details["noisy_feature"] = f"{noisy[0]}/{noisy[1]}"
+    return details
+
+
+def _scope(limit: Limit) -> dict[str, str]:
+    """A limit's scope as the rollups name it (slugs, the model's name)."""
+    names = {
+        "tenant": limit.tenant.slug if limit.tenant else None,
+        "feature": limit.feature.slug if limit.feature else None,
+        "pool": limit.pool.slug if limit.pool else None,
+        "model": limit.model.name if limit.model else None,
+    }
+    return {part: name for part, name in names.items() if name is not None}
+
+
+def _whose(limit: Limit | None) -> str:
+    if limit is None:
+        return ""
+    if limit.tenant_id is None:
+        return "the shared pool's"
+    return "the tenant's" if limit.feature_id is None else "the feature's own"
+
+
+def _upstream_429(ctx: Context) -> Verdict:
+    counts = ctx.counts
+    fires, share = _rate(ctx, counts.upstream_429, counts.requests)
+    details = {"upstream_429": counts.upstream_429, "requests": counts.requests, "share": share}
+    return Verdict(fires, details)
+
+
+def _expired_leases(ctx: Context) -> Verdict:
+    counts = ctx.counts
+    fires, share = _rate(ctx, counts.expired, counts.settled)
+    return Verdict(fires, {"expired": counts.expired, "requests": counts.settled, "share": share})
+
+
+def _truncation(ctx: Context) -> Verdict:
     counts, settings = ctx.counts, ctx.settings
-    asked = counts.settled + counts.refused
-    share = _share(counts.refused, asked)
-    if asked < settings.min_events or share <= settings.threshold:
-        return None
-    return {"refused": counts.refused, "admitted": counts.settled, "share": round(share, 4)}
-
-
-def _upstream_429(ctx: Context) -> dict[str, Any] | None:
-    counts, settings = ctx.counts, ctx.settings
-    share = _share(counts.upstream_429, counts.requests)
-    if counts.requests < settings.min_events or share <= settings.threshold:
-        return None
-    share = round(share, 4)
-    return {"upstream_429": counts.upstream_429, "requests": counts.requests, "share": share}
-
-
-def _expired_leases(ctx: Context) -> dict[str, Any] | None:
-    counts, settings = ctx.counts, ctx.settings
-    share = _share(counts.expired, counts.settled)
-    if counts.settled < settings.min_events or share <= settings.threshold:
-        return None
-    return {"expired": counts.expired, "requests": counts.settled, "share": round(share, 4)}
-
-
-def _truncation(ctx: Context) -> dict[str, Any] | None:
-    counts, settings = ctx.counts, ctx.settings
+    share = _share(counts.truncated, counts.requests)
+    details: dict[str, Any] = {
+        "truncated": counts.truncated,
+        "requests": counts.requests,
+        "share": round(share, 4),
+    }
     if counts.requests < settings.min_events:
-        return None
+        return Verdict(False, details)
     feature = ctx.feature
     baseline = feature_truncation_baseline(
         tenant=feature.tenant.slug,
@@ -79,20 +153,14 @@ def _truncation(ctx: Context) -> dict[str, Any] | None:
         until=ctx.since,
     )
     base_share = _share(baseline.truncated, baseline.requests)
-    share = _share(counts.truncated, counts.requests)
-    if share <= max(TRUNCATION_FLOOR, base_share * settings.threshold):
-        return None
-    return {
-        "truncated": counts.truncated,
-        "requests": counts.requests,
-        "share": round(share, 4),
-        "baseline_share": round(base_share, 4),
-    }
+    details["baseline_share"] = round(base_share, 4)
+    return Verdict(share > max(TRUNCATION_FLOOR, base_share * settings.threshold), details)
 
 
-def _would_refuse(ctx: Context) -> dict[str, Any] | None:
+def _would_refuse(ctx: Context) -> Verdict:
+    details: dict[str, Any] = {"would_refuse": ctx.counts.would_refuse}
     if ctx.counts.would_refuse < max(1, ctx.settings.min_events):
-        return None
+        return Verdict(False, details)
     limits = would_refuse_limit_ids(
         tenant=ctx.feature.tenant.slug,
         feature=ctx.feature.slug,
@@ -101,7 +169,7 @@ def _would_refuse(ctx: Context) -> dict[str, Any] | None:
     )
     names = {limit.pk: str(limit) for limit in Limit.objects.filter(pk__in=limits)}
     by_name = {names.get(pk, f"limit {pk} (deleted)"): n for pk, n in sorted(limits.items())}
-    return {"would_refuse": ctx.counts.would_refuse, "limits": by_name}
+    return Verdict(True, {**details, "limits": by_name})
 
 
 CHECKS: dict[str, Check] = {
@@ -136,29 +204,31 @@ def _features_in_view() -> list[Feature]:
 def _apply(
     kind: str,
     feature: Feature,
-    verdict: dict[str, Any] | None,
+    verdict: Verdict | None,
     alert: Any,
     ctx: Context,
     now: datetime,
 ) -> None:
-    if verdict is None:
-        if alert is not None:
-            alert_resolve(alert_id=alert.id, now=now, reason="back to normal")
-        return
-    if alert is not None:
-        return  # still firing: said once already
-    details = {
-        **verdict,
+    measured = {
+        **(verdict.details if verdict else {}),
         "window_minutes": ctx.settings.window_minutes,
         "threshold": ctx.settings.threshold,
     }
+    if verdict is None or not verdict.fires:
+        if alert is not None:
+            reason = "back to normal" if verdict else "the rule was turned off"
+            details = {**alert.details, **measured}
+            alert_resolve(alert_id=alert.id, now=now, reason=reason, details=details)
+        return
+    if alert is not None:
+        return  # still firing: said once already
     firing = Firing(
         key=f"{kind}:feature:{feature.id}:{int(now.timestamp() * 1000)}",
         kind=kind,
         subject=f"feature:{feature.id}",
-        level=float(verdict.get("share", verdict.get("would_refuse", 0))),
+        level=float(verdict.details.get("share", verdict.details.get("would_refuse", 0))),
         tenant_id=feature.tenant_id,
         feature_id=feature.id,
-        details=details,
+        details=measured,
     )
     alert_fire(firing=firing, now=now)

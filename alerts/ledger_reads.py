@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from django.db.models import F, Q, QuerySet, Sum
+from django.db.models import Count, F, Q, QuerySet, Sum
 
 from alerts.state import ms_to_datetime
-from ledger.models import DeadLetter, Grain, UsageEvent, UsageRollup
+from ledger.models import DeadLetter, Grain, Refusal, UsageEvent, UsageRollup
 
 # A limit's metric as a sum of rollup columns, in engine units (nano-USD for cost).
 _METRIC_EXPRESSIONS: dict[str, Any] = {
@@ -55,6 +55,42 @@ def scope_usage_since(*, scope: dict[str, str], metric: str, since_ms: int) -> f
     rows = rows.filter(**{name: value for name, value in scope.items()})
     total = rows.aggregate(total=Sum(expression))["total"]
     return float(total or 0)
+
+
+def scope_top_feature(
+    *, scope: dict[str, str], metric: str, since_ms: int
+) -> tuple[str, str, float] | None:
+    """The feature (tenant slug, feature slug, usage) that used most of a limit's scope
+    since `since_ms`, or None when none used any."""
+    expression = _METRIC_EXPRESSIONS.get(metric)
+    if expression is None:
+        return None
+    rows = UsageRollup.objects.filter(grain=Grain.MINUTE, start__gte=ms_to_datetime(since_ms))
+    top = (
+        rows.filter(**scope)
+        .exclude(feature="")
+        .values("tenant", "feature")
+        .annotate(used=Sum(expression))
+        .order_by("-used", "tenant", "feature")
+        .first()
+    )
+    if top is None or not top["used"]:
+        return None
+    return top["tenant"], top["feature"], float(top["used"])
+
+
+def refusals_by_limit(
+    *, tenant: str, feature: str, since_ms: int, until_ms: int
+) -> dict[int | None, int]:
+    """How many of one feature's reservations each limit refused (None: no limit named)."""
+    rows = (
+        Refusal.objects.filter(
+            tenant=tenant, feature=feature, at_ms__gte=since_ms, at_ms__lt=until_ms
+        )
+        .values("limit_id")
+        .annotate(n=Count("id"))
+    )
+    return {row["limit_id"]: row["n"] for row in rows}
 
 
 def feature_counts(*, since: datetime, until: datetime) -> dict[tuple[str, str], Counts]:

@@ -15,8 +15,10 @@ from django.urls import reverse
 
 from alerts.models import Alert, Channel, Notification
 from alerts.transports import Message
+from quotas.models import Limit
 from quotas.plan import NANO
 from quotas.validation import METRIC_WORDS
+from tenants.models import Feature
 
 BAR_CELLS = 20
 
@@ -135,6 +137,8 @@ def _item(alert: Alert, transition: str) -> dict[str, Any]:
         "bar": _bar(fraction),
         "bar_width": min(100, _percent(fraction)),
         "link": _alert_link(alert),
+        "refusing": alert.refusing if transition == "fired" else bool(details.get("refusing")),
+        "actions": _actions(alert) if transition == "fired" else [],
     }
     item.update(_amounts(details))
     item["title"] = _line(render_to_string("alerts/item_title.txt", item))
@@ -189,6 +193,35 @@ def _alert_link(alert: Alert) -> str:
     return _link(reverse("admin:alerts_alert_change", args=[alert.pk]))
 
 
+def _actions(alert: Alert) -> list[dict[str, str]]:
+    """What the owner can do about a firing alert, each a link to the admin page that does
+    it: boost or raise the limit that binds, pause the feature that uses it most."""
+    details = alert.details or {}
+    limit = alert.limit
+    if alert.kind == "refusal_spike":
+        refused_by = details.get("refused_by") or [{}]
+        limit = Limit.objects.filter(pk=refused_by[0].get("limit_id") or 0).first()
+    actions = []
+    if limit is not None and limit.amount is not None:
+        name = str(limit)
+        boost = reverse("admin:quotas_limit_boost", args=[limit.pk])
+        raise_ = reverse("admin:quotas_limit_change", args=[limit.pk])
+        actions.append({"label": f"Boost {name} for a few hours", "url": _link(boost)})
+        actions.append({"label": f"Raise {name}", "url": _link(raise_)})
+    feature = _feature_named(str(details.get("noisy_feature", ""))) or alert.feature
+    if feature is not None:
+        page = reverse("admin:tenants_feature_change", args=[feature.pk])
+        actions.append({"label": f"Pause {feature} (its page)", "url": _link(page)})
+    return actions
+
+
+def _feature_named(name: str) -> Feature | None:
+    tenant, _, slug = name.partition("/")
+    if not slug:
+        return None
+    return Feature.objects.select_related("tenant").filter(tenant__slug=tenant, slug=slug).first()
+
+
 def _item_data(item: dict[str, Any]) -> dict[str, Any]:
     alert: Alert = item["alert"]
     return {
@@ -200,6 +233,8 @@ def _item_data(item: dict[str, Any]) -> dict[str, Any]:
         "feature": alert.feature.slug if alert.feature else None,
         "limit": alert.limit_id,
         "level": alert.level,
+        "refusing": item["refusing"],
+        "actions": item["actions"],
         "fired_at": alert.fired_at.isoformat(),
         "resolved_at": alert.resolved_at.isoformat() if alert.resolved_at else None,
         "resolve_reason": alert.resolve_reason or None,

@@ -156,13 +156,20 @@ class Notification(models.Model):
     message = models.JSONField(
         default=dict, blank=True, help_text="As rendered, so a delivery can be sent again."
     )
+    urgent = models.BooleanField(
+        default=False,
+        help_text="Carried alerts that mean calls are refused now: sent at once, outside the "
+        "storm window.",
+    )
     created_at = models.DateTimeField()
 
     class Meta:
         ordering = ["-created_at"]
         constraints = [
             models.UniqueConstraint(
-                fields=["group", "window_start"], name="alert_notification_once_per_window"
+                fields=["group", "window_start"],
+                condition=Q(urgent=False),
+                name="alert_notification_once_per_window",
             )
         ]
 
@@ -172,8 +179,9 @@ class Notification(models.Model):
 
 class Alert(models.Model):
     """One condition that fired, kept until it resolves. `key` is the claim: a threshold's
-    key names its limit, level and period, so it fires once per period however many workers
-    evaluate; a rate rule may have one firing alert per feature (the partial constraint)."""
+    key names its limit, level, period and how many times it fired in that period before, so
+    however many workers evaluate it fires once per crossing; and one alert per rule and
+    subject may be firing at a time (the partial constraint)."""
 
     class State(models.TextChoices):
         FIRING = "firing"
@@ -193,6 +201,11 @@ class Alert(models.Model):
     )
     state = models.CharField(max_length=8, choices=State.choices, default=State.FIRING)
     level = models.FloatField(help_text="The threshold or rate that was crossed.")
+    refusing = models.BooleanField(
+        default=False,
+        help_text="Calls are being refused now (a hard limit at 100%): announced at once, "
+        "outside the storm window, and so is its resolve.",
+    )
     period_start = models.DateTimeField(null=True, blank=True)
     period_end = models.DateTimeField(null=True, blank=True)
     fired_at = models.DateTimeField()
@@ -218,7 +231,19 @@ class Alert(models.Model):
         indexes = [models.Index(fields=["state", "kind"], name="alert_state_kind")]
 
     def __str__(self) -> str:
-        return f"{self.get_kind_display()} {self.subject} ({self.state})"
+        """The alert in words, as a person reads it in a list: "100% of acme / chat: 10,000
+        tokens per day", "refusal spike: acme/chat"."""
+        about = (self.details or {}).get("limit_name") or self._about()
+        if self.kind == RuleKind.THRESHOLD:
+            return f"{round(self.level * 100)}% of {about}"
+        return f"{self.get_kind_display()}: {about}"
+
+    def _about(self) -> str:
+        if self.feature_id is not None:
+            return str(self.feature)
+        if self.tenant_id is not None:
+            return str(self.tenant)
+        return "the ledger" if self.kind == RuleKind.DEAD_LETTERS else "shared capacity"
 
 
 class Delivery(models.Model):

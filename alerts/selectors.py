@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from alerts.models import Alert, Channel
 from alerts.transports import email_addresses
@@ -27,6 +27,13 @@ def unannounced_alerts() -> list[Alert]:
     )
 
 
+def latest_alerts(alerts: QuerySet[Alert]) -> QuerySet[Alert]:
+    """Only the latest alert of each rule and subject: an older one that resolved says
+    nothing true once the same threshold fired again (a boost ended, usage rose again)."""
+    newer = Alert.objects.filter(kind=OuterRef("kind"), subject=OuterRef("subject"))
+    return alerts.exclude(Exists(newer.filter(fired_at__gt=OuterRef("fired_at"))))
+
+
 def alert_group(alert: Alert) -> str:
     """Alerts of one group travel in one message: a feature's, a tenant's own limits', or
     the platform's (limits on a shared pool or model that bind every tenant)."""
@@ -45,12 +52,24 @@ class Route:
 
 
 def owner_addresses(*, tenant: Tenant | None, feature: Feature | None) -> list[str]:
-    """Who owns what an alert is about: the feature's owner; for a tenant's own limits its
-    owners; for shared capacity, the platform's superusers."""
+    """Who owns what an alert is about: a feature's owner, then its tenant's owners (who can
+    act on every feature of the tenant); for a tenant's own limits its owners; for shared
+    capacity, the platform's superusers. Each address once, whatever its case."""
     if feature is not None:
-        return [feature.owner.email] if feature.owner.email else []
+        first = [feature.owner.email] if feature.owner.email else []
+        return _once([*first, *sorted(u.email for u in feature.tenant.owners.all())])
     users = tenant.owners.all() if tenant is not None else _superusers()
-    return sorted({u.email for u in users if u.email})
+    return _once(sorted(u.email for u in users))
+
+
+def _once(addresses: list[str]) -> list[str]:
+    seen: set[str] = set()
+    result = []
+    for address in addresses:
+        if address and address.lower() not in seen:
+            seen.add(address.lower())
+            result.append(address)
+    return result
 
 
 def _superusers() -> list[Any]:

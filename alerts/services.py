@@ -85,8 +85,10 @@ def alerts_evaluate(*, now_ms: int) -> None:
 
 
 def notifications_dispatch(*, now: datetime) -> list[Notification]:
-    """One message per group for everything not yet announced, unless the group already
-    had its message in this storm window: then it waits for the next window."""
+    """One message per group for everything not yet announced. Warnings wait when the group
+    already had its message in this storm window; an alert that means calls are being
+    refused now (and its resolve) goes at once in a message of its own, taking along what
+    else of its group was waiting."""
     groups: dict[str, list[Alert]] = defaultdict(list)
     for alert in unannounced_alerts():
         groups[alert_group(alert)].append(alert)
@@ -94,7 +96,11 @@ def notifications_dispatch(*, now: datetime) -> list[Notification]:
     window_start = _window_start(now, window)
     sent = []
     for group, alerts in groups.items():
-        notification = _notification_claim(group, alerts, window_start=window_start, now=now)
+        urgent = any(alert.refusing for alert in alerts)
+        starts = now if urgent else window_start
+        notification = _notification_claim(
+            group, alerts, window_start=starts, now=now, urgent=urgent
+        )
         if notification is not None:
             sent.append(notification)
     return sent
@@ -107,10 +113,10 @@ def _window_start(now: datetime, window: timedelta) -> datetime:
 
 @transaction.atomic
 def _notification_claim(
-    group: str, alerts: list[Alert], *, window_start: datetime, now: datetime
+    group: str, alerts: list[Alert], *, window_start: datetime, now: datetime, urgent: bool
 ) -> Notification | None:
-    """The group's message for this window with the alerts it claimed, or None when the
-    group had its message in this window or another worker claimed every alert."""
+    """The group's message with the alerts it claimed, or None when the group had its
+    message in this window (warnings only) or another worker claimed every alert."""
     first = alerts[0]
     try:
         with transaction.atomic():
@@ -119,6 +125,7 @@ def _notification_claim(
                 window_start=window_start,
                 tenant=first.tenant,
                 feature=first.feature,
+                urgent=urgent,
                 created_at=now,
             )
     except IntegrityError:

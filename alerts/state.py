@@ -28,6 +28,8 @@ class Firing:
     period_start: datetime | None = None
     period_end: datetime | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # calls are being refused now: the alert, and its resolve, go out at once
+    refusing: bool = False
 
 
 def ms_to_datetime(ms: int) -> datetime:
@@ -44,6 +46,7 @@ def alert_fire(*, firing: Firing, now: datetime) -> Alert | None:
                 kind=firing.kind,
                 subject=firing.subject,
                 level=firing.level,
+                refusing=firing.refusing,
                 tenant_id=firing.tenant_id,
                 feature_id=firing.feature_id,
                 limit_id=firing.limit_id,

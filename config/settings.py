@@ -87,6 +87,18 @@ if DATABASES["default"]["ENGINE"].endswith("postgresql"):
     DATABASES["default"].setdefault("OPTIONS", {}).setdefault(
         "connect_timeout", env.int("DATABASE_CONNECT_TIMEOUT", default=5)
     )
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # The demo's web app, Celery worker and beat share one SQLite file. WAL lets readers run
+    # beside the one writer; BEGIN IMMEDIATE makes a transaction that reads and then writes
+    # (the ledger's rollups) queue for the write lock up to `timeout` seconds, instead of
+    # failing at once with "database is locked" (docs/ledger.md#sqlite).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL",
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+        }
+    )
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")

@@ -21,6 +21,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from alerts.models import Alert, Delivery
+from alerts.selectors import latest_alerts
 from console.scoping import is_scoped, owned_tenants, scope_queryset
 from console.snapshot import platform_snapshot
 from ledger.usage_reads import (
@@ -240,7 +241,7 @@ def _linked(plan: Plan, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _recent_alerts(user: Any) -> list[Alert]:
     deliveries = Prefetch("fired_in__deliveries", queryset=Delivery.objects.order_by("created_at"))
-    alerts = scope_queryset(user, Alert.objects.all())
+    alerts = latest_alerts(scope_queryset(user, Alert.objects.all()))
     return list(
         alerts.select_related("tenant", "feature", "fired_in")
         .prefetch_related(deliveries)

@@ -100,8 +100,7 @@ class AlertAdmin(ReadOnlyMixin, TenantScopedMixin, admin.ModelAdmin):  # type: i
 
     @admin.display(description="what")
     def title(self, alert: Alert) -> str:
-        name = (alert.details or {}).get("limit_name")
-        return str(name or alert.subject)
+        return str(alert)
 
     @admin.display(description="details")
     def shown_details(self, alert: Alert) -> str:

@@ -12,16 +12,19 @@ from zoneinfo import ZoneInfo
 import pytest
 from django.conf import settings
 from django.core import mail
+from django.utils import timezone
 
 import alerts.budgets
 import alerts.services
 from alerts.models import Alert, AlertRule, Delivery, Notification
 from alerts.services import alerts_run
 from ledger.models import Grain, UsageRollup
+from quotas.boosts import limit_boost, limit_boost_end
 from quotas.engine import Engine
 from quotas.models import Limit
 from quotas.store import get_engine, redis_client
 from tests.factories import UserFactory
+from tests.fakes.redis_server import wait_until
 from tests.fixtures import DEAD_STORE, World
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -318,3 +321,105 @@ def test_with_the_store_down_budget_alerts_stay_and_the_ledgers_rules_still_run(
     assert firing() == [("threshold", 0.5), ("threshold", 0.8)]  # nothing resolved blindly
     assert firing(kind="upstream_429") == [("upstream_429", 0.3)]
     assert mail.outbox[-1].subject == "[LLM quota] acme/chat: Provider answered 429 to 30% of calls"
+
+
+def release(world: World, response: Any) -> None:
+    rid = response.json()["id"]
+    done = world.client().post(f"/api/v1/reservations/{rid}/release", {}, format="json")
+    assert done.status_code == 200, done.json()
+
+
+def test_a_boost_that_ends_brings_the_refusing_alert_back(
+    world: World, daily: Limit, reserve: Any, clock: Any
+) -> None:
+    """Spent (calls refused), boosted (the 80% and 100% resolve, with the numbers of then),
+    boost ended: the budget refuses again, and says so again at once."""
+    clock(at(9))
+    use(reserve, 10_000)
+    alerts_run(now_ms=at(9))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8), ("threshold", 1.0)]
+    assert Alert.objects.get(level=1.0).refusing
+    limit_boost(
+        limit=daily,
+        amount=Decimal(20_000),
+        until=timezone.now() + timedelta(hours=2),
+        now=timezone.now(),
+    )
+    alerts_run(now_ms=clock(at(9, 1)))
+    assert firing() == [("threshold", 0.5)]  # 10,000 of 20,000
+    resolved = mail.outbox[-1]
+    assert resolved.subject == (
+        "[LLM quota] acme/chat: Back under 80% and 100%: acme / chat: 10,000 tokens per day"
+    )
+    # the numbers when it resolved, not those it fired with
+    assert "Now: 10,000 tokens of 20,000 tokens used (50%), 10,000 tokens left" in resolved.body
+    assert "Resolved: usage is back under the threshold." in resolved.body
+
+    limit_boost_end(limit=daily)
+    assert reserve(input_tokens=100).json()["error"] == "budget_exhausted"
+    sent = len(mail.outbox)
+    alerts_run(now_ms=clock(at(9, 2)))  # same period, same window: fires again, at once
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8), ("threshold", 1.0)]
+    assert Alert.objects.filter(level=1.0).count() == 2
+    [again] = mail.outbox[sent:]
+    assert again.subject == (
+        "[LLM quota] acme/chat: Calls refused: 100% of the budget used: "
+        "acme / chat: 10,000 tokens per day"
+    )
+
+
+def test_a_boost_that_ends_on_its_own_brings_the_alert_back(
+    world: World, daily: Limit, reserve: Any, clock: Any
+) -> None:
+    clock(at(9))
+    use(reserve, 10_000)
+    alerts_run(now_ms=at(9))
+    until = timezone.now() + timedelta(seconds=1)
+    limit_boost(limit=daily, amount=Decimal(20_000), until=until, now=timezone.now())
+    alerts_run(now_ms=clock(at(9, 1)))
+    assert firing() == [("threshold", 0.5)]
+    wait_until(lambda: timezone.now() > until, seconds=10, what="the boost to end")
+    alerts_run(now_ms=clock(at(9, 2)))  # nobody touched the limit: its boost just ended
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8), ("threshold", 1.0)]
+    assert "Calls refused: 100% of the budget used" in mail.outbox[-1].subject
+
+
+def test_a_lowered_limit_fires_the_threshold_again(
+    world: World, daily: Limit, reserve: Any, clock: Any
+) -> None:
+    clock(at(9))
+    use(reserve, 8_500)
+    alerts_run(now_ms=at(9))
+    daily.amount = Decimal(15_000)  # 57%: 80% resolves
+    daily.save()
+    alerts_run(now_ms=clock(at(9, 1)))
+    assert firing() == [("threshold", 0.5)]
+    daily.amount = Decimal(10_000)  # 85% again
+    daily.save()
+    alerts_run(now_ms=clock(at(9, 2)))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8)]
+    assert Alert.objects.filter(level=0.8, state="resolved").count() == 1
+
+
+def test_usage_refunded_then_rising_again_fires_again_but_hovering_does_not(
+    world: World, daily: Limit, reserve: Any, clock: Any
+) -> None:
+    clock(at(9))
+    use(reserve, 5_000)
+    big = reserve(input_tokens=2_800, max_output_tokens=100, ttl_seconds=3600)  # 7,900
+    small = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=3600)  # 8,100
+    alerts_run(now_ms=at(9))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8)]
+    release(world, small)  # 79%: hovering at the threshold is still the same crossing
+    alerts_run(now_ms=clock(at(9, 1)))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8)]
+    release(world, big)  # 50%: refunded, the 80% resolves
+    alerts_run(now_ms=clock(at(9, 2)))
+    assert firing() == [("threshold", 0.5)]
+    use(reserve, 3_500)  # 85%: a second crossing in the same period
+    alerts_run(now_ms=clock(at(9, 3)))
+    assert firing() == [("threshold", 0.5), ("threshold", 0.8)]
+    assert list(Alert.objects.filter(level=0.8).order_by("id").values_list("state", flat=True)) == [
+        "resolved",
+        "firing",
+    ]

@@ -53,6 +53,8 @@ def use(reserve: Callable[..., Any], tokens: int) -> None:
 def test_a_storm_for_one_feature_is_one_message_per_window(
     world: World, daily: Limit, reserve: Any
 ) -> None:
+    daily.enforcement = "soft"  # at 100% it refuses nothing: every alert is a warning
+    daily.save()
     engine = get_engine()
     engine.frozen_ms = at(9)
     use(reserve, 6_000)
@@ -64,12 +66,43 @@ def test_a_storm_for_one_feature_is_one_message_per_window(
     assert len(mail.outbox) == 1
     assert Alert.objects.filter(fired_in__isnull=True).count() == 2  # waiting for the window
     alerts_run(now_ms=at(9, 10))
+    limit = "acme / chat: 10,000 tokens per day, soft (not enforced)"
     assert [m.subject for m in mail.outbox] == [
-        "[LLM quota] acme/chat: 50% of the budget used: acme / chat: 10,000 tokens per day",
-        "[LLM quota] acme/chat: 100% of the budget used: acme / chat: 10,000 tokens per day",
+        f"[LLM quota] acme/chat: 50% of the budget used: {limit}",
+        f"[LLM quota] acme/chat: 100% of the budget used: {limit}",
     ]
     _, second = Notification.objects.order_by("created_at")
     assert [a.level for a in second.fired.order_by("level")] == [0.8, 1.0]
+
+
+def test_a_hard_limit_refusing_is_sent_at_once_while_warnings_wait_for_the_window(
+    world: World, daily: Limit, reserve: Any
+) -> None:
+    engine = get_engine()
+    engine.frozen_ms = at(9)
+    use(reserve, 6_000)
+    alerts_run(now_ms=at(9))  # 50%: the window's message
+    engine.frozen_ms = at(9, 2)
+    use(reserve, 2_000)
+    alerts_run(now_ms=at(9, 2))  # 80%: a warning, waits for the next window
+    assert len(mail.outbox) == 1
+    engine.frozen_ms = at(9, 5)
+    use(reserve, 2_000)
+    alerts_run(now_ms=at(9, 5))  # 100% of a hard limit: calls are refused now
+    assert len(mail.outbox) == 2
+    urgent = mail.outbox[1]
+    assert urgent.subject == (  # one line for the limit: 100% names the 80% with it
+        "[LLM quota] acme/chat: Calls refused: 100% of the budget used: "
+        "acme / chat: 10,000 tokens per day"
+    )
+    assert "Calls are being refused (budget_exhausted)" in urgent.body
+    notification = Notification.objects.get(urgent=True)
+    # the waiting warning rode along: nothing is left for the window
+    assert [a.level for a in notification.fired.order_by("level")] == [0.8, 1.0]
+    assert not Alert.objects.filter(fired_in__isnull=True).exists()
+    # the 50% and 100% of another warning-only window are not sent early by it
+    alerts_run(now_ms=at(9, 6))
+    assert len(mail.outbox) == 2
 
 
 def test_storms_of_different_features_do_not_wait_for_each_other(
@@ -143,7 +176,9 @@ def test_a_worker_that_read_before_another_claimed_loses_every_claim(
     assert len(notifications_dispatch(now=ms_to_datetime(at(9)))) == 1  # A
     window = ms_to_datetime(at(9, 10))  # B, even in the next window, finds nothing to claim
     group = alert_group(seen_by_b[0])
-    assert _notification_claim(group, seen_by_b, window_start=window, now=window) is None
+    assert (
+        _notification_claim(group, seen_by_b, window_start=window, now=window, urgent=False) is None
+    )
     assert deliveries_send_pending(now=window) == 1  # A's one e-mail; B has none
     assert deliveries_send_pending(now=window) == 0
     assert len(mail.outbox) == 1
@@ -234,7 +269,7 @@ def test_past_80_percent_of_a_daily_budget_the_owner_gets_one_email_and_one_slac
     Channel.objects.create(
         tenant=world.tenant, name="acme-ops", kind="slack", target=httpserver.url_for("/acme-slack")
     )
-    world.tenant.owners.add(UserFactory(username="cto@acme.example"))  # not this feature's
+    world.tenant.owners.add(UserFactory(username="cto@acme.example"))  # of every acme feature
     bravo = TenantFactory(slug="bravo")
     bravo.owners.add(UserFactory(username="boss@bravo.example"))
     FeatureFactory(tenant=bravo, slug="report", owner=UserFactory(username="bo@bravo.example"))
@@ -253,7 +288,8 @@ def test_past_80_percent_of_a_daily_budget_the_owner_gets_one_email_and_one_slac
     evaluate_alerts()  # the next beat: nothing new
 
     owner = world.chat.owner.email
-    assert [m.recipients for m in smtp_inbox.received] == [[owner]]
+    # the feature's owner and its tenant's, in one e-mail; not bravo's
+    assert [m.recipients for m in smtp_inbox.received] == [[owner, "cto@acme.example"]]
     [email] = smtp_inbox.received
     assert "80% of the budget used" in email.part("text/plain")
     assert email.subject.startswith("[LLM quota] acme/chat: ")  # 50%, 80% (and a forecast?)

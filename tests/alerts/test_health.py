@@ -12,7 +12,7 @@ from django.core import mail
 
 from alerts.models import Alert, AlertRule
 from alerts.services import alerts_run
-from ledger.models import Grain, UsageEvent, UsageRollup
+from ledger.models import Grain, Refusal, UsageEvent, UsageRollup
 from quotas.store import get_engine
 from tests.fixtures import World
 
@@ -180,3 +180,63 @@ def test_other_features_traffic_is_not_yours(world: World) -> None:
     [alert] = Alert.objects.all()
     assert alert.feature == world.batch
     assert mail.outbox[0].to == [world.batch.owner.email]
+
+
+def refused(world: World, limit_id: int, n: int, reason: str = "rate_limited") -> None:
+    """n refusals of chat reservations by one limit, as the ledger stores them."""
+    for i in range(n):
+        Refusal.objects.create(
+            rid=f"rsv_{limit_id}_{i}",
+            at_ms=ms(NOW - timedelta(minutes=5)),
+            tenant=world.tenant.slug,
+            feature=world.chat.slug,
+            model=world.model.name,
+            reason=reason,
+            limit_id=limit_id,
+            ingested_ms=ms(NOW),
+        )
+
+
+def test_a_refusal_spike_names_the_limits_that_refused_and_whose_they_are(world: World) -> None:
+    pool_limit = world.limit(pool=world.pool, metric="tokens", amount=1_000)
+    own = world.limit(tenant=world.tenant, feature=world.chat, metric="requests", amount=50)
+    traffic(world, requests=60, refused_rate_limited=40)
+    refused(world, pool_limit.pk, 30)
+    refused(world, own.pk, 10)
+    # the batch feature used most of the pool: pausing it is what frees the chat's calls
+    UsageRollup.objects.create(
+        grain=Grain.MINUTE,
+        start=NOW - timedelta(minutes=3),
+        tenant=world.tenant.slug,
+        feature=world.batch.slug,
+        pool=world.pool.slug,
+        model=world.model.name,
+        requests=500,
+        input_tokens=90_000,
+    )
+    run()
+    [sent] = mail.outbox
+    assert sent.subject == (
+        "[LLM quota] acme/chat: 40% of reservations refused by shared: 1,000 tokens per minute"
+    )
+    assert (
+        "Calls are being refused by shared: 1,000 tokens per minute (the shared pool's, 75% of "
+        "the refusals); acme / chat: 50 requests per minute (the feature's own, 25% of the "
+        "refusals)." in sent.body
+    )
+    assert "acme/batch used the most of it." in sent.body
+    # what to do, each a link to the page that does it
+    assert f"/admin/quotas/limit/{pool_limit.pk}/boost/" in sent.body
+    assert f"/admin/tenants/feature/{world.batch.pk}/change/" in sent.body
+
+
+def test_a_resolve_reports_the_rates_when_it_resolved(world: World) -> None:
+    traffic(world, minutes_ago=20, requests=100, upstream_429=10)
+    run(NOW - timedelta(minutes=14))
+    traffic(world, minutes_ago=5, requests=190, upstream_429=1)
+    run()  # the 15 minutes now hold 190 commits, one 429
+    resolved = mail.outbox[-1]
+    assert resolved.subject == "[LLM quota] acme/chat: Provider 429s back to normal"
+    assert "Now: 1 of 190 commits in the last 15 minutes reported an upstream 429" in (
+        resolved.body
+    )

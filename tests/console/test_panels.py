@@ -508,6 +508,7 @@ def test_the_dashboard_shows_top_consumers_rising_truncation_and_alerts(
         level=0.8,
         fired_at=now,
         fired_in=notification,
+        details={"limit_name": "acme / chat: 10,000 tokens per day"},
     )
     Delivery.objects.create(
         notification=notification,
@@ -525,6 +526,7 @@ def test_the_dashboard_shows_top_consumers_rising_truncation_and_alerts(
         tenant=owners.bravo,
         level=0.8,
         fired_at=now,
+        details={"limit_name": "bravo: 5,000 tokens per day"},
     )
 
     html = logged_in(owners.owner).get(reverse("admin:index")).content.decode()
@@ -535,11 +537,13 @@ def test_the_dashboard_shows_top_consumers_rising_truncation_and_alerts(
     assert top.index("acme/chat") < top.index("acme/batch") and "9,000" in top
     assert "bravo" not in top
     assert "acme/chat" in rising and "15.0%" in rising and "acme/batch" not in rising
-    assert "limit:1@0.8" in alerts and "slack: failed" in alerts
-    assert "limit:2@0.8" not in alerts
+    # the alert in words, never its internal subject
+    assert "80% of acme / chat: 10,000 tokens per day" in alerts and "slack: failed" in alerts
+    assert "limit:1@0.8" not in alerts
+    assert "bravo: 5,000 tokens per day" not in alerts
 
     root = logged_in(owners.root).get(reverse("admin:index")).content.decode()
-    assert "bravo/bravo-chat" in root and "limit:2@0.8" in root
+    assert "bravo/bravo-chat" in root and "80% of bravo: 5,000 tokens per day" in root
 
 
 def test_a_superusers_dashboard_shows_the_minutely_snapshot_with_live_bars(
@@ -689,3 +693,27 @@ def test_the_limit_form_refuses_a_boost_the_boost_page_would_refuse(
     client.post(url, data)
     limit.refresh_from_db()
     assert limit.boost_until is None  # a boost below the amount, for ten years, is refused
+
+
+def test_the_dashboard_drops_a_resolve_once_the_same_threshold_fired_again(
+    world: Any, owners: Any
+) -> None:
+    """Boosted (the 100% resolved), the boost ended (it fired again): the dashboard says it
+    is firing, not resolved beside a full bar."""
+    now = timezone.now()
+    common = {
+        "kind": "threshold",
+        "subject": "limit:1@1.0",
+        "tenant": world.tenant,
+        "feature": world.chat,
+        "level": 1.0,
+        "details": {"limit_name": "acme / chat: 10,000 tokens per day"},
+    }
+    Alert.objects.create(
+        key="k#1", state="resolved", fired_at=now - timedelta(minutes=9), resolved_at=now, **common
+    )
+    Alert.objects.create(key="k#2", state="firing", fired_at=now, **common)
+    html = logged_in(owners.owner).get(reverse("admin:index")).content.decode()
+    alerts = html[html.index('id="recent-alerts"') :]
+    assert alerts.count("100% of acme / chat: 10,000 tokens per day") == 1
+    assert "firing" in alerts and "resolved" not in alerts
