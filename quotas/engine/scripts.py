@@ -13,6 +13,7 @@ import orjson
 import redis
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
+LIBRARIES = ("lib", "pressure")  # prepended to every script, in this order
 SCRIPT_NAMES = (
     "reserve",
     "commit",
@@ -30,8 +31,8 @@ SCRIPT_NAMES = (
 
 @cache
 def script_source(name: str) -> str:
-    """The shared library followed by the script: Lua scripts cannot include one another."""
-    return (LUA_DIR / "lib.lua").read_text() + "\n" + (LUA_DIR / f"{name}.lua").read_text()
+    """The shared libraries followed by the script: Lua scripts cannot include one another."""
+    return "\n".join((LUA_DIR / f"{part}.lua").read_text() for part in (*LIBRARIES, name))
 
 
 class Scripts:

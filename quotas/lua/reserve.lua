@@ -21,7 +21,9 @@
 --              m = metric (sets the amount: tokens = in_ + out, cost_usd = cost, ...),
 --              cap, k = key (or periods = [{k, start, stop}] for 'p'),
 --              floor (capacity kept for higher priority classes),
---              guards = [{k, cap}] (other features' guarantees, kept unless spent)}
+--              guards = [{k, cap}] (other features' guarantees, kept unless spent),
+--              pl = 1 (a pool's own minute limit: scaled by the pool's adaptive share)},
+--   and bp (the pool's adaptation and breaker settings; see pressure.lua)
 --
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
@@ -29,6 +31,8 @@
 --    over; with an idempotency key, `limits` too and the key's name `ik`)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
+--   {granted = false, reason = 'upstream_unavailable', pool, retry_ms, now_ms}: the pool's
+--    breaker is open (a grant's `breaker` lists the pools whose breaker changed it)
 --   {conflict = true}                  idempotency key reused with another body
 --   {stale = true}                     the plan is older than the configuration
 --   {lost = true}                      the store lost its data (see plan_check in lib.lua)
@@ -89,6 +93,8 @@ local short_of_slots = false
 -- The largest grant of output tokens every hard check of an option admits, or nil and the
 -- refusal (the limit to wait longest for: retrying earlier would still be refused).
 local function fit(option)
+  local closed = bp_gate(option, now) -- pressure.lua: breaker, adaptive share
+  if closed then return nil, closed end
   local out, worst = req.out, nil
   for _, check in ipairs(option.checks) do
     shape(check)
@@ -144,7 +150,7 @@ end
 
 -- A check's entry in the answer's `limits`, once debited.
 local function describe(check)
-  local d = {id = check.id, cap = check.cap}
+  local d = {id = check.id, cap = check.cap, cfg = check.cfg}
   if check.kind == 'p' then
     d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
   elseif check.kind == 'c' then
@@ -168,7 +174,7 @@ local function grant(option, out)
     debit(check, out)
     if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
-                               amt = check.amt, took = check.took}
+                               amt = check.amt, took = check.took, cfg = check.cfg}
   end
   local expires = now + req.ttl_ms
   local cost = amount_for(req.cost, out)
@@ -178,7 +184,7 @@ local function grant(option, out)
                  feature = req.lease.feature, kd = req.lease.kd, ttl_ms = req.ttl_ms,
                  prices = req.lease.prices,
                  meta = meta, pool = option.pool, created = now, e = expires, ck = recorded,
-                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}}
+                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}, bp = option.bp}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
     -- a replay of the request answers as this call does; an extension keeps the key (`ik`)
@@ -194,7 +200,8 @@ local function grant(option, out)
   ev.granted_output_tokens, ev.expires_ms = out, expires
   emit(stream, req.maxlen, ev)
   -- the answer holds the lease as written rather than the same values encoded again
-  return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits) .. '}'
+  return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits)
+    .. bp_granted(option, now) .. '}'
 end
 
 local function refuse(refused)

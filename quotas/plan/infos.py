@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
+from providers.backpressure import Backpressure
 from tenants.models import Priority
 
 NANO = Decimal(1_000_000_000)
@@ -56,6 +57,7 @@ class PoolInfo:
     fail_mode: str
     protect: dict[str, float]
     models: dict[str, ModelInfo]  # served models by name
+    backpressure: Backpressure = field(default_factory=Backpressure)
 
     def protected_share_above(self, priority: str) -> float:
         """Share of per-minute capacity kept for classes more important than `priority`."""

@@ -15,6 +15,7 @@ import redis
 from django.db import DatabaseError
 from django.utils import timezone
 
+from providers.backpressure import Backpressure
 from providers.models import LanguageModel, Pool
 from quotas.models import ApiKey, ConfigVersion, Limit, amount_at, boost_active
 from quotas.plan.compiled import Plan
@@ -58,7 +59,14 @@ def plan_load() -> Plan:
     ):
         served[pool_id][models[model_id].name] = models[model_id]
     pools = [
-        PoolInfo(p.id, p.slug, p.fail_mode, dict(p.protect or {}), served.get(p.id, {}))
+        PoolInfo(
+            p.id,
+            p.slug,
+            p.fail_mode,
+            dict(p.protect or {}),
+            served.get(p.id, {}),
+            Backpressure.of(p.backpressure),
+        )
         for p in Pool.objects.order_by("position", "slug")
     ]
     now = timezone.now()
