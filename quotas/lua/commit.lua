@@ -31,7 +31,8 @@ if lease.st == 'committed' then
   return cjson.encode({conflict = 'committed'})
 end
 if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end
-bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
+local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
 local result = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
+bp_settled(lease, pressure, req.report, now, KEYS[4], req.maxlen)
 return cjson.encode({result = result})

@@ -189,12 +189,13 @@ local function bp_sync(lease, limits, h, set, share, now, stream, maxlen)
   end
 end
 
--- Commit and release: take the caller's report (`report` = {st, hd}) into the pool's state,
--- and bring the lease's pool limits to the pool's effective capacity, so the refund lands in
--- the bucket as it is now. One HGETALL and at most one HSET.
+-- Commit and release, before the settlement: take the caller's report (`report` = {st, hd})
+-- into the pool's share and breaker, and bring the lease's pool limits to the pool's
+-- effective capacity, so the refund lands in the bucket as it is now. One HGETALL; returns
+-- what `bp_settled` finishes with.
 local function bp_settle(lease, report, now, stream, maxlen)
   local bp = lease.bp
-  if not bp then return end
+  if not bp then return nil end
   local raw = redis.call('HGETALL', bp.k)
   local h = {}
   for i = 1, #raw, 2 do h[raw[i]] = raw[i + 1] end
@@ -206,14 +207,24 @@ local function bp_settle(lease, report, now, stream, maxlen)
     if bp.bw > 0 then bp_breaker(bp, h, set, status, lease.pool, now, stream, maxlen) end
     if bp.ad == 1 then share = bp_adapt(bp, h, set, status, lease.pool, now, stream, maxlen) end
   end
-  if report and report.hd then bp_sync(lease, report.hd, h, set, share, now, stream, maxlen) end
   for _, check in ipairs(lease.ck) do
     if check.cfg and check.kind == 'b' then check.cap = bp_scaled(check.cfg, share) end
+  end
+  return {h = h, set = set, share = share}
+end
+
+-- Commit and release, after the settlement (whose refund the provider's `remaining` already
+-- counts): header sync, then the pool's state written back in at most one HSET.
+local function bp_settled(lease, state, report, now, stream, maxlen)
+  if not state then return end
+  local set = state.set
+  if report and report.hd then
+    bp_sync(lease, report.hd, state.h, set, state.share, now, stream, maxlen)
   end
   local flat = {}
   for name, value in pairs(set) do
     flat[#flat + 1] = name
     flat[#flat + 1] = field_text(value)
   end
-  if #flat > 0 then redis.call('HSET', bp.k, unpack(flat)) end
+  if #flat > 0 then redis.call('HSET', lease.bp.k, unpack(flat)) end
 end

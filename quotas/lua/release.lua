@@ -25,7 +25,8 @@ if lease.st == 'released' then return cjson.encode({result = lease.res}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
 local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release',
                  extra = req.extra}
-bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
+local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
 local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
+bp_settled(lease, pressure, req.report, now, KEYS[4], req.maxlen)
 return cjson.encode({result = result})
