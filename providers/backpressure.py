@@ -48,7 +48,7 @@ class Backpressure:
 def problems(raw: Any) -> list[str]:
     """What is wrong with a pool's backpressure mapping, in words; empty when nothing."""
     if not isinstance(raw, dict):
-        return ["Give a mapping of setting to value, e.g. {\"adaptive\": true}."]
+        return ['Give a mapping of setting to value, e.g. {"adaptive": true}.']
     found = []
     for name, value in raw.items():
         if name in FLAGS:

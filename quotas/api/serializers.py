@@ -260,6 +260,7 @@ RESERVE = Body(
     rules=(_one_input, _messages_are_objects, _min_below_max, _small_metadata),
 )
 
+
 def _upstream_status_shape(body: dict[str, Any]) -> Errors:
     status = body.get("upstream_status")
     if status is not None and 0 < status < 100:
