@@ -40,12 +40,12 @@ from quotas.engine import (
 )
 from quotas.errors import QuotaError, database_unavailable, invalid, not_found
 from quotas.estimate import estimate_tokens
-from quotas.upstream_headers import provider_limits
 from quotas.keys import lease_digest
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error, upstream_error
 from quotas.store import STORE_UNREACHABLE, get_engine
+from quotas.upstream_headers import provider_limits
 
 log = logging.getLogger(__name__)
 STALE_RETRIES = 3
