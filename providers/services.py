@@ -48,6 +48,7 @@ def pool_upsert(
     fail_mode: str = Pool.FailMode.CLOSED,
     protect: dict[str, Any] | None = None,
     position: int = 0,
+    backpressure: dict[str, Any] | None = None,
 ) -> Upserted[Pool]:
     served_models = list(served_models)
     # A pool is one provider account: it cannot serve another provider's models, and
@@ -66,6 +67,7 @@ def pool_upsert(
             "fail_mode": fail_mode,
             "protect": {} if protect is None else protect,
             "position": position,
+            "backpressure": {} if backpressure is None else backpressure,
         },
         m2m={"served_models": served_models},
     )

@@ -108,6 +108,7 @@ def _pool(pool: Pool, index: int) -> dict[str, Any]:
         **_optional(
             protect=_Flow(pool.protect) if pool.protect else None,
             position=None if pool.position == index else pool.position,
+            backpressure=_Flow(pool.backpressure) if pool.backpressure else None,
         ),
     }
 

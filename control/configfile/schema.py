@@ -141,6 +141,7 @@ POOL = {
     "fail_mode": Key(choice(Pool.FailMode.values)),
     "protect": Key(as_is),
     "position": Key(whole),
+    "backpressure": Key(as_is),
 }
 FEATURE = {
     "slug": Key(text, required=True),
