@@ -22,6 +22,7 @@ from django.utils import timezone
 from alerts.budgets import budgets_read, forecasts_evaluate, thresholds_evaluate
 from alerts.conf import alerts_setting
 from alerts.dead_letters import dead_letters_evaluate
+from alerts.pool_pressure import pool_pressure_evaluate
 from alerts.delivery import delivery_create, delivery_send
 from alerts.health import health_evaluate
 from alerts.messages import notification_message, test_message
@@ -82,6 +83,7 @@ def alerts_evaluate(*, now_ms: int) -> None:
         forecasts_evaluate(readings=readings, rules=rules, now=now)
     health_evaluate(rules=rules, now=now)
     dead_letters_evaluate(now=now)
+    pool_pressure_evaluate(rules=rules, now=now)
 
 
 def notifications_dispatch(*, now: datetime) -> list[Notification]:
