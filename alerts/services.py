@@ -22,11 +22,11 @@ from django.utils import timezone
 from alerts.budgets import budgets_read, forecasts_evaluate, thresholds_evaluate
 from alerts.conf import alerts_setting
 from alerts.dead_letters import dead_letters_evaluate
-from alerts.pool_pressure import pool_pressure_evaluate
 from alerts.delivery import delivery_create, delivery_send
 from alerts.health import health_evaluate
 from alerts.messages import notification_message, test_message
 from alerts.models import Alert, Channel, Delivery, Notification
+from alerts.pool_pressure import pool_pressure_evaluate
 from alerts.rules import RuleBook
 from alerts.selectors import (
     Route,
