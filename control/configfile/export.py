@@ -168,6 +168,7 @@ def _limit(limit: Limit) -> _Flow:
             window=limit.window or None,
             amount=limit.amount,
             guaranteed=limit.guaranteed,
+            burst=limit.burst,
             enforcement=None if limit.enforcement == Enforcement.HARD else limit.enforcement,
             alert_at=None if limit.alert_at == DEFAULT_ALERT_AT else limit.alert_at,
         ),

@@ -166,6 +166,7 @@ LIMIT = {
     "window": Key(choice(Window.values)),
     "amount": Key(optional_number),
     "guaranteed": Key(optional_number),
+    "burst": Key(optional_number),
     "enforcement": Key(choice(Enforcement.values)),
     "alert_at": Key(as_is),
 }

@@ -31,6 +31,7 @@ class Check:
     floor: int = 0
     guards: tuple[tuple[str, int], ...] = ()  # (key, cap) of other features' guarantees
     pool_limit: bool = False  # a pool's own minute limit: scaled by its adaptive share
+    rate: int = 0  # a bucket deeper or shallower than its refill: refill per minute (0: cap)
 
     def redis_keys(self) -> list[str]:
         return [self.key] if self.key else [p.key for p in self.periods]
@@ -55,6 +56,8 @@ class Check:
             data["guards"] = [{"k": k, "cap": cap} for k, cap in self.guards]
         if self.pool_limit:
             data["pl"] = 1
+        if self.rate:
+            data["rate"] = self.rate
         return data
 
 

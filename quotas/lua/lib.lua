@@ -32,12 +32,12 @@ local function clock(req)
   return now_ms() + (req.clock_offset_ms or 0)
 end
 
--- Level of a token bucket of capacity `cap` refilling cap per 60 s, at `now`.
-local function bucket_level(key, cap, now)
+-- Level of a token bucket of capacity `cap` refilling `rate` (default: cap) per 60 s, at `now`.
+local function bucket_level(key, cap, now, rate)
   local raw = redis.call('GET', key)
   if not raw then return cap end
   local level, at = string.match(raw, '^(.-):(.*)$')
-  level = tonumber(level) + (now - tonumber(at)) * cap / 60000
+  level = tonumber(level) + (now - tonumber(at)) * (rate or cap) / 60000
   if level > cap then return cap end
   return level
 end
@@ -95,7 +95,7 @@ local function adjust(check, delta, now)
   if delta == 0 then return end
   if check.kind == 'b' then
     local key = bucket_key(check)
-    local level = bucket_level(key, check.cap, now) - delta
+    local level = bucket_level(key, check.cap, now, check.rate) - delta
     if level > check.cap then level = check.cap end
     bucket_store(key, check.cap, level, now)
   elseif check.kind == 'g' then
@@ -313,9 +313,9 @@ local function observe(check, now)
     check.used = counter(check.k)
     check.headroom = check.cap - check.used
   else
-    check.level = bucket_level(check.k, check.cap, now)
+    check.level = bucket_level(check.k, check.cap, now, check.rate)
     local floor = check.floor or 0
-    local growth, reserved = check.cap, 0
+    local growth, reserved = check.rate or check.cap, 0
     for _, guard in ipairs(check.guards or {}) do
       local kept = bucket_level(guard.k, guard.cap, now)
       floor = floor + kept

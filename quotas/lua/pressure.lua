@@ -36,6 +36,13 @@ local function bp_scaled(cap, share)
   return math.max(1, math.floor(cap * share))
 end
 
+-- A pool limit's depth (`cap`) and refill (`rate`, when a burst sets the depth apart) at
+-- `share` of their configured values (`cd` or `cfg`, and `cfg`).
+local function bp_rescale(check, share)
+  check.cap = bp_scaled(check.cd or check.cfg, share)
+  if check.rate then check.rate = bp_scaled(check.cfg, share) end
+end
+
 -- Reserve: whether a pool option may be tried, and its per-minute limits scaled by the
 -- pool's share. Returns nil, or the refusal of an open breaker (or a half-open one whose
 -- probe for this second has gone). Reads one hash; writes nothing.
@@ -49,8 +56,9 @@ local function bp_gate(option, now)
   option.gate = {share = share}
   for _, check in ipairs(option.checks) do
     if check.pl == 1 and check.kind == 'b' then
-      check.cfg = check.cap
-      check.cap = bp_scaled(check.cap, share)
+      -- cfg: the configured amount; cd: the configured depth when a burst sets it
+      check.cfg, check.cd = check.rate or check.cap, check.rate and check.cap
+      bp_rescale(check, share)
       if check.floor then check.floor = math.floor(check.floor * math.min(1, share)) end
     end
   end
@@ -168,15 +176,14 @@ end
 -- Header sync: the provider's `remaining` lowers the pool's bucket of that metric to at most
 -- it (never raises it: the provider's number counts consumers outside the platform); a
 -- stated `limit` below the configured amount is an event once per configured amount.
-local function bp_sync(lease, limits, h, set, share, now, stream, maxlen)
+local function bp_sync(lease, limits, h, set, now, stream, maxlen)
   for _, check in ipairs(lease.ck) do
     local stated = check.cfg and check.kind == 'b' and limits[check.m]
     if stated then
-      local cap = bp_scaled(check.cfg, share)
       if stated.r then
         local key = bucket_key(check)
-        if stated.r < bucket_level(key, cap, now) then
-          bucket_store(key, cap, math.max(0, stated.r), now)
+        if stated.r < bucket_level(key, check.cap, now, check.rate) then
+          bucket_store(key, check.cap, math.max(0, stated.r), now)
         end
       end
       local seen = 'l:' .. check.m
@@ -208,9 +215,9 @@ local function bp_settle(lease, report, now, stream, maxlen)
     if bp.ad == 1 then share = bp_adapt(bp, h, set, status, lease.pool, now, stream, maxlen) end
   end
   for _, check in ipairs(lease.ck) do
-    if check.cfg and check.kind == 'b' then check.cap = bp_scaled(check.cfg, share) end
+    if check.cfg and check.kind == 'b' then bp_rescale(check, share) end
   end
-  return {h = h, set = set, share = share}
+  return {h = h, set = set}
 end
 
 -- Commit and release, after the settlement (whose refund the provider's `remaining` already
@@ -219,7 +226,7 @@ local function bp_settled(lease, state, report, now, stream, maxlen)
   if not state then return end
   local set = state.set
   if report and report.hd then
-    bp_sync(lease, report.hd, state.h, set, state.share, now, stream, maxlen)
+    bp_sync(lease, report.hd, state.h, set, now, stream, maxlen)
   end
   local flat = {}
   for name, value in pairs(set) do

@@ -22,7 +22,8 @@
 --              cap, k = key (or periods = [{k, start, stop}] for 'p'),
 --              floor (capacity kept for higher priority classes),
 --              guards = [{k, cap}] (other features' guarantees, kept unless spent),
---              pl = 1 (a pool's own minute limit: scaled by the pool's adaptive share)},
+--              pl = 1 (a pool's own minute limit: scaled by the pool's adaptive share),
+--              rate (a bucket whose depth `cap` is a burst: its refill per minute)},
 --   and bp (the pool's adaptation and breaker settings; see pressure.lua)
 --
 -- Returns JSON, one of:
@@ -150,7 +151,7 @@ end
 
 -- A check's entry in the answer's `limits`, once debited.
 local function describe(check)
-  local d = {id = check.id, cap = check.cap, cfg = check.cfg}
+  local d = {id = check.id, cap = check.rate or check.cap, cfg = check.cfg}
   if check.kind == 'p' then
     d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
   elseif check.kind == 'c' then
@@ -158,7 +159,7 @@ local function describe(check)
   else
     local level = check.level - check.amt
     d.remaining = math.floor(level)
-    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
+    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / (check.rate or check.cap))
   end
   return d
 end
@@ -174,7 +175,8 @@ local function grant(option, out)
     debit(check, out)
     if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
-                               amt = check.amt, took = check.took, cfg = check.cfg}
+                               amt = check.amt, took = check.took, cfg = check.cfg,
+                               cd = check.cd, rate = check.rate}
   end
   local expires = now + req.ttl_ms
   local cost = amount_for(req.cost, out)

@@ -185,7 +185,9 @@ class Plan:
                 )
             )
         if limit.amount is not None:
-            cap = limit.units(limit.amount)
+            # a burst is the bucket's depth (its cap); it refills at the amount (its rate)
+            rate = limit.units(limit.amount)
+            cap = rate if limit.burst is None else min(rate, limit.units(limit.burst))
             floor: int = 0
             guards: tuple[tuple[str, int], ...] = ()
             if limit.is_shared_pool_limit:  # the pool's own, for all models or for one
@@ -207,6 +209,7 @@ class Plan:
                     floor=floor,
                     guards=guards,
                     pool_limit=limit.is_shared_pool_limit,
+                    rate=rate if cap != rate else 0,
                 )
             )
         return checks

@@ -80,6 +80,7 @@ class LimitInfo:
     model_id: int | None
     timezone: str
     scope: dict[str, str]
+    burst: Decimal | None = None  # a minute limit's bucket depth (None: the amount)
 
     @property
     def is_shared_pool_limit(self) -> bool:

@@ -148,6 +148,7 @@ class LimitRow(NamedTuple):
     enforcement: str
     boost_amount: Decimal | None
     boost_until: datetime | None
+    burst: Decimal | None
     tenant_id: int | None
     feature_id: int | None
     pool_id: int | None
@@ -188,6 +189,7 @@ def _limit_info(row: LimitRow, tenants: dict[int, TenantInfo], now: datetime) ->
         row.model_id,
         timezone,
         scope,
+        row.burst,
     )
 
 

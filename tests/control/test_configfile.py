@@ -712,3 +712,13 @@ def test_a_wrong_backpressure_setting_is_an_error(tmp_path: Path) -> None:
     assert errors[0] == "pools[0].backpressure: 'floor' must be between 0.01 and 1."
     assert errors[1].startswith("pools[0].backpressure: 'adaptve' is not a setting (adaptive, ")
     assert len(errors) == 2
+
+
+def test_a_limits_burst_is_applied_and_exported(tmp_path: Path) -> None:
+    config = base_config()
+    config["limits"][0]["burst"] = 100
+    apply(tmp_path, config)
+
+    assert Limit.objects.get().burst == 100
+    exported = yaml.safe_load(quota("export")[0])
+    assert exported["limits"][0]["burst"] == 100
