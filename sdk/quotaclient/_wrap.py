@@ -14,6 +14,7 @@ imported: the wrappers read the clients they are given."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import time
@@ -68,9 +69,28 @@ def parsed(raw: Any) -> tuple[Any, Upstream]:
     return raw.parse(), upstream
 
 
-def provider_refused_again(error: BaseException, budget: Any) -> bool:
-    """Whether to reserve again after a provider 429: while the retry budget allows."""
-    return upstream_of_error(error).status == 429 and budget.try_spend()
+PROVIDER_WAIT_CAP = 60.0  # seconds: the longest provider retry-after the wrapper waits
+
+
+def provider_refused_again(error: BaseException, budget: Any) -> float | None:
+    """After a provider 429, the seconds to wait (its `retry-after-ms` or `retry-after`)
+    before reserving again, while the retry budget allows; None: raise it."""
+    upstream = upstream_of_error(error)
+    if upstream.status != 429 or not budget.try_spend():
+        return None
+    return provider_retry_after(upstream.headers or {})
+
+
+def provider_retry_after(headers: Mapping[str, str]) -> float:
+    for name, scale in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        try:
+            seconds = float(headers[name]) / scale
+        except (KeyError, ValueError):
+            continue
+        if 0 <= seconds < PROVIDER_WAIT_CAP:  # also NaN and infinities
+            return seconds
+        return PROVIDER_WAIT_CAP if seconds >= PROVIDER_WAIT_CAP else 0.0
+    return 0.0
 
 
 def protect(
@@ -96,9 +116,11 @@ def protect(
                     response, upstream = parsed(raw_create(*args, **prepared))
             except BaseException as error:
                 settle(reservation, None, error, started)
-                if provider_refused_again(error, quota.sync_client().budget):
-                    continue
-                raise
+                wait = provider_refused_again(error, quota.sync_client().budget)
+                if wait is None:
+                    raise
+                time.sleep(wait)
+                continue
             break
         if call.streaming:
             return ProtectedStream(
@@ -132,9 +154,11 @@ def protect_async(
                     response, upstream = parsed(await raw_create(*args, **prepared))
             except BaseException as error:
                 await settle_async(reservation, None, error, started)
-                if provider_refused_again(error, quota.asyncio_client().budget):
-                    continue
-                raise
+                wait = provider_refused_again(error, quota.asyncio_client().budget)
+                if wait is None:
+                    raise
+                await asyncio.sleep(wait)
+                continue
             break
         if call.streaming:
 

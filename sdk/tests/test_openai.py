@@ -189,9 +189,7 @@ def test_a_provider_429_is_released_and_reserved_again_never_retried_by_the_clie
     assert len(stack.events("reserved")) == 2 and len(fake.requests) == 2
 
 
-def test_provider_429s_stop_when_the_retry_budget_is_spent(
-    stack: Stack, fake: FakeOpenAI
-) -> None:
+def test_provider_429s_stop_when_the_retry_budget_is_spent(stack: Stack, fake: FakeOpenAI) -> None:
     fake.script.fail_status = 429
     client = wrap_openai(
         openai.OpenAI(api_key="sk-test", base_url=f"{fake.url}/v1"),
