@@ -519,5 +519,5 @@ def test_a_burst_sets_the_buckets_depth_and_the_amount_its_refill(
     assert isinstance(again, Granted) and again.limits[0].remaining == 0
     # the commit's refund fills the bucket up to its depth, not past it
     engine.commit(reservation_id="rsv_c", owner=OWNER, usage=Usage(100, 0), version=3)
-    after = engine.reserve(call("rsv_d", shallow, input_tokens=900, min_output_tokens=100))
+    after = engine.reserve(call("rsv_d", shallow, input_tokens=800, min_output_tokens=100))
     assert isinstance(after, Granted) and after.limits[0].remaining == 0
