@@ -69,6 +69,14 @@ def parsed(raw: Any) -> tuple[Any, Upstream]:
     return raw.parse(), upstream
 
 
+async def parsed_async(raw: Any) -> tuple[Any, Upstream]:
+    """`parsed` for an async client, whose raw response parses in a coroutine."""
+    response, upstream = parsed(raw)
+    if inspect.isawaitable(response):
+        response = await response
+    return response, upstream
+
+
 PROVIDER_WAIT_CAP = 60.0  # seconds: the longest provider retry-after the wrapper waits
 
 
@@ -151,7 +159,7 @@ def protect_async(
                 if raw_create is None:
                     response, upstream = await create(*args, **prepared), Upstream()
                 else:
-                    response, upstream = parsed(await raw_create(*args, **prepared))
+                    response, upstream = await parsed_async(await raw_create(*args, **prepared))
             except BaseException as error:
                 await settle_async(reservation, None, error, started)
                 wait = provider_refused_again(error, quota.asyncio_client().budget)

@@ -13,6 +13,7 @@ import quotaclient
 import redis
 from quotaclient import Quota, wrap_anthropic
 
+from providers.models import Pool
 from quotas.plan import plans
 from tests.factories import LanguageModelFactory, PoolFactory, ProviderFactory
 from tests.fakes.providers import FakeAnthropic
@@ -139,7 +140,7 @@ def test_a_provider_429_is_released_with_its_headers_and_not_retried_past_the_bu
 
 
 def test_the_providers_rate_limit_headers_are_committed(stack: Stack, fake: FakeAnthropic) -> None:
-    stack.world.limit(pool=stack.world.pool, metric="requests", amount=500)
+    stack.world.limit(pool=Pool.objects.get(slug="anthropic-shared"), metric="requests", amount=500)
     fake.script.headers = {
         "anthropic-ratelimit-requests-limit": "50",
         "anthropic-ratelimit-requests-remaining": "3",
