@@ -243,6 +243,16 @@ class Engine:
         """Drop the usage events that every consumer group has acknowledged."""
         return int(self.scripts.call("trim", [self.keys.events], {}))
 
+    def pressure_state(self, pool_id: int) -> dict[str, float]:
+        """A pool's adaptive share and breaker as the scripts keep them (pressure.lua), with
+        the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed)."""
+        share, open_until = self.client.hmget(self.keys.pressure(pool_id), "s", "o")
+        return {
+            "share": float(share) if share is not None else 1.0,
+            "open_until_ms": float(open_until) if open_until is not None else 0.0,
+            "now_ms": float(self.now_ms()),
+        }
+
     def now_ms(self) -> int:
         if self.frozen_ms is not None:
             return self.frozen_ms
