@@ -23,13 +23,13 @@ from django.utils import timezone
 from alerts.models import Alert, Delivery
 from console.scoping import is_scoped, owned_tenants, scope_queryset
 from console.snapshot import platform_snapshot
+from ledger.models import PoolEvent
 from ledger.usage_reads import (
     feature_series,
     rising_truncation,
     top_consumers,
     top_consumers_by_pool,
 )
-from ledger.models import PoolEvent
 from providers.models import Pool
 from quotas.engine.types import Held
 from quotas.models import Limit
