@@ -118,17 +118,39 @@ def of_type(client: redis.Redis, engine: Engine, kind: str) -> list[dict[str, st
 # -- adaptive share ----------------------------------------------------------------------------
 
 
-def _release_with_429(rid: str, go: Any, out: str) -> None:
-    """A forked process: its own connection; releases its reservation as a provider 429."""
+def _report_from_process(
+    rid: str, status: int, go: Any, out: str, limits: dict[str, dict[str, int]]
+) -> None:
+    """A forked process: its own connection; reports its reservation's provider status."""
     try:
         engine = Engine(redis.Redis.from_url(settings.REDIS_URL), hash_tag=TAG)
         engine.frozen_ms = NOW
         if not go.wait(30):
             raise RuntimeError("never told to start")
-        report(engine, rid, 429)
+        report(engine, rid, status, **limits)
         Path(out).write_text("ok")
     except BaseException:
         Path(out).write_text(traceback.format_exc())
+
+
+def report_together(
+    rids: list[str], status: int, tmp_path: Path, limits: list[dict[str, Any]] | None = None
+) -> None:
+    """Each reservation reported by a process of its own, all released at one signal."""
+    stated = limits or [{} for _ in rids]
+    context = multiprocessing.get_context("fork")
+    go = context.Event()
+    outs = [tmp_path / f"{rid}.out" for rid in rids]
+    processes = [
+        context.Process(target=_report_from_process, args=(rid, status, go, str(out), told))
+        for rid, out, told in zip(rids, outs, stated, strict=True)
+    ]
+    for process in processes:
+        process.start()
+    go.set()
+    for process in processes:
+        process.join(30)
+    assert [out.read_text() for out in outs] == ["ok"] * len(rids)
 
 
 def test_429s_from_several_processes_at_once_decrease_the_share_once(
@@ -138,19 +160,8 @@ def test_429s_from_several_processes_at_once_decrease_the_share_once(
     rids = [f"rsv_{i}" for i in range(12)]
     for rid in rids:
         granted(engine, rid, pool)
-    context = multiprocessing.get_context("fork")
-    go = context.Event()
-    outs = [tmp_path / f"{rid}.out" for rid in rids]
-    processes = [
-        context.Process(target=_release_with_429, args=(rid, go, str(out)))
-        for rid, out in zip(rids, outs, strict=True)
-    ]
-    for process in processes:
-        process.start()
-    go.set()
-    for process in processes:
-        process.join(30)
-    assert [out.read_text() for out in outs] == ["ok"] * len(rids)
+
+    report_together(rids, 429, tmp_path)
 
     assert share(client, engine, 1) == pytest.approx(0.7)
     adapted = of_type(client, engine, "adapted")
@@ -265,6 +276,20 @@ def test_the_providers_remaining_lowers_the_bucket_and_never_raises_it(
     assert granted(engine, "rsv_e", pool, tokens=100).limits[0].remaining == 4600
 
 
+def test_remainders_reported_together_leave_the_bucket_at_the_lowest(
+    engine: Engine, client: redis.Redis, tmp_path: Path
+) -> None:
+    pool = option(engine, "main", 1, adaptive=False)
+    rids = [f"rsv_{i}" for i in range(10)]
+    for rid in rids:
+        granted(engine, rid, pool)  # 100 each: 59,000 left, and nothing to refund
+    remainders = [30_000, 7_000, 45_000, 52_000, 9_500, 70_000, 8_000, 20_000, 65_000, 11_000]
+
+    report_together(rids, 200, tmp_path, [{"tokens": {"r": r}} for r in remainders])
+
+    assert granted(engine, "rsv_after", pool).limits[0].remaining == 7_000 - 100
+
+
 def test_a_provider_limit_below_the_configured_one_is_an_event_once(
     engine: Engine, client: redis.Redis
 ) -> None:
@@ -330,6 +355,23 @@ def test_the_breaker_opens_fails_over_refuses_probes_and_closes(
     assert closed["pool"] == "east"
     back = granted(engine, "rsv_back", first, second)
     assert back.pool == "east" and back.breaker == ()
+
+
+def test_failures_from_several_processes_at_once_open_the_breaker_once(
+    engine: Engine, client: redis.Redis, tmp_path: Path
+) -> None:
+    pool = option(engine, "main", 1)
+    rids = [f"rsv_{i}" for i in range(30)]
+    for rid in rids:
+        granted(engine, rid, pool)
+
+    report_together(rids, 503, tmp_path)
+
+    (opened,) = of_type(client, engine, "breaker_opened")
+    assert (opened["calls"], opened["failures"]) == ("20", "20")  # the 20th report opened it
+    assert isinstance(engine.reserve(call("rsv_next", pool)), Unavailable)
+    # every report is in the settlement events, counted or not
+    assert len(of_type(client, engine, "released")) == 30
 
 
 def test_failures_spread_past_the_window_do_not_open_the_breaker(
