@@ -15,7 +15,7 @@ for i, check in ipairs(req.checks) do
   if check.kind == 'b' or check.kind == 'g' then
     state.used = check.cap - check.level
     state.remaining = check.level
-    state.reset_ms = now + math.ceil((check.cap - check.level) * 60000 / check.cap)
+    state.reset_ms = now + math.ceil((check.cap - check.level) * 60000 / (check.rate or check.cap))
   else
     state.used = check.used
     state.remaining = check.cap - check.used

@@ -130,8 +130,15 @@ class Plan:
                 limit.guaranteed_units,
                 key=keyspace.guarantee(limit.id),
             )
+        rate = limit.units(limit.amount)
+        depth = rate if limit.burst is None else min(rate, limit.units(limit.burst))
         return Check(
-            limit.id, "b", limit.metric, limit.units(limit.amount), key=keyspace.bucket(limit.id)
+            limit.id,
+            "b",
+            limit.metric,
+            depth,
+            key=keyspace.bucket(limit.id),
+            rate=rate if depth != rate else 0,
         )
 
     @staticmethod

@@ -624,14 +624,16 @@ def test_limits_of_one_scope_and_metric_are_in_one_order_on_every_database(
 def test_a_burst_admits_at_most_its_depth_at_once_and_refills_at_the_amount(
     world: World, reserve: Any
 ) -> None:
-    world.limit(pool=world.pool, metric="tokens", amount=60_000, burst=1_000)
+    limit = world.limit(pool=world.pool, metric="tokens", amount=60_000, burst=1_000)
     engine = get_engine()
     engine.frozen_ms = engine.now_ms()
+    assert state(limit)["remaining"] == 1_000  # a full bucket holds the burst
 
     first = reserve(input_tokens=400, max_output_tokens=100)
     assert first.status_code == 201
     shown = first.json()["limits"][0]
     assert (shown["limit"], shown["remaining"]) == (60_000, 500)
+    assert state(limit)["remaining"] == 500 and state(limit)["reset_ms"] == engine.frozen_ms + 500
     assert reserve(input_tokens=500, max_output_tokens=100).status_code == 429
     engine.frozen_ms += 100  # 100 tokens back at 1,000 a second
     assert reserve(input_tokens=500, max_output_tokens=100).status_code == 201
