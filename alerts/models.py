@@ -29,6 +29,9 @@ class RuleKind(models.TextChoices):
     EXPIRED_LEASES = "expired_leases", "expired leases"
     WOULD_REFUSE = "would_refuse", "soft/shadow limit would refuse"
     DEAD_LETTERS = "dead_letters", "ledger dead letters"
+    BREAKER_OPEN = "breaker_open", "pool breaker open"
+    POOL_SHARE = "pool_share", "pool share low"
+    PROVIDER_LIMIT = "provider_limit", "provider limit below configured"
 
 
 class Channel(models.Model):

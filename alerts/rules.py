@@ -35,6 +35,9 @@ DEFAULTS: dict[str, RuleSettings] = {
     RuleKind.EXPIRED_LEASES: RuleSettings(threshold=0.05),
     RuleKind.WOULD_REFUSE: RuleSettings(threshold=0.0, min_events=1),
     RuleKind.DEAD_LETTERS: RuleSettings(window_minutes=0, min_events=1),
+    RuleKind.BREAKER_OPEN: RuleSettings(window_minutes=0, min_events=0),
+    RuleKind.POOL_SHARE: RuleSettings(threshold=0.5, window_minutes=5, min_events=0),
+    RuleKind.PROVIDER_LIMIT: RuleSettings(window_minutes=0, min_events=0),
 }
 BASELINE_DAYS = 7
 TRUNCATION_FLOOR = 0.05

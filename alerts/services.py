@@ -26,6 +26,7 @@ from alerts.delivery import delivery_create, delivery_send
 from alerts.health import health_evaluate
 from alerts.messages import notification_message, test_message
 from alerts.models import Alert, Channel, Delivery, Notification
+from alerts.pool_pressure import pool_pressure_evaluate
 from alerts.rules import RuleBook
 from alerts.selectors import (
     Route,
@@ -82,6 +83,7 @@ def alerts_evaluate(*, now_ms: int) -> None:
         forecasts_evaluate(readings=readings, rules=rules, now=now)
     health_evaluate(rules=rules, now=now)
     dead_letters_evaluate(now=now)
+    pool_pressure_evaluate(rules=rules, now=now)
 
 
 def notifications_dispatch(*, now: datetime) -> list[Notification]:

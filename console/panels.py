@@ -24,6 +24,7 @@ from alerts.models import Alert, Delivery
 from alerts.selectors import latest_alerts
 from console.scoping import is_scoped, owned_tenants, scope_queryset
 from console.snapshot import platform_snapshot
+from ledger.models import PoolEvent
 from ledger.usage_reads import (
     feature_series,
     rising_truncation,
@@ -167,6 +168,7 @@ def pool_context(pool: Pool, user: Any, *, now: datetime | None = None) -> dict[
     return {
         "live": _live(plan, infos, now=now, held=held, user=user),
         "top": _linked(plan, top),
+        "pressure": pool_pressure(pool, now=now),
     }
 
 
@@ -264,3 +266,84 @@ def _chart(usage: dict[str, Any]) -> dict[str, Any]:
         }
 
     return {"hourly": series(usage["hourly"], "%H:00"), "daily": series(usage["daily"], "%m-%d")}
+
+
+# -- a pool following its provider ---------------------------------------------------------
+
+PRESSURE_HOURS = 6
+CHART_WIDTH, CHART_HEIGHT = 600, 80
+
+
+def pool_pressure(pool: Pool, *, now: datetime) -> dict[str, Any]:
+    """A pool's adaptive share and breaker now, and over the last hours from the ledger's
+    pool events: a step chart of the share (SVG points) with the spans the breaker was
+    open, and the events themselves, latest first."""
+    try:
+        state = get_engine().pressure_state(pool.pk)
+    except redis.RedisError:
+        state = None
+    # the events carry the engine's time (Redis's), which the state was read with
+    now_ms = int(state["now_ms"]) if state else int(now.timestamp() * 1000)
+    since_ms = now_ms - PRESSURE_HOURS * 3_600_000
+    events = list(
+        PoolEvent.objects.filter(pool=pool.slug, at_ms__gte=since_ms).order_by("at_ms", "id")
+    )
+    return {
+        "now": _pressure_now(state),
+        "chart": _share_chart(events, since_ms, now_ms),
+        "events": [
+            {"at": e.at, "kind": e.get_kind_display(), "share": e.share, "detail": e.detail}
+            for e in reversed(events[-50:])
+        ],
+        "hours": PRESSURE_HOURS,
+    }
+
+
+def _pressure_now(state: dict[str, float] | None) -> dict[str, Any] | None:
+    if state is None:
+        return None
+    open_until, now_ms = state["open_until_ms"], state["now_ms"]
+    if open_until == 0:
+        breaker = "closed"
+    elif open_until > now_ms:
+        breaker = f"open for {math.ceil((open_until - now_ms) / 1000)} s more"
+    else:
+        breaker = "half-open (one probe a second)"
+    return {"share_percent": round(state["share"] * 100), "breaker": breaker}
+
+
+def _share_chart(events: list[PoolEvent], since_ms: int, now_ms: int) -> dict[str, Any]:
+    """The share as a step line from `since_ms` to now, and the breaker's open spans, in
+    the chart's own coordinates (x: time, y: share 0..1 upwards)."""
+    span = max(1, now_ms - since_ms)
+
+    def x(ms: int) -> float:
+        return round((ms - since_ms) * CHART_WIDTH / span, 1)
+
+    def y(share: float) -> float:
+        return round((1 - share) * CHART_HEIGHT, 1)
+
+    share, points, open_at, spans = 1.0, [(0.0, y(1.0))], None, []
+    adapted = [e for e in events if e.kind == PoolEvent.Kind.ADAPTED and e.share is not None]
+    if adapted and adapted[0].detail.get("was"):
+        share = float(adapted[0].detail["was"])
+        points = [(0.0, y(share))]
+    for event in events:
+        if event.kind == PoolEvent.Kind.ADAPTED and event.share is not None:
+            points += [(x(event.at_ms), y(share)), (x(event.at_ms), y(event.share))]
+            share = event.share
+        elif event.kind == PoolEvent.Kind.BREAKER_OPENED and open_at is None:
+            open_at = event.at_ms
+        elif event.kind == PoolEvent.Kind.BREAKER_CLOSED and open_at is not None:
+            spans.append({"x": x(open_at), "width": max(1.0, x(event.at_ms) - x(open_at))})
+            open_at = None
+    if open_at is not None:
+        spans.append({"x": x(open_at), "width": max(1.0, CHART_WIDTH - x(open_at))})
+    points.append((float(CHART_WIDTH), y(share)))
+    return {
+        "points": " ".join(f"{px},{py}" for px, py in points),
+        "open_spans": spans,
+        "width": CHART_WIDTH,
+        "height": CHART_HEIGHT,
+        "half_y": y(0.5),
+    }

@@ -251,6 +251,33 @@ def refusal_row(fields: dict[str, str], now_ms: int) -> Row | None:
     }
 
 
+POOL_EVENT_TYPES = ("adapted", "breaker_opened", "breaker_closed", "provider_limit")
+POOL_EVENT_COMMON = ("type", "pool", "at_ms")
+
+
+def pool_event_row(entry_id: str, fields: dict[str, str], resolver: Resolver) -> Row | None:
+    """A pool's event (pressure.lua) as a ledger row, or None for any other event."""
+    kind = fields.get("type", "")
+    if kind not in POOL_EVENT_TYPES:
+        return None
+    pool = fields.get("pool", "")[:64]
+    share = fields.get("share")
+    try:
+        shown = None if share is None else float(share)
+    except ValueError:
+        shown = None
+    info = resolver.pools.get(pool)
+    return {
+        "entry_id": entry_id,
+        "kind": kind,
+        "pool": pool,
+        "pool_pk": info.id if info else None,
+        "at_ms": _int(fields.get("at_ms")) or 0,
+        "share": shown,
+        "detail": {k: v for k, v in fields.items() if k not in POOL_EVENT_COMMON},
+    }
+
+
 def rows_merge(old: Row, new: Row) -> Row:
     """Two accounts of one reservation as one; the same rules as the SQL upsert."""
     merged = dict(old)
@@ -287,6 +314,7 @@ class Batch:
     usage: dict[str, Row]
     refusals: dict[str, Row]
     ids: list[str]
+    pool_events: list[Row] = field(default_factory=list)
     keys_used: dict[str, int] = field(default_factory=dict)  # API key prefix: last at_ms
 
 
@@ -309,6 +337,10 @@ def batch_from_entries(
         refusal = refusal_row(fields, now_ms)
         if refusal is not None:
             batch.refusals[refusal["rid"]] = refusal
+            continue
+        pool_event = pool_event_row(entry_id, fields, resolver)
+        if pool_event is not None:
+            batch.pool_events.append(pool_event)
     return batch
 
 

@@ -126,6 +126,36 @@ class Refusal(models.Model):
         return f"{self.rid} {self.reason}"
 
 
+class PoolEvent(models.Model):
+    """A change in how a pool follows its provider, as the engine decided it: its adaptive
+    share moved (`adapted`), its breaker opened or closed, or the provider stated a limit
+    below the configured one. Keyed by the stream entry, so an entry read twice is one row."""
+
+    class Kind(models.TextChoices):
+        ADAPTED = "adapted", "adapted"
+        BREAKER_OPENED = "breaker_opened", "breaker opened"
+        BREAKER_CLOSED = "breaker_closed", "breaker closed"
+        PROVIDER_LIMIT = "provider_limit", "provider limit"
+
+    entry_id = models.CharField("stream entry id", max_length=64, unique=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    pool = models.CharField(max_length=64)
+    pool_pk = models.IntegerField(null=True, blank=True)
+    at_ms = models.BigIntegerField()
+    share = models.FloatField(null=True, blank=True, help_text="adapted: the share now.")
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["pool", "at_ms"], name="ledger_poolevent_pool_at")]
+
+    def __str__(self) -> str:
+        return f"{self.pool} {self.kind}"
+
+    @property
+    def at(self) -> datetime | None:
+        return ms_to_datetime(self.at_ms)
+
+
 class DeadLetter(models.Model):
     """A stream entry the ledger could not store (a value the database refuses), parked so
     that the rest of its batch is written and the stream moves on. `fields` is the entry as

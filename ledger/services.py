@@ -34,7 +34,12 @@ from django.db.models.functions import Coalesce
 from ledger.conf import ledger_setting
 from ledger.events import Batch, Resolver, Row, batch_from_entries, dead_letter_row
 from ledger.models import LedgerState, UsageEvent
-from ledger.writer import dead_letters_write, refusal_rows_write, usage_rows_write
+from ledger.writer import (
+    dead_letters_write,
+    pool_events_write,
+    refusal_rows_write,
+    usage_rows_write,
+)
 from quotas.engine.stream import Entry, UsageStream
 from quotas.engine.types import MAX_TTL
 from quotas.keys import api_keys_used
@@ -198,6 +203,7 @@ def batch_commit(batch: Batch) -> None:
 def batch_rows_write(batch: Batch) -> None:
     usage_rows_write(list(batch.usage.values()))
     refusal_rows_write(list(batch.refusals.values()))
+    pool_events_write(batch.pool_events)
     api_keys_used(last_used_ms=batch.keys_used)
 
 

@@ -21,7 +21,7 @@ from ledger.events import (
     USAGE_COLUMNS,
     Row,
 )
-from ledger.models import DeadLetter, Refusal, UsageEvent
+from ledger.models import DeadLetter, PoolEvent, Refusal, UsageEvent
 
 USAGE_TABLE = UsageEvent._meta.db_table
 REFUSAL_TABLE = Refusal._meta.db_table
@@ -122,6 +122,11 @@ def refusal_rows_write(rows: list[Row]) -> None:
     )
     with connection.cursor() as cursor:
         cursor.executemany(sql, _values(rows, REFUSAL_COLUMNS))
+
+
+def pool_events_write(rows: list[Row]) -> None:
+    """Pool events; one stored before (an entry read again) is left as it was."""
+    PoolEvent.objects.bulk_create([PoolEvent(**row) for row in rows], ignore_conflicts=True)
 
 
 def dead_letters_write(rows: list[Row]) -> None:

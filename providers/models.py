@@ -7,6 +7,7 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from simple_history.models import HistoricalRecords
 
+from providers.backpressure import problems as backpressure_problems
 from tenants.models import Priority
 
 PRICE = {"max_digits": 12, "decimal_places": 6, "validators": [MinValueValidator(Decimal(0))]}
@@ -91,6 +92,14 @@ class Pool(models.Model):
         help_text="Callers that may wait (max_wait_ms) line up behind each per-minute limit "
         "for at most this many minutes of its capacity; 0 never schedules.",
     )
+    backpressure = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Following the provider: adaptive (false), floor (0.25), decrease (0.7), "
+        "cooldown_seconds (2), recovery_seconds (300); the breaker: breaker (true), "
+        "breaker_window_seconds (30), breaker_min_calls (20), breaker_failure_ratio (0.5), "
+        'breaker_open_seconds (30). E.g. {"adaptive": true}.',
+    )
     history = HistoricalRecords(m2m_fields=[served_models])
 
     class Meta:
@@ -111,3 +120,6 @@ class Pool(models.Model):
                 raise ValidationError({"protect": f"The share for {cls} must be between 0 and 1."})
         if sum(self.protect.values()) >= 1:
             raise ValidationError({"protect": "Protected shares must add up to less than 1."})
+        wrong = backpressure_problems(self.backpressure)
+        if wrong:
+            raise ValidationError({"backpressure": wrong})

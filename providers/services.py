@@ -49,6 +49,7 @@ def pool_upsert(
     protect: dict[str, Any] | None = None,
     position: int = 0,
     line_minutes: Decimal = Decimal(1),
+    backpressure: dict[str, Any] | None = None,
 ) -> Upserted[Pool]:
     served_models = list(served_models)
     # A pool is one provider account: it cannot serve another provider's models, and
@@ -68,6 +69,7 @@ def pool_upsert(
             "protect": {} if protect is None else protect,
             "position": position,
             "line_minutes": line_minutes,
+            "backpressure": {} if backpressure is None else backpressure,
         },
         m2m={"served_models": served_models},
     )

@@ -17,6 +17,7 @@ STATUS_BY_CODE = {
     "rate_limited": 429,
     "budget_exhausted": 429,
     "unavailable": 503,
+    "upstream_unavailable": 503,
     "internal_error": 500,
 }
 

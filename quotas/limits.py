@@ -49,6 +49,7 @@ def limit_upsert(
     guaranteed: Decimal | None = None,
     enforcement: str = Enforcement.HARD,
     alert_at: list[float] | None = None,
+    burst: Decimal | None = None,
 ) -> Upserted[Limit]:
     """Create the limit with this scope, metric and window, or update its amounts."""
     identity = limit_identity(
@@ -62,6 +63,7 @@ def limit_upsert(
             "guaranteed": guaranteed,
             "enforcement": enforcement,
             "alert_at": list(DEFAULT_ALERT_AT) if alert_at is None else alert_at,
+            "burst": burst,
         },
     )
 

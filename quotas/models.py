@@ -117,6 +117,15 @@ class Limit(models.Model):
     enforcement = models.CharField(
         max_length=8, choices=Enforcement.choices, default=Enforcement.HARD
     )
+    burst = models.DecimalField(
+        max_digits=20,
+        decimal_places=6,
+        null=True,
+        blank=True,
+        help_text="Per-minute limits: the bucket's depth, the most admitted at once (empty: the "
+        "whole amount). The bucket refills at amount per minute; starting full, it admits up "
+        "to burst + amount in its first minute (twice the amount without a burst).",
+    )
     boost_amount = models.DecimalField(
         "boosted amount",
         max_digits=20,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from quotas.engine import Refused
+from quotas.engine import Refused, Unavailable
 from quotas.errors import QuotaError
 from quotas.plan import NANO, Plan
 
@@ -29,6 +29,19 @@ def refusal_error(refused: Refused, plan: Plan) -> QuotaError:
     else:
         message = f"Rate limited by '{name}'. Retry in {headers['Retry-After']} s."
     return QuotaError(code, message, headers=headers, limit=described, retry_after_ms=retry_ms)
+
+
+def upstream_error(refused: Unavailable) -> QuotaError:
+    """Every candidate pool's breaker is open: the provider is failing there."""
+    seconds = max(1, math.ceil(refused.retry_after_ms / 1000))
+    return QuotaError(
+        "upstream_unavailable",
+        f"The provider is failing on pool '{refused.pool}' (its circuit breaker is open) and "
+        f"no other pool can take the call. Retry in {seconds} s.",
+        headers={"Retry-After": str(seconds)},
+        pool=refused.pool,
+        retry_after_ms=refused.retry_after_ms,
+    )
 
 
 def units_shown(metric: str, units: float) -> float | int:

@@ -31,9 +31,11 @@ from quotas.engine import (
     Missing,
     Owner,
     Refused,
+    Report,
     ReserveCall,
     Settled,
     Stale,
+    Unavailable,
     Usage,
 )
 from quotas.errors import QuotaError, database_unavailable, invalid, not_found
@@ -42,8 +44,9 @@ from quotas.keys import lease_digest
 from quotas.metrics import DEGRADED_GRANTS, RESERVATIONS
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
 from quotas.recovery import lease_restore, store_lost
-from quotas.refusals import refusal_error
+from quotas.refusals import refusal_error, upstream_error
 from quotas.store import STORE_UNREACHABLE, get_engine
+from quotas.upstream_headers import provider_limits
 
 log = logging.getLogger(__name__)
 STALE_RETRIES = 3
@@ -75,7 +78,29 @@ class CommitInput:
     finish_reason: str = ""
     upstream_status: int | None = None
     latency_ms: int | None = None
+    upstream_headers: dict[str, Any] | None = None
     body_hash: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseInput:
+    """A release may say why the call did not happen: a provider 429 is reported so."""
+
+    upstream_status: int | None = None
+    latency_ms: int | None = None
+    upstream_headers: dict[str, Any] | None = None
+
+
+def upstream_report(
+    status: int | None, headers: dict[str, Any] | None
+) -> tuple[Report | None, dict[str, str]]:
+    """The provider's answer for the engine (its status, the limits its headers state), and
+    the event fields it adds; no report when the caller said nothing of it."""
+    if status is None and not headers:
+        return None, {}
+    limits = provider_limits(headers).for_engine() if headers else {}
+    extra = {} if status is None else {"upstream_status": str(status)}
+    return Report(status=status, limits=limits), extra
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +297,7 @@ def _reserve_call(
 
 
 def _reserve_outcome(
-    result: Granted | Refused | Existing | Conflict,
+    result: Granted | Refused | Unavailable | Existing | Conflict,
     plan: Plan,
     feature: FeatureInfo,
     pool: PoolInfo,
@@ -299,6 +324,9 @@ def _reserve_outcome(
         )
     if isinstance(result, Conflict):
         raise QuotaError("conflict", "This idempotency key was used with another request body.")
+    if isinstance(result, Unavailable):
+        _count("refused", "upstream_unavailable", plan, feature, result.pool)
+        raise upstream_error(result)
     _count("refused", result.reason, plan, feature, pool.slug)
     raise refusal_error(result, plan)
 
@@ -317,9 +345,8 @@ def _count_paused(error: QuotaError, plan: Plan, key: KeyInfo, slug: str) -> Non
 
 
 def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -> Settled:
-    extra = {"finish_reason": data.finish_reason}
-    if data.upstream_status is not None:
-        extra["upstream_status"] = str(data.upstream_status)
+    report, upstream = upstream_report(data.upstream_status, data.upstream_headers)
+    extra = {"finish_reason": data.finish_reason, **upstream}
     if data.latency_ms is not None:
         extra["latency_ms"] = str(data.latency_ms)
     usage = Usage(
@@ -334,7 +361,7 @@ def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -
 
     def commit(owner: Owner | KeyHolder, version: int | None) -> Any:
         return get_engine().commit(
-            reservation_id=reservation_id, owner=owner, usage=usage, version=version
+            reservation_id=reservation_id, owner=owner, usage=usage, version=version, report=report
         )
 
     result = _with_plan(key, commit, missing_ok=True)
@@ -368,13 +395,23 @@ def not_started(wait_ms: int) -> QuotaError:
     )
 
 
-def reservation_release(*, key: Caller, reservation_id: str) -> Settled:
+def reservation_release(
+    *, key: Caller, reservation_id: str, data: ReleaseInput | None = None
+) -> Settled:
+    data = data or ReleaseInput()
+    report, extra = upstream_report(data.upstream_status, data.upstream_headers)
+    if data.latency_ms is not None:
+        extra["latency_ms"] = str(data.latency_ms)
     if is_degraded_id(reservation_id):
-        return _degraded_settle(key, reservation_id, "released", Usage(0, 0))
+        return _degraded_settle(key, reservation_id, "released", Usage(0, 0, extra=extra))
     result = _with_plan(
         key,
         lambda owner, version: get_engine().release(
-            reservation_id=reservation_id, owner=owner, version=version
+            reservation_id=reservation_id,
+            owner=owner,
+            version=version,
+            report=report,
+            extra=extra,
         ),
     )
     if isinstance(result, Conflict):

@@ -40,6 +40,7 @@ def limit_validate(limit: Limit) -> None:
     _check_window(limit, add)
     _check_amounts(limit, add)
     _check_boost(limit, add)
+    _check_burst(limit, add)
     _check_alert_at(limit, add)
     if not errors:
         _check_guarantee_fits_pool(limit, add)
@@ -99,6 +100,18 @@ def _check_amounts(limit: Limit, add: _Add) -> None:
             add("guaranteed", "A guaranteed share is only meaningful on a hard limit.")
         if limit.amount is not None and limit.amount < limit.guaranteed:
             add("amount", "The ceiling (amount) cannot be below the guaranteed share.")
+
+
+def _check_burst(limit: Limit, add: _Add) -> None:
+    burst = limit.burst
+    if burst is None:
+        return
+    if limit.window != "minute" or limit.amount is None:
+        add("burst", "A burst is the depth of a per-minute limit's bucket: give a minute amount.")
+    elif burst <= 0 or burst > limit.amount:
+        add("burst", "The burst must be greater than zero and at most the amount.")
+    elif limit.metric in WHOLE_METRICS and burst != burst.to_integral_value():
+        add("burst", f"The burst of a {METRIC_WORDS[limit.metric]} limit is a whole number.")
 
 
 def _check_boost(limit: Limit, add: _Add) -> None:

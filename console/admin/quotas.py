@@ -99,7 +99,7 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedA
                 "feature, pool and model.",
             },
         ),
-        ("Rule", {"fields": ("metric", "window", "amount", "guaranteed", "enforcement")}),
+        ("Rule", {"fields": ("metric", "window", "amount", "guaranteed", "enforcement", "burst")}),
         (
             "Boost",
             {

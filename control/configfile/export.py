@@ -109,6 +109,7 @@ def _pool(pool: Pool, index: int) -> dict[str, Any]:
             protect=_Flow(pool.protect) if pool.protect else None,
             position=None if pool.position == index else pool.position,
             line_minutes=None if pool.line_minutes == 1 else float(pool.line_minutes),
+            backpressure=_Flow(pool.backpressure) if pool.backpressure else None,
         ),
     }
 
@@ -168,6 +169,7 @@ def _limit(limit: Limit) -> _Flow:
             window=limit.window or None,
             amount=limit.amount,
             guaranteed=limit.guaranteed,
+            burst=limit.burst,
             enforcement=None if limit.enforcement == Enforcement.HARD else limit.enforcement,
             alert_at=None if limit.alert_at == DEFAULT_ALERT_AT else limit.alert_at,
         ),

@@ -142,6 +142,7 @@ POOL = {
     "protect": Key(as_is),
     "position": Key(whole),
     "line_minutes": Key(number),
+    "backpressure": Key(as_is),
 }
 FEATURE = {
     "slug": Key(text, required=True),
@@ -166,6 +167,7 @@ LIMIT = {
     "window": Key(choice(Window.values)),
     "amount": Key(optional_number),
     "guaranteed": Key(optional_number),
+    "burst": Key(optional_number),
     "enforcement": Key(choice(Enforcement.values)),
     "alert_at": Key(as_is),
 }

@@ -68,12 +68,23 @@ def reserved_body(reserved: Reserved) -> dict[str, Any]:
     }
     if granted.start_ms is not None:
         body.update(_scheduled(granted.start_ms, granted.now_ms))
+    if granted.breaker:  # a pool's breaker changed the decision (skipped it, or a probe)
+        body["breaker"] = [_breaker(note) for note in granted.breaker]
     return body
 
 
 def _scheduled(start_ms: int, now_ms: int) -> dict[str, Any]:
     """A scheduled reservation: its call may go to the provider from `start_at` on."""
     return {"status": "scheduled", "start_at": iso(start_ms), "wait_ms": start_ms - now_ms}
+
+
+def _breaker(note: dict[str, Any]) -> dict[str, Any]:
+    shown = {"pool": note.get("pool"), "state": note.get("state")}
+    if note.get("probe"):
+        shown["probe"] = True
+    if note.get("retry_ms") is not None:
+        shown["retry_after_ms"] = max(0, int(note["retry_ms"]))
+    return shown
 
 
 def _limit(plan: Plan, state: LimitState, now_ms: int) -> dict[str, Any]:
@@ -93,6 +104,12 @@ def _limit(plan: Plan, state: LimitState, now_ms: int) -> dict[str, Any]:
             "limit": round(state.cap / NANO_F, 9) if cost else math.floor(state.cap),
             "remaining": round(remaining / NANO_F, 9) if cost else math.floor(remaining),
         }
+    if state.configured is not None:  # a pool's own limit: effective, configured, adapted
+        cost = body["metric"] == "cost_usd"
+        body["configured"] = (
+            round(state.configured / NANO_F, 9) if cost else math.floor(state.configured)
+        )
+        body["adapted"] = state.cap < state.configured
     if state.reset_ms is not None:
         body["reset"] = iso(state.reset_ms)
         body["reset_seconds"] = max(0, math.ceil((state.reset_ms - now_ms) / 1000))

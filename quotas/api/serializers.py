@@ -268,6 +268,34 @@ RESERVE = Body(
     rules=(_one_input, _messages_are_objects, _min_below_max, _small_metadata),
 )
 
+
+def _upstream_status_shape(body: dict[str, Any]) -> Errors:
+    status = body.get("upstream_status")
+    if status is not None and 0 < status < 100:
+        return {"upstream_status": ["Must be an HTTP status (100 to 599), or 0 for no answer."]}
+    return {}
+
+
+# What the provider answered, reported at commit and release (quotas.upstream_headers reads
+# the headers; unknown or malformed ones are ignored, so any object is accepted).
+UPSTREAM = {
+    "upstream_status": Field(
+        int,
+        required=False,
+        low=0,
+        high=599,
+        help="The provider's HTTP status; 0 for a timeout or a failed connection.",
+    ),
+    "latency_ms": Field(int, required=False, low=0, high=86_400_000),
+    "upstream_headers": Field(
+        dict,
+        required=False,
+        controls=True,
+        depth=1_000_000,
+        help="The provider's response headers as received (its rate-limit headers are read).",
+    ),
+}
+
 COMMIT = Body(
     "CommitRequest",
     {
@@ -275,13 +303,10 @@ COMMIT = Body(
         "output_tokens": tokens("Output tokens produced."),
         "cached_input_tokens": tokens(required=False, default=0),
         "finish_reason": Field(str, required=False, default="", max_length=64),
-        "upstream_status": Field(
-            int, required=False, low=100, high=599, help="The provider's HTTP status."
-        ),
-        "latency_ms": Field(int, required=False, low=0, high=86_400_000),
+        **UPSTREAM,
     },
-    rules=(_cached_within_input,),
+    rules=(_cached_within_input, _upstream_status_shape),
 )
 
 EXTEND = Body("ExtendRequest", {"ttl_seconds": Field(int, low=1, high=MAX_TTL)})
-RELEASE = Body("ReleaseRequest", {})
+RELEASE = Body("ReleaseRequest", UPSTREAM, rules=(_upstream_status_shape,))

@@ -22,7 +22,7 @@ from quotas.api.representations import (
 from quotas.api.serializers import COMMIT, EXTEND, RELEASE, RESERVE
 from quotas.errors import QuotaError
 from quotas.plan import KeyInfo, plans
-from quotas.reservations import CommitInput, ReserveInput, body_hash
+from quotas.reservations import CommitInput, ReleaseInput, ReserveInput, body_hash
 from quotas.usage import feature_usage
 
 ERRORS = {
@@ -33,7 +33,7 @@ ERRORS = {
     409: OpenApiResponse(description="conflict"),
     423: OpenApiResponse(description="feature_paused"),
     429: OpenApiResponse(description="rate_limited or budget_exhausted"),
-    503: OpenApiResponse(description="unavailable"),
+    503: OpenApiResponse(description="unavailable or upstream_unavailable"),
 }
 DEGRADED = "store-unavailable; admitted without enforcement"
 
@@ -163,9 +163,11 @@ class ReservationReleaseView(SettlingView):
 
     @extend_schema(request=RELEASE.serializer(), responses={200: dict, **ERRORS})
     def post(self, request: Request, reservation_id: str) -> Response:
-        RELEASE.validate(request.data)
+        data = RELEASE.validate(request.data)
         settled = reservations.reservation_release(
-            key=self.principal(request).key, reservation_id=reservation_id
+            key=self.principal(request).key,
+            reservation_id=reservation_id,
+            data=ReleaseInput(**data),
         )
         return Response(settled_body(settled))
 

@@ -18,10 +18,13 @@ from quotas.engine.types import (
     Missing,
     Owner,
     PoolOption,
+    Pressure,
     Refused,
+    Report,
     ReserveCall,
     Settled,
     Stale,
+    Unavailable,
     Usage,
 )
 
@@ -37,9 +40,12 @@ __all__ = [
     "Missing",
     "Owner",
     "PoolOption",
+    "Pressure",
     "Refused",
+    "Report",
     "ReserveCall",
     "Settled",
     "Stale",
+    "Unavailable",
     "Usage",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -25,10 +26,12 @@ from quotas.engine.types import (
     Owner,
     PoolOption,
     Refused,
+    Report,
     ReserveCall,
     Settled,
     Snapshot,
     Stale,
+    Unavailable,
     Usage,
 )
 
@@ -69,6 +72,10 @@ class KeySpace:
     def period(self, limit_id: int, start_ms: int) -> str:
         return f"{self.prefix}p:{limit_id}:{start_ms}"
 
+    def pressure(self, pool_id: int) -> str:
+        """A pool's adaptive share and breaker (see pressure.lua)."""
+        return f"{self.prefix}bp:{pool_id}"
+
 
 class Engine:
     def __init__(
@@ -89,7 +96,9 @@ class Engine:
         self.clock_offset_ms = clock_offset_ms
         self.frozen_ms: int | None = None
 
-    def reserve(self, call: ReserveCall) -> Granted | Refused | Existing | Conflict | Stale | Lost:
+    def reserve(
+        self, call: ReserveCall
+    ) -> Granted | Refused | Unavailable | Existing | Conflict | Stale | Lost:
         keys = [
             self.keys.version,
             self.keys.lease(call.reservation_id),
@@ -101,9 +110,17 @@ class Engine:
         return self._reserve_result(self.scripts.call("reserve", keys, self._reserve_payload(call)))
 
     def commit(
-        self, *, reservation_id: str, owner: Owner | KeyHolder, usage: Usage, version: int | None
+        self,
+        *,
+        reservation_id: str,
+        owner: Owner | KeyHolder,
+        usage: Usage,
+        version: int | None,
+        report: Report | None = None,
     ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
+        if report is not None:
+            payload["report"] = report.as_lua()
         payload["usage"] = {
             "in_": usage.input_tokens,
             "cached": usage.cached_input_tokens,
@@ -115,9 +132,19 @@ class Engine:
         return self._settle_result(self._lease_call("commit", reservation_id, payload))
 
     def release(
-        self, *, reservation_id: str, owner: Owner | KeyHolder, version: int | None
+        self,
+        *,
+        reservation_id: str,
+        owner: Owner | KeyHolder,
+        version: int | None,
+        report: Report | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Settled | Conflict | Missing | Stale | Lost:
         payload = self._owner_payload(owner, version)
+        if report is not None:
+            payload["report"] = report.as_lua()
+        if extra:
+            payload["extra"] = extra
         return self._settle_result(self._lease_call("release", reservation_id, payload))
 
     def extend(
@@ -217,6 +244,16 @@ class Engine:
         """Drop the usage events that every consumer group has acknowledged."""
         return int(self.scripts.call("trim", [self.keys.events], {}))
 
+    def pressure_state(self, pool_id: int) -> dict[str, float]:
+        """A pool's adaptive share and breaker as the scripts keep them (pressure.lua), with
+        the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed)."""
+        share, open_until = self.client.hmget(self.keys.pressure(pool_id), "s", "o")
+        return {
+            "share": float(share) if share is not None else 1.0,
+            "open_until_ms": float(open_until) if open_until is not None else 0.0,
+            "now_ms": float(self.now_ms()),
+        }
+
     def now_ms(self) -> int:
         if self.frozen_ms is not None:
             return self.frozen_ms
@@ -261,10 +298,7 @@ class Engine:
                 "prices": dict(zip("ico", call.prices, strict=True)),
                 "meta": call.meta,
             },
-            "options": [
-                {"pool": option.pool, "checks": [check.as_lua() for check in option.checks]}
-                for option in call.options
-            ],
+            "options": [_option_lua(option) for option in call.options],
         }
         if call.idempotency_key:
             payload["idempotency"] = {"hash": call.idempotency_hash}
@@ -302,7 +336,9 @@ class Engine:
     # -- replies --------------------------------------------------------------------------
 
     @staticmethod
-    def _reserve_result(reply: Reply) -> Granted | Refused | Existing | Conflict | Stale | Lost:
+    def _reserve_result(
+        reply: Reply,
+    ) -> Granted | Refused | Unavailable | Existing | Conflict | Stale | Lost:
         if reply.get("stale"):
             return Stale()
         if reply.get("lost"):
@@ -314,7 +350,16 @@ class Engine:
             existing = reply["existing"]
             return Existing(lease=lease, granted=_granted(existing, existing.get("limits")))
         if reply["granted"]:
-            return _granted(reply["lease"], reply["limits"])
+            granted = _granted(reply["lease"], reply["limits"])
+            if "breaker" in reply:
+                return replace(granted, breaker=tuple(_as_list(reply["breaker"])))
+            return granted
+        if reply["reason"] == "upstream_unavailable":
+            return Unavailable(
+                pool=reply["pool"],
+                retry_after_ms=max(0, int(reply["retry_ms"])),
+                now_ms=int(reply["now_ms"]),
+            )
         retry = reply.get("retry_ms")
         return Refused(
             reason=reply["reason"],
@@ -366,6 +411,7 @@ def _granted(lease: dict[str, Any], limits: Any) -> Granted:
                 cap=int(d["cap"]),
                 remaining=d["remaining"],
                 reset_ms=d.get("reset_ms"),
+                configured=d.get("cfg"),
             )
             for d in _as_list(limits)
         ),
@@ -374,14 +420,26 @@ def _granted(lease: dict[str, Any], limits: Any) -> Granted:
     )
 
 
+def _option_lua(option: PoolOption) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "pool": option.pool,
+        "checks": [check.as_lua() for check in option.checks],
+    }
+    if option.pressure is not None:
+        data["bp"] = option.pressure.as_lua()
+    return data
+
+
 def _option_keys(options: tuple[PoolOption, ...]) -> list[str]:
-    """Every key the options' checks may touch, declared to Redis as the script's keys."""
-    return [
+    """Every key the options may touch, declared to Redis as the script's keys."""
+    keys = [
         key
         for option in options
         for check in option.checks
         for key in (*check.redis_keys(), *(k for k, _ in check.guards))
     ]
+    keys += [option.pressure.key for option in options if option.pressure is not None]
+    return keys
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -33,6 +33,8 @@ class Check:
     floor: int = 0
     guards: tuple[tuple[str, int], ...] = ()  # (key, cap) of other features' guarantees
     line: int = 0  # most a minute bucket's line may hold (units); 0: never scheduled
+    pool_limit: bool = False  # a pool's own minute limit: scaled by its adaptive share
+    rate: int = 0  # a bucket deeper or shallower than its refill: refill per minute (0: cap)
 
     def redis_keys(self) -> list[str]:
         return [self.key] if self.key else [p.key for p in self.periods]
@@ -57,13 +59,67 @@ class Check:
             data["guards"] = [{"k": k, "cap": cap} for k, cap in self.guards]
         if self.line:
             data["lq"] = self.line
+        if self.pool_limit:
+            data["pl"] = 1
+        if self.rate:
+            data["rate"] = self.rate
         return data
+
+
+@dataclass(frozen=True, slots=True)
+class Pressure:
+    """A pool's adaptation and breaker settings as the scripts take them (see pressure.lua),
+    and the key of its state."""
+
+    key: str
+    adaptive: bool
+    floor: float
+    decrease: float
+    cooldown_ms: int
+    recovery_ms: int
+    window_ms: int  # 0: no breaker
+    min_calls: int
+    failure_ratio: float
+    open_ms: int
+
+    def as_lua(self) -> dict[str, Any]:
+        return {
+            "k": self.key,
+            "ad": int(self.adaptive),
+            "fl": self.floor,
+            "dc": self.decrease,
+            "cd": self.cooldown_ms,
+            "rc": self.recovery_ms,
+            "bw": self.window_ms,
+            "bn": self.min_calls,
+            "br": self.failure_ratio,
+            "bo": self.open_ms,
+        }
 
 
 @dataclass(frozen=True, slots=True)
 class PoolOption:
     pool: str
     checks: tuple[Check, ...]
+    pressure: Pressure | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """What a caller reports of the provider's answer at commit or release: its status (0: a
+    timeout or connection failure) and the rate limits its headers stated, by metric
+    (`quotas.upstream_headers`)."""
+
+    status: int | None = None
+    limits: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def as_lua(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.status is not None:
+            data["st"] = self.status
+        if self.limits:
+            data["hd"] = self.limits
+        return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +175,7 @@ class LimitState:
     cap: int
     remaining: float
     reset_ms: int | None
+    configured: int | None = None  # a pool's own limit: its configured cap (cap: effective)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +190,7 @@ class Granted:
     would_refuse: tuple[int, ...]
     degraded: bool = False  # admitted unenforced: the store was down and the pool fails open
     start_ms: int | None = None  # scheduled: the call may go to the provider from then on
+    breaker: tuple[dict[str, Any], ...] = ()  # pools whose breaker changed the decision
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +201,15 @@ class Refused:
     cap: int
     needed: int
     retry_after_ms: int | None  # None: it can never fit
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unavailable:
+    """Every candidate pool's breaker is open: the provider is failing there."""
+
+    pool: str
+    retry_after_ms: int
     now_ms: int
 
 

@@ -17,7 +17,7 @@ for i, check in ipairs(req.checks) do
     local level = check.level - (check.line or 0)
     state.used = check.cap - level
     state.remaining = level
-    state.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
+    state.reset_ms = now + math.ceil((check.cap - level) * 60000 / (check.rate or check.cap))
   else
     state.used = check.used
     state.remaining = check.cap - check.used

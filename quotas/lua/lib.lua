@@ -32,14 +32,14 @@ local function clock(req)
   return now_ms() + (req.clock_offset_ms or 0)
 end
 
--- Level of a token bucket of capacity `cap` refilling cap per 60 s, at `now`, and its line:
--- capacity promised to scheduled callers (line.lua), "level:t:line". The refill repays the
--- line first; the level grows only once the line is clear.
-local function bucket_read(key, cap, now)
+-- Level of a token bucket of depth `cap` refilling `rate` (default: cap) per 60 s, at `now`,
+-- and its line: capacity promised to scheduled callers (line.lua), "level:t:line". The
+-- refill repays the line first; the level grows only once the line is clear.
+local function bucket_read(key, cap, now, rate)
   local raw = redis.call('GET', key)
   if not raw then return cap, 0 end
   local level, at, line = string.match(raw, '^([^:]*):([^:]*):?(.*)$')
-  local grown = (now - tonumber(at)) * cap / 60000
+  local grown = (now - tonumber(at)) * (rate or cap) / 60000
   line = tonumber(line) or 0
   if line > 0 then
     local repaid = math.min(line, math.max(0, grown))
@@ -50,11 +50,11 @@ local function bucket_read(key, cap, now)
   return level, line
 end
 
-local function bucket_level(key, cap, now)
-  return (bucket_read(key, cap, now))
+local function bucket_level(key, cap, now, rate)
+  return (bucket_read(key, cap, now, rate))
 end
 
-local function bucket_store(key, cap, level, now, line)
+local function bucket_store(key, cap, level, now, line, rate)
   line = line or 0
   if level >= cap and line <= 0 then
     redis.call('DEL', key)
@@ -62,7 +62,7 @@ local function bucket_store(key, cap, level, now, line)
   end
   -- a bucket left alone refills; once it would be full the key can go (with a margin, so
   -- that a clock that is stopped or moved in tests keeps its keys)
-  local ttl = math.ceil((cap - level + line) * 60000 / cap) + 300000
+  local ttl = math.ceil((cap - level + line) * 60000 / (rate or cap)) + 300000
   local text = string.format('%.17g:%s', level, int(now))
   if line > 0 then text = text .. string.format(':%.17g', line) end
   redis.call('SET', key, text, 'PX', int(ttl))
@@ -110,11 +110,11 @@ local function adjust(check, delta, now)
   if delta == 0 then return end
   if check.kind == 'b' then
     local key = bucket_key(check)
-    local level, line = bucket_read(key, check.cap, now)
+    local level, line = bucket_read(key, check.cap, now, check.rate)
     -- a refund shortens the line first: the callers in it may go earlier
     local back = math.min(line, math.max(0, -delta))
     level = math.min(check.cap, level - delta - back)
-    bucket_store(key, check.cap, level, now, line - back)
+    bucket_store(key, check.cap, level, now, line - back, check.rate)
   elseif check.kind == 'g' then
     -- use drains the guarantee first, so a refund fills the shared part first: the guarantee
     -- gets back only what was taken from it beyond the actual use
@@ -330,9 +330,9 @@ local function observe(check, now)
     check.used = counter(check.k)
     check.headroom = check.cap - check.used
   else
-    check.level, check.line = bucket_read(check.k, check.cap, now)
+    check.level, check.line = bucket_read(check.k, check.cap, now, check.rate)
     local floor = check.floor or 0
-    local growth, reserved = check.cap, 0
+    local growth, reserved = check.rate or check.cap, 0
     for _, guard in ipairs(check.guards or {}) do
       local kept = bucket_level(guard.k, guard.cap, now)
       floor = floor + kept

@@ -8,7 +8,8 @@
 --          store lost its data: see plan_check; absent with kd), tenant,
 --          features (a narrowed key's feature ids, or empty), or instead of both kd (the
 --          API key's digest, when the plan cannot be loaded: see owns in lib.lua), maxlen,
---          retention_ms, clock
+--          retention_ms, clock, extra (event fields: upstream_status, latency_ms),
+--          report = {st, hd} (the provider's answer; see bp_settle in pressure.lua)
 --
 -- Returns JSON: {result = {...}} (a repeated release returns the same result),
 -- {missing = true}, or {conflict = state} (already committed, or expired: an expired lease
@@ -22,7 +23,10 @@ local lease = load_lease(KEYS[2], req, KEYS[3], KEYS[4], now)
 if not lease then return cjson.encode({missing = true}) end
 if lease.st == 'released' then return cjson.encode({result = lease.res}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
-local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release'}
+local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release',
+                 extra = req.extra}
+local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
 local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
+bp_settled(lease, pressure, req.report, now, KEYS[4], req.maxlen)
 return cjson.encode({result = result})

@@ -22,7 +22,10 @@
 --              cap, k = key (or periods = [{k, start, stop}] for 'p'),
 --              floor (capacity kept for higher priority classes),
 --              guards = [{k, cap}] (other features' guarantees, kept unless spent),
---              lq (most a minute bucket's line may hold; absent: never scheduled)},
+--              lq (most a minute bucket's line may hold; absent: never scheduled),
+--              pl = 1 (a pool's own minute limit: scaled by the pool's adaptive share),
+--              rate (a bucket whose depth `cap` is a burst: its refill per minute)},
+--   and bp (the pool's adaptation and breaker settings; see pressure.lua),
 --   max_wait (ms; absent: refuse rather than schedule; see line.lua)
 --
 -- Returns JSON, one of:
@@ -32,6 +35,8 @@
 --    the start, from which the lease runs)
 --   {granted = false, reason = 'rate_limited' | 'budget_exhausted' | 'concurrency',
 --    limit, retry_ms (absent when the request can never fit), remaining, cap, needed, now_ms}
+--   {granted = false, reason = 'upstream_unavailable', pool, retry_ms, now_ms}: the pool's
+--    breaker is open (a grant's `breaker` lists the pools whose breaker changed it)
 --   {conflict = true}                  idempotency key reused with another body
 --   {stale = true}                     the plan is older than the configuration
 --   {lost = true}                      the store lost its data (see plan_check in lib.lua)
@@ -92,6 +97,8 @@ local short_of_slots = false
 -- The largest grant of output tokens every hard check of an option admits, or nil and the
 -- refusal (the limit to wait longest for: retrying earlier would still be refused).
 local function fit(option)
+  local closed = bp_gate(option, now) -- pressure.lua: breaker, adaptive share
+  if closed then return nil, closed end
   local out, worst = req.out, nil
   for _, check in ipairs(option.checks) do
     shape(check)
@@ -133,7 +140,7 @@ local function debit(check, out)
   check.amt = amount
   if check.kind == 'b' then
     bucket_store(check.k, check.cap, check.level - (check.take or amount), now,
-                 check.queue or check.line)
+                 check.queue or check.line, check.rate)
   elseif check.kind == 'g' then
     -- use drains a guarantee only as far as it holds
     check.took = math.max(0, math.min(check.level, amount))
@@ -148,7 +155,7 @@ end
 
 -- A check's entry in the answer's `limits`, once debited.
 local function describe(check)
-  local d = {id = check.id, cap = check.cap}
+  local d = {id = check.id, cap = check.rate or check.cap, cfg = check.cfg}
   if check.kind == 'p' then
     d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
   elseif check.kind == 'c' then
@@ -156,7 +163,7 @@ local function describe(check)
   else
     local level = check.level - (check.take or check.amt) - (check.queue or check.line)
     d.remaining = math.floor(level)
-    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / check.cap)
+    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / (check.rate or check.cap))
   end
   return d
 end
@@ -172,7 +179,8 @@ local function grant(option, out, start)
     debit(check, out)
     if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
-                               amt = check.amt, took = check.took}
+                               amt = check.amt, took = check.took, cfg = check.cfg,
+                               cd = check.cd, rate = check.rate}
   end
   local expires = (start or now) + req.ttl_ms
   local cost = amount_for(req.cost, out)
@@ -182,7 +190,8 @@ local function grant(option, out, start)
                  feature = req.lease.feature, kd = req.lease.kd, ttl_ms = req.ttl_ms,
                  prices = req.lease.prices,
                  meta = meta, pool = option.pool, created = now, e = expires, ck = recorded,
-                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}, sa = start}
+                 soft = soft, r = {in_ = req.in_, out = out, cost = cost}, sa = start,
+                 bp = option.bp}
   local keep_ms = int(req.ttl_ms + req.retention_ms)
   if req.idempotency then
     -- a replay of the request answers as this call does; an extension keeps the key (`ik`)
@@ -199,7 +208,8 @@ local function grant(option, out, start)
   if start then ev.start_ms, ev.wait_ms = start, start - now end
   emit(stream, req.maxlen, ev)
   -- the answer holds the lease as written rather than the same values encoded again
-  return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits) .. '}'
+  return '{"granted":true,"lease":' .. lease_json .. ',"limits":' .. cjson.encode(limits)
+    .. bp_granted(option, now) .. '}'
 end
 
 local function refuse(refused)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from quotas.engine import Check, PoolOption
+from quotas.engine import Check, PoolOption, Pressure
 from quotas.engine.core import KeySpace
 from quotas.engine.periods import periods_around
 from quotas.engine.types import Period
@@ -68,7 +68,9 @@ class Plan:
             checks, until = self._checks(
                 feature, pool, pool.models[model], priority, keyspace, now_ms
             )
-            compiled.append(PoolOption(pool=pool.slug, checks=checks))
+            compiled.append(
+                PoolOption(pool=pool.slug, checks=checks, pressure=pressure_of(pool, keyspace))
+            )
             valid_until = min(valid_until, until)
         result = tuple(compiled)
         self._options[memo_key] = (result, valid_until)
@@ -128,8 +130,15 @@ class Plan:
                 limit.guaranteed_units,
                 key=keyspace.guarantee(limit.id),
             )
+        rate = limit.units(limit.amount)
+        depth = rate if limit.burst is None else min(rate, limit.units(limit.burst))
         return Check(
-            limit.id, "b", limit.metric, limit.units(limit.amount), key=keyspace.bucket(limit.id)
+            limit.id,
+            "b",
+            limit.metric,
+            depth,
+            key=keyspace.bucket(limit.id),
+            rate=rate if depth != rate else 0,
         )
 
     @staticmethod
@@ -183,7 +192,9 @@ class Plan:
                 )
             )
         if limit.amount is not None:
-            cap = limit.units(limit.amount)
+            # a burst is the bucket's depth (its cap); it refills at the amount (its rate)
+            rate = limit.units(limit.amount)
+            cap = rate if limit.burst is None else min(rate, limit.units(limit.burst))
             floor: int = 0
             guards: tuple[tuple[str, int], ...] = ()
             if limit.is_shared_pool_limit:  # the pool's own, for all models or for one
@@ -204,7 +215,9 @@ class Plan:
                     key=keyspace.bucket(limit.id),
                     floor=floor,
                     guards=guards,
-                    line=int(cap * pool.line_minutes),
+                    line=int(rate * pool.line_minutes),  # minutes of the refill
+                    pool_limit=limit.is_shared_pool_limit,
+                    rate=rate if cap != rate else 0,
                 )
             )
         return checks
@@ -222,6 +235,23 @@ def features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
         index = {feature.id: feature for feature in plan.features.values()}
         _by_id = (plan, index)
     return index
+
+
+def pressure_of(pool: PoolInfo, keyspace: KeySpace) -> Pressure:
+    """A pool's backpressure settings as the engine takes them."""
+    bp = pool.backpressure
+    return Pressure(
+        key=keyspace.pressure(pool.id),
+        adaptive=bp.adaptive,
+        floor=bp.floor,
+        decrease=bp.decrease,
+        cooldown_ms=int(bp.cooldown_seconds * 1000),
+        recovery_ms=int(bp.recovery_seconds * 1000),
+        window_ms=int(bp.breaker_window_seconds * 1000) if bp.breaker else 0,
+        min_calls=int(bp.breaker_min_calls),
+        failure_ratio=bp.breaker_failure_ratio,
+        open_ms=int(bp.breaker_open_seconds * 1000),
+    )
 
 
 def pool_by_id(plan: Plan, pool_id: int | None) -> PoolInfo | None:

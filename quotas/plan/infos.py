@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 
+from providers.backpressure import Backpressure
 from tenants.models import Priority
 
 NANO = Decimal(1_000_000_000)
@@ -57,6 +58,7 @@ class PoolInfo:
     protect: dict[str, float]
     models: dict[str, ModelInfo]  # served models by name
     line_minutes: float = 1.0  # a minute limit's line holds this many minutes of capacity
+    backpressure: Backpressure = field(default_factory=Backpressure)
 
     def protected_share_above(self, priority: str) -> float:
         """Share of per-minute capacity kept for classes more important than `priority`."""
@@ -79,6 +81,7 @@ class LimitInfo:
     model_id: int | None
     timezone: str
     scope: dict[str, str]
+    burst: Decimal | None = None  # a minute limit's bucket depth (None: the amount)
 
     @property
     def is_shared_pool_limit(self) -> bool:

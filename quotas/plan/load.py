@@ -15,6 +15,7 @@ import redis
 from django.db import DatabaseError
 from django.utils import timezone
 
+from providers.backpressure import Backpressure
 from providers.models import LanguageModel, Pool
 from quotas.metrics import PLAN_RELOADS
 from quotas.models import ApiKey, ConfigVersion, Limit, amount_at, boost_active
@@ -66,6 +67,7 @@ def plan_load() -> Plan:
             dict(p.protect or {}),
             served.get(p.id, {}),
             float(p.line_minutes),
+            Backpressure.of(p.backpressure),
         )
         for p in Pool.objects.order_by("position", "slug")
     ]
@@ -148,6 +150,7 @@ class LimitRow(NamedTuple):
     enforcement: str
     boost_amount: Decimal | None
     boost_until: datetime | None
+    burst: Decimal | None
     tenant_id: int | None
     feature_id: int | None
     pool_id: int | None
@@ -188,6 +191,7 @@ def _limit_info(row: LimitRow, tenants: dict[int, TenantInfo], now: datetime) ->
         row.model_id,
         timezone,
         scope,
+        row.burst,
     )
 
 

@@ -28,7 +28,7 @@ from ._protocol import (
     with_wait,
 )
 from ._retry import RetryBudget, RetryPolicy, Waiter, transport_retry_delay
-from ._types import Grant, Settlement, Usage, parse_time
+from ._types import Grant, Refusal, Settlement, Usage, parse_time
 
 log = logging.getLogger("quotaclient")
 
@@ -155,9 +155,10 @@ class AsyncQuotaClient:
         path = reservation_path(reservation_id, "commit")
         return Settlement.from_body(await self._send("POST", path, usage.body(), resendable=True))
 
-    async def _release(self, reservation_id: str) -> Settlement:
+    async def _release(self, reservation_id: str, refusal: Refusal | None = None) -> Settlement:
         path = reservation_path(reservation_id, "release")
-        return Settlement.from_body(await self._send("POST", path, {}, resendable=False))
+        body = refusal.body() if refusal else {}
+        return Settlement.from_body(await self._send("POST", path, body, resendable=False))
 
     async def _extend(self, reservation_id: str, ttl_seconds: int) -> datetime | None:
         path = reservation_path(reservation_id, "extend")
@@ -229,6 +230,7 @@ class AsyncReservation(HeldBase):
         finish_reason: str = "",
         upstream_status: int | None = None,
         latency_ms: int | None = None,
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> Settlement:
         usage = self.usage_to_commit(
             input_tokens,
@@ -238,6 +240,8 @@ class AsyncReservation(HeldBase):
             upstream_status,
             latency_ms,
         )
+        if upstream_headers:
+            usage = replace(usage, upstream_headers=upstream_headers)
         self._recorded = usage
         self.settlement = await self._client._commit(self.id, usage)
         self._keeper.cancel()
@@ -245,8 +249,8 @@ class AsyncReservation(HeldBase):
             log.warning("reservation %s had expired before its commit", self.id)
         return self.settlement
 
-    async def release(self) -> Settlement:
-        self.settlement = await self._client._release(self.id)
+    async def release(self, refusal: Refusal | None = None) -> Settlement:
+        self.settlement = await self._client._release(self.id, refusal)
         self._keeper.cancel()
         return self.settlement
 

@@ -13,7 +13,7 @@ from ._async import AsyncReservation
 from ._errors import QuotaError
 from ._held import HeldBase
 from ._sync import Reservation
-from ._types import Usage
+from ._types import Refusal, Usage
 
 log = logging.getLogger("quotaclient")
 
@@ -51,23 +51,76 @@ class Tracker(Protocol):
     def report(self) -> Report: ...
 
 
-def upstream_status_of(error: BaseException) -> int | None:
-    """The provider's HTTP status, where the provider answered with an error (the OpenAI and
-    Anthropic SDKs both raise an APIStatusError with `status_code`)."""
+# The headers a commit or release passes on: the provider's rate limits, nothing else.
+RATE_LIMIT_HEADERS = ("x-ratelimit-", "anthropic-ratelimit-", "retry-after")
+# What the OpenAI and Anthropic SDKs raise when no answer came: reported as status 0.
+NO_ANSWER = ("APIConnectionError", "APITimeoutError")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The provider's answer as the raw response showed it: its status and headers."""
+
+    status: int | None = None
+    headers: dict[str, str] | None = None
+
+
+def rate_limit_headers(headers: Any) -> dict[str, str] | None:
+    """The rate-limit headers among a response's (httpx headers or any mapping)."""
+    try:
+        items = list(headers.items())
+    except (AttributeError, TypeError):
+        return None
+    kept = {
+        str(name).lower(): str(value)
+        for name, value in items
+        if str(name).lower().startswith(RATE_LIMIT_HEADERS)
+    }
+    return kept or None
+
+
+def upstream_of_error(error: BaseException) -> Upstream:
+    """What an exception says of the provider's answer: the OpenAI and Anthropic SDKs both
+    raise an APIStatusError with `status_code` and the `response`; 0 when none came."""
     status = getattr(error, "status_code", None)
-    return status if isinstance(status, int) and 100 <= status <= 599 else None
+    if isinstance(status, int) and 100 <= status <= 599:
+        response = getattr(error, "response", None)
+        return Upstream(status, rate_limit_headers(getattr(response, "headers", None)))
+    if any(cls.__name__ in NO_ANSWER for cls in type(error).__mro__):
+        return Upstream(0)
+    return Upstream()
+
+
+def upstream_status_of(error: BaseException) -> int | None:
+    return upstream_of_error(error).status
 
 
 def usage_of_call(
-    held: HeldBase, report: Report | None, error: BaseException | None, latency_ms: int
-) -> Usage | None:
-    """What to commit for a finished call; None means release (the call did not happen)."""
+    held: HeldBase,
+    report: Report | None,
+    error: BaseException | None,
+    latency_ms: int,
+    upstream: Upstream | None = None,
+) -> Usage | Refusal:
+    """What to commit for a finished call, or (a `Refusal`) to release it with: the call did
+    not happen, refused by the provider (429) or never answered (0)."""
+    seen = upstream or Upstream()
     if report is None:
-        status = upstream_status_of(error) if error is not None else None
-        if status is None:
-            return None  # never reached the provider, or we cannot tell: refund
-        # The provider refused or failed: nothing was generated, the request is on record.
-        return Usage(0, 0, finish_reason="error", upstream_status=status, latency_ms=latency_ms)
+        if error is not None:
+            seen = upstream_of_error(error)
+        if seen.status is None or seen.status in (0, 429):
+            return Refusal(
+                seen.status, latency_ms if seen.status is not None else None, seen.headers
+            )
+        # The provider failed: nothing was generated, the request is on record.
+        return Usage(
+            0,
+            0,
+            finish_reason="error",
+            upstream_status=seen.status,
+            latency_ms=latency_ms,
+            upstream_headers=seen.headers,
+        )
     if report.complete:
         finish = report.finish_reason
         output = report.output_tokens
@@ -81,8 +134,9 @@ def usage_of_call(
         output_tokens=held.output_tokens if output is None else output,
         cached_input_tokens=report.cached_input_tokens,
         finish_reason=finish,
-        upstream_status=200,
+        upstream_status=seen.status or 200,
         latency_ms=latency_ms,
+        upstream_headers=seen.headers,
     )
 
 
@@ -95,16 +149,17 @@ def settle(
     report: Report | None,
     error: BaseException | None,
     started: float,
+    upstream: Upstream | None = None,
 ) -> None:
     """Commits or releases after the provider call. Never raises: the provider's answer is
     already paid for, and losing it over a quota commit would be worse than the lease
     expiring (it is then charged as reserved)."""
-    usage = usage_of_call(reservation, report, error, elapsed_ms(started))
+    usage = usage_of_call(reservation, report, error, elapsed_ms(started), upstream)
     try:
-        if usage is None:
-            reservation.release()
+        if isinstance(usage, Refusal):
+            reservation.release(usage)
         else:
-            reservation.commit(**dataclasses.asdict(usage))
+            reservation.commit(**_commit_args(usage))
     except QuotaError as failure:
         log.warning("could not settle reservation %s: %s", reservation.id, failure)
 
@@ -114,12 +169,17 @@ async def settle_async(
     report: Report | None,
     error: BaseException | None,
     started: float,
+    upstream: Upstream | None = None,
 ) -> None:
-    usage = usage_of_call(reservation, report, error, elapsed_ms(started))
+    usage = usage_of_call(reservation, report, error, elapsed_ms(started), upstream)
     try:
-        if usage is None:
-            await reservation.release()
+        if isinstance(usage, Refusal):
+            await reservation.release(usage)
         else:
-            await reservation.commit(**dataclasses.asdict(usage))
+            await reservation.commit(**_commit_args(usage))
     except QuotaError as failure:
         log.warning("could not settle reservation %s: %s", reservation.id, failure)
+
+
+def _commit_args(usage: Usage) -> dict[str, Any]:
+    return {field.name: getattr(usage, field.name) for field in dataclasses.fields(usage)}

@@ -26,7 +26,7 @@ from ._protocol import (
     with_wait,
 )
 from ._retry import RetryBudget, RetryPolicy, Waiter, transport_retry_delay
-from ._types import Grant, Settlement, Usage, parse_time
+from ._types import Grant, Refusal, Settlement, Usage, parse_time
 
 log = logging.getLogger("quotaclient")
 
@@ -162,9 +162,10 @@ class QuotaClient:
         path = reservation_path(reservation_id, "commit")
         return Settlement.from_body(self._send("POST", path, usage.body(), resendable=True))
 
-    def _release(self, reservation_id: str) -> Settlement:
+    def _release(self, reservation_id: str, refusal: Refusal | None = None) -> Settlement:
         path = reservation_path(reservation_id, "release")
-        return Settlement.from_body(self._send("POST", path, {}, resendable=False))
+        body = refusal.body() if refusal else {}
+        return Settlement.from_body(self._send("POST", path, body, resendable=False))
 
     def _extend(self, reservation_id: str, ttl_seconds: int) -> datetime | None:
         path = reservation_path(reservation_id, "extend")
@@ -211,6 +212,7 @@ class Reservation(HeldBase):
         finish_reason: str = "",
         upstream_status: int | None = None,
         latency_ms: int | None = None,
+        upstream_headers: Mapping[str, str] | None = None,
     ) -> Settlement:
         """Reports the actual usage; the server refunds the rest at once. Without counts it
         commits what `record_usage` recorded, or else the reserved worst case."""
@@ -222,15 +224,18 @@ class Reservation(HeldBase):
             upstream_status,
             latency_ms,
         )
+        if upstream_headers:
+            usage = replace(usage, upstream_headers=upstream_headers)
         self._recorded = usage  # a failed commit is tried again on the way out of `with`
         self.settlement = self._client._commit(self.id, usage)
         if self.settlement.lease_expired:
             log.warning("reservation %s had expired before its commit", self.id)
         return self.settlement
 
-    def release(self) -> Settlement:
-        """The call did not happen: everything is refunded."""
-        self.settlement = self._client._release(self.id)
+    def release(self, refusal: Refusal | None = None) -> Settlement:
+        """The call did not happen: everything is refunded. `refusal` says why (a provider
+        429, with its rate-limit headers)."""
+        self.settlement = self._client._release(self.id, refusal)
         return self.settlement
 
     def extend(self, ttl_seconds: int | None = None) -> datetime | None:

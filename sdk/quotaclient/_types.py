@@ -103,6 +103,7 @@ class Usage:
     finish_reason: str = ""
     upstream_status: int | None = None
     latency_ms: int | None = None
+    upstream_headers: Mapping[str, str] | None = None  # the provider's rate-limit headers
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -117,6 +118,28 @@ class Usage:
             body["upstream_status"] = self.upstream_status
         if self.latency_ms is not None:
             body["latency_ms"] = max(0, self.latency_ms)
+        if self.upstream_headers:
+            body["upstream_headers"] = dict(self.upstream_headers)
+        return body
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call did not happen, as a release reports it: the provider's status (429: it
+    refused the call) and its rate-limit headers."""
+
+    upstream_status: int | None = None
+    latency_ms: int | None = None
+    upstream_headers: Mapping[str, str] | None = None
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {}
+        if self.upstream_status is not None:
+            body["upstream_status"] = self.upstream_status
+        if self.latency_ms is not None:
+            body["latency_ms"] = max(0, self.latency_ms)
+        if self.upstream_headers:
+            body["upstream_headers"] = dict(self.upstream_headers)
         return body
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import anthropic
 import pytest
+import quotaclient
 import redis
 from quotaclient import Quota, wrap_anthropic
 
+from providers.models import Pool
 from quotas.plan import plans
 from tests.factories import LanguageModelFactory, PoolFactory, ProviderFactory
 from tests.fakes.providers import FakeAnthropic
@@ -129,14 +131,47 @@ def test_a_partial_grant_lowers_max_tokens(stack: Stack, fake: FakeAnthropic) ->
 
 
 def test_an_upstream_error_is_committed_with_its_status(stack: Stack, fake: FakeAnthropic) -> None:
-    fake.script.fail_status = 429
+    fake.script.fail_status = 529  # overloaded
     client = protected(stack, fake)
+
+    with pytest.raises(anthropic.APIStatusError):
+        client.messages.create(model=MODEL, messages=HELLO, max_tokens=100)
+
+    assert stack.event("committed")["upstream_status"] == "529"
+    assert committed(stack) == ("0", "error")
+
+
+def test_a_provider_429_is_released_with_its_headers_and_not_retried_past_the_budget(
+    stack: Stack, fake: FakeAnthropic
+) -> None:
+    fake.script.fail_status = 429
+    fake.script.headers = {"anthropic-ratelimit-requests-remaining": "0", "retry-after": "0"}
+    client = wrap_anthropic(
+        anthropic.Anthropic(api_key="sk-ant-test", base_url=fake.url),
+        quota=Quota("chat", client=stack.client(budget=quotaclient.RetryBudget(burst=1))),
+    )
 
     with pytest.raises(anthropic.RateLimitError):
         client.messages.create(model=MODEL, messages=HELLO, max_tokens=100)
 
-    assert stack.event("committed")["upstream_status"] == "429"
-    assert committed(stack) == ("0", "error")
+    assert len(fake.requests) == 2  # one retry, through a new reservation
+    assert [e["upstream_status"] for e in stack.events("released")] == ["429", "429"]
+
+
+def test_the_providers_rate_limit_headers_are_committed(stack: Stack, fake: FakeAnthropic) -> None:
+    stack.world.limit(pool=Pool.objects.get(slug="anthropic-shared"), metric="requests", amount=500)
+    fake.script.headers = {
+        "anthropic-ratelimit-requests-limit": "50",
+        "anthropic-ratelimit-requests-remaining": "3",
+        "anthropic-ratelimit-requests-reset": "2030-01-01T00:00:00Z",
+    }
+    client = protected(stack, fake)
+
+    client.messages.create(model=MODEL, messages=HELLO, max_tokens=100)
+
+    assert stack.event("committed")["upstream_status"] == "200"
+    (limit,) = stack.events("provider_limit")
+    assert (limit["metric"], limit["limit"], limit["configured"]) == ("requests", "50", "500")
 
 
 # -- streams -------------------------------------------------------------------------------

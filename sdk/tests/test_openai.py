@@ -14,6 +14,7 @@ import quotaclient
 import redis
 from quotaclient import Quota, wrap_openai
 
+from quotas.store import get_engine
 from tests.fakes.providers import FakeOpenAI
 from tests.fakes.stack import Sleeper, Stack, live_stack
 from tests.fixtures import World
@@ -152,16 +153,77 @@ def test_without_a_minimum_the_same_call_is_refused_and_never_sent(
 def test_an_upstream_error_is_committed_with_its_status_and_nothing_used(
     stack: Stack, fake: FakeOpenAI
 ) -> None:
-    fake.script.fail_status = 429
+    fake.script.fail_status = 500
     client = protected(stack, fake)
+
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)
+
+    committed = stack.event("committed")
+    assert committed["upstream_status"] == "500"
+    assert (committed["input_tokens"], committed["output_tokens"]) == ("0", "0")
+    assert committed["finish_reason"] == "error"
+    assert len(fake.requests) == 1  # the provider client's own retries are off
+
+
+def test_the_providers_status_and_rate_limit_headers_are_committed(
+    stack: Stack, fake: FakeOpenAI
+) -> None:
+    stack.world.limit(pool=stack.world.pool, metric="tokens", amount=100_000)
+    fake.script.headers = {
+        "x-ratelimit-limit-tokens": "30000",
+        "x-ratelimit-remaining-tokens": "2000",
+        "x-ratelimit-reset-tokens": "6m0s",
+        "x-request-id": "not passed on",
+    }
+    client = wrap_openai(  # the caller's client retries; the wrapper turns that off
+        openai.OpenAI(api_key="sk-test", base_url=f"{fake.url}/v1"),
+        quota=Quota("chat", client=stack.client()),
+    )
+    engine = get_engine()
+    engine.frozen_ms = engine.now_ms()  # no refill between the commit and the check
+
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)
+
+    assert reply.usage is not None and reply.usage.completion_tokens == 20
+    assert stack.event("committed")["upstream_status"] == "200"
+    assert stack.events("provider_limit")[0]["limit"] == "30000"
+    # the pool's bucket was lowered to the provider's remaining
+    held = stack.client().reserve("chat", MODEL, input_tokens=10, max_output_tokens=10)
+    pool_limit = next(lim for lim in held.grant.raw["limits"] if lim["scope"].get("pool"))
+    assert pool_limit["remaining"] == 2000 - 20  # the provider's remaining, less this one
+    held.release()
+
+
+def test_a_provider_429_is_released_and_reserved_again_never_retried_by_the_client(
+    stack: Stack, fake: FakeOpenAI
+) -> None:
+    fake.script.fail_status, fake.script.fail_times = 429, 1
+    fake.script.headers = {"retry-after": "0", "x-ratelimit-remaining-requests": "0"}
+    client = protected(stack, fake)
+
+    reply = client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)
+
+    assert reply.choices[0].message.content
+    released = stack.event("released")
+    assert released["upstream_status"] == "429"
+    assert stack.event("committed")["upstream_status"] == "200"
+    assert len(stack.events("reserved")) == 2 and len(fake.requests) == 2
+
+
+def test_provider_429s_stop_when_the_retry_budget_is_spent(stack: Stack, fake: FakeOpenAI) -> None:
+    fake.script.fail_status = 429
+    client = wrap_openai(
+        openai.OpenAI(api_key="sk-test", base_url=f"{fake.url}/v1"),
+        quota=Quota("chat", client=stack.client(budget=quotaclient.RetryBudget(burst=2))),
+    )
 
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=100)
 
-    committed = stack.event("committed")
-    assert committed["upstream_status"] == "429"
-    assert (committed["input_tokens"], committed["output_tokens"]) == ("0", "0")
-    assert committed["finish_reason"] == "error"
+    assert len(fake.requests) == 3  # the first call and two retries the budget allowed
+    assert [e["upstream_status"] for e in stack.events("released")] == ["429"] * 3
+    assert not stack.events("committed")
 
 
 def test_a_provider_that_cannot_be_reached_releases_the_reservation(stack: Stack) -> None:

@@ -717,3 +717,30 @@ def test_the_dashboard_drops_a_resolve_once_the_same_threshold_fired_again(
     alerts = html[html.index('id="recent-alerts"') :]
     assert alerts.count("100% of acme / chat: 10,000 tokens per day") == 1
     assert "firing" in alerts and "resolved" not in alerts
+
+
+def test_the_pool_page_shows_the_share_and_breaker_now_and_over_the_last_hours(
+    world: Any, reserve: Any, owners: Any
+) -> None:
+    from ledger.services import usage_ingest
+
+    world.pool.backpressure = {"adaptive": True, "breaker_min_calls": 2}
+    world.pool.save()
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)
+    for status in (429, 502):  # two calls, one failed: the breaker opens
+        rid = reserve().json()["id"]
+        released = world.client().post(
+            f"/api/v1/reservations/{rid}/release", {"upstream_status": status}, format="json"
+        )
+        assert released.status_code == 200
+    usage_ingest()
+
+    page = logged_in(owners.root).get(reverse("admin:providers_pool_change", args=[world.pool.pk]))
+
+    text = page.content.decode()
+    assert "Following the provider" in text
+    assert "Effective share of the configured per-minute limits: <strong>70%</strong>" in text
+    assert "Circuit breaker: <strong>open for 30 s more</strong>" in text
+    assert "<polyline points=" in text and 'fill="#f3c4c4"' in text  # the open span
+    assert "pool breaker opened" not in text  # kinds are shown by their labels
+    assert "breaker opened" in text and "adapted" in text

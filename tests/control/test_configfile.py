@@ -692,3 +692,36 @@ def test_apply_and_export_leave_a_running_boost_alone_even_when_the_amount_overt
     assert (limit.amount, limit.boost_amount) == (Decimal(2000), Decimal(1500))
     assert limit.amount_at(now) == Decimal(2000)  # the higher of the two while the boost runs
     assert limit.amount_at(now + timedelta(hours=2)) == Decimal(2000)
+
+
+def test_a_pools_backpressure_is_applied_and_exported(tmp_path: Path) -> None:
+    config = base_config()
+    config["pools"][0]["backpressure"] = {"adaptive": True, "floor": 0.4, "breaker": False}
+    apply(tmp_path, config)
+
+    assert Pool.objects.get(slug="shared").backpressure == config["pools"][0]["backpressure"]
+    exported = quota("export")[0]
+    (pool,) = yaml.safe_load(exported)["pools"]
+    assert pool["backpressure"] == {"adaptive": True, "floor": 0.4, "breaker": False}
+    assert "0 created, 0 updated" in totals(apply(tmp_path, yaml.safe_load(exported)))
+
+
+def test_a_wrong_backpressure_setting_is_an_error(tmp_path: Path) -> None:
+    config = base_config()
+    config["pools"][0]["backpressure"] = {"floor": 2, "adaptve": True}
+
+    errors = apply_refused(tmp_path, config)
+
+    assert errors[0] == "pools[0].backpressure: 'floor' must be between 0.01 and 1."
+    assert errors[1].startswith("pools[0].backpressure: 'adaptve' is not a setting (adaptive, ")
+    assert len(errors) == 2
+
+
+def test_a_limits_burst_is_applied_and_exported(tmp_path: Path) -> None:
+    config = base_config()
+    config["limits"][0]["burst"] = 100
+    apply(tmp_path, config)
+
+    assert Limit.objects.get().burst == 100
+    exported = yaml.safe_load(quota("export")[0])
+    assert exported["limits"][0]["burst"] == 100

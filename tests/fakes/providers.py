@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
@@ -25,6 +25,8 @@ class Script:
     cached_input_tokens: int = 0
     token_delay: float = 0.0  # seconds between streamed tokens
     fail_status: int | None = None
+    fail_times: int | None = None  # how many calls fail with fail_status (None: every one)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every answer
 
 
 @dataclass
@@ -82,7 +84,7 @@ class FakeProvider(LocalServer):
                 fake.requests.append(request)
                 if self.path != fake.path:
                     self._json(404, {"error": {"message": f"no route {self.path}"}})
-                elif fake.script.fail_status is not None:
+                elif fake.failing():
                     self._json(fake.script.fail_status, fake.error_body(fake.script.fail_status))
                 elif request.get("stream"):
                     self._stream(fake.events(request))
@@ -94,6 +96,8 @@ class FakeProvider(LocalServer):
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                for name, value in fake.script.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -101,6 +105,8 @@ class FakeProvider(LocalServer):
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Connection", "close")
+                for name, value in fake.script.headers.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 for name, data in events:
                     payload = data if isinstance(data, str) else json.dumps(data)
@@ -110,6 +116,15 @@ class FakeProvider(LocalServer):
                 self.close_connection = True
 
         return Handler
+
+    def failing(self) -> bool:
+        """Whether this call fails (the script's status, for its number of calls)."""
+        script = self.script
+        if script.fail_status is None or script.fail_times == 0:
+            return False
+        if script.fail_times is not None:
+            script.fail_times -= 1
+        return True
 
     def pause(self) -> None:
         if self.script.token_delay:

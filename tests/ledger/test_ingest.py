@@ -9,7 +9,7 @@ from django.test import override_settings
 
 import quotas.degraded
 import quotas.reservations
-from ledger.models import LedgerState, Refusal, UsageEvent
+from ledger.models import LedgerState, PoolEvent, Refusal, UsageEvent
 from ledger.services import (
     consumer_name,
     degraded_leases_expire,
@@ -310,3 +310,27 @@ def test_a_degraded_reservation_never_committed_expires_in_the_ledger_after_its_
     assert commit(world, held["id"]).status_code == 200  # a late commit still counts
     usage_ingest()
     assert UsageEvent.objects.get(rid=held["id"]).state == "committed"
+
+
+def test_a_pools_adaptation_and_breaker_events_become_pool_events_once(
+    world: World, reserve: Any
+) -> None:
+    world.pool.backpressure = {"adaptive": True, "breaker_min_calls": 1}
+    world.pool.save()
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)
+    first, second = reserve().json()["id"], reserve().json()["id"]
+    release = f"/api/v1/reservations/{first}/release"
+    assert world.client().post(release, {"upstream_status": 429}, format="json").status_code == 200
+    assert commit(world, second, upstream_status=503).status_code == 200
+    entries = all_entries()
+
+    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=usage_stream(), entries=entries)
+
+    adapted = PoolEvent.objects.get(kind="adapted")
+    assert (adapted.pool, adapted.pool_pk, adapted.share) == ("shared", world.pool.id, 0.7)
+    assert adapted.detail == {"was": "1.0000", "cause": "provider_429", "share": "0.7000"}
+    opened = PoolEvent.objects.get(kind="breaker_opened")
+    assert opened.detail["calls"] == "2" and opened.detail["failures"] == "1"
+    assert PoolEvent.objects.count() == 2
+    assert UsageEvent.objects.get(rid=first).upstream_status == 429

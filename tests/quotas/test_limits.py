@@ -8,6 +8,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from quotas.models import Limit
@@ -618,3 +619,39 @@ def test_limits_of_one_scope_and_metric_are_in_one_order_on_every_database(
     expected = [day.id, minute.id, month.id]  # by window, then id
     assert [limit.id for limit in Limit.objects.filter(tenant=world.tenant)] == expected
     assert [info.id for info in plans.get().by_tenant[world.tenant.id]] == expected
+
+
+def test_a_burst_admits_at_most_its_depth_at_once_and_refills_at_the_amount(
+    world: World, reserve: Any
+) -> None:
+    limit = world.limit(pool=world.pool, metric="tokens", amount=60_000, burst=1_000)
+    engine = get_engine()
+    engine.frozen_ms = engine.now_ms()
+    assert state(limit)["remaining"] == 1_000  # a full bucket holds the burst
+
+    first = reserve(input_tokens=400, max_output_tokens=100)
+    assert first.status_code == 201
+    shown = first.json()["limits"][0]
+    assert (shown["limit"], shown["remaining"]) == (60_000, 500)
+    assert state(limit)["remaining"] == 500 and state(limit)["reset_ms"] == engine.frozen_ms + 500
+    assert reserve(input_tokens=500, max_output_tokens=100).status_code == 429
+    engine.frozen_ms += 100  # 100 tokens back at 1,000 a second
+    assert reserve(input_tokens=500, max_output_tokens=100).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("fields", "problem"),
+    [
+        ({"window": "day", "amount": 100, "burst": 10}, "give a minute amount"),
+        ({"amount": 100, "burst": 101}, "at most the amount"),
+        ({"amount": 100, "burst": 0}, "greater than zero"),
+        ({"amount": 100, "burst": Decimal("1.5")}, "whole number"),
+    ],
+)
+def test_a_burst_must_fit_its_limit(world: World, fields: dict[str, Any], problem: str) -> None:
+    limit = Limit(pool=world.pool, metric="tokens", **{"window": "minute", **fields})
+
+    with pytest.raises(ValidationError) as refused:
+        limit.full_clean()
+
+    assert problem in " ".join(refused.value.message_dict["burst"])

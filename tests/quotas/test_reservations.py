@@ -309,3 +309,108 @@ def test_a_plan_that_cannot_load_answers_503_not_500(
     assert refused.json()["error"] == "unavailable"
     assert "database" in refused.json()["message"]
     assert refused["Retry-After"] == "5"
+
+
+# -- following the provider: reports at commit and release, adaptive pools, the breaker -----
+
+
+def _settle(world: World, rid: str, action: str, **body: Any) -> Any:
+    return world.client().post(f"/api/v1/reservations/{rid}/{action}", body, format="json")
+
+
+def _pool_limit(answer: dict[str, Any], metric: str) -> dict[str, Any]:
+    return next(
+        lim for lim in answer["limits"] if lim["scope"].get("pool") and lim["metric"] == metric
+    )
+
+
+def test_a_released_provider_429_adapts_the_pool_and_the_answer_shows_it(
+    world: World, reserve: Any
+) -> None:
+    world.pool.backpressure = {"adaptive": True}
+    world.pool.save()
+    _limits(world)
+    first = reserve()
+    assert first.status_code == 201
+    shown = _pool_limit(first.json(), "tokens")
+    assert (shown["limit"], shown["configured"], shown["adapted"]) == (100_000, 100_000, False)
+    feature_limit = next(lim for lim in first.json()["limits"] if lim["scope"].get("feature"))
+    assert "configured" not in feature_limit and "adapted" not in feature_limit
+
+    released = _settle(
+        world,
+        first.json()["id"],
+        "release",
+        upstream_status=429,
+        latency_ms=40,
+        upstream_headers={"retry-after": "2", "x-ratelimit-remaining-tokens": "oops"},
+    )
+    assert released.status_code == 200, released.content
+
+    shown = _pool_limit(reserve().json(), "tokens")
+    assert (shown["limit"], shown["configured"], shown["adapted"]) == (70_000, 100_000, True)
+    assert _pool_limit(reserve().json(), "requests")["limit"] == 350
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"x-ratelimit-remaining-tokens": {"nested": [1, 2]}},
+        {"x-ratelimit-reset-tokens": "\x00\x07", "anthropic-ratelimit-tokens-reset": "yesterday"},
+        {f"h{i}": "x" * 500 for i in range(300)},
+        {"x-ratelimit-limit-tokens": -1, "x-ratelimit-remaining-tokens": 1e308},
+    ],
+)
+def test_malformed_upstream_headers_are_ignored(
+    world: World, reserve: Any, headers: dict[str, Any]
+) -> None:
+    _limits(world)
+    rid = reserve().json()["id"]
+
+    done = _settle(
+        world,
+        rid,
+        "commit",
+        input_tokens=10,
+        output_tokens=10,
+        upstream_status=200,
+        upstream_headers=headers,
+    )
+
+    assert done.status_code == 200, done.content
+    assert _pool_limit(reserve().json(), "tokens")["remaining"] > 90_000
+
+
+def test_an_open_breaker_fails_over_then_answers_503_upstream_unavailable(
+    world: World, reserve: Any
+) -> None:
+    from tests.factories import PoolFactory
+
+    world.pool.backpressure = {"breaker_min_calls": 2, "breaker_open_seconds": 30}
+    world.pool.position = 0
+    world.pool.save()
+    spare = PoolFactory(slug="spare", provider=world.pool.provider, served_models=[world.model])
+    spare.position = 1
+    spare.save()
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)
+    world.limit(pool=spare, metric="tokens", amount=100_000)
+    for status in (502, 0):
+        held = reserve()
+        assert held.json()["pool"] == "shared"
+        assert (
+            _settle(world, held.json()["id"], "release", upstream_status=status).status_code == 200
+        )
+
+    moved = reserve()
+    assert moved.status_code == 201
+    assert moved.json()["pool"] == "spare"
+    (note,) = moved.json()["breaker"]
+    assert (note["pool"], note["state"]) == ("shared", "open")
+    assert 0 < note["retry_after_ms"] <= 30_000
+
+    only = reserve(pool="shared")
+    assert only.status_code == 503
+    body = only.json()
+    assert (body["error"], body["pool"]) == ("upstream_unavailable", "shared")
+    assert 1 <= int(only["Retry-After"]) <= 30

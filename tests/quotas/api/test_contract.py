@@ -341,7 +341,7 @@ def test_a_commit_with_more_cached_than_input_tokens_is_invalid(world: Any, held
     assert invalid_fields(response) == {"cached_input_tokens"}
 
 
-@pytest.mark.parametrize("status", [700, 99, "200"])
+@pytest.mark.parametrize("status", [700, 99, -1, "200"])
 def test_a_commit_with_an_impossible_upstream_status_is_invalid(
     world: Any, held: str, status: Any
 ) -> None:

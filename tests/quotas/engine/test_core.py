@@ -498,3 +498,26 @@ def test_an_extension_keeps_the_idempotency_key_as_long_as_the_lease(
     again = engine.reserve(call("rsv_b", check, idempotency_key="k", idempotency_hash="h"))
     assert isinstance(first, Granted) and isinstance(again, Existing)
     assert again.granted.reservation_id == first.reservation_id
+
+
+def test_a_burst_sets_the_buckets_depth_and_the_amount_its_refill(
+    engine: Engine, client: Counting
+) -> None:
+    # 60,000 tokens a minute, at most 1,000 at once: a provider that quantizes per second
+    shallow = bucket(engine, 1, 1_000, rate=60_000)
+    first = engine.reserve(call("rsv_a", shallow, min_output_tokens=100))
+    assert isinstance(first, Granted)
+    (state,) = first.limits
+    assert (state.cap, state.remaining) == (60_000, 800)  # the amount is shown, the depth held
+    assert state.reset_ms == NOW + 200  # 200 tokens at 1,000 a second
+
+    refused = engine.reserve(call("rsv_b", shallow, input_tokens=900, min_output_tokens=100))
+    assert isinstance(refused, Refused) and refused.retry_after_ms == 200
+
+    engine.frozen_ms = NOW + 10_000  # ten seconds refill 10,000: the depth caps it at 1,000
+    again = engine.reserve(call("rsv_c", shallow, input_tokens=900, min_output_tokens=100))
+    assert isinstance(again, Granted) and again.limits[0].remaining == 0
+    # the commit's refund fills the bucket up to its depth, not past it
+    engine.commit(reservation_id="rsv_c", owner=OWNER, usage=Usage(100, 0), version=3)
+    after = engine.reserve(call("rsv_d", shallow, input_tokens=800, min_output_tokens=100))
+    assert isinstance(after, Granted) and after.limits[0].remaining == 0
