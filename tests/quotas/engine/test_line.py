@@ -18,7 +18,18 @@ import redis
 from django.conf import settings
 
 from quotas.engine import Engine
-from quotas.engine.types import Check, Conflict, Existing, Granted, Refused, Settled, Usage
+from quotas.engine.types import (
+    Check,
+    Conflict,
+    Existing,
+    Granted,
+    PoolOption,
+    Pressure,
+    Refused,
+    Settled,
+    Unavailable,
+    Usage,
+)
 from tests.quotas.engine.test_core import HOUR, NOW, OWNER, budget, call, lease, slots
 
 CAP = 60_000  # tokens per minute: 1 token per ms
@@ -242,6 +253,104 @@ def test_a_replay_of_a_scheduled_reservation_answers_its_first_answer(engine: En
 PROCESSES = 8
 ASKS = 60
 SHIFT_MS = 10 * 86_400_000  # every process's clock, moved alike: a bucket of its own era
+
+
+# -- with burst, the adaptive share and the breaker (pressure.lua) ----------------------------
+
+
+def pool(engine: Engine, name: str, pool_id: int, **kw: Any) -> PoolOption:
+    """A pool whose own minute bucket (limit pool_id * 10) has a line, adaptive, with a
+    breaker after 20 calls."""
+    limit_id = pool_id * 10
+    check = bucket(engine, limit_id, pool_limit=True)
+    pressure = Pressure(
+        key=engine.keys.pressure(pool_id),
+        adaptive=True,
+        floor=0.25,
+        decrease=0.7,
+        cooldown_ms=2000,
+        recovery_ms=300_000,
+        window_ms=30_000,
+        min_calls=20,
+        failure_ratio=0.5,
+        open_ms=30_000,
+    )
+    return PoolOption(name, (check,), pressure)
+
+
+def ask_pools(engine: Engine, rid: str, tokens: int, *options: PoolOption, wait: int) -> Any:
+    return engine.reserve(
+        call(
+            rid,
+            options=options,
+            input_tokens=tokens - 1,
+            max_output_tokens=1,
+            min_output_tokens=1,
+            max_wait_ms=wait,
+        )
+    )
+
+
+def test_a_burst_bucket_repays_its_line_at_its_amount_and_never_lines_up_past_its_depth(
+    engine: Engine,
+) -> None:
+    """Depth 6,000, refill 60,000 a minute: the line is repaid at 1 token per ms."""
+    check = bucket(engine, cap=6_000, rate=CAP, line=CAP)
+    assert isinstance(ask(engine, "rsv_drain", 6_000, check, wait=0), Granted)
+    first = ask(engine, "rsv_a", 3_000, check)
+    second = ask(engine, "rsv_b", 5_000, check)
+    assert isinstance(first, Granted) and first.start_ms == NOW + 3_000
+    assert isinstance(second, Granted) and second.start_ms == NOW + 8_000
+    # larger than the depth: it never fits at once, so it is never promised a start either
+    too_big = ask(engine, "rsv_c", 6_001, check, wait=300_000)
+    assert isinstance(too_big, Refused) and too_big.retry_after_ms is None
+    # once the line is repaid the level refills, never above the depth
+    engine.frozen_ms = NOW + 8_000 + 60_000
+    assert isinstance(ask(engine, "rsv_d", 6_000, check, wait=0), Granted)
+    assert isinstance(ask(engine, "rsv_e", 1, check, wait=0), Refused)
+
+
+def test_a_drop_of_the_share_pushes_new_starts_later_and_keeps_those_given(
+    engine: Engine,
+) -> None:
+    east = pool(engine, "east", 1)
+    assert isinstance(ask_pools(engine, "rsv_drain", CAP, east, wait=0), Granted)
+    before = ask_pools(engine, "rsv_a", 6_000, east, wait=60_000)
+    assert isinstance(before, Granted) and before.start_ms == NOW + 6_000
+    # the provider's 429s brought the share to a half (test_pressure shows how it moves)
+    engine.client.hset(engine.keys.pressure(1), "s", 0.5)
+    after = ask_pools(engine, "rsv_b", 6_000, east, wait=60_000)
+    # the line (12,000) is repaid at 30,000 a minute now, not 60,000
+    assert isinstance(after, Granted) and after.start_ms == NOW + 24_000
+    (limit,) = after.limits
+    assert (limit.cap, limit.configured) == (30_000, CAP)
+    # the promise given before the drop keeps its start
+    assert lease(engine.client, engine, "rsv_a")["sa"] == NOW + 6_000
+    # the line holds a minute of the effective capacity: 30,000, of which 12,000 are taken
+    past_bound = ask_pools(engine, "rsv_c", 20_000, east, wait=300_000)
+    assert isinstance(past_bound, Refused)
+    assert isinstance(ask_pools(engine, "rsv_d", 18_000, east, wait=300_000), Granted)
+
+
+def test_an_open_pool_is_skipped_before_any_promise(engine: Engine) -> None:
+    east, west = pool(engine, "east", 1), pool(engine, "west", 2)
+    for option in (east, west):
+        drained = ask_pools(engine, f"rsv_drain_{option.pool}", CAP, option, wait=0)
+        assert isinstance(drained, Granted)
+    engine.client.hset(engine.keys.pressure(1), "o", NOW + 30_000)  # east's breaker opened
+    # east is first, but open: the promise is west's, and the answer says why
+    moved = ask_pools(engine, "rsv_a", 1_000, east, west, wait=60_000)
+    assert isinstance(moved, Granted) and moved.pool == "west" and moved.start_ms == NOW + 1_000
+    assert moved.breaker == ({"pool": "east", "state": "open", "retry_ms": 30_000},)
+    # with east alone: unavailable, never a place in east's line
+    alone = ask_pools(engine, "rsv_b", 1_000, east, wait=60_000)
+    assert alone == Unavailable(pool="east", retry_after_ms=30_000, now_ms=NOW)
+    # half-open: its probe goes now or not at all, so a short bucket refuses without a wait
+    engine.frozen_ms = NOW + 30_000
+    half_open = ask_pools(engine, "rsv_c", 40_000, east, wait=60_000)
+    assert isinstance(half_open, Refused) and half_open.reason == "rate_limited"
+    assert engine.client.hget(engine.keys.pressure(1), "p") is None  # the probe is not spent
+    assert engine.client.get(engine.keys.lease("rsv_c")) is None
 
 
 def _promiser(index: int, go: Any, out: str) -> None:
