@@ -24,13 +24,13 @@ from quotas.engine.types import (
     Existing,
     Granted,
     PoolOption,
-    Pressure,
     Refused,
     Settled,
     Unavailable,
     Usage,
 )
 from tests.quotas.engine.test_core import HOUR, NOW, OWNER, budget, call, lease, slots
+from tests.quotas.engine.test_pressure import pressure
 
 CAP = 60_000  # tokens per minute: 1 token per ms
 
@@ -258,24 +258,12 @@ SHIFT_MS = 10 * 86_400_000  # every process's clock, moved alike: a bucket of it
 # -- with burst, the adaptive share and the breaker (pressure.lua) ----------------------------
 
 
-def pool(engine: Engine, name: str, pool_id: int, **kw: Any) -> PoolOption:
+def pool(engine: Engine, name: str, pool_id: int) -> PoolOption:
     """A pool whose own minute bucket (limit pool_id * 10) has a line, adaptive, with a
     breaker after 20 calls."""
     limit_id = pool_id * 10
     check = bucket(engine, limit_id, pool_limit=True)
-    pressure = Pressure(
-        key=engine.keys.pressure(pool_id),
-        adaptive=True,
-        floor=0.25,
-        decrease=0.7,
-        cooldown_ms=2000,
-        recovery_ms=300_000,
-        window_ms=30_000,
-        min_calls=20,
-        failure_ratio=0.5,
-        open_ms=30_000,
-    )
-    return PoolOption(name, (check,), pressure)
+    return PoolOption(name, (check,), pressure(engine, pool_id))
 
 
 def ask_pools(engine: Engine, rid: str, tokens: int, *options: PoolOption, wait: int) -> Any:
