@@ -91,6 +91,11 @@ CACHES = {
     }
 }
 
+# Owners get the admin permissions their ownership implies (console/access.py).
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "console.access.OwnerPermissions",
+]
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]

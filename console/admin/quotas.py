@@ -19,6 +19,7 @@ from console.scoping import (
     TenantScopedMixin,
     VisibleErrorsForm,
     is_scoped,
+    may_manage,
 )
 from quotas.keys import api_key_create, api_key_revoke
 from quotas.models import ApiKey, Limit
@@ -41,7 +42,23 @@ class LimitWordsMixin:
         return limit_describe(limit) if limit.pk else "-"
 
 
-def limit_readonly_fields(request: HttpRequest) -> tuple[str, ...]:
+LIMIT_FIELDS = (
+    "pool",
+    "model",
+    "metric",
+    "window",
+    "amount",
+    "guaranteed",
+    "enforcement",
+    "alert_at",
+)
+
+
+def limit_readonly_fields(request: HttpRequest, owner: Any = None) -> tuple[str, ...]:
+    """`owner` is the row whose tenant decides (the limit, or the feature of an inline)."""
+    if owner is not None and not may_manage(request.user, owner):
+        # A feature's own owner boosts its limits; setting them is the tenant owners' call.
+        return ("in_words", *LIMIT_FIELDS)
     # A guaranteed share is carved out of a pool every tenant shares: allocating it is the
     # platform's decision, and an owner claiming it all would starve other tenants' guarantees.
     return ("in_words", "guaranteed") if is_scoped(request.user) else ("in_words",)
@@ -70,7 +87,7 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
     show_change_link = True
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
-        return limit_readonly_fields(request)
+        return limit_readonly_fields(request, obj)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Limit]:
         return super().get_queryset(request).select_related("tenant", "feature", "pool", "model")
@@ -113,7 +130,10 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedA
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         # A boost is set on its own page, whose rules (above the amount, ends within a
         # month) and audit words the form would skip.
-        return (*limit_readonly_fields(request), "boost_amount", "boost_until")
+        readonly = limit_readonly_fields(request, obj)
+        if obj is not None and not may_manage(request.user, obj):
+            readonly = (*readonly, "tenant", "feature")
+        return (*readonly, "boost_amount", "boost_until")
 
 
 class ApiKeyForm(VisibleErrorsForm):
@@ -163,8 +183,11 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         if obj is None:
             return ()
-        # A key stays with the tenant it was issued for; revoking is the "revoke" action.
-        return ("tenant", "prefix", "created_at", "last_used_at", "revoked_at")
+        # A key stays with the tenant it was issued for; revoking is the "revoke" action. A
+        # feature's owner revokes the keys of their features; what a key may call is for the
+        # tenant's owners to decide.
+        fixed = ("tenant", "prefix", "created_at", "last_used_at", "revoked_at")
+        return fixed if may_manage(request.user, obj) else ("name", "features", *fixed)
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).prefetch_related("features")
