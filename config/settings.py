@@ -96,6 +96,7 @@ AUTHENTICATION_BACKENDS = [
     "django.contrib.auth.backends.ModelBackend",
     "console.access.OwnerPermissions",
 ]
+LOGIN_URL = "admin:login"  # the only login page (linked from the password reset's last page)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]

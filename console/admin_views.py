@@ -49,6 +49,30 @@ class ConsoleAdminMixin(_AdminBase):
             raise PermissionDenied
         return obj
 
+    def confirmation(
+        self,
+        request: HttpRequest,
+        obj: Any,
+        *,
+        title: str,
+        consequence: str,
+        confirm_label: str,
+        fields: dict[str, str] | None = None,
+    ) -> TemplateResponse:
+        """The page that asks before an action that stops calls (pause, revoke): GET shows
+        it, its form POSTs the action."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "original": obj,
+            "consequence": consequence,
+            "confirm_label": confirm_label,
+            "fields": fields or {},
+            "back": self.change_url(obj),
+        }
+        return TemplateResponse(request, "console/confirm.html", context)
+
     @staticmethod
     def give_reason(obj: Any, message: str) -> None:
         """The words the row's next history record carries (simple_history's change reason),
@@ -118,7 +142,22 @@ class FeatureSwitchMixin(ConsoleAdminMixin):
         return context
 
     def status_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if request.method == "GET":
+            return self._confirm_pause(request, object_id)
         return require_POST(self._status)(request, object_id)
+
+    def _confirm_pause(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        feature: Feature = self.changeable(request, object_id)
+        return self.confirmation(
+            request,
+            feature,
+            title=f"Pause {feature}?",
+            consequence=f"Every reservation of {feature} is refused from the next one on "
+            "(423 feature_paused), in every process, until someone resumes it. Reservations "
+            "held now may still commit.",
+            confirm_label="Yes, pause it",
+            fields={"status": Feature.Status.PAUSED},
+        )
 
     def _status(self, request: HttpRequest, object_id: str) -> HttpResponse:
         feature: Feature = self.changeable(request, object_id)
@@ -246,6 +285,17 @@ class ApiKeyRevokeMixin(ConsoleAdminMixin):
         return context
 
     def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if request.method == "GET":
+            api_key: ApiKey = self.changeable(request, object_id)
+            return self.confirmation(
+                request,
+                api_key,
+                title=f"Revoke {api_key}?",
+                consequence=f"Every request made with {api_key} (prefix {api_key.prefix}) is "
+                "refused from the next one on. A revoked key cannot be restored: its callers "
+                "need a new key.",
+                confirm_label="Yes, revoke it",
+            )
         return require_POST(self._revoke)(request, object_id)
 
     def _revoke(self, request: HttpRequest, object_id: str) -> HttpResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -11,6 +12,7 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
+from console.fields import PercentListField, PlainDecimalField, plain_number
 from console.admin_views import ApiKeyRevokeMixin, LimitBoostMixin
 from console.scoping import (
     AuditedAdmin,
@@ -34,6 +36,31 @@ class LimitForm(VisibleErrorsForm):
     class Meta:
         model = Limit
         fields = "__all__"
+        field_classes = {"amount": PlainDecimalField, "guaranteed": PlainDecimalField}
+
+    class Media:
+        js = ("console/limit-form.js",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Replaced here, not declared: a declared field stays on the form when the admin
+        # shows it read-only, and would save the empty value it did not receive.
+        if "alert_at" in self.fields:
+            self.fields["alert_at"] = PercentListField(
+                label="alert at (%)",
+                required=False,
+                help_text="Percentages of the amount at which the owners are alerted, e.g. "
+                "50, 80, 100; empty for none. Budgets (hour, day, month) only.",
+            )
+
+
+# Read-only, a field is shown through one of these (the admin would print the stored
+# `20000.000000` and `[0.5, 0.8]`).
+SHOWN = {"amount": "amount_shown", "guaranteed": "guaranteed_shown", "alert_at": "alert_at_shown"}
+
+
+def shown(fields: Sequence[str], readonly: Sequence[str]) -> tuple[str, ...]:
+    return tuple(SHOWN[f] if f in SHOWN and f in readonly else f for f in fields)
 
 
 class LimitWordsMixin:
@@ -41,8 +68,22 @@ class LimitWordsMixin:
     def in_words(self, limit: Limit) -> str:
         return limit_describe(limit) if limit.pk else "-"
 
+    @admin.display(description="amount")
+    def amount_shown(self, limit: Limit) -> str:
+        return plain_number(limit.amount) or "-"
 
-LIMIT_FIELDS = (
+    @admin.display(description="guaranteed")
+    def guaranteed_shown(self, limit: Limit) -> str:
+        return plain_number(limit.guaranteed) or "-"
+
+    @admin.display(description="alert at")
+    def alert_at_shown(self, limit: Limit) -> str:
+        if limit.window not in ("hour", "day", "month"):
+            return "-"
+        return ", ".join(f"{plain_number(v * 100)}%" for v in limit.alert_at or []) or "none"
+
+
+LIMIT_FIELDS: tuple[str, ...] = (
     "pool",
     "model",
     "metric",
@@ -87,7 +128,10 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
     show_change_link = True
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
-        return limit_readonly_fields(request, obj)
+        return tuple(SHOWN.get(f, f) for f in limit_readonly_fields(request, obj))
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> Any:
+        return shown(self.fields, limit_readonly_fields(request, obj))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Limit]:
         return super().get_queryset(request).select_related("tenant", "feature", "pool", "model")
@@ -130,10 +174,20 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedA
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         # A boost is set on its own page, whose rules (above the amount, ends within a
         # month) and audit words the form would skip.
+        return tuple(SHOWN.get(f, f) for f in self._readonly(request, obj))
+
+    def _readonly(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
         readonly = limit_readonly_fields(request, obj)
         if obj is not None and not may_manage(request.user, obj):
             readonly = (*readonly, "tenant", "feature")
         return (*readonly, "boost_amount", "boost_until")
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        readonly = self._readonly(request, obj)
+        return [
+            (name, {**options, "fields": shown(options["fields"], readonly)})
+            for name, options in super().get_fieldsets(request, obj)
+        ]
 
 
 class ApiKeyForm(VisibleErrorsForm):
@@ -167,7 +221,7 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
         "narrowed_to",
         "created_at",
         "last_used_at",
-        "is_active",
+        "revoked_at",
     )
     list_filter = (("tenant", RelatedOnly), ("revoked_at", admin.EmptyFieldListFilter))
     list_select_related = ("tenant",)
@@ -195,10 +249,6 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
     @admin.display(description="narrowed to")
     def narrowed_to(self, api_key: ApiKey) -> str:
         return ", ".join(f.slug for f in api_key.features.all()) or "every feature"
-
-    @admin.display(description="active", boolean=True)
-    def is_active(self, api_key: ApiKey) -> bool:
-        return api_key.revoked_at is None
 
     def save_form(self, request: HttpRequest, form: Any, change: bool) -> Any:
         if change:
