@@ -74,7 +74,10 @@ def _read(plan: Plan, infos: list[LimitInfo], *, now: datetime) -> list[dict[str
         fraction = row["used"] / row["limit"] if row["limit"] else 0.0
         row["fraction"] = fraction
         row["percent"] = min(100.0, round(fraction * 100, 1))
-        row["tone"] = tone(fraction)
+        # A guarantee alone (no amount) is a share kept for the feature, not a cap: using all
+        # of it is what it is for, so it is drawn in its own colour and offers no boost.
+        row["guarantee"] = info.amount is None and info.guaranteed is not None
+        row["tone"] = "guarantee" if row["guarantee"] else tone(fraction)
         row["boosted_until"] = boosts.get(info.id)
         row["tenant_id"] = info.tenant_id
         row["feature_id"] = info.feature_id
@@ -110,6 +113,8 @@ def _boost_links(rows: list[dict[str, Any]], user: Any) -> None:
         return
     scope = reach(user)
     for row in rows:
+        if row["guarantee"]:
+            continue
         if scope.covers(tenant_id=row["tenant_id"], feature_id=row["feature_id"]):
             row["boost_url"] = reverse("admin:quotas_limit_boost", args=[row["id"]])
 

@@ -112,8 +112,8 @@ class LimitInline(LimitWordsMixin, TenantScopedMixin, admin.TabularInline):  # t
     form = LimitForm
     formset = OwnRowsInlineFormSet
     fk_name = "feature"
+    # Each row's title already says the limit in words (`__str__`), so no column repeats it.
     fields = (
-        "in_words",
         "pool",
         "model",
         "metric",
