@@ -3,6 +3,7 @@ amounts without the database's six decimal places."""
 
 from __future__ import annotations
 
+import json
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -52,6 +53,8 @@ class PercentListField(forms.Field):
     def to_python(self, value: Any) -> list[float]:
         if isinstance(value, list):
             return value
+        if str(value).strip().startswith("["):  # the stored form, fractions: [0.5, 0.8]
+            return self._fractions(str(value))
         parts = [p for p in re.split(r"[,\s;]+", str(value or "").replace("%", " ")) if p]
         try:
             percents = [Decimal(p) for p in parts]
@@ -63,3 +66,12 @@ class PercentListField(forms.Field):
                 code="range",
             )
         return [float(p / 100) for p in percents]
+
+    def _fractions(self, value: str) -> list[float]:
+        try:
+            fractions = json.loads(value)
+        except ValueError:
+            raise ValidationError(self.error_messages["invalid"], code="invalid") from None
+        if not isinstance(fractions, list):
+            raise ValidationError(self.error_messages["invalid"], code="invalid")
+        return fractions  # Limit.clean checks each one

@@ -30,7 +30,7 @@ class LedgerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
     @admin.display(description="cost", ordering="cost_nusd")
     def cost(self, row: Any) -> str:
-        return amount(Decimal(row.cost_nusd) / NANO, "usd")
+        return "-" if row.cost_nusd is None else amount(Decimal(row.cost_nusd) / NANO, "usd")
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return bool(getattr(request.user, "is_superuser", False))

@@ -220,3 +220,48 @@ def test_a_feature_owner_sees_only_their_features_keys(
     assert response is not None and response.status == 403
     assert page.locator("#permission-denied").is_visible()
     assert page.get_by_role("link", name="Your dashboard").is_visible()
+
+
+CONSOLE_PAGES = [
+    "/admin/",
+    "/admin/tenants/tenant/",
+    "/admin/tenants/feature/",
+    "/admin/tenants/feature/add/",
+    "/admin/quotas/limit/",
+    "/admin/quotas/limit/add/",
+    "/admin/quotas/apikey/",
+    "/admin/providers/pool/",
+    "/admin/providers/provider/",
+    "/admin/providers/languagemodel/",
+    "/admin/alerts/alert/",
+    "/admin/alerts/alertrule/",
+    "/admin/alerts/channel/",
+    "/admin/alerts/delivery/",
+    "/admin/ledger/usageevent/",
+    "/admin/ledger/refusal/",
+    "/admin/ledger/usagerollup/",
+    "/admin/ledger/deadletter/",
+]
+
+
+def test_every_console_page_fits_a_laptop(
+    page: Any, world: World, reserve: Any, make_user: Any, login: Any, shot: Any
+) -> None:
+    """The platform's view (a superuser sees every column there is), page by page."""
+    daily = world.limit(
+        tenant=world.tenant, feature=world.chat, metric="cost_usd", window="day", amount=5
+    )
+    assert reserve().status_code == 201
+    login(page, make_user("root@example.com", superuser=True))
+    pages = [
+        *CONSOLE_PAGES,
+        f"/admin/tenants/tenant/{world.tenant.pk}/change/",
+        f"/admin/tenants/feature/{world.chat.pk}/change/",
+        f"/admin/quotas/limit/{daily.pk}/change/",
+        f"/admin/quotas/limit/{daily.pk}/boost/",
+        f"/admin/providers/pool/{world.pool.pk}/change/",
+    ]
+    for path in pages:
+        response = page.goto(path)
+        assert response is not None and response.status == 200, (path, response)
+        shot(page, path)  # asserts the page does not scroll sideways

@@ -268,7 +268,10 @@ def test_the_page_offers_pause_or_resume_as_the_feature_stands(world: Any, owner
 
 def test_pause_needs_a_post_and_a_real_status(world: Any, owners: Any) -> None:
     client = logged_in(owners.owner)
-    assert client.get(feature_url(world.chat, "status")).status_code == 405
+    asked = client.get(feature_url(world.chat, "status"))  # the confirmation page
+    assert asked.status_code == 200 and "Yes, pause it" in asked.content.decode()
+    world.chat.refresh_from_db()
+    assert world.chat.status == "active"
     client.post(feature_url(world.chat, "status"), {"status": "gone"})
     world.chat.refresh_from_db()
     assert world.chat.status == "active"
