@@ -31,7 +31,7 @@ SEEN = ("view",)
 
 def _perms(grants: dict[str, tuple[str, ...]]) -> frozenset[str]:
     """{"app.model": actions} as Django's "app.action_model" strings."""
-    perms = set()
+    perms: set[str] = set()
     for label, actions in grants.items():
         app, model = label.split(".")
         perms.update(f"{app}.{action}_{model}" for action in actions)
@@ -94,7 +94,7 @@ def owner_permissions(user: AbstractBaseUser | AnonymousUser) -> frozenset[str]:
             cached = FEATURE_OWNER
         else:
             cached = frozenset()
-        user._owner_perm_cache = cached  # type: ignore[union-attr]
+        user._owner_perm_cache = cached  # type: ignore[union-attr,attr-defined]
     return cached
 
 

@@ -94,7 +94,9 @@ class RefusalAdmin(LedgerAdmin):
         limit = Limit.objects.select_related("tenant", "feature", "pool", "model").filter(
             pk=refusal.limit_id
         )
-        return next((limit_describe(found) for found in limit), f"limit {refusal.limit_id} (deleted)")
+        return next(
+            (limit_describe(found) for found in limit), f"limit {refusal.limit_id} (deleted)"
+        )
 
 
 @admin.register(UsageRollup)

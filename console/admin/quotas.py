@@ -12,8 +12,8 @@ from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from console.fields import PercentListField, PlainDecimalField, plain_number
 from console.admin_views import ApiKeyRevokeMixin, LimitBoostMixin
+from console.fields import PercentListField, PlainDecimalField, plain_number
 from console.scoping import (
     AuditedAdmin,
     OwnedTenantRequired,
@@ -59,7 +59,7 @@ class LimitForm(VisibleErrorsForm):
 SHOWN = {"amount": "amount_shown", "guaranteed": "guaranteed_shown", "alert_at": "alert_at_shown"}
 
 
-def shown(fields: Sequence[str], readonly: Sequence[str]) -> tuple[str, ...]:
+def shown(fields: Sequence[Any], readonly: Sequence[str]) -> tuple[Any, ...]:
     return tuple(SHOWN[f] if f in SHOWN and f in readonly else f for f in fields)
 
 
@@ -185,7 +185,7 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedA
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         readonly = self._readonly(request, obj)
         return [
-            (name, {**options, "fields": shown(options["fields"], readonly)})
+            (name, {**options, "fields": shown(list(options["fields"]), readonly)})
             for name, options in super().get_fieldsets(request, obj)
         ]
 
