@@ -674,3 +674,19 @@ def test_the_limit_form_refuses_a_boost_the_boost_page_would_refuse(
     client.post(url, data)
     limit.refresh_from_db()
     assert limit.boost_until is None  # a boost below the amount, for ten years, is refused
+
+
+def test_a_guarantee_is_drawn_as_a_guarantee_not_as_a_cap(world: Any, owners: Any) -> None:
+    """A share kept for the feature: using all of it is what it is for, so no red bar and no
+    boost link, and its amount without the database's decimals."""
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)  # the pool's capacity
+    guarantee = world.limit(
+        tenant=world.tenant, feature=world.chat, pool=world.pool, metric="tokens", guaranteed=20_000
+    )
+    row = limit_row(
+        logged_in(owners.root).get(feature_url(world.chat)).content.decode(), guarantee.pk
+    )
+    assert 'class="console-bar guarantee"' in row and ">guaranteed<" in row
+    assert "boost" not in row and cell(row, "cap") == "20,000"
+    page = logged_in(owners.root).get(reverse("admin:quotas_limit_change", args=[guarantee.pk]))
+    assert 'value="20000"' in page.content.decode()
