@@ -186,8 +186,10 @@ def test_a_tenant_owner_named_in_one_step_configures_the_tenant(
     assert (
         admin_url(limits["tenant"], "boost") in client.get(admin_url(world.tenant)).content.decode()
     )
-    client.post(admin_url(limits["tenant"]), {"tenant": world.tenant.pk, "metric": "requests",
-        "window": "day", "amount": "60", "enforcement": "hard", "alert_at": "50, 80, 100"})  # fmt: skip
+    typed = {"metric": "requests", "window": "day", "amount": "60", "alert_at": "50, 80, 100"}
+    client.post(
+        admin_url(limits["tenant"]), {"tenant": world.tenant.pk, "enforcement": "hard", **typed}
+    )
     limits["tenant"].refresh_from_db()
     assert (limits["tenant"].amount, limits["tenant"].alert_at) == (Decimal(60), [0.5, 0.8, 1.0])
 
