@@ -286,10 +286,21 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
         return TemplateResponse(request, "admin/quotas/apikey/secret_once.html", context)
 
     @admin.action(description="Revoke the selected API keys", permissions=["change"])
-    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
+        asked = self.confirm_selected(
+            request,
+            queryset.filter(revoked_at=None),
+            action="revoke",
+            consequence="Every request made with these keys is refused from the next one on; "
+            "a revoked key cannot be restored:",
+            label="Yes, revoke them",
+        )
+        if asked is not None:
+            return asked
         keys = list(queryset.filter(revoked_at=None))
         for api_key in keys:
             self.give_reason(api_key, "Revoked the key.")
             api_key_revoke(api_key=api_key)
             self.log_change(request, api_key, "Revoked the key.")
         self.message_user(request, f"Revoked {len(keys)} API key(s).", messages.SUCCESS)
+        return None

@@ -278,10 +278,14 @@ def test_pause_needs_a_post_and_a_real_status(world: Any, owners: Any) -> None:
 
 
 def test_the_changelist_pauses_several_features_at_once(world: Any, owners: Any) -> None:
-    logged_in(owners.owner).post(
-        reverse("admin:tenants_feature_changelist"),
-        {"action": "pause_features", "_selected_action": [world.chat.pk, world.batch.pk]},
-    )
+    client = logged_in(owners.owner)
+    chosen = {"action": "pause_features", "_selected_action": [world.chat.pk, world.batch.pk]}
+    asked = client.post(reverse("admin:tenants_feature_changelist"), chosen)
+    assert "Yes, pause them" in asked.content.decode() and "acme/batch" in asked.content.decode()
+    world.chat.refresh_from_db()
+    assert world.chat.status == "active"  # asking changes nothing
+
+    client.post(reverse("admin:tenants_feature_changelist"), {**chosen, "post": "yes"})
     world.chat.refresh_from_db()
     world.batch.refresh_from_db()
     assert world.chat.status == world.batch.status == "paused"
