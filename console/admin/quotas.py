@@ -47,7 +47,7 @@ class LimitForm(VisibleErrorsForm):
         # shows it read-only, and would save the empty value it did not receive.
         if "alert_at" in self.fields:
             self.fields["alert_at"] = PercentListField(
-                label="alert at (%)",
+                label="Alert at (%)",
                 required=False,
                 help_text="Percentages of the amount at which the owners are alerted, e.g. "
                 "50, 80, 100; empty for none. Budgets (hour, day, month) only.",
