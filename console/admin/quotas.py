@@ -63,6 +63,14 @@ def shown(fields: Sequence[Any], readonly: Sequence[str]) -> tuple[Any, ...]:
     return tuple(SHOWN[f] if f in SHOWN and f in readonly else f for f in fields)
 
 
+def nothing_to_save(request: HttpRequest, obj: Any) -> dict[str, bool]:
+    """A feature's owner sees a limit or a key read-only (they boost or revoke it with the
+    buttons above): no save buttons that would save nothing."""
+    if may_manage(request.user, obj):
+        return {}
+    return {"show_save": False, "show_save_and_continue": False, "show_save_and_add_another": False}
+
+
 class LimitWordsMixin:
     @admin.display(description="limit")
     def in_words(self, limit: Limit) -> str:
@@ -182,6 +190,9 @@ class LimitAdmin(LimitBoostMixin, LimitWordsMixin, OwnedTenantRequired, AuditedA
             readonly = (*readonly, "tenant", "feature")
         return (*readonly, "boost_amount", "boost_until")
 
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        return {**super().console_context(request, obj), **nothing_to_save(request, obj)}
+
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         readonly = self._readonly(request, obj)
         return [
@@ -245,6 +256,9 @@ class ApiKeyAdmin(ApiKeyRevokeMixin, AuditedAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiKey]:
         return super().get_queryset(request).prefetch_related("features")
+
+    def console_context(self, request: HttpRequest, obj: Any) -> dict[str, Any]:
+        return {**super().console_context(request, obj), **nothing_to_save(request, obj)}
 
     @admin.display(description="narrowed to")
     def narrowed_to(self, api_key: ApiKey) -> str:

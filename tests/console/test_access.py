@@ -153,6 +153,7 @@ def test_a_feature_owner_acts_but_does_not_configure(
     assert limits["chat"].amount == Decimal(10)
     page = client.get(admin_url(limits["chat"])).content.decode()
     assert "10.000000" not in page and "80%" in page  # shown as the owner typed it
+    assert 'name="_save"' not in page  # read-only: nothing to save
 
 
 def test_a_feature_owner_sees_and_revokes_only_keys_of_their_features(
