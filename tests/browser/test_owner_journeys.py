@@ -265,3 +265,31 @@ def test_every_console_page_fits_a_laptop(
         response = page.goto(path)
         assert response is not None and response.status == 200, (path, response)
         shot(page, path)  # asserts the page does not scroll sideways
+
+
+def test_a_limit_form_shows_only_the_fields_of_its_window(
+    page: Any, world: World, make_user: Any, login: Any, shot: Any
+) -> None:
+    minute = world.limit(tenant=world.tenant, feature=world.chat, metric="tokens", amount=1_000)
+    login(page, make_user("root@example.com", superuser=True))
+    page.goto(f"/admin/quotas/limit/{minute.pk}/change/")
+    shot(page, "a minute limit")
+    assert page.locator(".field-alert_at").is_hidden()
+    assert page.locator(".field-guaranteed").is_visible()
+
+    page.select_option("#id_window", "day")
+    shot(page, "now a day budget")
+    assert page.locator(".field-alert_at").is_visible()
+    assert page.locator(".field-guaranteed").is_hidden()
+    page.fill("#id_alert_at", "50, 90")
+    page.get_by_role("button", name="Save and continue editing").click()
+    page.locator(".messagelist").wait_for()
+    minute.refresh_from_db()
+    assert (minute.window, minute.alert_at) == ("day", [0.5, 0.9])
+    assert page.locator("#id_alert_at").input_value() == "50, 90"
+
+    page.goto(f"/admin/tenants/feature/{world.chat.pk}/change/")
+    shot(page, "the feature's limits inline")
+    row = page.locator("#limits-0")
+    assert row.locator('[name="limits-0-alert_at"]').is_visible()
+    assert row.locator('[name="limits-0-guaranteed"]').is_hidden()

@@ -1,17 +1,24 @@
-// Alert thresholds apply to budgets (hour, day, month) only: their input is hidden while a
-// limit's window is a minute (a refilling bucket) or none (concurrency).
+// Only the fields that apply to a limit's window are shown: alert thresholds on budgets
+// (hour, day, month), a guaranteed share on per-minute limits. Hidden, not disabled: what is
+// stored is sent back as it is (a guarantee already typed stays visible, for its error).
 (function () {
   "use strict";
-  const BUDGETS = ["hour", "day", "month"];
+  const APPLIES = {
+    alert_at: (window) => ["hour", "day", "month"].includes(window),
+    guaranteed: (window) => window === "minute",
+  };
 
   function sync(windowSelect) {
     const prefix = windowSelect.name.slice(0, -"window".length);
-    const input = document.querySelector(`[name="${prefix}alert_at"]`);
-    if (!input) return;
-    const applies = BUDGETS.includes(windowSelect.value);
-    const row = input.closest(".form-row") || input.closest("td");
-    const target = row && row.tagName === "TD" ? input : row || input;
-    target.hidden = !applies; // hidden, not disabled: the stored thresholds are sent back as they are
+    for (const [name, applies] of Object.entries(APPLIES)) {
+      const input = document.querySelector(`[name="${prefix}${name}"]`);
+      if (!input) continue;
+      const hide = !applies(windowSelect.value) && !(name === "guaranteed" && input.value);
+      const row = input.closest(".form-row");
+      // a stacked form hides the field's row; a tabular inline (whose rows are table rows)
+      // only the input: the column stays
+      (row && row.tagName !== "TR" ? row : input).hidden = hide;
+    }
   }
 
   function syncAll() {
