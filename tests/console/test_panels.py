@@ -174,7 +174,7 @@ def test_the_usage_panel_sums_the_rollups_of_the_last_24_hours_and_30_days(
     assert field(day_row.group(1), "truncated") == "3"
     assert field(day_row.group(1), "upstream_429") == "2"
     assert field(month_row.group(1), "requests") == "22"
-    assert field(month_row.group(1), "cost_usd") == "$0.000330"  # 2,200 tokens at $0.15/M
+    assert field(month_row.group(1), "cost_usd") == "$0.00033"  # 2,200 tokens at $0.15/M
     chart = re.search(r'id="usage-chart-data" type="application/json">(.*?)</script>', html, re.S)
     assert chart and '"input_tokens": [' in chart.group(1)
 
