@@ -2,9 +2,9 @@
 reservations held now, usage from the ledger's rollups, and the dashboard's panels.
 
 Every function takes a row the admin already scoped to the user (a feature, a tenant, a
-pool) or the user, and shows nothing of another tenant: a pool's page and the dashboard
-narrow the limits, reservations and usage to the user's tenants unless the user is a
-superuser.
+pool) or the user, and shows nothing the user does not own: a pool's page and the dashboard
+narrow the limits, reservations and usage to the user's tenants and features
+(`console.scoping.reach`) unless the user is a superuser.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Superusers see everything. Every other user is scoped to what they own, whatever
 they hold: a tenant owner to the tenants listing them as owners, a feature owner to their
 features (and those features' limits, keys and alerts). Django's permissions say *what kind* of
 thing a user may touch (`console.access` derives them from ownership), this module says *which
-rows*. A model the rules do not know is hidden from scoped
-users (fail closed), so a new model cannot leak by being forgotten here.
+rows*. A model the rules do not know is hidden from scoped users (fail closed), so a new model
+cannot leak by being forgotten here.
 
 The rule reaches changelists, change, delete and history pages (through `get_queryset` and the
 history overrides), autocomplete (it asks the related admin's `get_queryset`), raw-id popups
@@ -60,14 +60,6 @@ def owned_tenants(user: User) -> QuerySet[Tenant]:
 def owned_features(user: User) -> QuerySet[Feature]:
     """The features `user` owns themselves (not through their tenant)."""
     return Feature.objects.filter(owner=user.pk)
-
-
-def is_owner(user: User) -> bool:
-    """Whether `user` owns anything: a tenant or a feature. Owning is what lets a person into
-    the admin (`console.access`)."""
-    if not getattr(user, "is_authenticated", False):
-        return False
-    return owned_tenants(user).exists() or owned_features(user).exists()
 
 
 @dataclass(frozen=True)
