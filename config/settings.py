@@ -110,6 +110,12 @@ CACHES = {
     }
 }
 
+# Owners get the admin permissions their ownership implies (console/access.py).
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "console.access.OwnerPermissions",
+]
+LOGIN_URL = "admin:login"  # the only login page (linked from the password reset's last page)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
