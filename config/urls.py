@@ -20,7 +20,10 @@ urlpatterns = [
     path(
         "api/docs/",
         SpectacularRedocView.as_view(
-            url_name="schema", authentication_classes=[], permission_classes=[]
+            url_name="schema",
+            template_name="quotas/api_docs.html",
+            authentication_classes=[],
+            permission_classes=[],
         ),
         name="api-docs",
     ),
