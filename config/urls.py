@@ -4,9 +4,10 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from django.views import defaults
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+from drf_spectacular.views import SpectacularAPIView
 
 from quotas.api import urls as api_urls
+from quotas.api.docs import ApiDocsView
 from quotas.api.errors import json_bad_request, json_not_found, json_server_error
 
 urlpatterns = [
@@ -19,12 +20,7 @@ urlpatterns = [
     ),
     path(
         "api/docs/",
-        SpectacularRedocView.as_view(
-            url_name="schema",
-            template_name="quotas/api_docs.html",
-            authentication_classes=[],
-            permission_classes=[],
-        ),
+        ApiDocsView.as_view(url_name="schema"),
         name="api-docs",
     ),
 ]
