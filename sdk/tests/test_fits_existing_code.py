@@ -14,7 +14,7 @@ import openai
 import pytest
 import quotaclient
 import redis
-from quotaclient import Quota, QuotaClient, wrap_anthropic, wrap_openai
+from quotaclient import AsyncQuotaClient, Quota, QuotaClient, wrap_anthropic, wrap_openai
 from quotaclient._offline import Backlog, Unreported
 from quotaclient._types import Usage
 
@@ -217,8 +217,16 @@ def test_an_unknown_feature_is_not_found_even_with_a_fallback_model(
 # -- a quota server out of reach ---------------------------------------------------------------
 
 
+def no_wait(seconds: float) -> None:
+    return None
+
+
+async def no_wait_async(seconds: float) -> None:
+    return None
+
+
 def unreachable(stack: Stack) -> QuotaClient:
-    return stack.kept(QuotaClient(NOBODY_LISTENS, stack.world.secret, sleep=lambda s: None))
+    return stack.kept(QuotaClient(NOBODY_LISTENS, stack.world.secret, sleep=no_wait))
 
 
 def test_by_default_an_unreachable_quota_server_fails_the_call(
@@ -255,6 +263,29 @@ def test_allowed_calls_go_through_and_are_recorded_once_the_server_is_back(
     assert live["output_tokens"] == "20"
     # the live call's reservation, then the replay's: exactly the allowed call's usage
     assert [e["reserved_output_tokens"] for e in stack.events("reserved")] == ["50", "20"]
+
+
+def test_an_async_client_lets_calls_through_and_reports_them_later(
+    stack: Stack, gpt: FakeOpenAI
+) -> None:
+    gone = AsyncQuotaClient(NOBODY_LISTENS, stack.world.secret, sleep=no_wait_async)
+    quota = Quota("chat", async_client=gone, on_unreachable="allow")
+    client = wrap_openai(
+        openai.AsyncOpenAI(api_key="sk-test", base_url=f"{gpt.url}/v1", max_retries=0),
+        quota=quota,
+    )
+
+    async def main() -> None:
+        await client.chat.completions.create(model=GPT, messages=HELLO, max_tokens=50)
+        assert len(quota.backlog) == 1
+        await gone.aclose()
+        quota.async_client = stack.async_client()
+        await client.chat.completions.create(model=GPT, messages=HELLO, max_tokens=50)
+
+    stack.run(main())
+
+    assert len(quota.backlog) == 0
+    assert [e["output_tokens"] for e in stack.events("committed")] == ["20", "20"]
 
 
 def test_a_replay_the_limits_refuse_stays_in_the_backlog(stack: Stack, gpt: FakeOpenAI) -> None:
