@@ -3,7 +3,7 @@ declarations of serializers.py), calls one service, and renders."""
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiExample, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -89,7 +89,7 @@ class ReservationListView(QuotaView):
         request=RESERVE.serializer(),
         examples=[RESERVE_EXAMPLE],
         responses={
-            201: Reservation,
+            201: OpenApiResponse(Reservation, description="Held: make the call now."),
             **errors(
                 400,
                 401,
@@ -134,7 +134,7 @@ class ReservationDetailView(SettlingView):
         operation_id="reservation_get",
         tags=["reservations"],
         responses={
-            200: ReservationDetail,
+            200: OpenApiResponse(ReservationDetail, description="The reservation as it stands."),
             **errors(401, 404, 429, 503, described={429: AUTH_THROTTLED}),
         },
         parameters=[RETRY_AFTER],
@@ -151,7 +151,10 @@ class ReservationCommitView(SettlingView):
         operation_id="reservation_commit",
         tags=["reservations"],
         request=COMMIT.serializer(),
-        responses={200: Settlement, **SETTLING_ERRORS},
+        responses={
+            200: OpenApiResponse(Settlement, description="Committed; the rest refunded."),
+            **SETTLING_ERRORS,
+        },
         parameters=[RETRY_AFTER],
     )
     def post(self, request: Request, reservation_id: str) -> Response:
@@ -169,7 +172,10 @@ class ReservationReleaseView(SettlingView):
         operation_id="reservation_release",
         tags=["reservations"],
         request=RELEASE.serializer(),
-        responses={200: Settlement, **SETTLING_ERRORS},
+        responses={
+            200: OpenApiResponse(Settlement, description="Released; everything refunded."),
+            **SETTLING_ERRORS,
+        },
         parameters=[RETRY_AFTER],
     )
     def post(self, request: Request, reservation_id: str) -> Response:
@@ -185,7 +191,10 @@ class ReservationExtendView(SettlingView):
         operation_id="reservation_extend",
         tags=["reservations"],
         request=EXTEND.serializer(),
-        responses={200: ReservationDetail, **SETTLING_ERRORS},
+        responses={
+            200: OpenApiResponse(ReservationDetail, description="Extended: its new expires_at."),
+            **SETTLING_ERRORS,
+        },
         parameters=[RETRY_AFTER],
     )
     def post(self, request: Request, reservation_id: str) -> Response:
@@ -203,7 +212,7 @@ class FeatureUsageView(QuotaView):
         operation_id="feature_usage",
         tags=["features"],
         responses={
-            200: FeatureUsage,
+            200: OpenApiResponse(FeatureUsage, description="Every limit on the feature, now."),
             **errors(401, 403, 404, 429, 503, what="feature", described={429: AUTH_THROTTLED}),
         },
         parameters=[RETRY_AFTER],
