@@ -4,10 +4,11 @@ from django.contrib import admin
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 from django.views import defaults
-from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView
+from drf_spectacular.views import SpectacularAPIView
 
 from console import urls as console_urls
 from quotas.api import urls as api_urls
+from quotas.api.docs import ApiDocsView
 from quotas.api.errors import json_bad_request, json_not_found, json_server_error
 
 urlpatterns = [
@@ -21,9 +22,7 @@ urlpatterns = [
     ),
     path(
         "api/docs/",
-        SpectacularRedocView.as_view(
-            url_name="schema", authentication_classes=[], permission_classes=[]
-        ),
+        ApiDocsView.as_view(url_name="schema"),
         name="api-docs",
     ),
 ]

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from ._async import AsyncReservation
 from ._errors import QuotaError
 from ._held import HeldBase
+from ._offline import AsyncOffline, Offline
 from ._sync import Reservation
 from ._types import Usage
 
@@ -28,6 +29,7 @@ class Plan:
     max_param: str  # the argument that carries the output cap
     choices: int = 1
     streaming: bool = False
+    capped: bool = True  # False: the call named no cap, and is sent without one
 
 
 @dataclass
@@ -59,7 +61,7 @@ def upstream_status_of(error: BaseException) -> int | None:
 
 
 def usage_of_call(
-    held: HeldBase, report: Report | None, error: BaseException | None, latency_ms: int
+    held: HeldBase | Offline, report: Report | None, error: BaseException | None, latency_ms: int
 ) -> Usage | None:
     """What to commit for a finished call; None means release (the call did not happen)."""
     if report is None:
@@ -91,7 +93,7 @@ def elapsed_ms(started: float) -> int:
 
 
 def settle(
-    reservation: Reservation,
+    reservation: Reservation | Offline,
     report: Report | None,
     error: BaseException | None,
     started: float,
@@ -110,7 +112,7 @@ def settle(
 
 
 async def settle_async(
-    reservation: AsyncReservation,
+    reservation: AsyncReservation | AsyncOffline,
     report: Report | None,
     error: BaseException | None,
     started: float,

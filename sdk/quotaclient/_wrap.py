@@ -20,7 +20,8 @@ from typing import Any, TypeVar, cast
 from . import _anthropic, _openai
 from ._anthropic_stream import AsyncStreamManager, StreamManager
 from ._calls import Plan, Report, Tracker, settle, settle_async
-from ._quota import Quota, reserve, reserve_async
+from ._fit import Fit, refusal_fitter, unchanged
+from ._quota import Quota, admit, admit_async
 from ._streams import AsyncProtectedStream, ProtectedStream
 
 C = TypeVar("C")
@@ -28,7 +29,7 @@ C = TypeVar("C")
 
 @dataclass(frozen=True)
 class Provider:
-    plan: Callable[[Mapping[str, Any], int | None], Plan]
+    plan: Callable[[Mapping[str, Any], int | None, int], Plan]
     prepare: Callable[[Mapping[str, Any], Plan, int], dict[str, Any]]
     report: Callable[[Any], Report]
     tracker: Callable[[Mapping[str, Any]], Tracker]
@@ -48,13 +49,15 @@ def is_async(method: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(inspect.unwrap(method))
 
 
-def protect(quota: Quota, provider: Provider, create: Callable[..., Any]) -> Callable[..., Any]:
-    """`create` reserving first and settling after."""
+def protect(
+    quota: Quota, provider: Provider, create: Callable[..., Any], fit: Fit = unchanged
+) -> Callable[..., Any]:
+    """`create` reserving first and settling after; a refusal raised as `fit` makes it."""
 
     @functools.wraps(create)
     def protected(*args: Any, **kwargs: Any) -> Any:
-        call = provider.plan(kwargs, quota.max_output_tokens)
-        reservation = reserve(quota, call)
+        call = provider.plan(kwargs, quota.max_output_tokens, quota.default_output_tokens)
+        reservation = admit(quota, call, fit)
         started = time.monotonic()
         try:
             response = create(*args, **provider.prepare(kwargs, call, reservation.output_tokens))
@@ -74,12 +77,12 @@ def protect(quota: Quota, provider: Provider, create: Callable[..., Any]) -> Cal
 
 
 def protect_async(
-    quota: Quota, provider: Provider, create: Callable[..., Any]
+    quota: Quota, provider: Provider, create: Callable[..., Any], fit: Fit = unchanged
 ) -> Callable[..., Any]:
     @functools.wraps(create)
     async def protected(*args: Any, **kwargs: Any) -> Any:
-        call = provider.plan(kwargs, quota.max_output_tokens)
-        reservation = await reserve_async(quota, call)
+        call = provider.plan(kwargs, quota.max_output_tokens, quota.default_output_tokens)
+        reservation = await admit_async(quota, call, fit)
         started = time.monotonic()
         try:
             prepared = provider.prepare(kwargs, call, reservation.output_tokens)
@@ -144,10 +147,8 @@ def wrap_openai(client: C, quota: Quota) -> C:
     target: Any = client
     completions = target.chat.completions
     guard = protect_async if is_async(completions.create) else protect
-    chat = Overlay(
-        target.chat,
-        completions=Overlay(completions, create=guard(quota, OPENAI, completions.create)),
-    )
+    create = guard(quota, OPENAI, completions.create, refusal_fitter(target))
+    chat = Overlay(target.chat, completions=Overlay(completions, create=create))
     wrapped: Any = Overlay(target, chat=chat, **rewrap(target, quota, wrap_openai))
     return cast(C, wrapped)
 
@@ -157,16 +158,17 @@ def wrap_anthropic(client: C, quota: Quota) -> C:
     are protected; everything else is the client's own."""
     target: Any = client
     messages = target.messages
+    fit = refusal_fitter(target)
     if is_async(messages.create):
-        create = protect_async(quota, ANTHROPIC, messages.create)
+        create = protect_async(quota, ANTHROPIC, messages.create, fit)
         manager: type[Any] = AsyncStreamManager
     else:
-        create = protect(quota, ANTHROPIC, messages.create)
+        create = protect(quota, ANTHROPIC, messages.create, fit)
         manager = StreamManager
 
     @functools.wraps(messages.stream)
     def stream(**kwargs: Any) -> Any:
-        return manager(quota, messages.stream, kwargs)
+        return manager(quota, messages.stream, kwargs, fit)
 
     wrapped: Any = Overlay(
         target,
