@@ -110,6 +110,12 @@ CACHES = {
     }
 }
 
+# Owners get the admin permissions their ownership implies (console/access.py).
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "console.access.OwnerPermissions",
+]
+LOGIN_URL = "admin:login"  # the only login page (linked from the password reset's last page)
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
 ]
@@ -151,6 +157,18 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     # the docs page works offline: Redoc is served from this project's static files
     "REDOC_DIST": "SIDECAR",
+    # the answers' components (quotas/api/responses.py): enums named for what they list
+    "ENUM_NAME_OVERRIDES": {
+        "ReservationStatus": "quotas.api.responses.RESERVATION_STATUSES",
+        "ErrorCode": "quotas.api.responses.ERROR_CODES",
+        "Priority": "quotas.api.responses.PRIORITIES",
+    },
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
+    "ENUM_ADD_EXPLICIT_BLANK_NULL_CHOICE": False,
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "quotas.api.responses.request_rules",
+    ],
 }
 
 RATELIMIT_USE_CACHE = "default"

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
@@ -23,6 +24,7 @@ from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.views.decorators.http import require_POST
 
+from console.fields import PlainDecimalField
 from quotas.boosts import MAX_BOOST, limit_boost, limit_boost_end
 from quotas.keys import api_key_revoke
 from quotas.models import ApiKey, Limit
@@ -48,6 +50,52 @@ class ConsoleAdminMixin(_AdminBase):
         if not self.has_change_permission(request, obj):
             raise PermissionDenied
         return obj
+
+    def confirmation(
+        self,
+        request: HttpRequest,
+        obj: Any,
+        *,
+        title: str,
+        consequence: str,
+        confirm_label: str,
+        fields: dict[str, str] | None = None,
+    ) -> TemplateResponse:
+        """The page that asks before an action that stops calls (pause, revoke): GET shows
+        it, its form POSTs the action."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.model._meta,
+            "original": obj,
+            "consequence": consequence,
+            "confirm_label": confirm_label,
+            "fields": fields or {},
+            "back": self.change_url(obj),
+        }
+        return TemplateResponse(request, "console/confirm.html", context)
+
+    def confirm_selected(
+        self, request: HttpRequest, queryset: Any, *, action: str, consequence: str, label: str
+    ) -> TemplateResponse | None:
+        """For a changelist action that stops calls: None once confirmed (the action goes
+        on), else the page that lists the rows and asks (as Django's delete does)."""
+        if request.POST.get("post") == "yes":
+            return None
+        opts = self.model._meta
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{label}?",
+            "opts": opts,
+            "original": opts.verbose_name_plural,
+            "consequence": consequence,
+            "confirm_label": label,
+            "objects": list(queryset),
+            "fields": {"action": action, "post": "yes"},
+            "selected_name": ACTION_CHECKBOX_NAME,
+            "back": reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist"),
+        }
+        return TemplateResponse(request, "console/confirm.html", context)
 
     @staticmethod
     def give_reason(obj: Any, message: str) -> None:
@@ -118,7 +166,22 @@ class FeatureSwitchMixin(ConsoleAdminMixin):
         return context
 
     def status_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if request.method == "GET":
+            return self._confirm_pause(request, object_id)
         return require_POST(self._status)(request, object_id)
+
+    def _confirm_pause(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        feature: Feature = self.changeable(request, object_id)
+        return self.confirmation(
+            request,
+            feature,
+            title=f"Pause {feature}?",
+            consequence=f"Every reservation of {feature} is refused from the next one on "
+            "(423 feature_paused), in every process, until someone resumes it. Reservations "
+            "held now may still commit.",
+            confirm_label="Yes, pause it",
+            fields={"status": Feature.Status.PAUSED},
+        )
 
     def _status(self, request: HttpRequest, object_id: str) -> HttpResponse:
         feature: Feature = self.changeable(request, object_id)
@@ -148,8 +211,18 @@ class FeatureSwitchMixin(ConsoleAdminMixin):
             if self.has_change_permission(request, feature):
                 self._switch(request, feature, status)
 
-    def pause_features(self, request: HttpRequest, queryset: Any) -> None:
-        self._switch_many(request, queryset, Feature.Status.PAUSED)
+    def pause_features(self, request: HttpRequest, queryset: Any) -> HttpResponse | None:
+        asked = self.confirm_selected(
+            request,
+            queryset,
+            action="pause_features",
+            consequence="Every reservation of these features is refused from the next one on "
+            "(423 feature_paused), until someone resumes them:",
+            label="Yes, pause them",
+        )
+        if asked is None:
+            self._switch_many(request, queryset, Feature.Status.PAUSED)
+        return asked
 
     def resume_features(self, request: HttpRequest, queryset: Any) -> None:
         self._switch_many(request, queryset, Feature.Status.ACTIVE)
@@ -166,7 +239,7 @@ BOOST_HOURS = (1, 4, 8, 24, 72, 168)
 
 
 class BoostForm(forms.Form):
-    amount = forms.DecimalField(
+    amount = PlainDecimalField(
         max_digits=20, decimal_places=6, help_text="The cap while the boost lasts."
     )
     hours = forms.TypedChoiceField(
@@ -246,6 +319,17 @@ class ApiKeyRevokeMixin(ConsoleAdminMixin):
         return context
 
     def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        if request.method == "GET":
+            api_key: ApiKey = self.changeable(request, object_id)
+            return self.confirmation(
+                request,
+                api_key,
+                title=f"Revoke {api_key}?",
+                consequence=f"Every request made with {api_key} (prefix {api_key.prefix}) is "
+                "refused from the next one on. A revoked key cannot be restored: its callers "
+                "need a new key.",
+                confirm_label="Yes, revoke it",
+            )
         return require_POST(self._revoke)(request, object_id)
 
     def _revoke(self, request: HttpRequest, object_id: str) -> HttpResponse:

@@ -2,9 +2,9 @@
 reservations held now, usage from the ledger's rollups, and the dashboard's panels.
 
 Every function takes a row the admin already scoped to the user (a feature, a tenant, a
-pool) or the user, and shows nothing of another tenant: a pool's page and the dashboard
-narrow the limits, reservations and usage to the user's tenants unless the user is a
-superuser.
+pool) or the user, and shows nothing the user does not own: a pool's page and the dashboard
+narrow the limits, reservations and usage to the user's tenants and features
+(`console.scoping.reach`) unless the user is a superuser.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from django.utils import timezone
 
 from alerts.models import Alert, Delivery
 from alerts.selectors import latest_alerts
-from console.scoping import is_scoped, owned_tenants, scope_queryset
+from console.access import may_use_admin
+from console.scoping import Reach, reach, scope_queryset
 from console.snapshot import platform_snapshot
 from ledger.models import PoolEvent
 from ledger.usage_reads import (
@@ -75,7 +76,10 @@ def _read(plan: Plan, infos: list[LimitInfo], *, now: datetime) -> list[dict[str
         fraction = row["used"] / row["limit"] if row["limit"] else 0.0
         row["fraction"] = fraction
         row["percent"] = min(100.0, round(fraction * 100, 1))
-        row["tone"] = tone(fraction)
+        # A guarantee alone (no amount) is a share kept for the feature, not a cap: using all
+        # of it is what it is for, so it is drawn in its own colour and offers no boost.
+        row["guarantee"] = info.amount is None and info.guaranteed is not None
+        row["tone"] = "guarantee" if row["guarantee"] else tone(fraction)
         row["boosted_until"] = boosts.get(info.id)
         row["tenant_id"] = info.tenant_id
         row["feature_id"] = info.feature_id
@@ -118,9 +122,11 @@ def _boost_links(rows: list[dict[str, Any]], user: Any) -> None:
     limits, a pool's own capacity is the platform's."""
     if not user.has_perm("quotas.change_limit"):
         return
-    tenants = _tenant_ids(user)
+    scope = reach(user)
     for row in rows:
-        if tenants is None or row["tenant_id"] in tenants:
+        if row["guarantee"]:
+            continue
+        if scope.covers(tenant_id=row["tenant_id"], feature_id=row["feature_id"]):
             row["boost_url"] = reverse("admin:quotas_limit_boost", args=[row["id"]])
 
 
@@ -156,15 +162,15 @@ def pool_context(pool: Pool, user: Any, *, now: datetime | None = None) -> dict[
     and the pool's top consumers over the last 24 hours."""
     now = now or timezone.now()
     plan = plans.fresh()
-    tenants = _tenant_ids(user)
+    scope = reach(user)
     infos = [
-        info
-        for info in plan.limits.values()
-        if info.pool_id == pool.pk and (tenants is None or info.tenant_id in tenants)
+        info for info in plan.limits.values() if info.pool_id == pool.pk and _covers(scope, info)
     ]
     infos.sort(key=lambda i: (i.tenant_id or 0, i.feature_id or 0, i.id))
-    held = {"pool": pool.slug} if tenants is None else None
-    top = top_consumers(pool=pool.slug, now=now, tenant_slugs=_tenant_slugs(user))
+    held = {"pool": pool.slug} if scope.tenant_ids is None else None
+    top = _visible(
+        plan, scope, top_consumers(pool=pool.slug, now=now, tenant_slugs=_slugs(plan, scope))
+    )
     return {
         "live": _live(plan, infos, now=now, held=held, user=user),
         "top": _linked(plan, top),
@@ -177,14 +183,14 @@ def dashboard_context(user: Any, *, now: datetime | None = None) -> dict[str, An
     recent alerts with their deliveries, and the features whose truncation rose. A
     superuser's platform-wide panels come from the snapshot beat refreshes every minute
     (`console.snapshot`), the candidate limits re-read live; an owner's are read live."""
-    if not getattr(user, "is_staff", False):
+    if not may_use_admin(user):
         return {}
     now = now or timezone.now()
     plan = plans.fresh()
     context: dict[str, Any] = {"dashboard": True, "alerts": _recent_alerts(user)}
-    tenants = _tenant_ids(user)
+    scope = reach(user)
     try:
-        if tenants is None:
+        if scope.tenant_ids is None:
             snapshot = platform_snapshot(now=now)
             infos = [plan.limits[i] for i in snapshot["closest_ids"] if i in plan.limits]
             top_by_pool, truncation = snapshot["top_by_pool"], snapshot["truncation"]
@@ -193,11 +199,14 @@ def dashboard_context(user: Any, *, now: datetime | None = None) -> dict[str, An
             infos = [
                 info
                 for info in plan.limits.values()
-                if info.amount is not None and info.tenant_id in tenants
+                if info.amount is not None and info.tenant_id is not None and _covers(scope, info)
             ]
-            slugs = _tenant_slugs(user)
-            top_by_pool = top_consumers_by_pool(now=now, tenant_slugs=slugs)
-            truncation = rising_truncation(now=now, tenant_slugs=slugs)
+            slugs = _slugs(plan, scope)
+            top_by_pool = {
+                pool: _visible(plan, scope, rows)
+                for pool, rows in top_consumers_by_pool(now=now, tenant_slugs=slugs).items()
+            }
+            truncation = _visible(plan, scope, rising_truncation(now=now, tenant_slugs=slugs))
     except redis.RedisError:
         log.warning("dashboard unavailable", exc_info=True)
         return {**context, "live": Live(error=STORE_DOWN)}
@@ -214,13 +223,29 @@ def dashboard_context(user: Any, *, now: datetime | None = None) -> dict[str, An
     }
 
 
-def _tenant_ids(user: Any) -> set[int] | None:
-    """The tenants `user` sees; None for every tenant."""
-    return None if not is_scoped(user) else set(owned_tenants(user).values_list("pk", flat=True))
+def _covers(scope: Reach, info: LimitInfo) -> bool:
+    return scope.covers(tenant_id=info.tenant_id, feature_id=info.feature_id)
 
 
-def _tenant_slugs(user: Any) -> list[str] | None:
-    return None if not is_scoped(user) else list(owned_tenants(user).values_list("slug", flat=True))
+def _slugs(plan: Plan, scope: Reach) -> list[str] | None:
+    """The slugs of the tenants whose usage the user may see some of; None for all."""
+    if scope.feature_ids is None:
+        return None
+    tenant_ids = {info.tenant_id for info in plan.features.values() if info.id in scope.feature_ids}
+    return sorted(t.slug for t in plan.tenants.values() if t.id in tenant_ids)
+
+
+def _visible(plan: Plan, scope: Reach, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The usage rows (named by tenant and feature slugs) of features the user reaches."""
+    if scope.feature_ids is None:
+        return rows
+    tenant_ids = {t.slug: t.id for t in plan.tenants.values()}
+    visible = []
+    for row in rows:
+        info = plan.features.get((tenant_ids.get(row["tenant"], 0), row["feature"]))
+        if info is not None and info.id in scope.feature_ids:
+            visible.append(row)
+    return visible
 
 
 def _limit_url(row: dict[str, Any]) -> str:

@@ -1,9 +1,11 @@
 """Tenant isolation for the admin: one rule, applied to every way the admin reaches a row.
 
-Superusers see everything. Every other staff user is scoped to the tenants listing them as
-owners, whatever permissions they hold: Django's permissions say *what kind* of thing a user
-may touch, this module says *which rows*. A model the rules do not know is hidden from scoped
-users (fail closed), so a new model cannot leak by being forgotten here.
+Superusers see everything. Every other user is scoped to what they own, whatever permissions
+they hold: a tenant owner to the tenants listing them as owners, a feature owner to their
+features (and those features' limits, keys and alerts). Django's permissions say *what kind* of
+thing a user may touch (`console.access` derives them from ownership), this module says *which
+rows*. A model the rules do not know is hidden from scoped users (fail closed), so a new model
+cannot leak by being forgotten here.
 
 The rule reaches changelists, change, delete and history pages (through `get_queryset` and the
 history overrides), autocomplete (it asks the related admin's `get_queryset`), raw-id popups
@@ -13,13 +15,15 @@ forged POST naming another tenant's id fails form validation instead of attachin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django import forms
 from django.contrib.admin.utils import unquote
 from django.contrib.auth import get_user_model
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, ValidationError
-from django.db.models import Field, Model, Q, QuerySet
+from django.db.models import Model, Q, QuerySet
 from django.forms.models import BaseInlineFormSet
 from django.http import Http404, HttpRequest, HttpResponse
 from simple_history.admin import SimpleHistoryAdmin
@@ -41,18 +45,6 @@ else:
 
 M = TypeVar("M", bound=Model)
 
-# The field that names a row's tenant (the Tenant row itself is its own tenant). Historical
-# models keep the same field names, so the same lookups scope their history. A limit with no
-# tenant (a pool's or a model's own capacity) belongs to no owner and is invisible to owners:
-# it caps every tenant at once, so it is the platform's to set, and hiding it keeps a single
-# rule everywhere instead of a second, read-only road that would need its own isolation.
-TENANT_FIELD: dict[type[Model], str] = {
-    Tenant: "id",
-    Feature: "tenant",
-    Limit: "tenant",
-    ApiKey: "tenant",
-    **dict.fromkeys([Channel, AlertRule, Alert, Notification, Delivery], "tenant"),
-}
 # Shared infrastructure: every owner may see it (read-only, see `SharedConfigAdmin`).
 SHARED_MODELS: frozenset[type[Model]] = frozenset({Provider, LanguageModel, Pool})
 
@@ -63,6 +55,72 @@ def is_scoped(user: User) -> bool:
 
 def owned_tenants(user: User) -> QuerySet[Tenant]:
     return Tenant.objects.filter(owners=user.pk)
+
+
+def owned_features(user: User) -> QuerySet[Feature]:
+    """The features `user` owns themselves (not through their tenant)."""
+    return Feature.objects.filter(owner=user.pk)
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The ids of the tenants a user owns and of the features they own or own through a
+    tenant; both None for a superuser (everything)."""
+
+    tenant_ids: frozenset[int] | None
+    feature_ids: frozenset[int] | None
+
+    def covers(self, *, tenant_id: int | None, feature_id: int | None) -> bool:
+        """Whether a row of this tenant and feature (a limit, usage) is the user's to act on."""
+        if self.tenant_ids is None or self.feature_ids is None:
+            return True
+        return tenant_id in self.tenant_ids or feature_id in self.feature_ids
+
+
+def reach(user: User) -> Reach:
+    if not is_scoped(user):
+        return Reach(None, None)
+    tenants = owned_tenants(user)
+    features = Feature.objects.filter(Q(tenant__in=tenants.values("pk")) | Q(owner=user.pk))
+    return Reach(
+        frozenset(tenants.values_list("pk", flat=True)),
+        frozenset(features.values_list("pk", flat=True)),
+    )
+
+
+# Which rows of each model a scoped user may see. A tenant owner sees the rows of their tenants;
+# a feature owner the rows of their own features: the feature, its limits, the API keys that
+# may call only features they own, its alerts. Each rule is a Q over fields that the historical
+# model keeps too (`id` is the tracked row's id there), so the same rules scope history. A row
+# without a tenant (a pool's or a model's own capacity) belongs to no owner and is invisible
+# to owners: it caps every tenant at once, so it is the platform's to set.
+def _tenant_rule(user: User) -> Q:
+    return Q(tenant__in=owned_tenants(user).values("pk"))
+
+
+def _tenant_or_feature_rule(user: User) -> Q:
+    return _tenant_rule(user) | Q(feature__in=owned_features(user).values("pk"))
+
+
+def _feature_keys(user: User) -> QuerySet[ApiKey]:
+    """Keys narrowed to features the user owns, and to no one else's."""
+    foreign = ApiKey.objects.filter(features__in=Feature.objects.exclude(owner=user.pk))
+    return ApiKey.objects.filter(features__owner=user.pk).exclude(pk__in=foreign.values("pk"))
+
+
+RULES: dict[type[Model], Callable[[User], Q]] = {
+    Tenant: lambda user: Q(id__in=owned_tenants(user).values("pk")),
+    Feature: lambda user: _tenant_rule(user) | Q(id__in=owned_features(user).values("pk")),
+    Limit: _tenant_or_feature_rule,
+    ApiKey: lambda user: _tenant_rule(user) | Q(id__in=_feature_keys(user).values("pk")),
+    Alert: _tenant_or_feature_rule,
+    Notification: _tenant_or_feature_rule,
+    Delivery: lambda user: (
+        _tenant_rule(user) | Q(notification__feature__in=owned_features(user).values("pk"))
+    ),
+    Channel: _tenant_rule,
+    AlertRule: _tenant_rule,
+}
 
 
 def _base_model(model: type[Model]) -> type[Model]:
@@ -78,10 +136,10 @@ def scope_queryset(user: User, queryset: QuerySet[M]) -> QuerySet[M]:
     model = _base_model(queryset.model)
     if model in SHARED_MODELS:
         return queryset
-    if model in TENANT_FIELD:
-        return queryset.filter(**{f"{TENANT_FIELD[model]}__in": owned_tenants(user).values("pk")})
+    if model in RULES:
+        return queryset.filter(RULES[model](user))
     if model is get_user_model():
-        return queryset.filter(_tenant_people(user))
+        return queryset.filter(_tenant_people(user) | Q(pk=user.pk))
     return queryset.none()
 
 
@@ -95,18 +153,32 @@ def _tenant_people(user: User) -> Q:
 
 
 def in_scope(user: User, obj: Model) -> bool:
-    """Whether `user` may see `obj`, judged from the object's own (possibly historical) values."""
+    """Whether `user` may see `obj`: by the rule, for a stored row (or historical record); by
+    the tenant and feature it names, for a row not stored (new, or deleted and seen through
+    its history)."""
     if not is_scoped(user):
         return True
     model = _base_model(type(obj))
     if model in SHARED_MODELS:
         return True
-    if model not in TENANT_FIELD:
+    if model not in RULES:
         return False
-    field = model._meta.get_field(TENANT_FIELD[model])
-    assert isinstance(field, Field)
-    tenant_id = getattr(obj, field.attname)
-    return owned_tenants(user).filter(pk=tenant_id).exists()
+    stored = type(obj)._default_manager.filter(pk=obj.pk) if obj.pk is not None else None
+    if stored is not None and stored.exists():
+        return stored.filter(RULES[model](user)).exists()
+    tenant_id = obj.pk if model is Tenant else getattr(obj, "tenant_id", None)
+    feature_id = obj.pk if model is Feature else getattr(obj, "feature_id", None)
+    return tenant_id is not None and reach(user).covers(tenant_id=tenant_id, feature_id=feature_id)
+
+
+def may_manage(user: User, obj: Model) -> bool:
+    """Whether `user` may change how `obj` is configured, not only act on it (pause, boost,
+    revoke): superusers and the owners of its tenant. A feature's owner acts on their feature
+    but leaves its configuration (limits, owner, pools, keys' reach) to the tenant's owners."""
+    if not is_scoped(user):
+        return True
+    tenant_id = obj.pk if isinstance(obj, Tenant) else getattr(obj, "tenant_id", None)
+    return tenant_id is not None and owned_tenants(user).filter(pk=tenant_id).exists()
 
 
 class TenantScopedMixin(_AdminBase):

@@ -33,6 +33,8 @@ def limits_read(plan: Plan, limits: Iterable[LimitInfo]) -> list[dict[str, Any]]
     for check, state in zip(checks, states, strict=True):
         body = limit_body(plan, check.limit_id, check.cap, state["remaining"], None)
         body["used"] = body["limit"] - body["remaining"]
+        if body["metric"] == "cost_usd":  # USD to the nano-dollar, not 0.0003629999999930078
+            body["used"] = round(body["used"], 9)
         if state["used"] > check.cap:  # a soft limit, or commits, went past the cap
             body["used"] = units_shown(body["metric"], state["used"])
         if state.get("reset_ms") is not None:

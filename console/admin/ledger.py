@@ -4,6 +4,8 @@ usage through the rollups on their own pages). The drift report lives on the usa
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from django.contrib import admin, messages
@@ -13,13 +15,22 @@ from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
+from console.templatetags.console_tags import amount
 from ledger.models import DeadLetter, ProviderUsage, Refusal, UsageEvent, UsageRollup
 from ledger.reconcile import budgets_reconcile
 from ledger.selectors import provider_drift
+from quotas.models import Limit
+from quotas.plan import NANO
+from quotas.validation import limit_describe
 
 
 class LedgerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
-    """Rows are written by the ingest only; nobody edits the record."""
+    """Rows are written by the ingest only; nobody edits the record. Money is shown in
+    dollars, not the ledger's nano-dollars."""
+
+    @admin.display(description="cost", ordering="cost_nusd")
+    def cost(self, row: Any) -> str:
+        return "-" if row.cost_nusd is None else amount(Decimal(row.cost_nusd) / NANO, "usd")
 
     def has_module_permission(self, request: HttpRequest) -> bool:
         return bool(getattr(request.user, "is_superuser", False))
@@ -40,7 +51,7 @@ class LedgerAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 @admin.register(UsageEvent)
 class UsageEventAdmin(LedgerAdmin):
     list_display = ("rid", "state", "tenant", "feature", "pool", "model", "input_tokens",
-                    "output_tokens", "cost_nusd", "finish_reason", "created_at")  # fmt: skip
+                    "output_tokens", "cost", "finish_reason", "created_at")  # fmt: skip
     list_filter = ("state", "tenant", "pool", "model", "finish_reason", "degraded")
     search_fields = ("rid", "feature")
     change_list_template = "admin/ledger/usageevent/change_list.html"
@@ -69,14 +80,29 @@ class UsageEventAdmin(LedgerAdmin):
 
 @admin.register(Refusal)
 class RefusalAdmin(LedgerAdmin):
-    list_display = ("rid", "reason", "limit_id", "tenant", "feature", "model", "at_ms")
+    list_display = ("at", "reason", "limit_named", "tenant", "feature", "model", "rid")
     list_filter = ("reason", "tenant")
+
+    @admin.display(description="refused at", ordering="at_ms")
+    def at(self, refusal: Refusal) -> datetime:
+        return datetime.fromtimestamp(refusal.at_ms / 1000, tz=UTC)
+
+    @admin.display(description="limit")
+    def limit_named(self, refusal: Refusal) -> str:
+        if refusal.limit_id is None:
+            return "-"
+        limit = Limit.objects.select_related("tenant", "feature", "pool", "model").filter(
+            pk=refusal.limit_id
+        )
+        return next(
+            (limit_describe(found) for found in limit), f"limit {refusal.limit_id} (deleted)"
+        )
 
 
 @admin.register(UsageRollup)
 class UsageRollupAdmin(LedgerAdmin):
     list_display = ("grain", "start", "tenant", "feature", "pool", "model", "requests",
-                    "output_tokens", "cost_nusd", "refused_rate_limited",
+                    "output_tokens", "cost", "refused_rate_limited",
                     "refused_budget_exhausted", "truncated", "upstream_429", "expired")  # fmt: skip
     list_filter = ("grain", "tenant", "pool")
     date_hierarchy = "start"
@@ -85,7 +111,7 @@ class UsageRollupAdmin(LedgerAdmin):
 @admin.register(ProviderUsage)
 class ProviderUsageAdmin(LedgerAdmin):
     list_display = ("pool", "day", "model", "requests", "input_tokens", "output_tokens",
-                    "cost_nusd", "source", "imported_at")  # fmt: skip
+                    "cost", "source", "imported_at")  # fmt: skip
     list_filter = ("pool", "source")
 
 

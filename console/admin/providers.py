@@ -16,6 +16,7 @@ from console.scoping import (
     TenantScopedMixin,
     VisibleErrorsForm,
 )
+from console.templatetags.console_tags import amount
 from providers.models import LanguageModel, Pool, Provider
 
 
@@ -38,15 +39,27 @@ class ProviderAdmin(SharedConfigAdmin):
 class LanguageModelAdmin(SharedConfigAdmin):
     list_display = (
         "__str__",
-        "input_per_mtok",
-        "cached_input_per_mtok",
-        "output_per_mtok",
+        "input_price",
+        "cached_input_price",
+        "output_price",
         "context_window",
     )
     list_filter = ("provider",)
     list_select_related = ("provider",)
     search_fields = ("name", "provider__slug")
     autocomplete_fields = ("provider",)
+
+    @admin.display(description="input $/Mtok", ordering="input_per_mtok")
+    def input_price(self, model: LanguageModel) -> str:
+        return amount(model.input_per_mtok, "usd")
+
+    @admin.display(description="cached input $/Mtok", ordering="cached_input_per_mtok")
+    def cached_input_price(self, model: LanguageModel) -> str:
+        return amount(model.cached_input_per_mtok, "usd")
+
+    @admin.display(description="output $/Mtok", ordering="output_per_mtok")
+    def output_price(self, model: LanguageModel) -> str:
+        return amount(model.output_per_mtok, "usd")
 
 
 class PoolForm(VisibleErrorsForm):

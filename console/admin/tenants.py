@@ -10,16 +10,26 @@ from django.http import HttpRequest
 from console.admin.quotas import LimitInline
 from console.admin_views import FeatureSwitchMixin, LivePanelMixin
 from console.panels import feature_context, tenant_context
-from console.scoping import AuditedAdmin, VisibleErrorsForm, is_scoped
+from console.scoping import AuditedAdmin, VisibleErrorsForm, is_scoped, may_manage
 from tenants.models import Feature, Tenant
 
 RelatedOnly = admin.RelatedOnlyFieldListFilter
+
+
+OWNING_HELP = (
+    " Naming someone is the one step that gives them access: they log in with their e-mail"
+    ' address, and set a password with the login page\'s "Forgotten your login credentials?".'
+)
 
 
 class TenantForm(VisibleErrorsForm):
     class Meta:
         model = Tenant
         fields = "__all__"
+        help_texts = {
+            "owners": "They see and change this tenant, its features, limits, keys and channels,"
+            " and receive its alerts." + OWNING_HELP
+        }
 
 
 @admin.register(Tenant)
@@ -56,6 +66,10 @@ class FeatureForm(VisibleErrorsForm):
     class Meta:
         model = Feature
         fields = "__all__"
+        help_texts = {
+            "owner": "The one person accountable for this feature: receives its alerts, sees its"
+            " live state, pauses it, boosts its limits and revokes its keys." + OWNING_HELP
+        }
 
 
 @admin.register(Feature)
@@ -69,6 +83,10 @@ class FeatureAdmin(FeatureSwitchMixin, LivePanelMixin, AuditedAdmin):
     inlines = (LimitInline,)
 
     def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        if obj is not None and not may_manage(request.user, obj):
+            # A feature's own owner acts on it (pauses it with the status); its place in the
+            # tenant is for the tenant's owners to decide.
+            return ("tenant", "slug", "owner", "priority", "pools")
         # Moving a feature would strand its limits and API keys in the old tenant.
         return ("tenant",) if obj is not None else ()
 

@@ -11,12 +11,16 @@ register = template.Library()
 
 @register.filter
 def amount(value: float | int | Decimal | str | None, metric: str = "") -> str:
-    """12,345 for counts; $1.23 (or $0.000123) for cost; "-" for nothing."""
+    """12,345 for counts; $1.23, $0.15 or $0.000026 (to the millionth of a dollar, without
+    trailing zeros past the cents) for cost; "-" for nothing."""
     if value is None or value == "":
         return "-"
     if metric in ("cost_usd", "usd"):
         number = Decimal(str(value))
-        return f"${number:,.2f}" if abs(number) >= 1 or number == 0 else f"${number:.6f}"
+        if abs(number) >= 1 or number == 0:
+            return f"${number:,.2f}"
+        digits = f"{number:.6f}".rstrip("0")
+        return f"${digits:0<{digits.index('.') + 3}}"  # at least the cents: $0.10
     return f"{int(value):,}"
 
 

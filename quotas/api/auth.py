@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 from django.http import HttpRequest
 from django_ratelimit.core import is_ratelimited
@@ -99,6 +100,11 @@ def _fail(request: HttpRequest, message: str) -> Any:
         )
     except redis.RedisError:
         limited = False  # the throttle's store is down: still answer 401, never a 500
+    except ImproperlyConfigured:
+        # the request lacks the address header RATELIMIT_IP_META_KEY names (a proxy that did
+        # not set it): nothing to count by, and still a 401, never a 500
+        log.warning("no client address in %s to throttle by", settings.RATELIMIT_IP_META_KEY)
+        limited = False
     if limited:
         raise QuotaError(
             "rate_limited",
@@ -121,3 +127,18 @@ class ApiKeyScheme(OpenApiAuthenticationExtension):
             "scheme": "bearer",
             "description": "An API key of the tenant: `Authorization: Bearer qk_...`.",
         }
+
+
+class SettlingKeyScheme(ApiKeyScheme):
+    """The settling routes take the same bearer key: they refer to the scheme ApiKeyScheme
+    registers rather than register it again for their own class."""
+
+    target_class = SettlingAuthentication
+    priority = 1
+    name: list[str] = []  # type: ignore[assignment]  # no component of its own
+
+    def get_security_requirement(self, auto_schema: Any) -> dict[str, list[Any]]:
+        return {ApiKeyScheme.name: []}
+
+    def get_security_definition(self, auto_schema: Any) -> list[dict[str, str]]:  # type: ignore[override]
+        return []

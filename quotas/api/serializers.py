@@ -109,7 +109,12 @@ class Field:
         return None
 
     def as_drf(self) -> serializers.Field:
-        common: dict[str, Any] = {"required": self.required, "help_text": self.help or None}
+        # an optional field sent as null counts as not sent (see Body.validate)
+        common: dict[str, Any] = {
+            "required": self.required,
+            "allow_null": not self.required,
+            "help_text": self.help or None,
+        }
         if self.default is not MISSING:
             common["default"] = self.default
         if self.kind is int:
@@ -117,6 +122,9 @@ class Field:
             return serializers.IntegerField(**_given(bounds), **common)
         if self.choices:
             return serializers.ChoiceField(choices=self.choices, **common)
+        if self.slug:  # SLUG, in a pattern JSON Schema reads (no \Z)
+            length = _given({"max_length": self.max_length})
+            return serializers.RegexField(r"^[-a-zA-Z0-9_]+$", **length, **common)
         if self.kind is str:
             return serializers.CharField(**_given({"max_length": self.max_length}), **common)
         if self.kind is list:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiExample, OpenApiResponse, extend_schema
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -19,22 +19,44 @@ from quotas.api.representations import (
     reserved_body,
     settled_body,
 )
+from quotas.api.responses import (
+    AUTH_THROTTLED,
+    RATELIMIT_HEADERS,
+    RETRY_AFTER,
+    FeatureUsage,
+    Reservation,
+    ReservationDetail,
+    Settlement,
+    errors,
+)
 from quotas.api.serializers import COMMIT, EXTEND, RELEASE, RESERVE
 from quotas.errors import QuotaError
 from quotas.plan import KeyInfo, plans
 from quotas.reservations import CommitInput, ReleaseInput, ReserveInput, body_hash
 from quotas.usage import feature_usage
 
-ERRORS = {
-    400: OpenApiResponse(description="invalid_request"),
-    401: OpenApiResponse(description="unauthenticated"),
-    403: OpenApiResponse(description="forbidden"),
-    404: OpenApiResponse(description="not_found"),
-    409: OpenApiResponse(description="conflict"),
-    423: OpenApiResponse(description="feature_paused"),
-    429: OpenApiResponse(description="rate_limited or budget_exhausted"),
-    503: OpenApiResponse(description="unavailable or upstream_unavailable"),
-}
+# What a route that settles or reads a reservation can answer besides success.
+SETTLING_ERRORS = errors(
+    400,
+    401,
+    404,
+    409,
+    411,
+    429,
+    503,
+    conflict="the reservation is not in a state that allows this",
+    described={429: AUTH_THROTTLED},
+)
+RESERVE_EXAMPLE = OpenApiExample(
+    "chat",
+    request_only=True,
+    value={
+        "feature": "chat",
+        "model": "gpt-4o-mini",
+        "input_tokens": 1200,
+        "max_output_tokens": 800,
+    },
+)
 DEGRADED = "store-unavailable; admitted without enforcement"
 
 
@@ -109,7 +131,32 @@ def _body(request: Request) -> Any:
 class ReservationListView(QuotaView):
     done = "reserved"
 
-    @extend_schema(request=RESERVE.serializer(), responses={201: dict, **ERRORS})
+    @extend_schema(
+        operation_id="reservations_create",
+        tags=["reservations"],
+        request=RESERVE.serializer(),
+        examples=[RESERVE_EXAMPLE],
+        responses={
+            201: OpenApiResponse(
+                Reservation,
+                description="Held: make the call now; scheduled: make it at start_at.",
+            ),
+            **errors(
+                400,
+                401,
+                403,
+                404,
+                409,
+                411,
+                423,
+                429,
+                503,
+                what="feature, model or pool",
+                conflict="the idempotency key was used with another body",
+            ),
+        },
+        parameters=[RETRY_AFTER, *RATELIMIT_HEADERS],
+    )
     def post(self, request: Request) -> Response:
         raw = request.data
         data = RESERVE.validate(raw)
@@ -136,7 +183,15 @@ class SettlingView(QuotaView):
 class ReservationDetailView(SettlingView):
     done = "read"
 
-    @extend_schema(responses={200: dict, **ERRORS})
+    @extend_schema(
+        operation_id="reservation_get",
+        tags=["reservations"],
+        responses={
+            200: OpenApiResponse(ReservationDetail, description="The reservation as it stands."),
+            **errors(401, 404, 429, 503, described={429: AUTH_THROTTLED}),
+        },
+        parameters=[RETRY_AFTER],
+    )
     def get(self, request: Request, reservation_id: str) -> Response:
         lease = reservations.reservation_get(
             key=self.principal(request).key, reservation_id=reservation_id
@@ -147,7 +202,16 @@ class ReservationDetailView(SettlingView):
 class ReservationCommitView(SettlingView):
     done = "committed"
 
-    @extend_schema(request=COMMIT.serializer(), responses={200: dict, **ERRORS})
+    @extend_schema(
+        operation_id="reservation_commit",
+        tags=["reservations"],
+        request=COMMIT.serializer(),
+        responses={
+            200: OpenApiResponse(Settlement, description="Committed; the rest refunded."),
+            **SETTLING_ERRORS,
+        },
+        parameters=[RETRY_AFTER],
+    )
     def post(self, request: Request, reservation_id: str) -> Response:
         data = COMMIT.validate(request.data)
         settled = reservations.reservation_commit(
@@ -161,7 +225,16 @@ class ReservationCommitView(SettlingView):
 class ReservationReleaseView(SettlingView):
     done = "released"
 
-    @extend_schema(request=RELEASE.serializer(), responses={200: dict, **ERRORS})
+    @extend_schema(
+        operation_id="reservation_release",
+        tags=["reservations"],
+        request=RELEASE.serializer(),
+        responses={
+            200: OpenApiResponse(Settlement, description="Released; everything refunded."),
+            **SETTLING_ERRORS,
+        },
+        parameters=[RETRY_AFTER],
+    )
     def post(self, request: Request, reservation_id: str) -> Response:
         data = RELEASE.validate(request.data)
         settled = reservations.reservation_release(
@@ -175,7 +248,16 @@ class ReservationReleaseView(SettlingView):
 class ReservationExtendView(SettlingView):
     done = "extended"
 
-    @extend_schema(request=EXTEND.serializer(), responses={200: dict, **ERRORS})
+    @extend_schema(
+        operation_id="reservation_extend",
+        tags=["reservations"],
+        request=EXTEND.serializer(),
+        responses={
+            200: OpenApiResponse(ReservationDetail, description="Extended: its new expires_at."),
+            **SETTLING_ERRORS,
+        },
+        parameters=[RETRY_AFTER],
+    )
     def post(self, request: Request, reservation_id: str) -> Response:
         data = EXTEND.validate(request.data)
         lease = reservations.reservation_extend(
@@ -189,6 +271,14 @@ class ReservationExtendView(SettlingView):
 class FeatureUsageView(QuotaView):
     done = "read"
 
-    @extend_schema(responses={200: dict, **ERRORS})
+    @extend_schema(
+        operation_id="feature_usage",
+        tags=["features"],
+        responses={
+            200: OpenApiResponse(FeatureUsage, description="Every limit on the feature, now."),
+            **errors(401, 403, 404, 429, 503, what="feature", described={429: AUTH_THROTTLED}),
+        },
+        parameters=[RETRY_AFTER],
+    )
     def get(self, request: Request, slug: str) -> Response:
         return Response(feature_usage(key=self.key(request), slug=slug))

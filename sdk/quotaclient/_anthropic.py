@@ -21,12 +21,14 @@ FINISH_REASONS = {
 }
 
 
-def plan(kwargs: Mapping[str, Any], default_max: int | None) -> Plan:
-    max_tokens = count(kwargs.get("max_tokens"))
+def plan(kwargs: Mapping[str, Any], default_max: int | None, assumed: int = 0) -> Plan:
+    """As `_openai.plan`. Anthropic requires max_tokens: a call without it (and no
+    `default_max`) reserves `assumed`, is sent as it was, and fails as it would unwrapped."""
+    max_tokens, capped = count(kwargs.get("max_tokens")), True
     if max_tokens is None:
         max_tokens = default_max
     if max_tokens is None:
-        raise ValueError("The call names no max_tokens, and the Quota no max_output_tokens.")
+        max_tokens, capped = assumed, False
     messages: list[Any] = []
     if kwargs.get("system"):
         messages.append(system_message(text_of(kwargs["system"])))
@@ -40,10 +42,13 @@ def plan(kwargs: Mapping[str, Any], default_max: int | None) -> Plan:
         max_output_tokens=max_tokens,
         max_param="max_tokens",
         streaming=kwargs.get("stream") is True,
+        capped=capped,
     )
 
 
 def prepare(kwargs: Mapping[str, Any], call: Plan, granted: int) -> dict[str, Any]:
+    if not call.capped and granted >= call.max_output_tokens:
+        return dict(kwargs)
     return {**kwargs, "max_tokens": max(1, granted)}
 
 

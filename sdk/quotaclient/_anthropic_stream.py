@@ -13,23 +13,34 @@ from typing import Any
 from . import _anthropic
 from ._async import AsyncReservation
 from ._calls import settle, settle_async
-from ._quota import Quota, reserve, reserve_async
+from ._fit import Fit, unchanged
+from ._offline import AsyncOffline, Offline
+from ._quota import Quota, admit, admit_async
 from ._sync import Reservation
 
 
 class StreamManager:
-    def __init__(self, quota: Quota, open_stream: Callable[..., Any], kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        quota: Quota,
+        open_stream: Callable[..., Any],
+        kwargs: dict[str, Any],
+        fit: Fit = unchanged,
+    ):
         self._quota = quota
+        self._fit = fit
         self._open_stream = open_stream
         self._kwargs = kwargs
-        self._reservation: Reservation | None = None
+        self._reservation: Reservation | Offline | None = None
         self._manager: Any = None
         self._stream: Any = None
         self._started = 0.0
 
     def __enter__(self) -> Any:
-        call = _anthropic.plan(self._kwargs, self._quota.max_output_tokens)
-        self._reservation = reserve(self._quota, call)
+        call = _anthropic.plan(
+            self._kwargs, self._quota.max_output_tokens, self._quota.default_output_tokens
+        )
+        self._reservation = admit(self._quota, call, self._fit)
         self._started = time.monotonic()
         try:
             prepared = _anthropic.prepare(self._kwargs, call, self._reservation.output_tokens)
@@ -55,18 +66,27 @@ class StreamManager:
 
 
 class AsyncStreamManager:
-    def __init__(self, quota: Quota, open_stream: Callable[..., Any], kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        quota: Quota,
+        open_stream: Callable[..., Any],
+        kwargs: dict[str, Any],
+        fit: Fit = unchanged,
+    ):
         self._quota = quota
+        self._fit = fit
         self._open_stream = open_stream
         self._kwargs = kwargs
-        self._reservation: AsyncReservation | None = None
+        self._reservation: AsyncReservation | AsyncOffline | None = None
         self._manager: Any = None
         self._stream: Any = None
         self._started = 0.0
 
     async def __aenter__(self) -> Any:
-        call = _anthropic.plan(self._kwargs, self._quota.max_output_tokens)
-        self._reservation = await reserve_async(self._quota, call)
+        call = _anthropic.plan(
+            self._kwargs, self._quota.max_output_tokens, self._quota.default_output_tokens
+        )
+        self._reservation = await admit_async(self._quota, call, self._fit)
         self._started = time.monotonic()
         try:
             prepared = _anthropic.prepare(self._kwargs, call, self._reservation.output_tokens)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from ._async import AsyncReservation
 from ._errors import QuotaError
 from ._held import HeldBase
+from ._offline import AsyncOffline, Offline
 from ._sync import Reservation
 from ._types import Refusal, Usage
 
@@ -28,6 +29,7 @@ class Plan:
     max_param: str  # the argument that carries the output cap
     choices: int = 1
     streaming: bool = False
+    capped: bool = True  # False: the call named no cap, and is sent without one
 
 
 @dataclass
@@ -96,7 +98,7 @@ def upstream_status_of(error: BaseException) -> int | None:
 
 
 def usage_of_call(
-    held: HeldBase,
+    held: HeldBase | Offline,
     report: Report | None,
     error: BaseException | None,
     latency_ms: int,
@@ -145,7 +147,7 @@ def elapsed_ms(started: float) -> int:
 
 
 def settle(
-    reservation: Reservation,
+    reservation: Reservation | Offline,
     report: Report | None,
     error: BaseException | None,
     started: float,
@@ -165,7 +167,7 @@ def settle(
 
 
 async def settle_async(
-    reservation: AsyncReservation,
+    reservation: AsyncReservation | AsyncOffline,
     report: Report | None,
     error: BaseException | None,
     started: float,

@@ -23,18 +23,17 @@ def count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def plan(kwargs: Mapping[str, Any], default_max: int | None) -> Plan:
+def plan(kwargs: Mapping[str, Any], default_max: int | None, assumed: int = 0) -> Plan:
+    """`default_max` is sent as the cap of a call that names none; without it such a call
+    reserves `assumed` output tokens per choice and is sent uncapped."""
     choices = count(kwargs.get("n")) or 1
-    param, per_choice = "max_completion_tokens", default_max
+    param, per_choice, capped = "max_completion_tokens", default_max, True
     for name in MAX_PARAMS:
         if count(kwargs.get(name)) is not None:
             param, per_choice = name, kwargs[name]
             break
     if per_choice is None:
-        raise ValueError(
-            "The call names no max_completion_tokens or max_tokens, and the Quota no "
-            "max_output_tokens: a reservation needs the call's worst case."
-        )
+        per_choice, capped = assumed, False
     messages = list(kwargs.get("messages") or ())
     tools = tools_message(kwargs.get("tools"))
     return Plan(
@@ -44,6 +43,7 @@ def plan(kwargs: Mapping[str, Any], default_max: int | None) -> Plan:
         max_param=param,
         choices=choices,
         streaming=kwargs.get("stream") is True,
+        capped=capped,
     )
 
 
@@ -55,7 +55,8 @@ def prepare(kwargs: Mapping[str, Any], call: Plan, granted: int) -> dict[str, An
     """The call's arguments with the output cap the reservation granted (per choice), and a
     stream asked to end with its usage."""
     prepared = dict(kwargs)
-    prepared[call.max_param] = max(1, granted // call.choices)
+    if call.capped or granted < call.max_output_tokens:  # an uncapped call is capped by a
+        prepared[call.max_param] = max(1, granted // call.choices)  # partial grant only
     if call.streaming and not caller_wants_usage_chunk(kwargs):
         options = dict(kwargs.get("stream_options") or {})
         prepared["stream_options"] = {**options, "include_usage": True}

@@ -34,7 +34,8 @@ from ._calls import (
     settle_async,
     upstream_of_error,
 )
-from ._quota import Quota, reserve, reserve_async
+from ._fit import Fit, refusal_fitter, unchanged
+from ._quota import Quota, admit, admit_async
 from ._streams import AsyncProtectedStream, ProtectedStream
 
 C = TypeVar("C")
@@ -42,7 +43,7 @@ C = TypeVar("C")
 
 @dataclass(frozen=True)
 class Provider:
-    plan: Callable[[Mapping[str, Any], int | None], Plan]
+    plan: Callable[[Mapping[str, Any], int | None, int], Plan]
     prepare: Callable[[Mapping[str, Any], Plan, int], dict[str, Any]]
     report: Callable[[Any], Report]
     tracker: Callable[[Mapping[str, Any]], Tracker]
@@ -105,16 +106,18 @@ def protect(
     quota: Quota,
     provider: Provider,
     create: Callable[..., Any],
+    fit: Fit = unchanged,
     raw_create: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
-    """`create` reserving first and settling after; through `raw_create` (the client's
-    raw-response access, without its own retries) when there is one."""
+    """`create` reserving first and settling after; a refusal raised as `fit` makes it;
+    through `raw_create` (the client's raw-response access, without its own retries) when
+    there is one."""
 
     @functools.wraps(create)
     def protected(*args: Any, **kwargs: Any) -> Any:
-        call = provider.plan(kwargs, quota.max_output_tokens)
+        call = provider.plan(kwargs, quota.max_output_tokens, quota.default_output_tokens)
         while True:
-            reservation = reserve(quota, call)
+            reservation = admit(quota, call, fit)
             started = time.monotonic()
             prepared = provider.prepare(kwargs, call, reservation.output_tokens)
             try:
@@ -146,13 +149,14 @@ def protect_async(
     quota: Quota,
     provider: Provider,
     create: Callable[..., Any],
+    fit: Fit = unchanged,
     raw_create: Callable[..., Any] | None = None,
 ) -> Callable[..., Any]:
     @functools.wraps(create)
     async def protected(*args: Any, **kwargs: Any) -> Any:
-        call = provider.plan(kwargs, quota.max_output_tokens)
+        call = provider.plan(kwargs, quota.max_output_tokens, quota.default_output_tokens)
         while True:
-            reservation = await reserve_async(quota, call)
+            reservation = await admit_async(quota, call, fit)
             started = time.monotonic()
             prepared = provider.prepare(kwargs, call, reservation.output_tokens)
             try:
@@ -239,10 +243,8 @@ def wrap_openai(client: C, quota: Quota) -> C:
     completions = target.chat.completions
     guard = protect_async if is_async(completions.create) else protect
     raw = raw_method(without_retries(target).chat.completions, "create")
-    chat = Overlay(
-        target.chat,
-        completions=Overlay(completions, create=guard(quota, OPENAI, completions.create, raw)),
-    )
+    create = guard(quota, OPENAI, completions.create, refusal_fitter(target), raw)
+    chat = Overlay(target.chat, completions=Overlay(completions, create=create))
     wrapped: Any = Overlay(target, chat=chat, **rewrap(target, quota, wrap_openai))
     return cast(C, wrapped)
 
@@ -252,17 +254,18 @@ def wrap_anthropic(client: C, quota: Quota) -> C:
     are protected; everything else is the client's own."""
     target: Any = client
     messages = target.messages
+    fit = refusal_fitter(target)
     raw = raw_method(without_retries(target).messages, "create")
     if is_async(messages.create):
-        create = protect_async(quota, ANTHROPIC, messages.create, raw)
+        create = protect_async(quota, ANTHROPIC, messages.create, fit, raw)
         manager: type[Any] = AsyncStreamManager
     else:
-        create = protect(quota, ANTHROPIC, messages.create, raw)
+        create = protect(quota, ANTHROPIC, messages.create, fit, raw)
         manager = StreamManager
 
     @functools.wraps(messages.stream)
     def stream(**kwargs: Any) -> Any:
-        return manager(quota, messages.stream, kwargs)
+        return manager(quota, messages.stream, kwargs, fit)
 
     wrapped: Any = Overlay(
         target,

@@ -13,7 +13,9 @@ Fixtures
                    become owners of `tenants`.
     login          login(page, user, password=PASSWORD, next="/admin/"): logs in through
                    the admin's login form and waits for `next`.
-    shot           shot(page, name): saves var/artifacts/screenshots/<module>.<test>/NN-name.png.
+    shot           shot(page, name): saves var/artifacts/screenshots/<module>.<test>/NN-name.png
+                   (a 1280x800 window, the full page) and asserts that the page does not
+                   scroll horizontally at that width.
 
 The live server runs in a thread with its own database connection, so browser tests need
 `@pytest.mark.django_db(transaction=True)`. Example:
@@ -59,6 +61,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 15_000
+WIDTH = 1280  # a laptop: every console page fits it without scrolling sideways
 SCREENSHOTS = Path(settings.BASE_DIR) / "var" / "artifacts" / "screenshots"
 OWNER_GROUP = "Tenant owners"
 
@@ -108,7 +111,7 @@ def _artifact_dir(item: pytest.Item) -> Path:
 def page(browser: Browser, live_server: Any, request: pytest.FixtureRequest) -> Iterator[Page]:
     shutil.rmtree(_artifact_dir(request.node), ignore_errors=True)
     context = browser.new_context(
-        base_url=str(live_server.url), viewport={"width": 1280, "height": 900}
+        base_url=str(live_server.url), viewport={"width": WIDTH, "height": 800}
     )
     context.set_default_timeout(TIMEOUT_MS)
     new_page = context.new_page()
@@ -149,6 +152,8 @@ def shot(request: pytest.FixtureRequest) -> Callable[[Page, str], Path]:
         target = _artifact_dir(request.node) / f"{next(counter):02d}-{_slug(name)}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(target), full_page=True)
+        scroll_width = page.evaluate("() => document.documentElement.scrollWidth")
+        assert scroll_width <= WIDTH, f"{page.url} is {scroll_width} px wide (see {target})"
         return target
 
     return take

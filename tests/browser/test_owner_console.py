@@ -86,6 +86,8 @@ def test_an_owner_sees_live_usage_and_pauses_the_feature(
     assert page.evaluate("() => window.usageCharts.daily.data.labels.length") == 30
 
     page.locator("#feature-pause").click()
+    shot(page, "confirm pause")
+    page.get_by_role("button", name="Yes, pause it").click()
     page.wait_for_selector("#feature-resume")
     shot(page, "paused")
     assert page.locator("#feature-status").inner_text() == "paused"

@@ -138,7 +138,8 @@ class TestApiKeys:
         self.create(client, bravo)
         api_key = ApiKey.objects.get(name="ci")
         response = client.post(
-            url(ApiKey, "changelist"), {"action": "revoke", "_selected_action": [api_key.pk]}
+            url(ApiKey, "changelist"),
+            {"action": "revoke", "post": "yes", "_selected_action": [api_key.pk]},
         )
         assert response.status_code == 302
         api_key.refresh_from_db()

@@ -192,7 +192,7 @@ def test_the_usage_panel_sums_the_rollups_of_the_last_24_hours_and_30_days(
     assert field(day_row.group(1), "truncated") == "3"
     assert field(day_row.group(1), "upstream_429") == "2"
     assert field(month_row.group(1), "requests") == "22"
-    assert field(month_row.group(1), "cost_usd") == "$0.000330"  # 2,200 tokens at $0.15/M
+    assert field(month_row.group(1), "cost_usd") == "$0.00033"  # 2,200 tokens at $0.15/M
     chart = re.search(r'id="usage-chart-data" type="application/json">(.*?)</script>', html, re.S)
     assert chart and '"input_tokens": [' in chart.group(1)
 
@@ -286,17 +286,24 @@ def test_the_page_offers_pause_or_resume_as_the_feature_stands(world: Any, owner
 
 def test_pause_needs_a_post_and_a_real_status(world: Any, owners: Any) -> None:
     client = logged_in(owners.owner)
-    assert client.get(feature_url(world.chat, "status")).status_code == 405
+    asked = client.get(feature_url(world.chat, "status"))  # the confirmation page
+    assert asked.status_code == 200 and "Yes, pause it" in asked.content.decode()
+    world.chat.refresh_from_db()
+    assert world.chat.status == "active"
     client.post(feature_url(world.chat, "status"), {"status": "gone"})
     world.chat.refresh_from_db()
     assert world.chat.status == "active"
 
 
 def test_the_changelist_pauses_several_features_at_once(world: Any, owners: Any) -> None:
-    logged_in(owners.owner).post(
-        reverse("admin:tenants_feature_changelist"),
-        {"action": "pause_features", "_selected_action": [world.chat.pk, world.batch.pk]},
-    )
+    client = logged_in(owners.owner)
+    chosen = {"action": "pause_features", "_selected_action": [world.chat.pk, world.batch.pk]}
+    asked = client.post(reverse("admin:tenants_feature_changelist"), chosen)
+    assert "Yes, pause them" in asked.content.decode() and "acme/batch" in asked.content.decode()
+    world.chat.refresh_from_db()
+    assert world.chat.status == "active"  # asking changes nothing
+
+    client.post(reverse("admin:tenants_feature_changelist"), {**chosen, "post": "yes"})
     world.chat.refresh_from_db()
     world.batch.refresh_from_db()
     assert world.chat.status == world.batch.status == "paused"
@@ -717,6 +724,22 @@ def test_the_dashboard_drops_a_resolve_once_the_same_threshold_fired_again(
     alerts = html[html.index('id="recent-alerts"') :]
     assert alerts.count("100% of acme / chat: 10,000 tokens per day") == 1
     assert "firing" in alerts and "resolved" not in alerts
+
+
+def test_a_guarantee_is_drawn_as_a_guarantee_not_as_a_cap(world: Any, owners: Any) -> None:
+    """A share kept for the feature: using all of it is what it is for, so no red bar and no
+    boost link, and its amount without the database's decimals."""
+    world.limit(pool=world.pool, metric="tokens", amount=100_000)  # the pool's capacity
+    guarantee = world.limit(
+        tenant=world.tenant, feature=world.chat, pool=world.pool, metric="tokens", guaranteed=20_000
+    )
+    row = limit_row(
+        logged_in(owners.root).get(feature_url(world.chat)).content.decode(), guarantee.pk
+    )
+    assert 'class="console-bar guarantee"' in row and ">guaranteed<" in row
+    assert "boost" not in row and cell(row, "cap") == "20,000"
+    page = logged_in(owners.root).get(reverse("admin:quotas_limit_change", args=[guarantee.pk]))
+    assert 'value="20000"' in page.content.decode()
 
 
 def test_the_pool_page_shows_the_share_and_breaker_now_and_over_the_last_hours(

@@ -308,7 +308,11 @@ class TestForgedPostsAttachNothingToAnotherTenant:
         assert world.limit_a.feature == world.feature_a
 
     def test_revoke_action_on_another_tenants_key(self, world: World) -> None:
-        data = {"action": "revoke", "_selected_action": [world.key_a.pk, world.key_b.pk]}
+        data = {
+            "action": "revoke",
+            "post": "yes",
+            "_selected_action": [world.key_a.pk, world.key_b.pk],
+        }
         login(world.b).post(url(ApiKey, "changelist"), data)
         world.key_a.refresh_from_db()
         world.key_b.refresh_from_db()

@@ -151,6 +151,12 @@ def test_owners_become_staff_users_without_a_password(tmp_path: Path) -> None:
     ]
 
 
+def test_apply_says_where_new_owners_set_their_password(tmp_path: Path) -> None:
+    first = apply(tmp_path, base_config())
+    assert first.splitlines()[0].endswith("/admin/password_reset/")
+    assert "password" not in apply(tmp_path, base_config())  # no one new the second time
+
+
 def test_tenant_owners_join_the_owner_group_so_they_can_use_the_admin(tmp_path: Path) -> None:
     apply(tmp_path, base_config())
 

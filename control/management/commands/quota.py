@@ -12,8 +12,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.urls import reverse
 
 from control.configfile import ConfigInvalid, config_apply, config_export, config_load
 from ledger.commands import (
@@ -38,7 +40,8 @@ transaction: if anything is wrong, every error is printed with its path in the f
 
 Objects are identified by slug (a feature by tenant and slug, a model by provider and name, a
 limit by its scope, metric and window); a key left out of an entry means its default.
-Owners are e-mail addresses; a missing owner becomes a staff user without a password.
+Owners are e-mail addresses; a missing owner becomes a staff user without a password, who
+sets one from the admin's login page ("Forgotten your login credentials?").
 
 Nothing is deleted unless you pass --prune, and then only limits: those of the file's
 tenants and pools that the file no longer declares. Providers, pools, tenants and features
@@ -95,7 +98,12 @@ def run_apply(command: Command, options: dict[str, Any]) -> None:
         raise CommandError(
             f"{count} error{'s' if count != 1 else ''} in {path}; nothing was written."
         ) from None
-    command.stdout.write(report.render())
+    if not options["dry_run"] and any(
+        c.kind == "owner" and c.action == "created" for c in report.changes
+    ):
+        reset = settings.SITE_URL.rstrip("/") + reverse("admin_password_reset")
+        command.stdout.write(f"New owners set their password by e-mail at {reset}")
+    command.stdout.write(report.render())  # the totals last, for scripts
 
 
 def _read(path: str) -> str:
