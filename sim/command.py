@@ -20,6 +20,7 @@ from django.core.servers.basehttp import (
 )
 
 from quotas.store import get_redis
+from sim import brownout_report
 from sim.chart import chart
 from sim.report import markdown, provider_429s, summaries, table
 from sim.run import simulate
@@ -53,6 +54,7 @@ def parser_create() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--chart", default="var/simulation.png", help="where to write the PNG")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
+    parser.add_argument("--brownout", action="store_true", help="the brownout scenario instead")
     parser.add_argument(
         "--allow-redis-db0",
         action="store_true",
@@ -65,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = parser_create().parse_args(argv)
     _refuse_shared_redis(options.allow_redis_db0)
     call_command("migrate", verbosity=0, interactive=False)  # a fresh throwaway database
+    if options.brownout:
+        with api_server() as url:
+            return brownout_report.main(url, Path(options.chart), options.markdown)
     scenario = Scenario(
         seconds=options.seconds,
         tpm=options.tpm,
