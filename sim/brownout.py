@@ -82,6 +82,8 @@ class Brownout:
     errors_at_minute: float = 3.0
     errors_seconds: float = 30.0  # simulated seconds
     error_rate: float = 0.3
+    # whether the provider's rate-limit headers show the drop (see Weather.visible)
+    visible: bool = False
     # the callers' exponential backoff (real seconds): full jitter in base * 2**n up to cap
     backoff_base: float = 0.25
     backoff_cap: float = 4.0
@@ -108,6 +110,7 @@ class Brownout:
             errors_from=errors,
             errors_to=errors + self.errors_seconds / self.compression,
             error_rate=self.error_rate,
+            visible=self.visible,
         )
 
     def shortened(self, minute_s: float, batch_workers: int) -> Brownout:

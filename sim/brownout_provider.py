@@ -4,8 +4,10 @@ the rate-limit headers a real provider sends, so the platform's header sync has 
 
 Headers, as OpenAI sends them, on every answer: `x-ratelimit-{limit,remaining,reset}-
 {tokens,requests}` (the reset as a duration, `850ms`), and with a 429 `retry-after-ms` and
-`retry-after`. The stated limit is the capacity now, per real minute (the unit the quota
-server's per-minute limits are in, whatever the simulation's time compression).
+`retry-after`. They state the account's tier (its buckets as they would be without the
+drop) unless the weather is `visible`, when they state what it can serve now; limits are
+per real minute (the unit of the quota server's per-minute limits, whatever the
+simulation's time compression).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class Weather:
     errors_from: float = math.inf
     errors_to: float = math.inf
     error_rate: float = 0.0
+    # whether the rate-limit headers show the drop; in an incident they often do not (the
+    # account's tier is unchanged, the provider is short of capacity and answers 429s)
+    visible: bool = False
 
     def scale(self, at: float) -> float:
         return self.capacity if self.start <= at < self.end else 1.0
@@ -76,8 +81,44 @@ class Meter:
         }
 
 
+class Meters:
+    """An account's tokens and requests buckets, at a scale of their normal capacity."""
+
+    def __init__(self, tokens: tuple[float, float], requests: tuple[float, float], at: float):
+        self.tokens, self.requests = Meter(*tokens, at=at), Meter(*requests, at=at)
+        self.scale = 1.0
+
+    def refill(self, now: float, scale: float) -> None:
+        self.scale = scale
+        self.tokens.refill(now, scale)
+        self.requests.refill(now, scale)
+
+    def shortfall_seconds(self, worst_case: int) -> float:
+        return max(
+            self.tokens.shortfall_seconds(worst_case, self.scale),
+            self.requests.shortfall_seconds(1, self.scale),
+        )
+
+    def take(self, worst_case: int) -> None:
+        self.tokens.level -= worst_case
+        self.requests.level -= 1
+
+    def give_back(self, unused: int) -> None:
+        self.tokens.level = min(self.tokens.depth * self.scale, self.tokens.level + unused)
+
+    def headers(self) -> dict[str, str]:
+        return {
+            **self.tokens.headers("tokens", self.scale),
+            **self.requests.headers("requests", self.scale),
+        }
+
+
 class WeatheredAccount:
-    """A provider account's buckets under `weather`, and its log; thread-safe."""
+    """A provider account under `weather`, and its log; thread-safe.
+
+    Two sets of buckets: the account's tier (what its rate-limit headers state, unless the
+    weather is `visible`) and what the provider can serve it now (the tier's, scaled by the
+    weather). A call needs room in both."""
 
     def __init__(
         self,
@@ -91,35 +132,31 @@ class WeatheredAccount:
     ) -> None:
         """`tokens` and `requests`: (bucket depth, refill per second)."""
         self.name, self.weather, self.started = name, weather, started
-        self.tokens = Meter(*tokens, at=started)
-        self.requests = Meter(*requests, at=started)
+        self.tier = Meters(tokens, requests, started)
+        self.serving = Meters(tokens, requests, started)
         # counts input tokens with the quota server's estimator, as the other fake provider
         self.counter = Account(1, 1, chars_per_token)
         self.log: list[Answer] = []
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
-    def _now(self) -> tuple[float, float]:
+    def _refill(self) -> float:
         now = time.monotonic()
-        scale = self.weather.scale(now - self.started)
-        self.tokens.refill(now, scale)
-        self.requests.refill(now, scale)
-        return now, scale
+        self.tier.refill(now, 1.0)
+        self.serving.refill(now, self.weather.scale(now - self.started))
+        return now
 
     def admit(self, feature: str, input_tokens: int, worst_case: int) -> tuple[int, float]:
         """(status, seconds to wait): 200 debits the worst case; 429 when a bucket is short;
         500 (after the debit: the call started, then failed) in an error spell."""
         with self._lock:
-            now, scale = self._now()
-            wait = max(
-                self.tokens.shortfall_seconds(worst_case, scale),
-                self.requests.shortfall_seconds(1, scale),
-            )
+            now = self._refill()
+            wait = max(m.shortfall_seconds(worst_case) for m in (self.tier, self.serving))
             if wait > 0:
                 self._record(now, feature, 429, input_tokens)
                 return 429, wait
-            self.tokens.level -= worst_case
-            self.requests.level -= 1
+            self.tier.take(worst_case)
+            self.serving.take(worst_case)
             if self._rng.random() < self.weather.failing(now - self.started):
                 return 500, 0.0
             return 200, 0.0
@@ -127,17 +164,19 @@ class WeatheredAccount:
     def finish(self, feature: str, status: int, unused: int, tokens: int) -> dict[str, str]:
         """Gives back what the call did not use, logs it; returns the rate-limit headers."""
         with self._lock:
-            now, scale = self._now()
-            self.tokens.level = min(self.tokens.depth * scale, self.tokens.level + unused)
+            now = self._refill()
+            self.tier.give_back(unused)
+            self.serving.give_back(unused)
             self._record(now, feature, status, tokens)
-            return self.headers_now(scale)
+            return self._headers()
 
     def headers(self) -> dict[str, str]:
         with self._lock:
-            return self.headers_now(self._now()[1])
+            self._refill()
+            return self._headers()
 
-    def headers_now(self, scale: float) -> dict[str, str]:
-        return {**self.tokens.headers("tokens", scale), **self.requests.headers("requests", scale)}
+    def _headers(self) -> dict[str, str]:
+        return (self.serving if self.weather.visible else self.tier).headers()
 
     def _record(self, now: float, feature: str, status: int, tokens: int) -> None:
         self.log.append(Answer(now - self.started, self.name, feature, status, tokens))

@@ -219,11 +219,13 @@ def chart(runs: list[BrownoutRun], path: Path) -> Path:
     return path
 
 
-def main(quota_url: str, chart_path: Path, markdown_path: str | None) -> None:
-    brownout = Brownout()
+def main(quota_url: str, headers: str, chart_path: Path, markdown_path: str | None) -> None:
+    """`headers`: whether the provider's rate-limit headers show the drop ("visible") or
+    state the account's tier throughout ("hidden")."""
+    brownout = Brownout(visible=headers == "visible")
     print(
         f"three runs of {brownout.traffic.seconds:g} s (a simulated minute is "
-        f"{brownout.minute_s:g} s) ...",
+        f"{brownout.minute_s:g} s; the provider's headers {headers}) ...",
         flush=True,
     )
     runs = simulate(quota_url, brownout)

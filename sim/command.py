@@ -54,7 +54,13 @@ def parser_create() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=default.seed)
     parser.add_argument("--chart", default="var/simulation.png", help="where to write the PNG")
     parser.add_argument("--markdown", help="also write the table as Markdown to this file")
-    parser.add_argument("--brownout", action="store_true", help="the brownout scenario instead")
+    parser.add_argument(
+        "--brownout",
+        nargs="?",
+        const="hidden",
+        choices=("hidden", "visible"),
+        help="the brownout scenario instead; 'visible': the provider's headers show the drop",
+    )
     parser.add_argument(
         "--allow-redis-db0",
         action="store_true",
@@ -69,7 +75,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     call_command("migrate", verbosity=0, interactive=False)  # a fresh throwaway database
     if options.brownout:
         with api_server() as url:
-            return brownout_report.main(url, Path(options.chart), options.markdown)
+            return brownout_report.main(
+                url, options.brownout, Path(options.chart), options.markdown
+            )
     scenario = Scenario(
         seconds=options.seconds,
         tpm=options.tpm,

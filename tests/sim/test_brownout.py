@@ -67,7 +67,7 @@ def test_the_weathered_provider_sends_rate_limit_headers_and_5xx() -> None:
     import time
 
     weather = Weather(
-        start=0, end=math.inf, capacity=0.5, errors_from=0, errors_to=math.inf, error_rate=1.0
+        start=0, end=math.inf, capacity=0.5, errors_from=0, errors_to=math.inf, error_rate=1.0, visible=True
     )
     account = WeatheredAccount(
         "A",
@@ -96,3 +96,18 @@ def test_the_weathered_provider_sends_rate_limit_headers_and_5xx() -> None:
         assert int(refused.value.response.headers["retry-after-ms"]) > 0
         assert "x-ratelimit-remaining-requests" in refused.value.response.headers
     assert [a.status for a in account.entries()] == [500, 429]
+
+
+def test_a_drop_the_headers_do_not_show_leaves_them_at_the_tier() -> None:
+    import time
+
+    weather = Weather(start=0, end=math.inf, capacity=0.5)
+    account = WeatheredAccount(
+        "A", (1_000, 10), (10, 1), chars_per_token=4.0, weather=weather, started=time.monotonic(), seed=1
+    )
+    assert account.admit("chat", 100, 400) == (200, 0.0)
+    headers = account.finish("chat", 200, unused=0, tokens=400)
+    assert headers["x-ratelimit-limit-tokens"] == "600"
+    assert 600 <= int(headers["x-ratelimit-remaining-tokens"]) < 700
+    # the tier has room for 600 more, what the provider can serve now has not
+    assert account.admit("chat", 100, 600)[0] == 429
