@@ -43,8 +43,8 @@ def test_the_adaptive_run_follows_the_provider(
     # attempts per call than callers retrying on their own.
     assert adaptive.provider_429s < static.provider_429s
     assert adaptive.amplification < none.amplification
-    # The batch job loses more of its throughput in the brownout than chat does.
-    assert adaptive.batch_kept < adaptive.chat_kept
+    # Not asserted: which feature absorbs the loss. With the drop hidden from the headers
+    # chat meets the provider's 429s too (docs/simulation.md says why), so it varies.
 
     assert chart(runs, tmp_path / "brownout.png").stat().st_size > 10_000
 
@@ -67,7 +67,13 @@ def test_the_weathered_provider_sends_rate_limit_headers_and_5xx() -> None:
     import time
 
     weather = Weather(
-        start=0, end=math.inf, capacity=0.5, errors_from=0, errors_to=math.inf, error_rate=1.0, visible=True
+        start=0,
+        end=math.inf,
+        capacity=0.5,
+        errors_from=0,
+        errors_to=math.inf,
+        error_rate=1.0,
+        visible=True,
     )
     account = WeatheredAccount(
         "A",
@@ -103,7 +109,13 @@ def test_a_drop_the_headers_do_not_show_leaves_them_at_the_tier() -> None:
 
     weather = Weather(start=0, end=math.inf, capacity=0.5)
     account = WeatheredAccount(
-        "A", (1_000, 10), (10, 1), chars_per_token=4.0, weather=weather, started=time.monotonic(), seed=1
+        "A",
+        (1_000, 10),
+        (10, 1),
+        chars_per_token=4.0,
+        weather=weather,
+        started=time.monotonic(),
+        seed=1,
     )
     assert account.admit("chat", 100, 400) == (200, 0.0)
     headers = account.finish("chat", 200, unused=0, tokens=400)
