@@ -270,7 +270,7 @@ class Caller:
     def __init__(
         self,
         brownout: Brownout,
-        send: Callable[[Call, Request, int], Any],
+        send: Callable[[Call, Request], Any],
         clock: Clock,
         latency: Latency,
     ) -> None:
@@ -298,7 +298,7 @@ class Caller:
     def _attempt(self, call: Call, request: Request, failures: int) -> float | Backoff | None:
         """None when answered; a platform refusal's wait; or a provider failure's backoff."""
         try:
-            reply = self.send(call, request, failures)
+            reply = self.send(call, request)
         except (RateLimited, Unavailable) as refusal:
             call.refusals += 1
             return (refusal.retry_after or 1.0) + self._uniform(self.brownout.traffic.jitter)
@@ -351,7 +351,7 @@ def platform_send(clients: Clients, pools: tuple[str, str], per_token: float) ->
     platform's word. The batch job has pool A only."""
     a, b = pools
 
-    def send(call: Call, request: Request, failures: int) -> Any:
+    def send(call: Call, request: Request) -> Any:
         if request.feature == BATCH:
             return create(clients.wrapped[BATCH, a], request, per_token)
         try:
@@ -364,7 +364,7 @@ def platform_send(clients: Clients, pools: tuple[str, str], per_token: float) ->
 
 
 def raw_send(clients: Clients, per_token: float) -> Callable[..., Any]:
-    def send(call: Call, request: Request, failures: int) -> Any:
+    def send(call: Call, request: Request) -> Any:
         return create(clients.raw, request, per_token)
 
     return send
