@@ -20,6 +20,7 @@ from django.core.servers.basehttp import (
 )
 
 from quotas.store import get_redis
+from sim import brownout_report
 from sim.chart import chart
 from sim.report import markdown, provider_429s, summaries, table
 from sim.run import simulate
@@ -65,6 +66,13 @@ def parser_create() -> argparse.ArgumentParser:
         "scheduled admission; --chart and --markdown then write its chart and tables",
     )
     parser.add_argument(
+        "--brownout",
+        nargs="?",
+        const="hidden",
+        choices=("hidden", "visible"),
+        help="the brownout scenario instead; 'visible': the provider's headers show the drop",
+    )
+    parser.add_argument(
         "--allow-redis-db0",
         action="store_true",
         help="run even though REDIS_URL is database 0 (normally the real data)",
@@ -79,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if options.storm:
         storm_main(options)
         return
+    if options.brownout:
+        with api_server() as url:
+            return brownout_report.main(
+                url, options.brownout, Path(options.chart), options.markdown
+            )
     scenario = Scenario(
         seconds=options.seconds,
         tpm=options.tpm,
