@@ -178,18 +178,21 @@ end
 -- Header sync: the provider's `remaining` lowers the pool's bucket of that metric to at most
 -- it (never raises it: the provider's number counts consumers outside the platform); a
 -- stated `limit` below the configured amount is an event once per configured amount.
+-- Lower a pool bucket's level to at most `remaining` (never raise it). The level only: the
+-- line (capacity promised to callers in line.lua) stays owed.
+local function bp_lower(check, remaining, now)
+  local key = bucket_key(check)
+  local level, line = bucket_read(key, check.cap, now, check.rate)
+  if remaining < level then
+    bucket_store(key, check.cap, math.max(0, remaining), now, line, check.rate)
+  end
+end
+
 local function bp_sync(lease, limits, h, set, now, stream, maxlen)
   for _, check in ipairs(lease.ck) do
     local stated = check.cfg and check.kind == 'b' and limits[check.m]
     if stated then
-      if stated.r then
-        -- the level only: the line (capacity promised to callers in line.lua) stays owed
-        local key = bucket_key(check)
-        local level, line = bucket_read(key, check.cap, now, check.rate)
-        if stated.r < level then
-          bucket_store(key, check.cap, math.max(0, stated.r), now, line, check.rate)
-        end
-      end
+      if stated.r then bp_lower(check, stated.r, now) end
       local seen = 'l:' .. check.m
       if stated.l and stated.l < check.cfg and tonumber(h[seen]) ~= check.cfg then
         set[seen] = check.cfg
@@ -226,9 +229,19 @@ end
 
 -- Commit and release, after the settlement (whose refund the provider's `remaining` already
 -- counts): header sync, then the pool's state written back in at most one HSET.
+--
+-- A provider 429 says the account has nothing left now, whatever its headers state (in an
+-- incident they keep stating the tier): the pool's per-minute buckets are emptied, so the
+-- release's refund does not admit the next call at once; they refill at the pool's
+-- effective rate.
 local function bp_settled(lease, state, report, now, stream, maxlen)
   if not state then return end
   local set = state.set
+  if report and report.st == 429 then
+    for _, check in ipairs(lease.ck) do
+      if check.cfg and check.kind == 'b' then bp_lower(check, 0, now) end
+    end
+  end
   if report and report.hd then
     bp_sync(lease, report.hd, state.h, set, now, stream, maxlen)
   end

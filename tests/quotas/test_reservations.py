@@ -346,7 +346,9 @@ def test_a_released_provider_429_adapts_the_pool_and_the_answer_shows_it(
         upstream_headers={"retry-after": "2", "x-ratelimit-remaining-tokens": "oops"},
     )
     assert released.status_code == 200, released.content
+    assert reserve().json()["error"] == "rate_limited"  # the 429 emptied the pool's buckets
 
+    get_engine().clock_offset_ms += 30_000  # half a minute's refill at the adapted rate
     shown = _pool_limit(reserve().json(), "tokens")
     assert (shown["limit"], shown["configured"], shown["adapted"]) == (70_000, 100_000, True)
     assert _pool_limit(reserve().json(), "requests")["limit"] == 350

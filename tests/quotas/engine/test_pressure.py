@@ -158,7 +158,7 @@ def test_429s_from_several_processes_at_once_decrease_the_share_once(
 ) -> None:
     pool = option(engine, "main", 1)
     rids = [f"rsv_{i}" for i in range(12)]
-    for rid in rids:
+    for rid in [*rids, "rsv_later", "rsv_after"]:
         granted(engine, rid, pool)
 
     report_together(rids, 429, tmp_path)
@@ -168,11 +168,9 @@ def test_429s_from_several_processes_at_once_decrease_the_share_once(
     assert len(adapted) == 1 and adapted[0]["cause"] == "provider_429"
     assert adapted[0]["pool"] == "main" and float(adapted[0]["share"]) == pytest.approx(0.7)
     # a second burst within the cooldown changes nothing; after it, one more decrease
-    granted(engine, "rsv_later", pool)
     engine.frozen_ms = NOW + 1999
     report(engine, "rsv_later", 429)
     assert share(client, engine, 1) == pytest.approx(0.7)
-    granted(engine, "rsv_after", pool)
     engine.frozen_ms = NOW + 2000
     report(engine, "rsv_after", 429)
     assert share(client, engine, 1) == pytest.approx(0.49)
@@ -184,6 +182,7 @@ def test_the_share_scales_the_pool_limits_and_the_answer_says_so(
     pool = option(engine, "main", 1)
     granted(engine, "rsv_a", pool)
     report(engine, "rsv_a", 429)
+    engine.frozen_ms = NOW + SECOND  # the 429 emptied the bucket: 700 tokens back
 
     result = granted(engine, "rsv_b", pool)
 
@@ -202,6 +201,7 @@ def test_the_share_never_goes_under_the_floor(engine: Engine, client: redis.Redi
         report(engine, f"rsv_{i}", 429)
 
     assert share(client, engine, 1) == pytest.approx(0.25)
+    engine.frozen_ms += SECOND
     state = granted(engine, "rsv_x", pool).limits[0]
     assert state.cap == 15_000
 
@@ -251,6 +251,7 @@ def test_a_pool_that_is_not_adaptive_keeps_its_capacity(
     report(engine, "rsv_a", 429)
 
     assert share(client, engine, 1) == 1.0
+    engine.frozen_ms = NOW + SECOND
     assert granted(engine, "rsv_b", pool).limits[0].cap == CAP
     assert of_type(client, engine, "adapted") == []
 
@@ -274,6 +275,25 @@ def test_the_providers_remaining_lowers_the_bucket_and_never_raises_it(
 
     report(engine, "rsv_b", 200, requests={"r": 0})  # another metric: no bucket of it here
     assert granted(engine, "rsv_e", pool, tokens=100).limits[0].remaining == 4600
+
+
+def test_a_provider_429_empties_the_pool_bucket_instead_of_refunding_it(
+    engine: Engine, client: redis.Redis
+) -> None:
+    """The provider's headers may still state the tier while it refuses: the 429 itself says
+    nothing is left, so the released reservation's tokens do not admit the next call at once;
+    the bucket refills at its rate (1,000 tokens a second here)."""
+    pool = option(engine, "main", 1, adaptive=False)
+    granted(engine, "rsv_a", pool, tokens=5000)  # 55,000 left
+    report(engine, "rsv_a", 429, tokens={"r": 40_000})
+
+    refused = engine.reserve(call("rsv_b", pool, tokens=100))
+    assert not isinstance(refused, Granted)
+    engine.frozen_ms = NOW + 2 * SECOND
+    assert granted(engine, "rsv_c", pool, tokens=100).limits[0].remaining == 2000 - 100
+
+    report(engine, "rsv_c", 503)  # a failure that is not the provider's "full": refunded
+    assert granted(engine, "rsv_d", pool, tokens=100).limits[0].remaining == 2000 - 100
 
 
 def test_remainders_reported_together_leave_the_bucket_at_the_lowest(
