@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -115,13 +115,22 @@ def prepare_configs(features: list[int], redis_url: str) -> tuple[str, dict[int,
             "DATABASE_URL": database_url(count),
             "REDIS_URL": f"{redis_url.rsplit('/', 1)[0]}/{index}",
         }
-        shutil.copyfile(_sqlite_path(first), _sqlite_path(count))
+        _sqlite_copy(_sqlite_path(first), _sqlite_path(count))
         subprocess.run(
             [sys.executable, "-m", "bench.grow", str(count)],
             env={**os.environ, **envs[count]},
             check=True,
         )
     return api_key, envs
+
+
+def _sqlite_copy(source: str, target: str) -> None:
+    """A consistent copy of a database in WAL mode (the file alone may lack what its
+    write-ahead log still holds)."""
+    for stale in (target, f"{target}-wal", f"{target}-shm"):
+        Path(stale).unlink(missing_ok=True)
+    with sqlite3.connect(source) as original, sqlite3.connect(target) as copy:
+        original.backup(copy)
 
 
 def _sqlite_path(features: int) -> str:
