@@ -198,6 +198,14 @@ CELERY_RESULT_BACKEND_ALWAYS_RETRY = True
 
 # The engine's own settings: plain values handed to the engine by the layer above it.
 QUOTA_HASH_TAG = env.str("QUOTA_HASH_TAG", default="quota")
+# A Redis Cluster for the quota state ("host:port,host:port" seeds; empty: REDIS_URL's Redis).
+# The cache and Celery's broker stay on REDIS_URL. docs/scale.md says how the state is split.
+QUOTA_REDIS_CLUSTER_NODES = env.list("QUOTA_REDIS_CLUSTER_NODES", default=[])
+# Partitions of the quota state: a tenant's decisions live on one (tenant id mod count); a
+# limit that tenants share is split into allotments, one per partition, that move toward
+# demand every QUOTA_REBALANCE_SECONDS. 1 (one Redis) or 12 (a cluster) unless set.
+QUOTA_PARTITIONS = env.int("QUOTA_PARTITIONS", default=12 if QUOTA_REDIS_CLUSTER_NODES else 1)
+QUOTA_REBALANCE_SECONDS = env.float("QUOTA_REBALANCE_SECONDS", default=1.0)
 QUOTA_API_KEY_PEPPER = env.str("QUOTA_API_KEY_PEPPER", default=SECRET_KEY)
 # An hour: a late commit (past its expiry) or a replay has one longest TTL to arrive; see
 # docs/engine.md for the memory it costs.

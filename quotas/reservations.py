@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,7 +141,7 @@ def reservation_reserve(*, key: KeyInfo, data: ReserveInput) -> Reserved:
 
     The same idempotency key and body return the first reservation, answered as the first time.
     """
-    reservation_id = "rsv_" + secrets.token_hex(12)
+    reservation_id = get_engine().reservation_id(key.tenant_id)
     for _ in range(STALE_RETRIES):
         plan = plans.get()
         try:
@@ -259,9 +258,8 @@ def _reserve_call(
 ) -> ReserveCall:
     engine = get_engine()
     model = pools[0].models[data.model]
-    options = plan.options(
-        feature, pools, data.model, priority, engine.keys, engine.now_ms_estimate()
-    )
+    space = engine.tenant_space(feature.tenant_id)
+    options = plan.options(feature, pools, data.model, priority, space, engine.now_ms_estimate())
     tenant = plan.tenants[feature.tenant_id]
     meta = {
         "tenant": tenant.slug,
@@ -521,11 +519,13 @@ def leases_expire(*, batch: int = 500) -> int:
     """Expire held reservations whose time is up; charged as reserved, slots freed."""
     engine = get_engine()
     total = 0
-    while True:
-        done = engine.reap(batch=batch)
-        total += done
-        if done < batch:
-            return total
+    for space in engine.spaces:
+        while True:
+            done = engine.reap(batch=batch, space=space)
+            total += done
+            if done < batch:
+                break
+    return total
 
 
 @dataclass(frozen=True, slots=True)

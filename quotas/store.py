@@ -4,12 +4,16 @@ caches."""
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.retry import Retry
 
 from quotas.engine import Engine
+from quotas.engine.core import KeySpace
 
 
 class StoreBusyError(redis.ResponseError):
@@ -56,8 +60,30 @@ def redis_client(url: str) -> redis.Redis:
     )
 
 
+def cluster_client(seeds: list[str]) -> RedisCluster:
+    """A Redis Cluster client as the app makes them: the same timeouts as `redis_client`, and
+    one retry, so that a shard failing over answers its pools' fail mode within a couple of
+    seconds rather than stalling the request (the client learns the new master from the
+    cluster's MOVED answers and its slot map, which it reloads after a connection error)."""
+    nodes = []
+    for seed in seeds:
+        host, _, port = seed.strip().rpartition(":")
+        nodes.append(ClusterNode(host or "127.0.0.1", int(port)))
+    return RedisCluster(
+        startup_nodes=nodes,
+        socket_timeout=2.0,
+        socket_connect_timeout=1.0,
+        health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),
+    )
+
+
 @lru_cache(maxsize=1)
 def get_redis() -> redis.Redis:
+    """The quota state's client: REDIS_URL's Redis, or the cluster of
+    QUOTA_REDIS_CLUSTER_NODES (typed as redis.Redis: the commands the app uses are common)."""
+    if settings.QUOTA_REDIS_CLUSTER_NODES:
+        return cast(redis.Redis, cluster_client(settings.QUOTA_REDIS_CLUSTER_NODES))
     return redis_client(settings.REDIS_URL)
 
 
@@ -66,13 +92,16 @@ def get_engine() -> Engine:
     return Engine(
         get_redis(),
         hash_tag=settings.QUOTA_HASH_TAG,
+        partitions=settings.QUOTA_PARTITIONS,
         retention_ms=settings.QUOTA_LEASE_RETENTION_SECONDS * 1000,
         stream_maxlen=settings.QUOTA_STREAM_MAXLEN,
+        rebalance_ms=int(settings.QUOTA_REBALANCE_SECONDS * 1000),
     )
 
 
 def config_version_key() -> str:
-    return f"q:{{{settings.QUOTA_HASH_TAG}}}:config_version"
+    """The home partition's version: the one processes read to know their plan is current."""
+    return get_engine().keys.version
 
 
 # A missing key is created only for the first configuration ever: in a store that lost its
@@ -85,11 +114,27 @@ return 0
 """
 
 
+# Another partition's version follows the home one: set to it unless missing (that partition
+# lost its data) or already past it.
+_FOLLOW = """
+local stored = redis.call('GET', KEYS[1])
+if (stored or ARGV[2] == 'first') and tonumber(stored or '0') < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
 def config_version_bump(stored: int | None = None) -> None:
     """`stored`: the database's version after its bump (None: unknown, then a missing key
-    stays missing)."""
+    stays missing). The home partition's version is bumped, and every other partition's set
+    to it (a script checks a request's plan against its own partition's version)."""
     first = "first" if stored is not None and stored <= 1 else "later"
-    get_redis().eval(_BUMP, 1, config_version_key(), first)
+    client, engine = get_redis(), get_engine()
+    version = int(client.eval(_BUMP, 1, engine.keys.version, first))
+    if version:
+        for space in engine.spaces[1:]:
+            client.eval(_FOLLOW, 1, space.version, version, first)
 
 
 def config_version_read() -> int | None:
@@ -98,10 +143,18 @@ def config_version_read() -> int | None:
     return None if raw is None else int(raw)
 
 
-def config_version_restore() -> bool:
-    """Write the version back once the store is rebuilt, unless one is there already: Redis's
-    clock in milliseconds, a number no process's plan holds, so that every process reloads
-    once and decides again."""
-    client = get_redis()
+def config_version_restore(space: KeySpace | None = None) -> bool:
+    """Write a partition's version back once it is rebuilt, unless one is there already:
+    Redis's clock in milliseconds, a number no process's plan holds, so that every process
+    reloads once and decides again. Partitioned, every partition moves to that number (the
+    plan's version is the home partition's)."""
+    client, engine = get_redis(), get_engine()
+    space = space or engine.keys
     seconds, micros = client.time()
-    return bool(client.set(config_version_key(), seconds * 1000 + micros // 1000, nx=True))
+    version = seconds * 1000 + micros // 1000
+    written = bool(client.set(space.version, version, nx=True))
+    if written and engine.partitioned:
+        for other in engine.spaces:
+            if other is not space:
+                client.eval(_FOLLOW, 1, other.version, version, "later")
+    return written

@@ -9,6 +9,12 @@ from typing import Any
 
 import redis
 
+from quotas.engine.partitions import (
+    partition_tags,
+    reservation_id_new,
+    reservation_partition,
+    tenant_partition,
+)
 from quotas.engine.scripts import Scripts
 from quotas.engine.types import (
     BudgetAdjustment,
@@ -39,10 +45,13 @@ Reply = dict[str, Any]
 
 
 class KeySpace:
-    """Every key carries one hash tag, so a decision's keys share a Redis Cluster slot."""
+    """One partition's keys (see partitions.py): every key carries the partition's hash tag,
+    so a decision's keys share a Redis Cluster slot."""
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, index: int = 0, count: int = 1) -> None:
+        self.index, self.count = index, count
         self.prefix = f"q:{{{tag}}}:"
+        self.allot = self.prefix + "allot"  # shared limits' allotments (allot.lua)
         self.version = self.prefix + "config_version"
         self.leases = self.prefix + "leases"
         self.rebuild_lock = self.prefix + "rebuild_lock"
@@ -83,15 +92,23 @@ class Engine:
         client: redis.Redis,
         *,
         hash_tag: str,
+        partitions: int = 1,
         retention_ms: int = 3_600_000,
         stream_maxlen: int = 0,
         clock_offset_ms: int = 0,
+        rebalance_ms: int = 1000,
     ) -> None:
         self.client = client
-        self.keys = KeySpace(hash_tag)
+        self.spaces = tuple(
+            KeySpace(tag, index, partitions)
+            for index, tag in enumerate(partition_tags(hash_tag, partitions))
+        )
+        # the home partition: the configuration's version every process reads, the spool
+        self.keys = self.spaces[0]
         self.scripts = Scripts(client)
         self.retention_ms = retention_ms
         self.stream_maxlen = stream_maxlen
+        self.rebalance_ms = rebalance_ms  # how often allotments move (allot.lua)
         # Tests move or stop the clock; production leaves both alone and Redis TIME rules.
         self.clock_offset_ms = clock_offset_ms
         self.frozen_ms: int | None = None
@@ -99,15 +116,35 @@ class Engine:
     def reserve(
         self, call: ReserveCall
     ) -> Granted | Refused | Unavailable | Existing | Conflict | Stale | Lost:
+        space = self.tenant_space(call.tenant_id)
         keys = [
-            self.keys.version,
-            self.keys.lease(call.reservation_id),
-            self.keys.leases,
-            self.keys.events,
-            self._idempotency_key(call),
+            space.version,
+            space.lease(call.reservation_id),
+            space.leases,
+            space.events,
+            space.idempotency(call.tenant_id, call.idempotency_key or "-"),
             *_option_keys(call.options),
         ]
-        return self._reserve_result(self.scripts.call("reserve", keys, self._reserve_payload(call)))
+        payload = self._reserve_payload(call, space)
+        if space.count > 1:
+            keys.append(space.allot)
+        return self._reserve_result(self.scripts.call("reserve", keys, payload))
+
+    # -- partitions -----------------------------------------------------------------------
+
+    @property
+    def partitioned(self) -> bool:
+        return len(self.spaces) > 1
+
+    def tenant_space(self, tenant_id: int) -> KeySpace:
+        """The partition that holds a tenant's limits, leases and usage events."""
+        return self.spaces[tenant_partition(tenant_id, len(self.spaces))]
+
+    def reservation_space(self, reservation_id: str) -> KeySpace:
+        return self.spaces[reservation_partition(reservation_id, len(self.spaces))]
+
+    def reservation_id(self, tenant_id: int) -> str:
+        return reservation_id_new(self.tenant_space(tenant_id).index)
 
     def commit(
         self,
@@ -160,23 +197,30 @@ class Engine:
         payload = self._owner_payload(owner, version)
         return self._lease_result(self._lease_call("peek", reservation_id, payload))
 
-    def reap(self, *, batch: int = 500) -> int:
+    def reap(self, *, batch: int = 500, space: KeySpace | None = None) -> int:
+        """Expire up to `batch` due leases of one partition (the home one by default)."""
+        space = space or self.keys
         payload = {
-            "lease_prefix": self.keys.lease_prefix,
+            "lease_prefix": space.lease_prefix,
             "maxlen": self.stream_maxlen,
             "retention_ms": self.retention_ms,
             **self._clock(),
             "batch": batch,
         }
-        keys = [self.keys.version, self.keys.leases, self.keys.events]
+        keys = [space.version, space.leases, space.events]
         return int(self.scripts.call("reap", keys, payload))
 
-    def inspect(self, checks: list[Check]) -> list[dict[str, Any]]:
-        """The current state of some limits (used, remaining, reset_ms), changing nothing."""
+    def inspect(self, checks: list[Check], space: KeySpace | None = None) -> list[dict[str, Any]]:
+        """The current state of some limits (used, remaining, reset_ms) on one partition (the
+        one their keys name), changing nothing."""
         if not checks:
             return []
+        space = space or self.keys
         keys = [k for check in checks for k in check.redis_keys()]
         payload = {**self._clock(), "checks": [c.as_lua() for c in checks]}
+        if space.count > 1:
+            keys.append(space.allot)
+            payload["part"] = self._part(space)
         return _as_list(self.scripts.call("inspect", keys, payload))
 
     def held(
@@ -189,29 +233,41 @@ class Engine:
         scan: int = 10_000,
     ) -> Held:
         """The reservations held now that match, soonest expiry first, changing nothing; at
-        most `scan` held leases are looked at, and `Held.complete` says if that was all."""
+        most `scan` held leases of each partition are looked at, and `Held.complete` says if
+        that was all. A tenant's are on its partition; the others are read from each."""
         wanted = {"tenant": tenant_id, "feature": feature_id, "pool": pool}
-        payload = {
-            **self._clock(),
-            "lease_prefix": self.keys.lease_prefix,
-            "show": show,
-            "scan": scan,
-            **{name: value for name, value in wanted.items() if value is not None},
-        }
-        reply = self.scripts.call("held", [self.keys.leases], payload)
+        spaces = self.spaces if tenant_id is None else (self.tenant_space(tenant_id),)
+        found = []
+        for space in spaces:
+            payload = {
+                **self._clock(),
+                "lease_prefix": space.lease_prefix,
+                "show": show,
+                "scan": scan,
+                **{name: value for name, value in wanted.items() if value is not None},
+            }
+            found.append(self.scripts.call("held", [space.leases], payload))
+        leases = sorted(
+            (lease for reply in found for lease in _as_list(reply["leases"])),
+            key=lambda lease: lease.get("e", 0),
+        )
         return Held(
-            count=int(reply["count"]),
-            complete=bool(reply["complete"]),
-            leases=tuple(_as_list(reply["leases"])),
-            now_ms=int(reply["now_ms"]),
-            waiting=int(reply.get("waiting", 0)),
+            count=sum(int(reply["count"]) for reply in found),
+            complete=all(bool(reply["complete"]) for reply in found),
+            leases=tuple(leases[:show]),
+            now_ms=max(int(reply["now_ms"]) for reply in found),
+            waiting=sum(int(reply.get("waiting", 0)) for reply in found),
         )
 
     # -- the ledger's side: snapshots, recovery, trimming ----------------------------------
 
-    def snapshot(self, counter_keys: list[str], *, group: str) -> Snapshot:
-        """Counters and the events `group` has not acknowledged, at one instant."""
-        reply = self.scripts.call("snapshot", [self.keys.events, *counter_keys], {"group": group})
+    def snapshot(
+        self, counter_keys: list[str], *, group: str, space: KeySpace | None = None
+    ) -> Snapshot:
+        """Counters of one partition and the events of its stream that `group` has not
+        acknowledged, at one instant."""
+        events = (space or self.keys).events
+        reply = self.scripts.call("snapshot", [events, *counter_keys], {"group": group})
         values = tuple(None if v is False else int(v) for v in _as_list(reply["values"]))
         entries = tuple(
             (entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
@@ -220,14 +276,19 @@ class Engine:
         return Snapshot(values=values, entries=entries)
 
     def rebuild(
-        self, adjustments: list[BudgetAdjustment], leases: list[LeaseRestore]
+        self,
+        adjustments: list[BudgetAdjustment],
+        leases: list[LeaseRestore],
+        space: KeySpace | None = None,
     ) -> dict[str, int]:
-        """Add to budget counters and write missing leases with their slots, atomically."""
+        """Add to budget counters and write missing leases with their slots, atomically, on
+        one partition (the counters and leases given must be that partition's)."""
+        space = space or self.keys
         payload = {
             "adjust": [{"by": a.by, "expire_at": a.expire_at_ms} for a in adjustments],
             "leases": [
                 {
-                    "key": self.keys.lease(r.reservation_id),
+                    "key": space.lease(r.reservation_id),
                     "id": r.reservation_id,
                     "lease": json.dumps(r.lease, separators=(",", ":")),
                     "e": r.expires_ms,
@@ -237,20 +298,26 @@ class Engine:
                 for r in leases
             ],
         }
-        keys = [self.keys.leases, *(a.key for a in adjustments)]
+        keys = [space.leases, *(a.key for a in adjustments)]
         return dict(self.scripts.call("rebuild", keys, payload))
 
     def trim_events(self) -> int:
-        """Drop the usage events that every consumer group has acknowledged."""
-        return int(self.scripts.call("trim", [self.keys.events], {}))
+        """Drop the usage events that every consumer group has acknowledged, on every
+        partition's stream."""
+        return sum(int(self.scripts.call("trim", [s.events], {})) for s in self.spaces)
 
     def pressure_state(self, pool_id: int) -> dict[str, float]:
         """A pool's adaptive share and breaker as the scripts keep them (pressure.lua), with
-        the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed)."""
-        share, open_until = self.client.hmget(self.keys.pressure(pool_id), "s", "o")
+        the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed). Each
+        partition keeps its own: the share is their mean, the breaker the latest open."""
+        shares, opens = [], []
+        for space in self.spaces:
+            share, open_until = self.client.hmget(space.pressure(pool_id), "s", "o")
+            shares.append(float(share) if share is not None else 1.0)
+            opens.append(float(open_until) if open_until is not None else 0.0)
         return {
-            "share": float(share) if share is not None else 1.0,
-            "open_until_ms": float(open_until) if open_until is not None else 0.0,
+            "share": sum(shares) / len(shares),
+            "open_until_ms": max(opens),
             "now_ms": float(self.now_ms()),
         }
 
@@ -273,12 +340,7 @@ class Engine:
 
     # -- payloads -------------------------------------------------------------------------
 
-    def _idempotency_key(self, call: ReserveCall) -> str:
-        if call.idempotency_key:
-            return self.keys.idempotency(call.tenant_id, call.idempotency_key)
-        return self.keys.idempotency(call.tenant_id, "-")
-
-    def _reserve_payload(self, call: ReserveCall) -> dict[str, Any]:
+    def _reserve_payload(self, call: ReserveCall, space: KeySpace) -> dict[str, Any]:
         """ARGV[1] of reserve.lua (see its header)."""
         payload: dict[str, Any] = {
             "version": call.version,
@@ -286,7 +348,7 @@ class Engine:
             "ttl_ms": call.ttl_ms,
             "retention_ms": self.retention_ms,
             "maxlen": self.stream_maxlen,
-            "lease_prefix": self.keys.lease_prefix,
+            "lease_prefix": space.lease_prefix,
             **self._clock(),
             "in_": call.input_tokens,
             "out": call.max_output_tokens,
@@ -306,7 +368,14 @@ class Engine:
             payload["lease"]["kd"] = call.key_digest
         if call.max_wait_ms:
             payload["max_wait"] = call.max_wait_ms
+        if space.count > 1:
+            payload["part"] = self._part(space)
         return payload
+
+    def _part(self, space: KeySpace) -> dict[str, Any]:
+        """A partition as allot.lua takes it: its number, how many, its allotments' key, and
+        the retry while it holds too little of a shared limit (the rebalancer's period)."""
+        return {"i": space.index, "n": space.count, "k": space.allot, "r": self.rebalance_ms}
 
     def _owner_payload(self, owner: Owner | KeyHolder, version: int | None) -> dict[str, Any]:
         payload: dict[str, Any] = {
@@ -324,12 +393,8 @@ class Engine:
         return payload
 
     def _lease_call(self, script: str, reservation_id: str, payload: dict[str, Any]) -> Reply:
-        keys = [
-            self.keys.version,
-            self.keys.lease(reservation_id),
-            self.keys.leases,
-            self.keys.events,
-        ]
+        space = self.reservation_space(reservation_id)
+        keys = [space.version, space.lease(reservation_id), space.leases, space.events]
         reply: Reply = self.scripts.call(script, keys, payload)
         return reply
 

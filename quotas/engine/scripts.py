@@ -16,7 +16,7 @@ import redis
 from quotas.metrics import REDIS_ERRORS, SCRIPT_SECONDS
 
 LUA_DIR = Path(__file__).resolve().parent.parent / "lua"
-LIBRARIES = ("lib", "pressure", "line")  # prepended to every script, in this order
+LIBRARIES = ("lib", "allot", "pressure", "line")  # prepended to every script, in this order
 SCRIPT_NAMES = (
     "reserve",
     "commit",

@@ -35,6 +35,7 @@ class Check:
     line: int = 0  # most a minute bucket's line may hold (units); 0: never scheduled
     pool_limit: bool = False  # a pool's own minute limit: scaled by its adaptive share
     rate: int = 0  # a bucket deeper or shallower than its refill: refill per minute (0: cap)
+    split: bool = False  # shared with other partitions: this one holds an allotment of it
 
     def redis_keys(self) -> list[str]:
         return [self.key] if self.key else [p.key for p in self.periods]
@@ -63,6 +64,8 @@ class Check:
             data["pl"] = 1
         if self.rate:
             data["rate"] = self.rate
+        if self.split:
+            data["sp"] = 1
         return data
 
 

@@ -9,6 +9,7 @@
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
 local states = {}
+allot_apply(req.checks, req.part)
 for i, check in ipairs(req.checks) do
   observe(check, now)
   local state = {id = check.id, now_ms = now}
@@ -17,7 +18,9 @@ for i, check in ipairs(req.checks) do
     local level = check.level - (check.line or 0)
     state.used = check.cap - level
     state.remaining = level
-    state.reset_ms = now + math.ceil((check.cap - level) * 60000 / (check.rate or check.cap))
+    local per = check.rate or check.cap
+    state.reset_ms = now
+    if per > 0 then state.reset_ms = now + math.ceil((check.cap - level) * 60000 / per) end
   else
     state.used = check.used
     state.remaining = check.cap - check.used

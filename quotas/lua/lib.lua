@@ -62,7 +62,9 @@ local function bucket_store(key, cap, level, now, line, rate)
   end
   -- a bucket left alone refills; once it would be full the key can go (with a margin, so
   -- that a clock that is stopped or moved in tests keeps its keys)
-  local ttl = math.ceil((cap - level + line) * 60000 / (rate or cap)) + 300000
+  local per = rate or cap
+  if per <= 0 then per = 1 end -- a partition's empty allotment (allot.lua)
+  local ttl = math.ceil((cap - level + line) * 60000 / per) + 300000
   local text = string.format('%.17g:%s', level, int(now))
   if line > 0 then text = text .. string.format(':%.17g', line) end
   redis.call('SET', key, text, 'PX', int(ttl))

@@ -192,12 +192,16 @@ local function bp_sync(lease, limits, h, set, now, stream, maxlen)
   for _, check in ipairs(lease.ck) do
     local stated = check.cfg and check.kind == 'b' and limits[check.m]
     if stated then
-      if stated.r then bp_lower(check, stated.r, now) end
+      -- a limit split across partitions (allot.lua) takes its part of what remains
+      local part = 1
+      if check.al and check.whole and check.whole > 0 then part = check.al / check.whole end
+      if stated.r then bp_lower(check, math.floor(stated.r * part), now) end
+      local configured = check.whole or check.cfg
       local seen = 'l:' .. check.m
-      if stated.l and stated.l < check.cfg and tonumber(h[seen]) ~= check.cfg then
-        set[seen] = check.cfg
+      if stated.l and stated.l < configured and tonumber(h[seen]) ~= configured then
+        set[seen] = configured
         bp_event(stream, maxlen, 'provider_limit', lease.pool, now,
-                 {metric = check.m, limit = stated.l, configured = check.cfg})
+                 {metric = check.m, limit = stated.l, configured = configured})
       end
     end
   end

@@ -26,7 +26,11 @@
 --              pl = 1 (a pool's own minute limit: scaled by the pool's adaptive share),
 --              rate (a bucket whose depth `cap` is a burst: its refill per minute)},
 --   and bp (the pool's adaptation and breaker settings; see pressure.lua),
---   max_wait (ms; absent: refuse rather than schedule; see line.lua)
+--   max_wait (ms; absent: refuse rather than schedule; see line.lua),
+--   part (on a partitioned store: this partition, whose allotments scale the checks that
+--         carry sp = 1, limits shared with other partitions; see allot.lua)
+--
+-- KEYS[last] on a partitioned store: the partition's allotments (part.k)
 --
 -- Returns JSON, one of:
 --   {granted = true, lease, limits = [{id, cap, remaining, reset_ms}]}: the lease as stored
@@ -70,12 +74,19 @@ end
 -- Milliseconds until `need` fits in a check that refused, or nil when it never will.
 local function retry_ms(check, need)
   if check.kind == 'p' then
-    if need > check.cap then return nil end
+    if need > check.cap then
+      if check.sp and need <= check.whole then return req.part.r end
+      return nil
+    end
     return check.reset_ms - now
   end
   if check.kind == 'c' then return nil end
   -- the most this caller can ever have: capacity less protected shares and others' guarantees
-  if check.growth <= 0 or need > check.most then return nil end
+  if check.growth <= 0 or need > check.most then
+    -- a split limit whose allotment here is too small: the rebalancer moves units to it
+    if check.sp and need <= check.whole then return req.part.r end
+    return nil
+  end
   return math.ceil((need - check.headroom + check.line) * 60000 / check.growth)
 end
 
@@ -97,11 +108,16 @@ local short_of_slots = false
 -- The largest grant of output tokens every hard check of an option admits, or nil and the
 -- refusal (the limit to wait longest for: retrying earlier would still be refused).
 local function fit(option)
+  allot_apply(option.checks, req.part) -- allot.lua: this partition's part of shared limits
   local closed = bp_gate(option, now) -- pressure.lua: breaker, adaptive share
   if closed then return nil, closed end
   local out, worst = req.out, nil
   for _, check in ipairs(option.checks) do
     shape(check)
+    if not check.asked then
+      check.asked = true
+      allot_want(check, amount_for(check, req.out), req.part)
+    end
     observe(check, now)
     if check.enf == 'hard' and check.kind ~= 'g' then
       local need = amount_for(check, req.min_out)
@@ -156,6 +172,8 @@ end
 -- A check's entry in the answer's `limits`, once debited.
 local function describe(check)
   local d = {id = check.id, cap = check.rate or check.cap, cfg = check.cfg}
+  -- a split limit answers with its whole amount; what remains is this partition's part
+  if check.whole then d.cap = check.whole end
   if check.kind == 'p' then
     d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
   elseif check.kind == 'c' then
@@ -163,7 +181,9 @@ local function describe(check)
   else
     local level = check.level - (check.take or check.amt) - (check.queue or check.line)
     d.remaining = math.floor(level)
-    d.reset_ms = now + math.ceil((check.cap - level) * 60000 / (check.rate or check.cap))
+    local per = check.rate or check.cap
+    d.reset_ms = now
+    if per > 0 then d.reset_ms = now + math.ceil((check.cap - level) * 60000 / per) end
   end
   return d
 end
@@ -180,7 +200,8 @@ local function grant(option, out, start)
     if check.kind ~= 'g' then limits[#limits + 1] = describe(check) end
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
                                amt = check.amt, took = check.took, cfg = check.cfg,
-                               cd = check.cd, rate = check.rate}
+                               cd = check.cd, rate = check.rate, al = check.al,
+                               whole = check.whole}
   end
   local expires = (start or now) + req.ttl_ms
   local cost = amount_for(req.cost, out)

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 from quotas.engine import Check, PoolOption, Pressure
 from quotas.engine.core import KeySpace
+from quotas.engine.partitions import tenant_partition
 from quotas.engine.periods import periods_around
 from quotas.engine.types import Period
 from quotas.plan.infos import (
@@ -99,6 +100,15 @@ class Plan:
                 checks.extend(self._minute_checks(limit, feature, pool, priority, keyspace))
         return tuple(checks), valid_until
 
+    def _on_partition(self, limit: LimitInfo, keyspace: KeySpace) -> bool:
+        """Whether a tenant's or a feature's limit lives on the partition of `keyspace`."""
+        if keyspace.count == 1:
+            return True
+        tenant = limit.tenant_id
+        if tenant is None and limit.feature_id is not None:
+            tenant = features_by_id(self)[limit.feature_id].tenant_id
+        return tenant is not None and tenant_partition(tenant, keyspace.count) == keyspace.index
+
     def feature_limits(self, feature: FeatureInfo) -> list[LimitInfo]:
         """Every limit that can apply to a feature's reservations, whatever the model."""
         allowed = set(feature.pool_ids) or {p.id for p in self.pools}
@@ -111,9 +121,11 @@ class Plan:
         ]
 
     def inspection_check(self, limit: LimitInfo, keyspace: KeySpace, now_ms: int) -> Check:
-        """The check that reads a limit's state (no priority floor: usage, not admission)."""
+        """The check that reads a limit's state (no priority floor: usage, not admission), on
+        one partition: of a split limit, that partition's allotment (`split_limit`)."""
         if limit.window in ("hour", "day", "month"):
             return self._budget_check(limit, keyspace, now_ms)
+        split = split_limit(limit, keyspace)
         if limit.metric == "concurrent":
             return Check(
                 limit.id,
@@ -121,6 +133,7 @@ class Plan:
                 "concurrent",
                 limit.units(limit.amount or Decimal(0)),
                 key=keyspace.concurrency(limit.id),
+                split=split,
             )
         if limit.amount is None:
             return Check(
@@ -139,6 +152,7 @@ class Plan:
             depth,
             key=keyspace.bucket(limit.id),
             rate=rate if depth != rate else 0,
+            split=split,
         )
 
     @staticmethod
@@ -157,6 +171,7 @@ class Plan:
             limit.units(limit.amount),
             enforcement=limit.enforcement,
             periods=periods,
+            split=split_limit(limit, keyspace),
         )
 
     def _minute_checks(
@@ -168,6 +183,7 @@ class Plan:
         keyspace: KeySpace,
     ) -> list[Check]:
         enforcement = limit.enforcement
+        split = split_limit(limit, keyspace)
         if limit.metric == "concurrent":
             assert limit.amount is not None
             return [
@@ -178,6 +194,7 @@ class Plan:
                     limit.units(limit.amount),
                     enforcement=enforcement,
                     key=keyspace.concurrency(limit.id),
+                    split=split,
                 )
             ]
         checks = []
@@ -200,10 +217,13 @@ class Plan:
             if limit.is_shared_pool_limit:  # the pool's own, for all models or for one
                 floor = int(cap * pool.protected_share_above(priority))
             if limit.is_pool_capacity:  # guarantees are shares of the pool's capacity
+                # of this partition's: a guarantee elsewhere is kept by its own allotment
                 guards = tuple(
                     (keyspace.guarantee(g.id), g.guaranteed_units)
                     for g in self.guarantees.get(pool.id, [])
-                    if g.metric == limit.metric and g.feature_id != feature.id
+                    if g.metric == limit.metric
+                    and g.feature_id != feature.id
+                    and self._on_partition(g, keyspace)
                 )
             checks.append(
                 Check(
@@ -218,6 +238,7 @@ class Plan:
                     line=int(rate * pool.line_minutes),  # minutes of the refill
                     pool_limit=limit.is_shared_pool_limit,
                     rate=rate if cap != rate else 0,
+                    split=split,
                 )
             )
         return checks
@@ -235,6 +256,12 @@ def features_by_id(plan: Plan) -> dict[int, FeatureInfo]:
         index = {feature.id: feature for feature in plan.features.values()}
         _by_id = (plan, index)
     return index
+
+
+def split_limit(limit: LimitInfo, keyspace: KeySpace) -> bool:
+    """Whether tenants of several partitions share a limit: one with no tenant (a pool's own,
+    or every tenant's), on a partitioned store. Each partition holds an allotment of it."""
+    return keyspace.count > 1 and limit.tenant_id is None and limit.feature_id is None
 
 
 def pressure_of(pool: PoolInfo, keyspace: KeySpace) -> Pressure:

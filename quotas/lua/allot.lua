@@ -1,0 +1,84 @@
+-- allot.lua: limits shared across partitions. Prepended after lib.lua to every script.
+--
+-- On a Redis Cluster the state is split into partitions (quotas/engine/partitions.py). A
+-- limit that tenants of several partitions share (one with no tenant: a pool's own limit,
+-- or a limit of every tenant) holds, on each partition, an allotment: whole units of its
+-- amount (tokens or requests per minute, units per period, slots). The allotments of a limit
+-- add up to at most its amount, so the partitions together never admit more than it does.
+-- The rebalancer (quotas/allotments.py) moves units toward the partitions that ask for
+-- them; until it first runs, the amount is split evenly.
+--
+-- State: one hash per partition, q:{tag.i}:allot:
+--   <limit id>   "units:amount": the units allotted, of the amount they were allotted from
+--                 (an amount changed since scales them: units * new / old, rounded down)
+--   w<limit id>  units asked on this partition since the rebalancer last read them
+--   e<limit id>  units asked per minute, smoothed over the rebalancer's reads
+--
+-- A request carries `part` = {i (this partition), n (partitions), k (the hash), r (ms
+-- between rebalances: the retry given while this partition holds nothing of a limit)}; a
+-- split check carries `sp` = 1.
+
+-- The even split of `amount` over the partitions: this partition's units.
+local function allot_even(amount, part)
+  local units = math.floor(amount / part.n)
+  if part.i < amount % part.n then units = units + 1 end
+  return units
+end
+
+-- The units a stored allotment gives of `amount` (nil: none stored, the even split).
+local function allot_units(raw, amount, part)
+  if not raw then return allot_even(amount, part) end
+  local units, from = string.match(raw, '^([^:]*):(.*)$')
+  units, from = tonumber(units), tonumber(from)
+  if from == amount then return units end
+  if from <= 0 then return allot_even(amount, part) end
+  return math.floor(units * amount / from)
+end
+
+-- The amount a check's allotment is a share of: a bucket's refill per minute, a budget's or
+-- a concurrency limit's cap.
+local function allot_amount(check)
+  if check.kind == 'b' then return check.rate or check.cap end
+  return check.cap
+end
+
+-- Scale a check to `units` of its amount: depth, refill, protected floor and line bound
+-- alike. `whole` keeps the amount, for the answer's `cap`.
+local function allot_scale(check, units)
+  local amount = allot_amount(check)
+  check.whole, check.al = amount, units
+  if amount <= 0 then return end
+  if check.kind == 'b' then
+    local cap = check.cap
+    check.cap = math.floor(cap * units / amount)
+    if check.rate then check.rate = units end
+    if check.floor then check.floor = math.floor(check.floor * units / amount) end
+    if check.lq then check.lq = math.floor(check.lq * units / amount) end
+  else
+    check.cap = units
+  end
+end
+
+-- Reserve and inspect: scale the split checks among `checks` to this partition's
+-- allotments. One HMGET; writes nothing.
+local function allot_apply(checks, part)
+  if not part then return end
+  local split = {}
+  for _, check in ipairs(checks) do
+    if check.sp and not check.al then split[#split + 1] = check end
+  end
+  if #split == 0 then return end
+  local ids = {}
+  for i, check in ipairs(split) do ids[i] = tostring(check.id) end
+  local got = redis.call('HMGET', part.k, unpack(ids))
+  for i, check in ipairs(split) do
+    allot_scale(check, allot_units(got[i] or nil, allot_amount(check), part))
+  end
+end
+
+-- Reserve: count what a split check was asked for, for the rebalancer.
+local function allot_want(check, amount, part)
+  if check.sp and part and amount > 0 then
+    redis.call('HINCRBY', part.k, 'w' .. check.id, int(amount))
+  end
+end
