@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, task_failure
+from django.conf import settings
 from prometheus_client import Counter
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -21,6 +22,12 @@ app.autodiscover_tasks()
 # The beat schedule lives here and nowhere else.
 app.conf.beat_schedule = {
     "expire-leases": {"task": "quotas.tasks.expire_leases", "schedule": 2.0},
+    # a partitioned store's shared limits follow demand (nothing to do on one Redis)
+    "rebalance-allotments": {
+        "task": "quotas.tasks.rebalance_allotments",
+        "schedule": settings.QUOTA_REBALANCE_SECONDS,
+        "options": {"expires": settings.QUOTA_REBALANCE_SECONDS},
+    },
     # each run drains and then keeps reading for ~0.9 s; a run still queued after a second
     # is dropped, the next one does its work
     "ledger-ingest": {

@@ -29,6 +29,7 @@ SCRIPT_NAMES = (
     "snapshot",
     "trim",
     "rebuild",
+    "allot_move",
 )
 
 

@@ -1,0 +1,146 @@
+"""Allotments: the parts of a shared limit that each partition holds, moved toward demand.
+
+On a partitioned store (docs/scale.md) a limit that tenants of several partitions share
+holds an allotment on each: whole units of its amount that add up to at most the amount
+(allot.lua). Every QUOTA_REBALANCE_SECONDS the rebalancer reads each partition's asks and
+moves units toward them, max-min fair: a partition that asks for less than an even share
+gets what it asks, the rest share what is left, and capacity nobody asks for is spread
+evenly so a partition that starts asking finds some. Units are taken from the partitions
+that give them up before any is given to another, so the sum never exceeds the amount, even
+when a round stops half-way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from quotas.engine import Check, Engine
+from quotas.engine.core import KeySpace
+from quotas.plan.compiled import Plan
+from quotas.plan.infos import LimitInfo
+
+log = logging.getLogger(__name__)
+
+LOCK_MS = 10_000  # a round takes milliseconds; a crashed one frees the lock after this
+
+
+def allot_targets(amount: int, wants: Sequence[float], floors: Sequence[int]) -> list[int]:
+    """Units for each partition: at least its floor (what it uses and cannot give away),
+    the rest of `amount` shared by water-filling its wants (units per minute), and what
+    nobody wants spread evenly; whole units adding up to `amount` (or to the floors, when
+    they alone exceed it)."""
+    count = len(wants)
+    rest = amount - sum(floors)
+    if rest <= 0:
+        return list(floors)
+    wanted = [max(0.0, w) for w in wants]
+    if sum(wanted) <= rest:
+        spare = (rest - sum(wanted)) / count
+        shares = [w + spare for w in wanted]
+    else:
+        level = _water_level(wanted, rest)
+        shares = [min(w, level) for w in wanted]
+    whole = [math.floor(s) for s in shares]
+    # the units lost to rounding go to the largest remainders
+    by_remainder = sorted(range(count), key=lambda i: shares[i] - whole[i], reverse=True)
+    for i in by_remainder[: rest - sum(whole)]:
+        whole[i] += 1
+    return [f + w for f, w in zip(floors, whole, strict=True)]
+
+
+def _water_level(wants: list[float], total: float) -> float:
+    """The level at which sum(min(want, level)) == total (total < sum(wants))."""
+    remaining, left = total, len(wants)
+    for want in sorted(wants):
+        if want * left >= remaining:
+            return remaining / left
+        remaining -= want
+        left -= 1
+    return max(wants)
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    limits: int  # split limits looked at
+    units: int  # units that changed partition
+
+
+def allotments_rebalance(engine: Engine, plan: Plan) -> Moved:
+    """One round over every split limit of the plan (nothing on one partition)."""
+    if not engine.partitioned or not shared_limits(plan):
+        return Moved(0, 0)
+    now_ms = engine.now_ms_estimate()
+    return allotments_round(engine, [split_checks(plan, s, now_ms) for s in engine.spaces])
+
+
+def allotments_round(engine: Engine, checks: list[list[Check]]) -> Moved:
+    """One round: `checks[i]` are the split limits' checks on partition i, in one order.
+    Skipped while another round holds the lock; raises when a partition cannot be read
+    (then nothing moves: the allotments stay as they were while a shard fails over)."""
+    home = engine.keys
+    holder = secrets.token_hex(8)
+    lock = home.prefix + "allot_lock"
+    if not engine.client.set(lock, holder, nx=True, px=LOCK_MS):
+        return Moved(0, 0)  # another round is running
+    try:
+        return _round(engine, checks)
+    finally:
+        if engine.client.get(lock) == holder.encode():
+            engine.client.delete(lock)
+
+
+def _round(engine: Engine, checks: list[list[Check]]) -> Moved:
+    shared = [check.limit_id for check in checks[0]]
+    read = {
+        space.index: {int(r["id"]): r for r in engine.allotments_read(space, checks[space.index])}
+        for space in engine.spaces
+    }
+    current: dict[int, list[int]] = {}
+    targets: dict[int, list[int]] = {}
+    for lid in shared:
+        rows = [read[space.index][lid] for space in engine.spaces]
+        amount = int(rows[0]["amount"])
+        current[lid] = [int(r["units"]) for r in rows]
+        floors = [min(int(r["used"]), int(r["units"])) for r in rows]
+        targets[lid] = allot_targets(amount, [float(r["want"]) for r in rows], floors)
+    # first take: every partition that gives units up
+    for space in engine.spaces:
+        down = {
+            lid: targets[lid][space.index]
+            for lid in targets
+            if targets[lid][space.index] < current[lid][space.index]
+        }
+        for lid, units in engine.allotments_move(space, checks[space.index], down).items():
+            current[lid][space.index] = units
+    # then give, never past the amount whatever the takes left
+    moved = 0
+    for space in engine.spaces:
+        up = {}
+        for lid in shared:
+            i = space.index
+            free = int(read[0][lid]["amount"]) - sum(current[lid])
+            grow = min(targets[lid][i] - current[lid][i], free)
+            if grow > 0:
+                up[lid] = current[lid][i] + grow
+                current[lid][i] += grow  # counted before it lands: the sum stays bounded
+                moved += grow
+        engine.allotments_move(space, checks[space.index], up)
+    return Moved(len(shared), moved)
+
+
+def shared_limits(plan: Plan) -> list[LimitInfo]:
+    """The limits that tenants share (split on a partitioned store), but guarantees."""
+    return [
+        limit
+        for limit in plan.limits.values()
+        if limit.tenant_id is None and limit.feature_id is None and limit.amount is not None
+    ]
+
+
+def split_checks(plan: Plan, space: KeySpace, now_ms: int) -> list[Check]:
+    """The checks of every split limit on one partition, in `shared_limits` order."""
+    return [plan.inspection_check(limit, space, now_ms) for limit in shared_limits(plan)]
