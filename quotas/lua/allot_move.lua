@@ -3,7 +3,8 @@
 -- KEYS[1]   the partition's allotments (part.k); KEYS[2..] the keys of the checks below
 -- ARGV[1]   JSON: part, clock, checks = [check as for reserve.lua, sp = 1], and either
 --   read = true: for each check, its units here, the amount they are of, the units asked
---     per minute (smoothed: half the last reading, half the asks since it) and the units
+--     per minute (smoothed: half the last reading, half the asks since it, at most the
+--     amount) and the units
 --     that cannot be given away (a budget's use in its period, a concurrency limit's held
 --     slots; 0 for a bucket); the asks are reset
 --   units = {<limit id> = units}: move each check to those units and answer the units it
@@ -32,10 +33,14 @@ if req.read then
     local units = allot_units(redis.call('HGET', part.k, tostring(check.id)) or nil, amount,
                               part)
     local asked = tonumber(redis.call('HGET', part.k, 'w' .. check.id) or '0')
-    local smoothed = tonumber(redis.call('HGET', part.k, 'e' .. check.id) or '0')
-    if read_at and now > read_at then
-      smoothed = smoothed / 2 + asked * 60000 / (now - read_at) / 2
-    end
+    local smoothed = tonumber(redis.call('HGET', part.k, 'e' .. check.id) or '')
+    -- the first reading counts the asks since a rebalancer's period
+    local since = part.r
+    if read_at then since = now - read_at end
+    -- asks past the whole amount (refused callers asking again) count as the amount
+    local rate = 0
+    if since > 0 then rate = math.min(amount, asked * 60000 / since) end
+    if smoothed then smoothed = smoothed / 2 + rate / 2 else smoothed = rate end
     redis.call('HDEL', part.k, 'w' .. check.id)
     redis.call('HSET', part.k, 'e' .. check.id, string.format('%.17g', smoothed))
     local used = 0

@@ -1,0 +1,246 @@
+"""The rebalancer (quotas/allotments.py): shared limits' units follow demand, never add up
+to more than the limit, and a pool that one tenant uses almost alone stays usable.
+
+The engine runs on the store the tests run on (one Redis, or the cluster of the cluster
+pass), with its clock frozen and moved by hand; the processes test uses the real clock."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quotas.allotments import allot_targets, allotments_round
+from quotas.engine import Check, Engine, Granted, Refused
+from quotas.engine.core import KeySpace
+from quotas.engine.types import Period
+from quotas.store import get_redis
+from tests.quotas.engine.test_core import HOUR, NOW
+from tests.quotas.engine.test_partitions import PARTS, ask, pool_bucket
+
+CAP = 60_000  # tokens a minute: 1 a millisecond
+
+
+@pytest.fixture
+def engine(redis_db: redis.Redis) -> Engine:
+    engine = Engine(get_redis(), hash_tag="allot", partitions=PARTS, retention_ms=HOUR)
+    engine.frozen_ms = NOW
+    for space in engine.spaces:
+        engine.client.set(space.version, 3)
+    return engine
+
+
+def units(engine: Engine, limit_id: int = 1) -> list[int]:
+    """Each partition's units of a limit as stored (after a round has written them)."""
+    stored = [engine.client.hget(space.allot, str(limit_id)) for space in engine.spaces]
+    return [int(raw.split(b":")[0]) if raw else -1 for raw in stored]
+
+
+def rebalance(engine: Engine, make: Any = pool_bucket, **kw: Any) -> None:
+    allotments_round(engine, [[make(space, CAP, **kw)] for space in engine.spaces])
+
+
+@given(
+    amount=st.integers(0, 10**12),
+    wants=st.lists(st.floats(0, 1e13, allow_nan=False), min_size=1, max_size=16),
+    data=st.data(),
+)
+def test_targets_add_up_to_the_amount_keep_the_floors_and_fill_the_smallest_wants_first(
+    amount: int, wants: list[float], data: st.DataObject
+) -> None:
+    floors = data.draw(st.lists(st.integers(0, amount), min_size=len(wants), max_size=len(wants)))
+    targets = allot_targets(amount, wants, floors)
+    assert all(t >= f for t, f in zip(targets, floors, strict=True))
+    if sum(floors) <= amount:
+        assert sum(targets) == amount
+        rest = amount - sum(floors)
+        if sum(wants) <= rest:  # everyone gets what it asks, to the unit
+            assert all(t - f >= int(w) for t, f, w in zip(targets, floors, wants, strict=True))
+        else:  # max-min fair: whoever got less than it wants got no less than anyone else
+            given_ = [t - f for t, f in zip(targets, floors, strict=True)]
+            short = [g for g, w in zip(given_, wants, strict=True) if g + 1 < w]
+            assert all(g <= s + 1 for s in short for g in given_)
+    else:
+        assert targets == floors
+
+
+def test_a_round_moves_units_to_the_partition_that_asks(engine: Engine) -> None:
+    for i in range(50):  # partition 0 asks for 5,000 tokens a time, and is mostly refused
+        ask(engine, 0, f"rsv_{i}", 5_000, pool_bucket(engine.spaces[0], CAP))
+    engine.frozen_ms = NOW + 1_000
+    rebalance(engine)
+    after = units(engine)
+    assert sum(after) == CAP
+    assert after[0] > 0.95 * CAP, after
+    # and back: once partition 2 asks and 0 has gone quiet, a few rounds even it out
+    for round_ in range(1, 6):
+        for i in range(20):
+            ask(engine, 2, f"rsv_{round_}_{i}", 1_000, pool_bucket(engine.spaces[2], CAP))
+        engine.frozen_ms = NOW + 1_000 * (round_ + 1)
+        rebalance(engine)
+        assert sum(units(engine)) == CAP
+    assert units(engine)[2] > 0.5 * CAP, units(engine)
+
+
+def test_a_budget_never_gives_away_what_a_partition_has_used(engine: Engine) -> None:
+    start = NOW - NOW % HOUR
+
+    def budget(space: KeySpace, cap: int, limit_id: int = 5) -> Check:
+        periods = tuple(
+            Period(space.period(limit_id, s), s, s + HOUR)
+            for s in (start - HOUR, start, start + HOUR)
+        )
+        return Check(limit_id, "p", "tokens", cap, periods=periods, split=True)
+
+    # partition 1 uses all of its even part (20,000), then goes quiet; partition 0 asks for
+    # much more, round after round
+    assert isinstance(ask(engine, 1, "rsv_used", 20_000, budget(engine.spaces[1], CAP)), Granted)
+    for round_ in range(1, 8):
+        for i in range(30):
+            ask(engine, 0, f"rsv_{round_}_{i}", 1_000, budget(engine.spaces[0], CAP))
+        engine.frozen_ms = NOW + 1_000 * round_
+        allotments_round(engine, [[budget(space, CAP)] for space in engine.spaces])
+        after = units(engine, 5)
+        assert sum(after) == CAP
+        assert after[1] >= 20_000  # what it used stays its own
+    assert after[1] < 21_000 and after[0] > 38_000, after  # the rest went to the asker
+    used = sum(int(engine.client.get(budget(s, CAP).periods[1].key) or 0) for s in engine.spaces)
+    assert used <= CAP
+
+
+def test_one_tenant_using_most_of_a_pool_still_gets_nine_tenths_of_it_per_minute(
+    engine: Engine,
+) -> None:
+    """A pool of 60,000 tokens a minute over 3 partitions. One tenant asks for 150% of it
+    (500 tokens every 5 ms) while two tenants on the other partitions ask for 5% each (50
+    tokens a second); a round each second. In the second minute the pool admits at
+    least 90% of its capacity, the light tenants all they ask, and never more than it has."""
+    admitted = {0: 0, 1: 0, 2: 0}
+    asked = {0: 0, 1: 0, 2: 0}
+    second_minute = 0
+    for step in range(24_000):  # 5 ms steps: 2 minutes
+        now = NOW + step * 5
+        engine.frozen_ms = now
+        if step and step % 200 == 0:
+            rebalance(engine)
+        asks = [(0, 500)]
+        if step % 200 == 100:
+            asks += [(1, 50), (2, 50)]
+        for tenant, tokens in asks:
+            got = ask(
+                engine,
+                tenant,
+                f"rsv_{step}_{tenant}",
+                tokens,
+                pool_bucket(engine.spaces[tenant], CAP),
+            )
+            if step >= 12_000:
+                asked[tenant] += tokens
+            if isinstance(got, Granted):
+                if step >= 12_000:
+                    admitted[tenant] += tokens
+                    second_minute += tokens
+            else:
+                assert isinstance(got, Refused)
+    print(f"\nsecond minute: admitted {second_minute} of {CAP} ({admitted})")
+    assert second_minute >= 0.9 * CAP
+    assert second_minute <= 2 * CAP  # a minute's refill and at most the buckets' depth
+    for light in (1, 2):
+        assert admitted[light] >= 0.95 * asked[light], (admitted, asked)
+
+
+PROCESSES = 3
+SECONDS = 4.0
+
+
+def _hammer(tenant: int, out: str, stop_at: float, tokens: int, pause: float) -> None:
+    """A forked process with its own connection: reserves on its tenant's partition."""
+    try:
+        engine = Engine(_client(), hash_tag="allot", partitions=PARTS)
+        check = pool_bucket(engine.tenant_space(tenant), 6_000)
+        i = 0
+        while time.time() < stop_at:
+            ask(engine, tenant, f"rsv_{tenant}_{i}", tokens, check)
+            i += 1
+            time.sleep(pause)
+        result: dict[str, Any] = {"asks": i}
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
+
+
+def _rebalancer(out: str, stop_at: float) -> None:
+    try:
+        engine = Engine(_client(), hash_tag="allot", partitions=PARTS)
+        rounds = 0
+        while time.time() < stop_at:
+            allotments_round(engine, [[pool_bucket(s, 6_000)] for s in engine.spaces])
+            rounds += 1
+            time.sleep(0.05)
+        result: dict[str, Any] = {"rounds": rounds}
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
+
+
+def _client() -> redis.Redis:
+    """A new connection to the store in a forked process (the parent's must not be shared)."""
+    get_redis.cache_clear()
+    return get_redis()
+
+
+def test_processes_on_every_partition_never_admit_more_than_the_limit_while_it_moves(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """6,000 tokens a minute shared by tenants on 3 partitions, each in its own process, one
+    asking much more than the others, with a rebalancing process moving the units 20 times a
+    second. From the grants in every partition's stream: between any two instants, the pool
+    admitted at most its depth plus its refill."""
+    context = multiprocessing.get_context("fork")
+    stop_at = time.time() + SECONDS
+    outputs = [tmp_path / f"p{i}.json" for i in range(PROCESSES + 1)]
+    processes = [
+        context.Process(
+            target=_hammer,
+            args=(i, str(outputs[i]), stop_at, 100, 0.002 if i == 0 else 0.05),
+            daemon=True,
+        )
+        for i in range(PROCESSES)
+    ]
+    processes.append(
+        context.Process(target=_rebalancer, args=(str(outputs[-1]), stop_at), daemon=True)
+    )
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    results = [json.loads(path.read_text()) for path in outputs]
+    assert not [r["error"] for r in results if "error" in r]
+    grants = sorted(
+        (int(f[b"at_ms"]), int(f[b"reserved_input_tokens"]) + int(f[b"granted_output_tokens"]))
+        for space in engine.spaces
+        for _, f in engine.client.xrange(space.events)
+        if f[b"type"] == b"reserved"
+    )
+    assert results[-1]["rounds"] > 10
+    total = sum(tokens for _, tokens in grants)
+    assert total >= 6_000, "the pool should have been used to its depth at least"
+    # the bound between any two grants: depth + refill since (buckets start full)
+    worst = -float("inf")
+    for i, (start, _) in enumerate(grants):
+        admitted = 0
+        for at, tokens in grants[i:]:
+            admitted += tokens
+            allowed = 6_000 + (at - start) * 6_000 / 60_000
+            worst = max(worst, admitted - allowed)
+    print(f"\n{len(grants)} grants of {total} tokens; closest to the bound: {worst:.0f} tokens")
+    assert worst <= 0
