@@ -306,7 +306,9 @@ end
 -- 'stale' when the configuration has moved on (the caller reloads and asks again); 'lost'
 -- when the key is gone while the plan has a version: the store lost its data (a restart
 -- without persistence, FLUSHALL, a failover), every counter reads zero, and nothing is
--- decided until the rebuild from the ledger writes the key back.
+-- decided until the rebuild from the ledger writes the key back. A plan newer than the key
+-- may decide: on a partitioned store the other partitions' keys follow the home one's a
+-- moment after it moves (quotas/store.py), and a plan read from it is the newer one.
 local function plan_check(version_key, version)
   if version == nil then return nil end
   local stored = redis.call('GET', version_key)
@@ -314,7 +316,7 @@ local function plan_check(version_key, version)
     if version ~= 0 then return 'lost' end
     return nil
   end
-  if tonumber(stored) ~= version then return 'stale' end
+  if tonumber(stored) > version then return 'stale' end
   return nil
 end
 
