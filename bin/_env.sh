@@ -91,6 +91,18 @@ ensure_redis() {
   return 1
 }
 
+# redis-server and redis-cli, which bin/test's Redis Cluster pass starts its nodes and creates
+# the cluster with (both come with Debian's redis-server): installed when missing as root.
+ensure_redis_cluster_tools() {
+  command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    echo "The Redis Cluster pass needs redis-server and redis-cli: install Debian's redis-server." >&2
+    return 1
+  fi
+}
+
 # Runs a command again whenever it exits, so one crashed process does not take bin/run's
 # others down. The pause before a restart doubles from 1 s up to 30 s while the command keeps
 # exiting soon after it started (a run of SUPERVISE_HEALTHY_SECONDS, 60, starts it over);

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 from django.conf import settings
 from rest_framework.test import APIClient
 
@@ -30,16 +33,35 @@ from tests.factories import (
 DEAD_STORE = "redis://127.0.0.1:1/0"
 
 
-@pytest.fixture(autouse=True)
-def redis_db() -> Iterator[redis.Redis]:
-    client = get_redis()
+def _flush(client: redis.Redis | redis.cluster.RedisCluster) -> None:
+    """Empty the quota store: the test's Redis database, or every master of the test's own
+    cluster (QUOTA_REDIS_CLUSTER_NODES, set by `python -m tests.fakes.redis_cluster`) together
+    with the database at REDIS_URL, which Django's cache and Celery keep using."""
+    if isinstance(client, redis.cluster.RedisCluster):
+        nodes = os.environ.get("QUOTA_REDIS_CLUSTER_NODES")
+        assert nodes and nodes == os.environ.get("TEST_REDIS_CLUSTER_NODES"), (
+            f"tests flush only a cluster of their own (tests.fakes.redis_cluster): {nodes}"
+        )
+        client.flushall(target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+        client = _shared_redis()
     index = client.connection_pool.connection_kwargs.get("db", 0)
     assert index != 0, f"tests must not use Redis database 0 ({settings.REDIS_URL})"
     client.flushdb()
+
+
+@lru_cache(maxsize=1)
+def _shared_redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+@pytest.fixture(autouse=True)
+def redis_db() -> Iterator[redis.Redis]:
+    client = get_redis()
+    _flush(client)
     plans.clear()
     get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
     yield client
-    client.flushdb()
+    _flush(client)
     plans.clear()
     get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
 
