@@ -3,11 +3,12 @@
     .venv/bin/python -m bench.cluster [--seconds 20] [--processes 4] [--tenants 1000]
 
 Starts a Redis of its own and a Redis Cluster of its own (3 masters with a replica each,
-tests/fakes/redis_cluster.py) and, for each store in turn, a database of its own
-(var/bench-cluster-<store>.sqlite3) configured with `--tenants` tenants sharing 3 pools
-(tenant i's feature on pool i mod 3; per-minute limits on each pool, shared by its tenants
-and so split into allotments on the cluster; a per-minute limit per feature; a monthly cost
-budget per tenant; every amount far above what a run uses). Then:
+tests/fakes/redis_cluster.py), every node persisted alike (AOF, fsync every second), and,
+for each store in turn, a database of its own (var/bench-cluster-<store>.sqlite3)
+configured with `--tenants` tenants sharing 3 pools (tenant i's feature on pool i mod 3;
+per-minute limits on each pool, shared by its tenants and so split into allotments on the
+cluster; a per-minute limit per feature; a monthly cost budget per tenant; every amount far
+above what a run uses). Then:
 
 * round trips: reserves and commits through the service layer, as the API makes them, each
   command sent to Redis counted (a redirected or retried command counts again); for this
@@ -97,10 +98,7 @@ def config_wide(tenants: int) -> None:
             Limit(tenant=f.tenant, feature=f, metric="tokens", window="minute", amount=HUGE)
             for f in features
         ]
-        + [
-            Limit(tenant=t, metric="cost_usd", window="month", amount=Decimal(10**6))
-            for t in made
-        ]
+        + [Limit(tenant=t, metric="cost_usd", window="month", amount=Decimal(10**6)) for t in made]
     )
     config_version_bump(2)
 
@@ -110,7 +108,8 @@ def config_demo() -> None:
 
     call_command("migrate", verbosity=0, interactive=False)
     call_command("flush", verbosity=0, interactive=False)
-    call_command("quota", "apply", str(ROOT / "demo" / "quota.yaml"), stdout=open(os.devnull, "w"))
+    with open(os.devnull, "w") as quiet:
+        call_command("quota", "apply", str(ROOT / "demo" / "quota.yaml"), stdout=quiet)
 
 
 def _callers() -> list[tuple[Any, Any]]:
@@ -120,7 +119,8 @@ def _callers() -> list[tuple[Any, Any]]:
     from tenants.models import Tenant
 
     secrets_ = {t.pk: api_key_create(tenant=t, name="bench").secret for t in Tenant.objects.all()}
-    plan = plans.reload()
+    plans.clear()
+    plan = plans.get()
     by_tenant = {k.tenant_id: k for k in plan.keys.values()}
     assert set(by_tenant) == set(secrets_)
     return [(by_tenant[f.tenant_id], f) for f in plan.features.values()]
@@ -152,8 +152,12 @@ def round_trips(pairs: int) -> dict[str, float]:
     """Commands per reserve and per commit through the service layer, over `pairs` pairs
     spread over every feature (a refused reserve has no commit)."""
     from quotas.errors import QuotaError
-    from quotas.reservations import CommitInput, ReserveInput, reservation_commit
-    from quotas.reservations import reservation_reserve
+    from quotas.reservations import (
+        CommitInput,
+        ReserveInput,
+        reservation_commit,
+        reservation_reserve,
+    )
 
     callers = _callers()
     model = "bench-model"
@@ -219,6 +223,7 @@ def _drive(out: str, seconds: float, start_at: float) -> None:
     while time.time() < start_at:
         time.sleep(0.01)
     done, i, stop = 0, os.getpid(), time.time() + seconds
+    cpu = time.process_time()
     usage = Usage(100, 50)
     while time.time() < stop:
         call = calls[i % len(calls)]
@@ -228,7 +233,8 @@ def _drive(out: str, seconds: float, start_at: float) -> None:
         engine.commit(reservation_id=rid, owner=Owner(call.tenant_id), usage=usage,
                       version=call.version)  # fmt: skip
         done += 2
-    Path(out).write_text(json.dumps({"decisions": done}))
+    cpu = time.process_time() - cpu
+    Path(out).write_text(json.dumps({"decisions": done, "cpu": cpu}))
 
 
 def _all_features(plan: Any) -> list[tuple[Any, Any]]:
@@ -279,25 +285,27 @@ def measure(store: str, env: dict[str, str], args: argparse.Namespace, masters: 
     before = _nodes_stats(masters + replicas)
     start_at = time.time() + 8  # each process compiles its calls first
     outs = [tmp / f"{store}-load-{i}.json" for i in range(args.processes)]
+    drive = "from bench.cluster import _drive; _drive({!r}, {}, {})"
     drivers = [
         subprocess.Popen(
-            [sys.executable, "-c",
-             f"from bench.cluster import _drive; _drive({str(o)!r}, {args.seconds}, {start_at})"],
-            env=env,
-        )  # fmt: skip
+            [sys.executable, "-c", drive.format(str(o), args.seconds, start_at)], env=env
+        )
         for o in outs
     ]
     for driver in drivers:
         if driver.wait() != 0:
             raise SystemExit(f"a load process failed ({store})")
     after = _nodes_stats(masters + replicas)
-    decisions = sum(json.loads(o.read_text())["decisions"] for o in outs)
+    loads = [json.loads(o.read_text()) for o in outs]
+    decisions = sum(load["decisions"] for load in loads)
     commands = {p: after[p][0] - before[p][0] for p in masters}
     total = sum(commands.values())
     result["load"] = {
         "decisions": decisions,
         "per_second": decisions / args.seconds,
         "shares": [commands[p] / total for p in masters],
+        "commands": total / decisions,
+        "client_cpu_us": sum(load["cpu"] for load in loads) * 1e6 / decisions,
         "redis_cpu_us": sum(after[p][1] - before[p][1] for p in masters) * 1e6 / decisions,
         "replica_cpu_us": sum(after[p][1] - before[p][1] for p in replicas) * 1e6 / decisions,
     }
@@ -314,12 +322,17 @@ def report(single: dict[str, Any], cluster: dict[str, Any], args: argparse.Names
     for config, name in (("demo", "demo config"), ("wide", f"{args.tenants:,} tenants")):
         for field in ("per_reserve", "per_commit"):
             label = f"round trips {field.replace('per_', 'per ')} ({name})"
-            lines.append(f"{label:<34}{single[config][field]:>14.2f}{cluster[config][field]:>14.2f}")
+            lines.append(
+                f"{label:<34}{single[config][field]:>14.2f}{cluster[config][field]:>14.2f}"
+            )
     s, c = single["load"], cluster["load"]
     lines += [
         f"{'decisions/s':<34}{s['per_second']:>14,.0f}{c['per_second']:>14,.0f}",
         f"{'Redis CPU per decision (us)':<34}{s['redis_cpu_us']:>14.1f}{c['redis_cpu_us']:>14.1f}",
         f"{'  replicas too (us)':<34}{'':>14}{c['replica_cpu_us']:>14.1f}",
+        f"{'Redis commands per decision':<34}{s['commands']:>14.1f}{c['commands']:>14.1f}",
+        f"{'client CPU per decision (us)':<34}{s['client_cpu_us']:>14.1f}"
+        f"{c['client_cpu_us']:>14.1f}",
         "each master's share of the commands: "
         + ", ".join(f"{share:.1%}" for share in c["shares"]),
         f"cluster against one Redis: {c['per_second'] / s['per_second']:.2f}x the decisions/s, "
@@ -333,15 +346,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.phase == "child":
         child(args)
         return
-    from bench.redisserver import redis_server_start
-    from tests.fakes.redis_cluster import RedisCluster
+    import tempfile
 
-    server = redis_server_start()
+    from tests.fakes.redis_cluster import RedisCluster
+    from tests.fakes.redis_server import RedisServer
+
+    # one Redis persisted as each cluster node is (AOF, fsync every second)
+    server = RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-")), range(7400, 7500),
+                         persistent=True)  # fmt: skip
     cluster = RedisCluster()
     try:
+        server.start()
         cluster.start()
-        port = int(server.url.rsplit(":", 1)[1].split("/")[0])
-        single = measure("single", {"REDIS_URL": server.url}, args, [port], [])
+        single = measure("single", {"REDIS_URL": server.url}, args, [server.port], [])
         masters = cluster.masters()
         replicas = [cluster.replica_of(m) for m in masters]
         clustered = measure(

@@ -6,7 +6,6 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import setup_logging, task_failure
-from django.conf import settings
 from prometheus_client import Counter
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
@@ -22,12 +21,6 @@ app.autodiscover_tasks()
 # The beat schedule lives here and nowhere else.
 app.conf.beat_schedule = {
     "expire-leases": {"task": "quotas.tasks.expire_leases", "schedule": 2.0},
-    # a partitioned store's shared limits follow demand (nothing to do on one Redis)
-    "rebalance-allotments": {
-        "task": "quotas.tasks.rebalance_allotments",
-        "schedule": settings.QUOTA_REBALANCE_SECONDS,
-        "options": {"expires": settings.QUOTA_REBALANCE_SECONDS},
-    },
     # each run drains and then keeps reading for ~0.9 s; a run still queued after a second
     # is dropped, the next one does its work
     "ledger-ingest": {
@@ -47,6 +40,20 @@ app.conf.beat_schedule = {
         "options": {"expires": 60.0},
     },
 }
+
+
+@app.on_after_configure.connect
+def rebalance_schedule(sender: Celery, **kwargs: Any) -> None:
+    """A partitioned store's shared limits follow demand every QUOTA_REBALANCE_SECONDS
+    (nothing to do on one Redis); read once the settings are, not while they load."""
+    from django.conf import settings
+
+    every = settings.QUOTA_REBALANCE_SECONDS
+    sender.conf.beat_schedule["rebalance-allotments"] = {
+        "task": "quotas.tasks.rebalance_allotments",
+        "schedule": every,
+        "options": {"expires": every},
+    }
 
 
 @task_failure.connect
