@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -21,7 +21,7 @@ from quotas.keys import api_key_create
 from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine
-from quotas.store import get_redis
+from quotas.store import cluster_client, get_redis
 from tenants.models import Feature, Tenant
 from tests.factories import (
     FeatureFactory,
@@ -94,6 +94,14 @@ class World:
         if limit.tenant_id is None and limit.feature_id is None:
             allotments_concentrate(self.tenant.pk)
         return limit
+
+
+def store_client() -> redis.Redis:
+    """A new client of the store the tests run on: the cluster of the cluster pass, or
+    REDIS_URL's Redis (for a test's own engine, or a forked process's)."""
+    if settings.QUOTA_REDIS_CLUSTER_NODES:
+        return cast(redis.Redis, cluster_client(settings.QUOTA_REDIS_CLUSTER_NODES))
+    return redis.Redis.from_url(settings.REDIS_URL)
 
 
 def allotments_concentrate(tenant_id: int) -> None:

@@ -7,9 +7,10 @@ have been idle long enough.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 Entry = tuple[str, dict[str, str]]
 
@@ -19,24 +20,41 @@ def _entries(raw: Any) -> list[Entry]:
     return [(entry_id, fields) for entry_id, fields in raw or [] if fields is not None]
 
 
+_decoding: dict[int, tuple[Any, redis.Redis]] = {}
+
+
+def decoding(client: redis.Redis) -> redis.Redis:
+    """A client of the same Redis (or cluster) whose replies are text, decoded by the protocol
+    parser: decoding ~30 fields per entry in Python costs more than the rest of an ingest.
+    Bytes that are not UTF-8 become lone surrogates instead of failing the whole read: the
+    ledger parks such an entry. Made once per client (a cluster client maps the slots)."""
+    kept = _decoding.get(id(client))
+    if kept is not None and kept[0] is client:
+        return kept[1]
+    text = {"decode_responses": True, "encoding_errors": "surrogateescape"}
+    made: redis.Redis
+    if isinstance(client, RedisCluster):
+        nodes = [ClusterNode(n.host, n.port) for n in client.get_primaries()]
+        options = client.get_default_node().redis_connection.connection_pool.connection_kwargs
+        keep = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout") if k in options}
+        made = cast(redis.Redis, RedisCluster(startup_nodes=nodes, **keep, **text))
+    else:
+        kwargs = {**client.connection_pool.connection_kwargs, **text}
+        pool = redis.ConnectionPool(
+            connection_class=client.connection_pool.connection_class, **kwargs
+        )
+        made = redis.Redis(connection_pool=pool)
+    _decoding[id(client)] = (client, made)
+    return made
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
 class UsageStream:
     def __init__(self, client: redis.Redis, key: str, group: str) -> None:
-        # text replies, decoded by the protocol parser: decoding ~30 fields per entry in
-        # Python costs more than the rest of an ingest. Bytes that are not UTF-8 become lone
-        # surrogates instead of failing the whole read: the ledger parks such an entry.
-        kwargs = {
-            **client.connection_pool.connection_kwargs,
-            "decode_responses": True,
-            "encoding_errors": "surrogateescape",
-        }
-        pool = redis.ConnectionPool(
-            connection_class=client.connection_pool.connection_class, **kwargs
-        )
-        self.client = redis.Redis(connection_pool=pool)
+        self.client = decoding(client)
         self.key = key
         self.group = group
 

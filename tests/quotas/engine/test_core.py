@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
-from django.conf import settings
 
 from quotas.engine import Engine
 from quotas.engine.scripts import script_source
@@ -30,6 +29,7 @@ from quotas.engine.types import (
     Stale,
     Usage,
 )
+from tests.fixtures import store_client
 
 # a day from now, so that counters expiring past their period still exist
 NOW = (int(time.time()) + 86_400) * 1000
@@ -38,20 +38,28 @@ OWNER = Owner(7)
 
 
 class Counting(redis.Redis):
-    """A client that notes the name of every command it sends."""
+    """A client that notes the name of every command it sends (`counting`)."""
 
     sent: list[str]
 
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.sent.append(str(args[0]))
-        return super().execute_command(*args, **options)
+
+def counting(client: redis.Redis) -> Counting:
+    """Note the name of every command `client` sends, in `client.sent`."""
+    sent: list[str] = []
+    send = client.execute_command
+
+    def execute_command(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]))
+        return send(*args, **options)
+
+    client.execute_command = execute_command  # type: ignore[method-assign]
+    client.sent = sent  # type: ignore[attr-defined]
+    return cast(Counting, client)
 
 
 @pytest.fixture
 def client(redis_db: redis.Redis) -> Counting:
-    counting = Counting.from_url(settings.REDIS_URL)
-    counting.sent = []
-    return counting
+    return counting(store_client())
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from typing import Any
 
 import pytest
 import redis
-from django.conf import settings
 
 from quotas.engine import Engine
 from quotas.engine.types import (
@@ -29,6 +28,7 @@ from quotas.engine.types import (
     Unavailable,
     Usage,
 )
+from tests.fixtures import store_client
 from tests.quotas.engine.test_core import HOUR, NOW, OWNER, budget, call, lease, slots
 from tests.quotas.engine.test_pressure import pressure
 
@@ -37,7 +37,7 @@ CAP = 60_000  # tokens per minute: 1 token per ms
 
 @pytest.fixture
 def engine(redis_db: redis.Redis) -> Engine:
-    engine = Engine(redis.Redis.from_url(settings.REDIS_URL), hash_tag="line", retention_ms=HOUR)
+    engine = Engine(store_client(), hash_tag="line", retention_ms=HOUR)
     engine.frozen_ms = NOW
     engine.client.set(engine.keys.version, 3)
     return engine
@@ -344,7 +344,7 @@ def test_an_open_pool_is_skipped_before_any_promise(engine: Engine) -> None:
 def _promiser(index: int, go: Any, out: str) -> None:
     """A forked process with its own connection: reserves of random sizes that may wait."""
     try:
-        engine = Engine(redis.Redis.from_url(settings.REDIS_URL), hash_tag="line")
+        engine = Engine(store_client(), hash_tag="line")
         engine.clock_offset_ms = SHIFT_MS
         check = bucket(engine, line=5 * CAP)
         if not go.wait(30):

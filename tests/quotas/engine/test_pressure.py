@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import redis
-from django.conf import settings
 
 from quotas.engine import Engine
 from quotas.engine.types import (
@@ -27,6 +26,7 @@ from quotas.engine.types import (
     Unavailable,
     Usage,
 )
+from tests.fixtures import store_client
 from tests.quotas.engine.test_core import NOW, OWNER, events
 
 TAG = "pressure-test"
@@ -36,7 +36,7 @@ SECOND = 1000
 
 @pytest.fixture
 def client(redis_db: redis.Redis) -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL)
+    return store_client()
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def _report_from_process(
 ) -> None:
     """A forked process: its own connection; reports its reservation's provider status."""
     try:
-        engine = Engine(redis.Redis.from_url(settings.REDIS_URL), hash_tag=TAG)
+        engine = Engine(store_client(), hash_tag=TAG)
         engine.frozen_ms = NOW
         if not go.wait(30):
             raise RuntimeError("never told to start")

@@ -65,6 +65,7 @@ def scripts_flushed() -> Iterator[None]:
         get_redis().script_load(script_source(name))
 
 
+@pytest.mark.single_redis  # one server's script cache and connection; redis-py's own on a cluster
 def test_a_script_redis_no_longer_holds_is_loaded_again(
     engine: Engine, scripts_flushed: None
 ) -> None:
@@ -74,6 +75,7 @@ def test_a_script_redis_no_longer_holds_is_loaded_again(
     assert get_redis().script_exists(engine.scripts.sha("held")) == [True]
 
 
+@pytest.mark.single_redis
 def test_a_connection_the_server_closed_is_replaced_before_use(engine: Engine) -> None:
     held_count(engine)
     first = int(engine.client.client_id())
