@@ -3,7 +3,7 @@ HTTP, in a loop, for one tenant on one pool, alternating between the API servers
 file appears, and writes what each call answered as one JSON line:
 
     {"op": "reserve" | "commit", "rid": ..., "status": ..., "degraded": ...,
-     "started": ..., "ended": ..., "retry_after": ...}
+     "started": ..., "ended": ..., "retry_after": ..., "error": <the body of a 4xx or 5xx>}
 
 `started` and `ended` are the monotonic clock, which every process of the machine shares. A
 commit answered 503 (or a refused connection) is tried again once between two reservations
@@ -67,6 +67,7 @@ def drive(ports: list[int], key: str, model: str, pool: str, out: TextIO, stop: 
             "started": started,
             "ended": time.monotonic(),
             "retry_after": retry_after,
+            "error": body if status >= 400 else None,
         }
         out.write(json.dumps(line) + "\n")
         out.flush()

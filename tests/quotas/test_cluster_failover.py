@@ -28,6 +28,7 @@ from quotas.engine.core import KeySpace
 from quotas.engine.partitions import partition_tags, tenant_partition
 from quotas.keys import api_key_create
 from quotas.models import Limit
+from quotas.plan.load import RECHECK_SECONDS
 from tenants.models import Tenant
 from tests.factories import FeatureFactory, LanguageModelFactory, PoolFactory, TenantFactory
 from tests.fakes.redis_cluster import RedisCluster
@@ -139,14 +140,27 @@ def _tenants(cluster: RedisCluster, masters: dict[int, int]) -> list[Driven]:
     return sorted(driven.values(), key=lambda d: d.partition)
 
 
+HOME_LOST = pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="a process that checks its plan's version while the home partition's master is "
+    "down reloads it at version -1 (quotas/plan/load.py _version_or_unknown): every "
+    "partition's script then finds it stale, and every decision, on every shard and on "
+    "fail-open pools too, answers 503 'The configuration is changing' until the failover ends",
+)
+
+
+@pytest.mark.parametrize("lost", ["other", pytest.param("home", marks=HOME_LOST)])
 def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fail_mode(
-    cluster: RedisCluster, tmp_path: Path
+    cluster: RedisCluster, tmp_path: Path, lost: str
 ) -> None:
     """Two clients per tenant (one on the fail-closed pool, one on the fail-open pool) drive
     reserve+commit through two gunicorn servers for a tenant on each of the 3 masters; once
-    every client has its commits, the master of one tenant's partition (never the home
-    partition's, which holds the configuration's version every process reads) is SIGKILLed,
-    and traffic goes on through the failover and AFTER seconds past it.
+    every client has its commits, the master of one tenant's partition is SIGKILLed ("other":
+    a master without the home partition; "home": the master of the home partition, which holds
+    the configuration's version every process reads and the degraded grants' events), timed so
+    that the failover spans the servers' periodic check of that version, and traffic goes on
+    through the failover and AFTER seconds past it.
 
     Asserted: no answer but 200/201/503 (no 500, no refused connection, no 429 since the
     limits are out of reach, no 404 but for a commit of a lease the failover lost). The other
@@ -166,7 +180,7 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
     client.close()
 
     driven = _tenants(cluster, masters)
-    victim = next(d for d in driven if d.master != masters[0])
+    victim = next(d for d in driven if (d.master == masters[0]) == (lost == "home"))
     others = [d for d in driven if d is not victim]
 
     env = process_env(
@@ -196,7 +210,14 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
         try:
             wait_until(commits_done, seconds=60, what="every client's first commits")
             steady_from = time.monotonic()
-            time.sleep(BEFORE_KILL)
+            # The kill lands so that the failover spans the moment the servers' processes
+            # check the store's version again (each RECHECK_SECONDS after it loaded its plan,
+            # at its first call): the worst moment when the home partition is the one lost.
+            first_call = min(r["started"] for _, _, out, _ in clients for r in read_records(out))
+            kill_at = first_call + RECHECK_SECONDS - 1.5
+            while kill_at < steady_from + BEFORE_KILL:
+                kill_at += RECHECK_SECONDS
+            time.sleep(kill_at - time.monotonic())
             killed_at = time.monotonic()
             cluster.kill_master(victim.master)
             cluster.wait_failover()
@@ -264,10 +285,12 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
     for tenant in others:
         recorded = set(reserved_events(cluster, partitions[tenant.partition]))
         assert tenant.grants() <= recorded, sorted(tenant.grants() - recorded)[:5]
-    recorded = set(reserved_events(cluster, partitions[victim.partition]))
-    lost = victim.grants() - recorded
+    events = reserved_events(cluster, partitions[victim.partition])
+    recorded = {rid for rid, event in events.items() if event.get("degraded") != "1"}
+    lost_grants = victim.grants() - recorded
+    unseen = recorded - victim.grants()  # granted by the store, never told to a client
     # a commit answered 404 is one of a lease the failover lost
-    assert {r["rid"] for r in missing} <= lost
+    assert {r["rid"] for r in missing} <= lost_grants
     steady = [
         r
         for r in victim.calls(op="reserve")
@@ -283,15 +306,18 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
     )
     first_bad = min(r["started"] for r in abnormal)
     last_bad = max(r["ended"] for r in abnormal)
+    refused = max(r["ended"] for r in unavailable) - min(r["started"] for r in unavailable)
     print(
         f"\nfailover: the cluster settled {failed_over - killed_at:.1f} s after the kill; "
         f"the lost shard's callers saw it from {first_bad - killed_at:+.2f} s "
         f"to {last_bad - killed_at:.2f} s after the kill; "
-        f"{len(unavailable)} answers 503 ({len(closed_reserves)} reservations), "
+        f"{len(unavailable)} answers 503 ({len(closed_reserves)} reservations) "
+        f"over {refused:.2f} s, "
         f"{len(degraded)} degraded grants, {len(missing)} commits 404; "
         f"{len(victim.grants())} grants of the lost shard's tenant ({rate:.0f}/s before), "
-        f"{len(lost)} of them missing from its stream after the failover; "
+        f"{len(lost_grants)} of them missing from its stream after the failover "
+        f"({len(unseen)} recorded there that no client was told of); "
         f"{sum(len(t.calls()) for t in others)} calls of the other tenants, all normal "
         f"(the slowest during the failover {stalled * 1000:.0f} ms)"
     )
-    assert len(lost) <= max(1.0, LOSS_SECONDS * rate), (len(lost), rate)
+    assert len(lost_grants) <= max(1.0, LOSS_SECONDS * rate), (len(lost_grants), rate)
