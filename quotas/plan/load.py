@@ -112,6 +112,10 @@ def _version_moved(plan: Plan) -> bool:
     """Whether the store's version is not the plan's; a store without one is at the
     database's version the plan was loaded with (see plan_load)."""
     version = _version_or_unknown()
+    if version == -1:
+        # unreadable (the home partition's shard failing over): nothing says the plan moved,
+        # and a plan reloaded now would carry -1, which every partition answers as stale
+        return False
     return (plan.stored_version if version is None else version) != plan.version
 
 

@@ -140,17 +140,7 @@ def _tenants(cluster: RedisCluster, masters: dict[int, int]) -> list[Driven]:
     return sorted(driven.values(), key=lambda d: d.partition)
 
 
-HOME_LOST = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a process that checks its plan's version while the home partition's master is "
-    "down reloads it at version -1 (quotas/plan/load.py _version_or_unknown): every "
-    "partition's script then finds it stale, and every decision, on every shard and on "
-    "fail-open pools too, answers 503 'The configuration is changing' until the failover ends",
-)
-
-
-@pytest.mark.parametrize("lost", ["other", pytest.param("home", marks=HOME_LOST)])
+@pytest.mark.parametrize("lost", ["other", "home"])
 def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fail_mode(
     cluster: RedisCluster, tmp_path: Path, lost: str
 ) -> None:
