@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from rest_framework.test import APIClient
@@ -63,9 +63,9 @@ class Neighbour:
 @pytest.fixture
 def neighbour(three_partitions: Engine, world: Any) -> Neighbour:
     home = three_partitions.tenant_space(world.tenant.id)
-    tenant = TenantFactory(slug="globex")
+    tenant = cast(Tenant, TenantFactory(slug="globex"))
     while three_partitions.tenant_space(tenant.id) is home:
-        tenant = TenantFactory()
+        tenant = cast(Tenant, TenantFactory())
     FeatureFactory(tenant=tenant, slug="chat", priority="interactive")
     secret = api_key_create(tenant=tenant, name="test").secret
     plans.clear()
