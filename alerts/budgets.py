@@ -17,7 +17,7 @@ from alerts.state import Firing, alert_fire, alert_resolve, ms_to_datetime
 from quotas.engine.periods import periods_around
 from quotas.models import Limit
 from quotas.plan import LimitInfo, plan_load
-from quotas.store import get_engine
+from quotas.usage import limit_states
 
 BUDGET_WINDOWS = ("hour", "day", "month")
 # A threshold alert resolves once usage is this share of the cap below its threshold: a
@@ -67,13 +67,12 @@ class Reading:
 def budgets_read(*, now_ms: int) -> list[Reading]:
     """Every calendar budget with an amount, read in one script call."""
     plan = plan_load()  # fresh: an evaluation must see the limits as they are now
-    engine = get_engine()
     limits = Limit.objects.filter(window__in=BUDGET_WINDOWS, amount__isnull=False)
     rows = [row for row in limits.select_related("tenant", "feature") if row.id in plan.limits]
-    checks = [plan.inspection_check(plan.limits[row.id], engine.keys, now_ms) for row in rows]
-    states = engine.inspect(checks)
+    # a tenant's budget on its partition, a shared one summed over them (quotas.usage)
+    states = limit_states(plan, [plan.limits[row.id] for row in rows], now_ms=now_ms)
     readings = []
-    for row, check, state in zip(rows, checks, states, strict=True):
+    for row, (check, state) in zip(rows, states, strict=True):
         info = plan.limits[row.id]
         _, start, stop, _ = periods_around(info.timezone, info.window, int(state["now_ms"]))
         readings.append(

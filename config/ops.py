@@ -21,10 +21,12 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from redis.cluster import RedisCluster
+from redis.exceptions import RedisClusterException
 
 from ledger.metrics import LedgerCollector, ledger_lag_seconds
 from quotas.plan import plans
-from quotas.store import get_redis
+from quotas.store import get_engine, get_redis
 
 log = logging.getLogger(__name__)
 Check = Callable[[], dict[str, Any]]
@@ -44,8 +46,37 @@ def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def _redis() -> dict[str, Any]:
-    get_redis().ping()
-    return {"ok": True}
+    """The quota store answers: one Redis, or on a Redis Cluster the master of every
+    partition's slot (each partition's decisions need its own; quotas/engine/partitions.py)."""
+    client = get_redis()
+    if not isinstance(client, RedisCluster):
+        client.ping()  # every partition lives on this one Redis
+        return {"ok": True}
+    spaces = get_engine().spaces
+    masters: dict[str, list[int]] = {}
+    unreachable = []
+    for space in spaces:
+        try:
+            node = client.get_node_from_key(space.version)
+        except RedisClusterException:  # a slot no master serves now
+            unreachable.append(space.index)
+            continue
+        masters.setdefault(node.name, []).append(space.index)
+    errors = []
+    for name, indices in masters.items():
+        try:
+            client.ping(target_nodes=client.get_node(node_name=name))
+        except redis.RedisError as exc:
+            unreachable.extend(indices)
+            errors.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
+    body: dict[str, Any] = {"ok": not unreachable, "partitions": len(spaces)}
+    body["masters"] = len(masters)
+    if unreachable:
+        body["unreachable_partitions"] = sorted(unreachable)
+        if errors:
+            body["error"] = "; ".join(errors)[:300]
+        log.info("not ready: quota partitions %s unreachable", sorted(unreachable))
+    return body
 
 
 def _database() -> dict[str, Any]:

@@ -14,8 +14,8 @@ from django.conf import settings
 from django.core import mail
 from django.utils import timezone
 
-import alerts.budgets
 import alerts.services
+import quotas.usage
 from alerts.models import Alert, AlertRule, Delivery, Notification
 from alerts.services import alerts_run
 from ledger.models import Grain, UsageRollup
@@ -306,8 +306,9 @@ def test_with_the_store_down_budget_alerts_stay_and_the_ledgers_rules_still_run(
     dead = Engine(
         redis_client(DEAD_STORE),
         hash_tag=settings.QUOTA_HASH_TAG,
+        partitions=settings.QUOTA_PARTITIONS,
     )
-    monkeypatch.setattr(alerts.budgets, "get_engine", lambda: dead)
+    monkeypatch.setattr(quotas.usage, "get_engine", lambda: dead)  # budgets read through it
     monkeypatch.setattr(alerts.services, "get_engine", lambda: dead)
     UsageRollup.objects.create(
         grain=Grain.MINUTE,

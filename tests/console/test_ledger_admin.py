@@ -29,7 +29,8 @@ def test_superusers_see_the_ledger_and_repair_drift_from_the_drift_page(
     usage_ingest()
     rollups_update()
     plan, engine = plans.get(), get_engine()
-    check = plan.inspection_check(plan.limits[day.id], engine.keys, engine.now_ms_estimate())
+    space = engine.tenant_space(world.tenant.id)  # where the tenant's budget is counted
+    check = plan.inspection_check(plan.limits[day.id], space, engine.now_ms_estimate())
     engine.client.incrby(check.periods[1].key, 42)
     root = get_user_model().objects.create_superuser("root", "root@example.com", "pw")
     client = Client()

@@ -24,7 +24,6 @@ import logging
 import multiprocessing
 import os
 import random
-import secrets
 import threading
 import time
 import traceback
@@ -122,16 +121,25 @@ def api_key(world: World) -> KeyInfo:
 # Read-only and atomic like every engine script: the named counters (each pattern summed, so
 # that a budget's periods add up), then every lease, as they are at one instant. The leases go
 # back raw: decoding them here would stall Redis for everyone else.
+# Each argument is one pattern per partition, separated by spaces: a limit that tenants share
+# counts on every partition.
 SNAPSHOT_LUA = """
+local function matching(patterns)
+  local keys = {}
+  for pattern in string.gmatch(patterns, '%S+') do
+    for _, key in ipairs(redis.call('KEYS', pattern)) do keys[#keys + 1] = key end
+  end
+  return keys
+end
 local out = {}
 for i = 2, #ARGV do
   local total = 0
-  for _, key in ipairs(redis.call('KEYS', ARGV[i])) do
+  for _, key in ipairs(matching(ARGV[i])) do
     total = total + tonumber(redis.call('GET', key) or '0')
   end
   out[#out + 1] = string.format('%.0f', total)
 end
-for _, key in ipairs(redis.call('KEYS', ARGV[1])) do
+for _, key in ipairs(matching(ARGV[1])) do
   out[#out + 1] = redis.call('GET', key)
 end
 return out
@@ -179,12 +187,14 @@ class Snapshot:
 
 def snapshot(ids: dict[str, int], engine: Engine | None = None) -> Snapshot:
     engine = engine or get_engine()
-    keys = engine.keys
     patterns = [
-        keys.lease_prefix + "*",
-        f"{keys.prefix}p:{ids['day_tokens']}:*",
-        f"{keys.prefix}p:{ids['month_cost']}:*",
-        keys.concurrency(ids["concurrent"]),
+        " ".join(pattern for keys in engine.spaces for pattern in each(keys))
+        for each in (
+            lambda keys: [keys.lease_prefix + "*"],
+            lambda keys: [f"{keys.prefix}p:{ids['day_tokens']}:*"],
+            lambda keys: [f"{keys.prefix}p:{ids['month_cost']}:*"],
+            lambda keys: [keys.concurrency(ids["concurrent"])],
+        )
     ]
     reply = engine.client.eval(SNAPSHOT_LUA, 0, *patterns)
     leases = {}
@@ -213,12 +223,15 @@ class Samples:
     peak: dict[str, float] = field(default_factory=dict)  # highest used / amount seen
 
 
-def sample_limits(engine: Engine, plan: Plan, names: dict[int, str], into: Samples) -> None:
+def sample_limits(
+    engine: Engine, plan: Plan, names: dict[int, str], into: Samples, tenant_id: int
+) -> None:
     """One look at every limit through the engine: no budget or concurrency counter above its
     amount, no minute bucket below empty (no commit here overruns its reservation)."""
     infos = [plan.limits[limit_id] for limit_id in names]
-    checks = [plan.inspection_check(info, engine.keys, engine.now_ms_estimate()) for info in infos]
-    for check, state in zip(checks, engine.inspect(checks), strict=True):
+    space = engine.tenant_space(tenant_id)  # the clients' tenant, alone on the pool
+    checks = [plan.inspection_check(info, space, engine.now_ms_estimate()) for info in infos]
+    for check, state in zip(checks, engine.inspect(checks, space=space), strict=True):
         name = names[check.limit_id]
         used = float(state["used"])
         if check.kind == "b":
@@ -241,7 +254,7 @@ def _monitor_main(
         names = {limit_id: name for name, limit_id in ids.items()}
         books_due = 0.0
         while not stop.is_set():
-            sample_limits(engine, plan, names, samples)
+            sample_limits(engine, plan, names, samples, spec.tenant_id)
             if time.monotonic() >= books_due:  # Redis's books: heavier, every 20 ms or so
                 samples.violations.extend(
                     f"snapshot {samples.snapshots}: {problem}"
@@ -381,6 +394,7 @@ class EngineSpec:
 
     redis_url: str
     hash_tag: str
+    partitions: int
     retention_ms: int
     stream_maxlen: int
     version: int
@@ -397,12 +411,18 @@ def engine_spec(world: World) -> EngineSpec:
         feature = plan.features[(world.tenant.id, slug)]
         pools = plan.candidate_pools(feature, world.model.name, None)
         options = plan.options(
-            feature, pools, world.model.name, feature.priority, engine.keys, engine.now_ms()
+            feature,
+            pools,
+            world.model.name,
+            feature.priority,
+            engine.tenant_space(world.tenant.id),
+            engine.now_ms(),
         )
         features[slug] = (feature.id, options)
     return EngineSpec(
         redis_url=settings.REDIS_URL,
         hash_tag=settings.QUOTA_HASH_TAG,
+        partitions=len(engine.spaces),
         retention_ms=engine.retention_ms,
         stream_maxlen=engine.stream_maxlen,
         version=plan.version,
@@ -417,6 +437,7 @@ def engine_for(spec: EngineSpec) -> Engine:
     return Engine(
         redis.Redis.from_url(spec.redis_url),
         hash_tag=spec.hash_tag,
+        partitions=spec.partitions,
         retention_ms=spec.retention_ms,
         stream_maxlen=spec.stream_maxlen,
     )
@@ -436,7 +457,7 @@ class EngineBackend:
         feature_id, options = self.spec.features[feature]
         model = self.spec.model
         call = ReserveCall(
-            reservation_id="rsv_" + secrets.token_hex(12),
+            reservation_id=self.engine.reservation_id(self.spec.tenant_id),
             version=self.spec.version,
             tenant_id=self.spec.tenant_id,
             feature_id=feature_id,
@@ -987,7 +1008,7 @@ def test_32_simultaneous_requests_with_one_idempotency_key_reserve_once(
 
     events = Counter(
         (fields[b"type"].decode(), fields[b"rid"].decode())
-        for _, fields in engine.client.xrange(engine.keys.events)
+        for _, fields in engine.client.xrange(engine.tenant_space(world.tenant.id).events)
     )
     assert sorted(events.values()) == [1] * 6, events  # reserved and committed, once each
     print(f"\n[idempotency] 3 rounds x 32 simultaneous reserves and commits: {len(events)} events")
@@ -1051,8 +1072,9 @@ def test_lease_expiry_racing_commits_and_the_reaper_settles_each_lease_once(
         try:
             results = run_threads(threads, client, timeout=40)
             engine = get_engine()
+            space = engine.tenant_space(world.tenant.id)
             give_up = time.monotonic() + 10
-            while engine.client.zcard(engine.keys.leases) and time.monotonic() < give_up:
+            while engine.client.zcard(space.leases) and time.monotonic() < give_up:
                 time.sleep(0.05)  # the reaper expires the last abandoned leases
         finally:
             stop_reaper.set()
@@ -1065,9 +1087,9 @@ def test_lease_expiry_racing_commits_and_the_reaper_settles_each_lease_once(
     final = snapshot(ids)
     assert not final.disagreements()
     assert final.counters["concurrent"] == 0
-    assert engine.client.zcard(engine.keys.leases) == 0
+    assert engine.client.zcard(space.leases) == 0
     events: defaultdict[str, Counter[str]] = defaultdict(Counter)
-    for _, fields in engine.client.xrange(engine.keys.events):
+    for _, fields in engine.client.xrange(space.events):
         events[fields[b"rid"].decode()][fields[b"type"].decode()] += 1
 
     expected_tokens = expected_cost = 0
@@ -1128,5 +1150,6 @@ def test_a_partial_grant_never_takes_a_cost_budget_past_its_amount(world: World)
     assert isinstance(grant, Grant)
     assert grant.output_tokens == 10_500  # the budget sized the grant
     plan, engine = plans.get(), get_engine()
-    check = plan.inspection_check(plan.limits[budget.id], engine.keys, engine.now_ms_estimate())
-    assert engine.inspect([check])[0]["used"] <= check.cap  # used: 132,001 of 132,000
+    space = engine.tenant_space(world.tenant.id)
+    check = plan.inspection_check(plan.limits[budget.id], space, engine.now_ms_estimate())
+    assert engine.inspect([check], space=space)[0]["used"] <= check.cap  # used: 132,001 of 132,000

@@ -78,7 +78,7 @@ def _post(path: str, key: str, body: dict[str, Any] | None = None) -> dict[str, 
 def _events(client: redis.Redis, rid: str) -> list[dict[str, str]]:
     return [
         {name.decode(): value.decode() for name, value in fields.items()}
-        for _, fields in client.xrange(get_engine().keys.events)
+        for _, fields in client.xrange(get_engine().reservation_space(rid).events)
         if fields[b"rid"].decode() == rid
     ]
 

@@ -19,7 +19,7 @@ import quotas.degraded
 import quotas.reservations
 from quotas.engine.core import Engine
 from quotas.plan import plans
-from quotas.store import StoreBusyError, config_version_key, redis_client
+from quotas.store import StoreBusyError, redis_client
 from tests.fakes.redis_server import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(
@@ -35,8 +35,11 @@ def own_store(world: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> It
     store.start()
     try:
         client = redis_client(store.url)
-        client.set(config_version_key(), plans.get().version)
-        engine = Engine(client, hash_tag=settings.QUOTA_HASH_TAG)
+        engine = Engine(
+            client, hash_tag=settings.QUOTA_HASH_TAG, partitions=settings.QUOTA_PARTITIONS
+        )
+        for space in engine.spaces:  # each partition checks a plan against its own copy
+            client.set(space.version, plans.get().version)
         monkeypatch.setattr(quotas.reservations, "get_engine", lambda: engine)
         quotas.degraded._spool.clear()
         yield client
@@ -98,7 +101,8 @@ def test_a_fail_open_pool_admits_degraded_when_the_store_cannot_write(
     world.pool.fail_mode = "open"
     world.pool.save()
     plans.clear()
-    own_store.set(config_version_key(), plans.get().version)  # the save bumped it
+    for space in quotas.reservations.get_engine().spaces:  # the save bumped it
+        own_store.set(space.version, plans.get().version)
     trouble(own_store)
 
     admitted = reserve()
@@ -122,10 +126,11 @@ def test_a_script_holding_the_store_is_an_outage(reserve: Any, own_store: redis.
 
 
 def test_an_error_of_the_script_itself_stays_a_logged_500(
-    reserve: Any, own_store: redis.Redis, caplog: pytest.LogCaptureFixture
+    world: Any, reserve: Any, own_store: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    own_store.delete(config_version_key())
-    own_store.hset(config_version_key(), "v", 1)  # WRONGTYPE for the script's GET
+    version = quotas.reservations.get_engine().tenant_space(world.tenant.id).version
+    own_store.delete(version)
+    own_store.hset(version, "v", 1)  # WRONGTYPE for the script's GET
 
     assert error_of(reserve(), 500) == "internal_error"
     assert "WRONGTYPE" in caplog.text

@@ -957,7 +957,7 @@ def _events(rid: str) -> list[dict[bytes, bytes]]:
     engine = get_engine()
     return [
         fields
-        for _, fields in engine.client.xrange(engine.keys.events)
+        for _, fields in engine.client.xrange(engine.reservation_space(rid).events)
         if fields.get(b"rid") == rid.encode()
     ]
 
