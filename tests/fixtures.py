@@ -16,7 +16,6 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from providers.models import LanguageModel, Pool
-from quotas.allotments import split_checks
 from quotas.keys import api_key_create
 from quotas.models import Limit
 from quotas.plan import plans
@@ -91,8 +90,6 @@ class World:
         limit.full_clean()
         limit.save()
         plans.clear()
-        if limit.tenant_id is None and limit.feature_id is None:
-            allotments_concentrate(self.tenant.pk)
         return limit
 
 
@@ -102,21 +99,6 @@ def store_client() -> redis.Redis:
     if settings.QUOTA_REDIS_CLUSTER_NODES:
         return cast(redis.Redis, cluster_client(settings.QUOTA_REDIS_CLUSTER_NODES))
     return redis.Redis.from_url(settings.REDIS_URL)
-
-
-def allotments_concentrate(tenant_id: int) -> None:
-    """On a partitioned store (the cluster pass), what the rebalancer converges to while one
-    tenant alone asks: every shared limit's units on that tenant's partition, so that a test
-    of a pool's limits sees the whole pool. Nothing on one partition."""
-    engine = get_engine()
-    if not engine.partitioned:
-        return
-    plan, now_ms = plans.get(), engine.now_ms_estimate()
-    home = engine.tenant_space(tenant_id)
-    for space in (*(s for s in engine.spaces if s is not home), home):  # takes, then gives
-        checks = split_checks(plan, space, now_ms)
-        whole = {c.limit_id: (c.rate or c.cap) if space is home else 0 for c in checks}
-        engine.allotments_move(space, checks, whole)
 
 
 @pytest.fixture

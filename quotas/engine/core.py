@@ -333,17 +333,16 @@ class Engine:
     def pressure_state(self, pool_id: int) -> dict[str, float]:
         """A pool's adaptive share and breaker as the scripts keep them (pressure.lua), with
         the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed). Each
-        partition keeps its own: the share is their mean, the breaker the latest open."""
-        shares, opens = [], []
+        partition keeps its own, learnt from its own tenants' calls: the share shown is the
+        lowest any partition adapted to, the breaker the latest open."""
+        shares, opens = [1.0], [0.0]
         for space in self.spaces:
             share, open_until = self.client.hmget(space.pressure(pool_id), "s", "o")
-            shares.append(float(share) if share is not None else 1.0)
-            opens.append(float(open_until) if open_until is not None else 0.0)
-        return {
-            "share": sum(shares) / len(shares),
-            "open_until_ms": max(opens),
-            "now_ms": float(self.now_ms()),
-        }
+            if share is not None:
+                shares.append(float(share))
+            if open_until is not None:
+                opens.append(float(open_until))
+        return {"share": min(shares), "open_until_ms": max(opens), "now_ms": float(self.now_ms())}
 
     def now_ms(self) -> int:
         if self.frozen_ms is not None:

@@ -59,6 +59,15 @@ local function allot_scale(check, units)
   end
 end
 
+-- The whole limit's figure for one of this partition's (`value` at its allotment: its depth,
+-- its refill, the refill at the pool's adaptive share; nil stays nil): what an answer names
+-- as the limit's cap and configured amount.
+local function allot_whole_cap(check, value)
+  if not value or not check.whole then return value end
+  if check.al <= 0 then return check.whole end
+  return math.floor(check.whole * value / check.al + 0.5)
+end
+
 -- Reserve and inspect: scale the split checks among `checks` to this partition's
 -- allotments. One HMGET; writes nothing.
 local function allot_apply(checks, part)

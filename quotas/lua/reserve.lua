@@ -71,11 +71,17 @@ local function shape(check)
   else check.a, check.b = 1, 0 end
 end
 
+-- Whether `need`, which never fits this partition's part of a split limit, would fit the
+-- whole amount: the rebalancer moves units to the partitions that ask (allot.lua).
+local function short_here(check, need)
+  return check.sp and check.al < check.whole and need <= check.whole
+end
+
 -- Milliseconds until `need` fits in a check that refused, or nil when it never will.
 local function retry_ms(check, need)
   if check.kind == 'p' then
     if need > check.cap then
-      if check.sp and need <= check.whole then return req.part.r end
+      if short_here(check, need) then return req.part.r end
       return nil
     end
     return check.reset_ms - now
@@ -83,8 +89,7 @@ local function retry_ms(check, need)
   if check.kind == 'c' then return nil end
   -- the most this caller can ever have: capacity less protected shares and others' guarantees
   if check.growth <= 0 or need > check.most then
-    -- a split limit whose allotment here is too small: the rebalancer moves units to it
-    if check.sp and need <= check.whole then return req.part.r end
+    if short_here(check, need) then return req.part.r end
     return nil
   end
   return math.ceil((need - check.headroom + check.line) * 60000 / check.growth)
@@ -95,7 +100,8 @@ local function refusal(check, need)
   if check.kind == 'p' then reason = 'budget_exhausted' end
   if check.kind == 'c' then reason = 'concurrency' end
   return {granted = false, reason = reason, limit = check.id, remaining = check.headroom,
-          cap = check.cap, needed = need, retry_ms = retry_ms(check, need), now_ms = now}
+          cap = allot_whole_cap(check, check.cap), needed = need,
+          retry_ms = retry_ms(check, need), now_ms = now}
 end
 
 local function later(a, b)
@@ -171,9 +177,8 @@ end
 
 -- A check's entry in the answer's `limits`, once debited.
 local function describe(check)
-  local d = {id = check.id, cap = check.rate or check.cap, cfg = check.cfg}
-  -- a split limit answers with its whole amount; what remains is this partition's part
-  if check.whole then d.cap = check.whole end
+  local d = {id = check.id, cap = allot_whole_cap(check, check.rate or check.cap),
+             cfg = allot_whole_cap(check, check.cfg)}
   if check.kind == 'p' then
     d.remaining, d.reset_ms = check.cap - check.used - check.amt, check.reset_ms
   elseif check.kind == 'c' then

@@ -29,7 +29,6 @@ from quotas.plan.load import plan_load
 from quotas.store import get_engine, redis_client
 from tests.factories import FeatureFactory, TenantFactory, TenantOwnerFactory, UserFactory
 from tests.fixtures import DEAD_STORE
-from tests.partitions import PARTITIONED
 
 
 @pytest.fixture(autouse=True)
@@ -744,12 +743,6 @@ def test_a_guarantee_is_drawn_as_a_guarantee_not_as_a_cap(world: Any, owners: An
     assert 'value="20000"' in page.content.decode()
 
 
-@pytest.mark.xfail(
-    PARTITIONED,
-    strict=True,
-    reason="Engine.pressure_state: the share is the plain mean of the partitions' (0.9 when "
-    "the one partition in use is at 0.7), not weighted by what each holds of the pool",
-)
 def test_the_pool_page_shows_the_share_and_breaker_now_and_over_the_last_hours(
     world: Any, reserve: Any, owners: Any
 ) -> None:

@@ -7,7 +7,7 @@ from tests.partitions import lone_tenant_allotments
 __all__ = ["lone_tenant_allotments"]
 
 # the engine's own tests, and the degraded store's, look at the split itself
-OWN_PARTITIONS = ("engine", "test_degraded.py")
+OWN_PARTITIONS = ("engine", "test_degraded.py", "test_allotments.py", "test_tasks.py")
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,7 @@ from quotas.usage import limit_states
 from quotas.validation import limit_describe
 from tests.factories import FeatureFactory, PoolFactory
 from tests.fixtures import World
-from tests.partitions import PARTITIONED, allot_shared
+from tests.partitions import allot_shared
 
 
 def state(limit: Limit) -> dict[str, Any]:
@@ -532,12 +532,6 @@ def test_retry_after_counts_only_guarantees_that_are_refilling(world: World, res
     )
 
 
-@pytest.mark.xfail(
-    PARTITIONED,
-    strict=True,
-    reason="reserve.lua retry_ms: a split limit answers the rebalancer's period whenever the "
-    "need fits its whole amount, even when this partition holds all of it",
-)
 def test_a_request_beyond_what_others_guarantees_leave_gets_no_retry_time(
     world: World, reserve: Any
 ) -> None:

@@ -18,7 +18,6 @@ from quotas.reservations import get_engine
 from quotas.store import config_version_bump, config_version_read
 from tenants.models import Feature
 from tests.fixtures import World
-from tests.partitions import PARTITIONED
 
 
 @pytest.fixture
@@ -331,12 +330,6 @@ def _pool_limit(answer: dict[str, Any], metric: str) -> dict[str, Any]:
     )
 
 
-@pytest.mark.xfail(
-    PARTITIONED,
-    strict=True,
-    reason="reserve.lua describe: a split limit answers its whole configured amount as cap, "
-    "not scaled by the pool's adaptive share",
-)
 def test_a_released_provider_429_adapts_the_pool_and_the_answer_shows_it(
     world: World, reserve: Any
 ) -> None:

@@ -119,11 +119,6 @@ def test_a_reservation_answers_a_shared_limit_with_its_whole_amount(
     assert shown["remaining"] == 29_000  # what this partition can still admit
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reserve.lua refusal(): a split limit's refusal answers this partition's allotment "
-    "as cap, not the whole amount",
-)
 def test_a_refusal_by_a_shared_limit_names_its_whole_amount(
     three_partitions: Engine, world: Any, neighbour: Neighbour
 ) -> None:
