@@ -105,10 +105,14 @@ def test_a_redis_with_an_aof_killed_mid_traffic_keeps_its_budget_and_acknowledge
 def _kill_worker_mid_batch(deployed: Deployment) -> int:
     """SIGKILLs the worker as soon as it holds entries it read and has not acknowledged;
     returns how many it left pending (0 when it acknowledged them before the signal landed)."""
-    stream = deployed.stream
-    wait_until(lambda: stream.pending() > 0, seconds=20, what="the worker to read a batch")
+    streams = deployed.streams  # every partition's
+
+    def pending() -> int:
+        return sum(stream.pending() for stream in streams)
+
+    wait_until(lambda: pending() > 0, seconds=20, what="the worker to read a batch")
     deployed.services.kill_worker()
-    return stream.pending()
+    return pending()
 
 
 def test_a_worker_killed_mid_batch_under_traffic_loses_and_duplicates_nothing(
