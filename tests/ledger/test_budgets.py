@@ -10,12 +10,13 @@ import pytest
 from django.core.management import call_command
 
 from ledger.reconcile import budgets_reconcile
-from ledger.services import entries_batch_write, usage_ingest, usage_stream
+from ledger.services import entries_batch_write, usage_ingest
 from quotas.engine.stream import UsageStream
 from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.fixtures import World
+from tests.ledger.partitions import space_of, stream_of
 
 pytestmark = pytest.mark.django_db
 
@@ -44,8 +45,12 @@ def test_no_drift_when_every_event_is_in_the_ledger(world: World, reserve: Any) 
 
     report = budgets_reconcile()
 
-    assert len(report.rows) == 2 and report.drifted == []
-    assert all(row.redis > 0 for row in report.rows)
+    # the day budget on the tenant's partition; the pool's month budget there too, and on a
+    # partitioned store on every other partition as well (split), where nothing was used
+    assert len(report.rows) == 1 + len(get_engine().spaces) and report.drifted == []
+    here = [row for row in report.rows if row.period.key.startswith(space_of(world).prefix)]
+    assert len(here) == 2 and all(row.redis > 0 for row in here)
+    assert all(row.redis == 0 for row in report.rows if row not in here)
 
 
 def test_events_not_yet_ingested_or_not_yet_acknowledged_are_no_drift(
@@ -53,7 +58,7 @@ def test_events_not_yet_ingested_or_not_yet_acknowledged_are_no_drift(
 ) -> None:
     budgets(world)
     some_traffic(world, reserve)
-    stream = usage_stream()
+    stream = stream_of(world)
     stream.ensure_group()
     monkeypatch.setattr(UsageStream, "ack", lambda self, ids: 0)  # committed, never acked
     entries_batch_write(stream=stream, entries=stream.read("w1", count=3))
@@ -68,9 +73,9 @@ def test_injected_drift_is_reported_and_repaired(world: World, reserve: Any) -> 
     some_traffic(world, reserve)
     usage_ingest()
     right = {row.period.key: row.redis for row in budgets_reconcile().rows}
-    client = get_engine().client
-    day_key = next(k for k in right if f":p:{day.id}:" in k)
-    month_key = next(k for k in right if f":p:{month.id}:" in k)
+    client, prefix = get_engine().client, space_of(world).prefix
+    day_key = next(k for k in right if k.startswith(f"{prefix}p:{day.id}:"))
+    month_key = next(k for k in right if k.startswith(f"{prefix}p:{month.id}:"))
     client.incrby(day_key, 777)  # a lost refund
     client.delete(month_key)  # a lost key
 
@@ -91,7 +96,7 @@ def test_the_drift_command_lists_only_drifted_budgets(world: World, reserve: Any
     some_traffic(world, reserve, n=2)
     usage_ingest()
     plan, engine = plans.get(), get_engine()
-    check = plan.inspection_check(plan.limits[day.id], engine.keys, engine.now_ms_estimate())
+    check = plan.inspection_check(plan.limits[day.id], space_of(world), engine.now_ms_estimate())
     engine.client.incrby(check.periods[1].key, -5)
 
     out = StringIO()
@@ -100,4 +105,4 @@ def test_the_drift_command_lists_only_drifted_budgets(world: World, reserve: Any
     lines = out.getvalue().splitlines()
     assert lines[0].split() == ["LIMIT", "KEY", "REDIS", "LEDGER", "DRIFT"]
     assert len(lines) == 3 and lines[1].endswith("-5")
-    assert lines[2] == "2 budgets checked, 1 drifted."
+    assert lines[2] == f"{1 + len(engine.spaces)} budgets checked, 1 drifted."
