@@ -9,22 +9,25 @@ from django.test import override_settings
 
 import quotas.degraded
 import quotas.reservations
-from ledger.models import LedgerState, PoolEvent, Refusal, UsageEvent
+from ledger.models import DeadLetter, LedgerState, PoolEvent, Refusal, UsageEvent
 from ledger.services import (
     consumer_name,
     degraded_leases_expire,
     entries_batch_write,
     usage_ingest,
+    usage_stream,
     usage_stream_trim,
+    usage_streams,
 )
 from quotas.engine import Engine
 from quotas.plan import plans
 from quotas.reservations import get_engine, leases_expire
 from quotas.store import redis_client
 from tests.fixtures import DEAD_STORE, World
-from tests.ledger.partitions import stream_of
+from tests.ledger.partitions import stream_of, tenant_elsewhere, three_partitions
 
 pytestmark = pytest.mark.django_db
+__all__ = ["three_partitions"]  # a fixture
 
 
 def commit(world: World, rid: str, **usage: Any) -> Any:
@@ -335,3 +338,65 @@ def test_a_pools_adaptation_and_breaker_events_become_pool_events_once(
     assert opened.detail["calls"] == "2" and opened.detail["failures"] == "1"
     assert PoolEvent.objects.count() == 2
     assert UsageEvent.objects.get(rid=first).upstream_status == 429
+
+
+# -- a partitioned store: a stream per partition ----------------------------------------------
+
+
+def test_events_of_tenants_on_different_partitions_are_each_written_once_though_ids_repeat(
+    world: World, reserve: Any, three_partitions: Engine
+) -> None:
+    """Two tenants on two partitions reserve and commit, each on its own stream; both streams
+    also hold a pool event and an unreadable entry under the same entry ids. Every reservation
+    is one row, every pool event and dead letter one of its own (named by its partition), and
+    reading everything again changes nothing."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = stream_of(world), usage_stream(engine.tenant_space(other.id).index)
+    assert ours.key != theirs.key
+    rids = {reserve().json()["id"] for _ in range(3)}
+    rids |= {reserve(client=other_client).json()["id"] for _ in range(2)}
+    for rid in sorted(rids)[:3]:
+        response = world.client() if rid.startswith(f"rsv_{ours.partition:02x}") else other_client
+        body = {"input_tokens": 80, "output_tokens": 40}
+        assert (
+            response.post(f"/api/v1/reservations/{rid}/commit", body, format="json").status_code
+            == 200
+        )
+    # the same ids on both streams, past either's last
+    last = max(
+        int(stream.client.xinfo_stream(stream.key)["last-generated-id"].split("-")[0])
+        for stream in (ours, theirs)
+    )
+    pool_event = {"type": "adapted", "pool": "shared", "at_ms": str(last), "share": "0.7000"}
+    unreadable = {"type": "reserved", "rid": "x", "metadata": "[" * 10**5}
+    for stream in (ours, theirs):
+        stream.client.xadd(stream.key, pool_event, id=f"{last + 1}-0")
+        stream.client.xadd(stream.key, unreadable, id=f"{last + 1}-1")
+
+    report = usage_ingest()
+
+    assert report.entries == 3 + 2 + 3 + 4 and report.parked == 2
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == rids
+    assert UsageEvent.objects.filter(state="committed").count() == 3
+    assert {(e.entry_id, e.pool) for e in PoolEvent.objects.all()} == {
+        (f"{ours.partition}:{last + 1}-0", "shared"),
+        (f"{theirs.partition}:{last + 1}-0", "shared"),
+    }
+    assert set(DeadLetter.objects.values_list("entry_id", flat=True)) == {
+        f"{ours.partition}:{last + 1}-1",
+        f"{theirs.partition}:{last + 1}-1",
+    }
+    assert all(stream.backlog() == 0 for stream in usage_streams())
+    assert LedgerState.objects.get().ingested_total == 3 + 2 + 3 + 4 - 2
+
+    rows = list(UsageEvent.objects.order_by("rid").values())
+    for stream in (ours, theirs):  # committed, never acknowledged: read again
+        assert (
+            entries_batch_write(stream=stream, entries=list(stream.client.xrange(stream.key))) == 1
+        )
+    assert usage_ingest().entries == 0
+    assert [dict(row, ingested_ms=0) for row in UsageEvent.objects.order_by("rid").values()] == [
+        dict(row, ingested_ms=0) for row in rows
+    ]
+    assert (PoolEvent.objects.count(), DeadLetter.objects.count()) == (2, 2)
