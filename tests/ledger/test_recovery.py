@@ -14,6 +14,8 @@ from django.core.management import call_command
 from ledger.recovery import store_rebuild
 from ledger.services import usage_ingest
 from quotas import recovery
+from quotas.engine import Engine
+from quotas.engine.core import KeySpace
 from quotas.keys import api_key_create
 from quotas.models import ConfigVersion, Limit
 from quotas.plan import plans
@@ -21,9 +23,10 @@ from quotas.reservations import get_engine, leases_expire
 from quotas.store import config_version_bump, config_version_read
 from tests.factories import TenantFactory
 from tests.fixtures import World
-from tests.ledger.partitions import space_of
+from tests.ledger.partitions import space_of, tenant_elsewhere, three_partitions
 
 pytestmark = pytest.mark.django_db
+__all__ = ["three_partitions"]  # a fixture
 
 HOUR_MS = 3_600_000
 
@@ -397,3 +400,60 @@ def test_a_loss_seen_just_before_a_rebuild_finished_starts_no_other(
 
     assert started == []
     assert not redis_db.exists(get_engine().keys.rebuild_lock)
+
+
+# -- a partitioned store: one partition lost ---------------------------------------------------
+
+
+def partition_dump(client: Any, space: KeySpace) -> dict[bytes, Any]:
+    """Every key of a partition and its value (a stream's entries), its config version and
+    consumer groups aside."""
+    dump: dict[bytes, Any] = {}
+    for key in client.scan_iter(match=space.prefix.replace("{", "[{]") + "*", count=1000):
+        if key == space.version.encode():
+            continue
+        if key == space.events.encode():
+            dump[key] = client.xrange(key)
+        else:
+            dump[key] = client.dump(key)
+    return dump
+
+
+def test_a_lost_partition_alone_is_rebuilt_and_the_others_are_left_as_they_were(
+    three_partitions: Engine, world: World, reserve: Any, redis_db: Any, deployed: None
+) -> None:
+    """Two tenants on two partitions, each with a day budget, a day budget shared by every
+    tenant (split: a counter on each partition) and held reservations. The keys of the first
+    tenant's partition are deleted (its shard lost its data): its next decision sees the loss,
+    and that partition alone is rebuilt from the ledger's rows of its own tenants, with its
+    leases; every other partition keeps every key as it was, and goes on deciding."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = space_of(world), engine.tenant_space(other.id)
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    world.limit(tenant=other, metric="tokens", window="day", amount=5000)
+    shared = world.limit(pool=world.pool, metric="tokens", window="day", amount=30_000)
+    plans.clear()
+    held = traffic(world, reserve)
+    their_held = [reserve(client=other_client, input_tokens=700).json()["id"] for _ in range(2)]
+    assert all(rid.startswith(f"rsv_{theirs.index:02x}") for rid in their_held)
+    usage_ingest()
+    before = {limit.id: state(limit)["used"] for limit in (day, shared)}
+    assert before[shared.id] == before[day.id] > 0  # on acme's partition: acme's usage alone
+    kept = {space.index: partition_dump(redis_db, space) for space in engine.spaces}
+    assert kept[theirs.index] and all(redis_db.exists(theirs.lease(rid)) for rid in their_held)
+
+    for key in redis_db.scan_iter(match=ours.prefix.replace("{", "[{]") + "*"):
+        redis_db.delete(key)  # its shard lost its data
+    assert reserve().status_code == 503  # this one's decisions see the loss: rebuilt
+
+    assert redis_db.exists(ours.version) and redis_db.exists(ours.rebuilt_at)
+    assert {limit.id: state(limit)["used"] for limit in (day, shared)} == before
+    assert all(redis_db.exists(ours.lease(rid)) for rid in held)
+    for space in engine.spaces:
+        if space is not ours:
+            assert partition_dump(redis_db, space) == kept[space.index]
+            assert not redis_db.exists(space.rebuilt_at)
+    assert reserve(client=other_client).status_code == 201
+    assert commit(world, held[0], input_tokens=400, output_tokens=20).status_code == 200
+    assert reserve().status_code == 201
