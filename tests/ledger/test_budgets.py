@@ -9,16 +9,19 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from ledger.models import UsageEvent
 from ledger.reconcile import budgets_reconcile
 from ledger.services import entries_batch_write, usage_ingest
+from quotas.engine import Engine
 from quotas.engine.stream import UsageStream
 from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.fixtures import World
-from tests.ledger.partitions import space_of, stream_of
+from tests.ledger.partitions import space_of, stream_of, tenant_elsewhere, three_partitions
 
 pytestmark = pytest.mark.django_db
+__all__ = ["three_partitions"]  # a fixture
 
 
 def commit(world: World, rid: str, **usage: Any) -> Any:
@@ -106,3 +109,52 @@ def test_the_drift_command_lists_only_drifted_budgets(world: World, reserve: Any
     assert lines[0].split() == ["LIMIT", "KEY", "REDIS", "LEDGER", "DRIFT"]
     assert len(lines) == 3 and lines[1].endswith("-5")
     assert lines[2] == f"{1 + len(engine.spaces)} budgets checked, 1 drifted."
+
+
+def test_a_split_budgets_counter_on_each_partition_is_compared_with_its_own_tenants_usage(
+    three_partitions: Engine, world: World, reserve: Any
+) -> None:
+    """A pool's month budget shared by two tenants on two partitions: each partition's counter
+    holds its own tenant's usage, and no drift is reported; drift injected on one partition's
+    counter is found there alone and repaired to that partition's tenant's usage."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = space_of(world), engine.tenant_space(other.id)
+    world.limit(pool=world.pool, metric="tokens", window="month", amount=300_000)
+    plans.clear()
+    some_traffic(world, reserve, n=4)
+    for _ in range(3):  # the other tenant's: more of them, so the counters differ
+        rid = reserve(client=other_client, input_tokens=900).json()["id"]
+        body = {"input_tokens": 900, "output_tokens": 7}
+        assert (
+            other_client.post(f"/api/v1/reservations/{rid}/commit", body, format="json").status_code
+            == 200
+        )
+    usage_ingest()
+
+    report = budgets_reconcile()
+
+    assert report.drifted == []
+    counters = {row.period.key: row.redis for row in report.rows}
+    assert len(counters) == 3  # one on each partition
+    key = {
+        space.index: next(k for k in counters if k.startswith(space.prefix))
+        for space in engine.spaces
+    }
+    mine = sum(
+        (row.input_tokens or row.reserved_input_tokens)
+        + (row.output_tokens if row.state == "committed" else row.reserved_output_tokens)
+        for row in UsageEvent.objects.filter(tenant="acme")
+    )
+    assert counters[key[ours.index]] == mine > 0
+    assert counters[key[theirs.index]] == 3 * 907
+    third = next(space for space in engine.spaces if space not in (ours, theirs))
+    assert counters[key[third.index]] == 0
+
+    engine.client.incrby(key[theirs.index], -500)  # a refund counted twice, there
+    report = budgets_reconcile(repair=True)
+    assert {row.period.key: row.drift for row in report.drifted} == {key[theirs.index]: -500}
+    assert report.repaired == 1
+    assert int(engine.client.get(key[theirs.index])) == 3 * 907
+    assert int(engine.client.get(key[ours.index])) == mine
+    assert budgets_reconcile().drifted == []
