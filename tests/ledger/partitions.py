@@ -5,6 +5,8 @@ store of three partitions, whatever the settings say."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.conf import settings
@@ -14,6 +16,7 @@ from ledger.services import LedgerStream, usage_stream
 from quotas.engine import Engine
 from quotas.engine.core import KeySpace
 from quotas.keys import api_key_create
+from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tenants.models import Tenant
@@ -43,6 +46,20 @@ def three_partitions(monkeypatch: pytest.MonkeyPatch) -> Iterator[Engine]:
     usage_stream.cache_clear()  # the streams as the partitions name them
     yield engine
     usage_stream.cache_clear()
+
+
+def shared_limit(**fields: Any) -> Limit:
+    """A limit every tenant shares (no tenant, no feature), its allotments left as a store
+    holds them before the rebalancer moved anything: split evenly over the partitions
+    (`World.limit` may gather them on the world's tenant's partition)."""
+    fields.setdefault("window", "minute")
+    limit = Limit(**fields)
+    limit.amount = Decimal(str(fields["amount"]))
+    assert limit.tenant_id is None and limit.feature_id is None
+    limit.full_clean()
+    limit.save()
+    plans.clear()
+    return limit
 
 
 def tenant_elsewhere(world: World, slug: str) -> tuple[Tenant, APIClient]:

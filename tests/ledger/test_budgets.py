@@ -18,7 +18,13 @@ from quotas.models import Limit
 from quotas.plan import plans
 from quotas.reservations import get_engine
 from tests.fixtures import World
-from tests.ledger.partitions import space_of, stream_of, tenant_elsewhere, three_partitions
+from tests.ledger.partitions import (
+    shared_limit,
+    space_of,
+    stream_of,
+    tenant_elsewhere,
+    three_partitions,
+)
 
 pytestmark = pytest.mark.django_db
 __all__ = ["three_partitions"]  # a fixture
@@ -120,7 +126,7 @@ def test_a_split_budgets_counter_on_each_partition_is_compared_with_its_own_tena
     engine = three_partitions
     other, other_client = tenant_elsewhere(world, "globex")
     ours, theirs = space_of(world), engine.tenant_space(other.id)
-    world.limit(pool=world.pool, metric="tokens", window="month", amount=300_000)
+    shared_limit(pool=world.pool, metric="tokens", window="month", amount=300_000)
     plans.clear()
     some_traffic(world, reserve, n=4)
     for _ in range(3):  # the other tenant's: more of them, so the counters differ
