@@ -14,7 +14,6 @@ rebuild looks for the partitions whose version is gone); the others keep decidin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
@@ -47,32 +46,30 @@ def recovery_register(*, rebuild_start: RebuildStart, lease_finder: LeaseFinder)
 
 def store_lost(space: KeySpace | None = None) -> None:
     """Start the rebuild of the partitions that lost their data (`space`, or every one whose
-    version is gone), unless another process already has."""
+    version is gone), unless another process already has. The lock taken is that of the first
+    partition lost, so that processes seeing the same loss at once start one rebuild; the
+    rebuild restores every partition it finds without a version."""
     engine = get_engine()
     holder = f"{socket.gethostname()}-{os.getpid()}"
-    lost = []
     try:
-        for candidate in [space] if space is not None else engine.spaces:
-            lock = candidate.rebuild_lock
-            if not engine.client.set(lock, holder, nx=True, px=REBUILD_LOCK_MS):
-                continue  # another process is rebuilding it
-            if engine.client.exists(candidate.version):
-                # not lost, or the decision that saw the loss raced a rebuild that has just
-                # finished
-                rebuild_lock_release(candidate)
-                continue
-            lost.append(candidate)
+        candidates = [space] if space is not None else list(engine.spaces)
+        lost = [c for c in candidates if not engine.client.exists(c.version)]
+        if not lost:
+            return  # the decision that saw the loss raced a rebuild that has just finished
+        gate = lost[0]
+        if not engine.client.set(gate.rebuild_lock, holder, nx=True, px=REBUILD_LOCK_MS):
+            return
+        if engine.client.exists(gate.version):
+            # the decision that saw the loss raced a rebuild that has just finished
+            rebuild_lock_release(gate)
+            return
     except redis.RedisError:
         log.warning("could not take the rebuild lock", exc_info=True)
-        for taken in lost:
-            _release_quietly(taken)
         return
-    if not lost:
-        return
-    log.error(
-        "the quota store lost its data (partitions %s); starting its rebuild from the ledger",
-        ",".join(str(s.index) for s in lost),
+    named = (
+        "" if not engine.partitioned else f" (partitions {','.join(str(s.index) for s in lost)})"
     )
+    log.error("the quota store lost its data%s; starting its rebuild from the ledger", named)
     try:
         if _Hooks.rebuild_start is None:
             raise RuntimeError("no rebuild registered (is the ledger app installed?)")
@@ -80,13 +77,7 @@ def store_lost(space: KeySpace | None = None) -> None:
     except Exception:
         # the next decision tries again, rather than every one waiting for the lock to expire
         log.exception("could not start the rebuild of the quota store")
-        for taken in lost:
-            rebuild_lock_release(taken)
-
-
-def _release_quietly(space: KeySpace) -> None:
-    with contextlib.suppress(redis.RedisError):  # else it expires
-        rebuild_lock_release(space)
+        rebuild_lock_release(gate)
 
 
 def rebuild_lock_release(space: KeySpace | None = None) -> None:
