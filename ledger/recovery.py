@@ -27,7 +27,7 @@ from ledger.services import ledger_state_lock, usage_ingest
 from quotas.engine import Owner
 from quotas.engine.types import LeaseRestore
 from quotas.plan import features_by_id, plans
-from quotas.recovery import rebuild_lock_release, rebuild_mark
+from quotas.recovery import REBUILD_LOCK_MS, rebuild_lock_release, rebuild_mark
 from quotas.store import config_version_restore, get_engine
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,10 @@ def store_rebuild(*, force: bool = False) -> BudgetReport | None:
             for space in engine.spaces:
                 rebuild_lock_release(space)
             return None
+        for space in lost:
+            # every lost partition's lock, held until every version is back: a decision that
+            # finds one partition restored and another not yet starts no second rebuild
+            engine.client.set(space.rebuild_lock, "rebuild", px=REBUILD_LOCK_MS)
         report = budgets_reconcile(
             repair=True, restore_leases=True, partitions=[space.index for space in lost]
         )
