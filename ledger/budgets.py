@@ -7,6 +7,10 @@ reserved (an expired lease is charged in full: the call may have happened; a hel
 counted as reserved until it settles, as Redis does), released as nothing. Degraded
 reservations were never in Redis and are left out. Minute buckets are not rebuilt: they
 refill within a minute, and a missing bucket is a full one.
+
+On a partitioned store a budget's counter is on its tenant's partition; a budget shared by
+tenants (no tenant, no feature: split into allotments) has a counter on every partition, and
+the one of partition k counts only the reservations of partition k's tenants.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from django.db.models.functions import Coalesce
 from ledger.events import USAGE_COLUMNS, Row, rows_merge
 from ledger.models import UsageEvent
 from quotas.engine.core import KeySpace
+from quotas.engine.partitions import tenant_partition
 from quotas.engine.periods import periods_around
-from quotas.plan import LimitInfo, Plan
+from quotas.plan import LimitInfo, Plan, features_by_id
 
 CALENDAR_WINDOWS = ("hour", "day", "month")
 KEY_GRACE_MS = 172_800_000  # reserve.lua keeps a period's key two days past its end
@@ -35,18 +40,52 @@ class BudgetPeriod:
     start_ms: int
     stop_ms: int
     key: str
+    # a split budget's counter: (its partition, partitions), it counts that partition's tenants
+    share: tuple[int, int] | None = None
 
     @property
     def expire_at_ms(self) -> int:
         return self.stop_ms + KEY_GRACE_MS
 
+    def counts(self, scope: Scope) -> bool:
+        """Whether a reservation of this scope is counted by this period's counter."""
+        if not limit_applies(self.limit, scope):
+            return False
+        if self.share is None:
+            return True
+        tenant, (index, count) = scope[0], self.share
+        return tenant is not None and tenant_partition(tenant, count) == index
+
+
+def limit_partition(plan: Plan, limit: LimitInfo, count: int) -> int | None:
+    """The partition that holds a limit's counters: its tenant's (a feature's limit: the
+    feature's tenant's); None for a split limit (no tenant, no feature), held by every one,
+    and for a feature the plan no longer has."""
+    if count == 1:
+        return 0
+    tenant = limit.tenant_id
+    if tenant is None and limit.feature_id is not None:
+        feature = features_by_id(plan).get(limit.feature_id)
+        tenant = feature.tenant_id if feature else None
+    return None if tenant is None else tenant_partition(tenant, count)
+
 
 def budget_periods_current(*, plan: Plan, keyspace: KeySpace, now_ms: int) -> list[BudgetPeriod]:
+    """The current period of every calendar budget whose counter is on this partition."""
     periods = []
     for limit in plan.limits.values():
-        if limit.window in CALENDAR_WINDOWS and limit.amount is not None:
-            _, start, stop, _ = periods_around(limit.timezone, limit.window, now_ms)
-            periods.append(BudgetPeriod(limit, start, stop, keyspace.period(limit.id, start)))
+        if limit.window not in CALENDAR_WINDOWS or limit.amount is None:
+            continue
+        share = None
+        if keyspace.count > 1:
+            at = limit_partition(plan, limit, keyspace.count)
+            split = limit.tenant_id is None and limit.feature_id is None
+            if split:
+                share = (keyspace.index, keyspace.count)
+            elif at != keyspace.index:
+                continue
+        _, start, stop, _ = periods_around(limit.timezone, limit.window, now_ms)
+        periods.append(BudgetPeriod(limit, start, stop, keyspace.period(limit.id, start), share))
     return periods
 
 
@@ -128,9 +167,7 @@ def ledger_budget_amounts(periods: list[BudgetPeriod]) -> dict[str, int]:
         for period in group:
             limit = period.limit
             amounts[period.key] = sum(
-                metrics[limit.metric]
-                for scope, metrics in sums.items()
-                if limit_applies(limit, scope)
+                metrics[limit.metric] for scope, metrics in sums.items() if period.counts(scope)
             )
     return amounts
 
@@ -168,7 +205,7 @@ def _held_in(period: BudgetPeriod, row: Row) -> int:
     created = row["created_ms"]
     if created is None or not period.start_ms <= created < period.stop_ms:
         return 0
-    if not limit_applies(period.limit, _scope(row)):
+    if not period.counts(_scope(row)):
         return 0
     return row_amount(row, period.limit.metric)
 

@@ -1,5 +1,7 @@
 """The ledger's Prometheus metrics, computed when `/metrics` is scraped: how long the usage
-stream is and how far the ledger is behind it (a few Redis reads, once per scrape)."""
+stream is and how far the ledger is behind it (a few Redis reads per partition, once per
+scrape). On a partitioned store the lengths and backlogs are summed over the partitions'
+streams and the lag is the worst of them."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from dataclasses import dataclass
 import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ledger.services import usage_stream
+from ledger.services import usage_streams
 from quotas.store import STORE_UNREACHABLE, get_engine
 
 log = logging.getLogger(__name__)
@@ -18,23 +20,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class StreamState:
-    length: int  # entries in the usage stream, acknowledged or not
+    length: int  # entries in the usage streams, acknowledged or not
     backlog: int  # entries the ledger has not acknowledged yet
     lag_seconds: float  # age of the oldest of those; 0 when there is none
 
 
 def ledger_lag_seconds() -> float:
-    """How long the oldest usage event not yet in the ledger has waited (Redis's clock)."""
-    oldest = usage_stream().oldest_unacknowledged_ms()
+    """How long the oldest usage event not yet in the ledger has waited (Redis's clock), of
+    every partition's stream."""
+    ages = [stream.oldest_unacknowledged_ms() for stream in usage_streams()]
+    oldest = min((age for age in ages if age is not None), default=None)
     if oldest is None:
         return 0.0
     return max(0, get_engine().now_ms() - oldest) / 1000
 
 
 def stream_state() -> StreamState:
-    stream = usage_stream()
+    streams = usage_streams()
     return StreamState(
-        length=stream.length(), backlog=stream.backlog(), lag_seconds=ledger_lag_seconds()
+        length=sum(stream.length() for stream in streams),
+        backlog=sum(stream.backlog() for stream in streams),
+        lag_seconds=ledger_lag_seconds(),
     )
 
 
@@ -48,7 +54,9 @@ class LedgerCollector:
             log.warning("ledger metrics unavailable: %s", exc)
             return
         yield GaugeMetricFamily(
-            "quota_usage_stream_length", "Entries in the usage stream.", value=state.length
+            "quota_usage_stream_length",
+            "Entries in the usage streams (every partition's).",
+            value=state.length,
         )
         yield GaugeMetricFamily(
             "quota_ledger_backlog_events",

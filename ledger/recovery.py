@@ -6,7 +6,9 @@ quotas/recovery.py); the first process to see it starts `ledger.tasks.store_rebu
 rebuild drains what the stream holds, then, under the ledger's row lock (so two rebuilds run
 one after the other and the second finds the version written), moves every current budget
 period to the ledger's amount, writes back the held leases, and writes the version: decisions
-resume on the rebuilt counters.
+resume on the rebuilt counters. On a partitioned store only the partitions whose version is
+gone are rebuilt (a shard that lost its data), each from the ledger's rows of its own tenants;
+the others are left as they are.
 """
 
 from __future__ import annotations
@@ -25,30 +27,46 @@ from ledger.services import ledger_state_lock, usage_ingest
 from quotas.engine import Owner
 from quotas.engine.types import LeaseRestore
 from quotas.plan import features_by_id, plans
-from quotas.recovery import rebuild_lock_release, rebuild_mark
-from quotas.store import config_version_read, config_version_restore, get_engine
+from quotas.recovery import REBUILD_LOCK_MS, rebuild_lock_release, rebuild_mark
+from quotas.store import config_version_restore, get_engine
 
 log = logging.getLogger(__name__)
 
 
 def store_rebuild(*, force: bool = False) -> BudgetReport | None:
-    """Rebuild the store from the ledger if it lost its data (always with `force`); None when
-    there was nothing to do: the version is there, written by an earlier rebuild or a store
-    that never lost it. Safe to run twice: counters move by the difference, leases are
-    written only where missing."""
-    usage_ingest()  # whatever the stream still holds first
+    """Rebuild the partitions of the store that lost their data from the ledger (all of them
+    with `force`); None when there was nothing to do: every version is there, written by an
+    earlier rebuild or a store that never lost it. Safe to run twice: counters move by the
+    difference, leases are written only where missing."""
+    usage_ingest()  # whatever the streams still hold first
+    engine = get_engine()
     with transaction.atomic():
         ledger_state_lock()
-        if not force and config_version_read() is not None:
-            # rebuilt already (or never lost): the lock that started this one is free again
-            rebuild_lock_release()
+        lost = [
+            space for space in engine.spaces if force or not engine.client.exists(space.version)
+        ]
+        if not lost:
+            # rebuilt already (or never lost): the locks that started this one are free again
+            for space in engine.spaces:
+                rebuild_lock_release(space)
             return None
-        report = budgets_reconcile(repair=True, restore_leases=True)
-        rebuild_mark()
-        config_version_restore()
-    rebuild_lock_release()
+        for space in lost:
+            # every lost partition's lock, held until every version is back: a decision that
+            # finds one partition restored and another not yet starts no second rebuild
+            engine.client.set(space.rebuild_lock, "rebuild", px=REBUILD_LOCK_MS)
+        report = budgets_reconcile(
+            repair=True, restore_leases=True, partitions=[space.index for space in lost]
+        )
+        for space in lost:
+            rebuild_mark(space)
+            config_version_restore(space)
+    for space in engine.spaces:
+        rebuild_lock_release(space)
     log.warning(
-        "quota store rebuilt from the ledger: %s budgets, %s moved, %s leases restored",
+        "quota store rebuilt from the ledger (partitions %s of %s): %s budgets, %s moved, "
+        "%s leases restored",
+        ",".join(str(space.index) for space in lost),
+        len(engine.spaces),
         len(report.rows),
         report.repaired,
         report.leases_restored,
@@ -89,7 +107,7 @@ def lease_from_ledger(
         row,
         plan=plan,
         features=features_by_id(plan),
-        keyspace=engine.keys,
+        keyspace=engine.reservation_space(reservation_id),
         expires_ms=max(least, granted) if held else granted,
     )
     if restore is None or held:

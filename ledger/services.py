@@ -1,7 +1,9 @@
 """Ingest: the usage stream into the ledger, exactly once.
 
 Every entry is read through the ledger's consumer group and acknowledged only after the
-transaction holding its row has committed; rows are upserted by reservation id and merged
+transaction holding its row has committed; on a partitioned store each partition has its
+stream (and the group on it), drained in turn, and an entry is named by its partition and its
+id (two streams can hold the same id); rows are upserted by reservation id and merged
 (`ledger.events`). So a worker killed before the commit leaves its entries pending, and
 another worker reclaims them (XAUTOCLAIM) once they have been idle long enough; a worker
 killed between the commit and the acknowledgement leaves entries that are read again and
@@ -16,7 +18,7 @@ import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import redis
@@ -69,10 +71,36 @@ class IngestReport:
     parked: int = 0
 
 
-@lru_cache(maxsize=1)
-def usage_stream() -> UsageStream:
+class LedgerStream(UsageStream):
+    """A partition's usage stream as the ledger reads it. `label` names its entries where the
+    ledger keeps their ids (pool events, dead letters): empty on one partition, `<i>:` on
+    several, since entry ids of different streams can be equal."""
+
+    def __init__(self, client: redis.Redis, key: str, group: str, *, partition: int = 0) -> None:
+        super().__init__(client, key, group)
+        self.partition = partition
+        self.label = f"{partition}:" if get_engine().partitioned else ""
+
+    def named(self, entries: list[Entry]) -> list[Entry]:
+        """The entries with their ids as the ledger stores them."""
+        if not self.label:
+            return entries
+        return [(self.label + entry_id, fields) for entry_id, fields in entries]
+
+
+@cache
+def usage_stream(partition: int = 0) -> LedgerStream:
+    """One partition's stream (the home partition's by default)."""
     engine = get_engine()
-    return UsageStream(engine.client, engine.keys.events, ledger_setting("LEDGER_GROUP"))
+    space = engine.spaces[partition]
+    return LedgerStream(
+        engine.client, space.events, ledger_setting("LEDGER_GROUP"), partition=partition
+    )
+
+
+def usage_streams() -> list[LedgerStream]:
+    """Every partition's stream, in partition order."""
+    return [usage_stream(space.index) for space in get_engine().spaces]
 
 
 def consumer_name() -> str:
@@ -84,32 +112,41 @@ def usage_ingest(
     *, batch_size: int | None = None, max_seconds: float = 0.0, block_ms: int = 100
 ) -> IngestReport:
     """Finish what this process left pending, reclaim what dead consumers left, then drain
-    the stream in batches; with `max_seconds`, keep waiting for new entries that long (the
-    beat task does)."""
+    the streams in batches; with `max_seconds`, keep waiting for new entries that long (the
+    beat task does). Each partition's stream in turn, round by round, so that none waits on
+    another's backlog."""
     size = batch_size or ledger_setting("LEDGER_BATCH_SIZE")
-    stream, consumer = usage_stream(), consumer_name()
-    stream.ensure_group()
+    streams, consumer = usage_streams(), consumer_name()
+    for stream in streams:
+        stream.ensure_group()
     deadline = time.monotonic() + max_seconds
     batches = entries = reclaimed = 0
-    with BatchWriter(stream) as writer:
-        # This process's own unacknowledged entries first (a task of it failed mid-batch,
-        # e.g. Redis restarted): they are ours, no need to wait until they look abandoned.
-        while held := writer.drained() and stream.held(consumer, count=size):
-            writer.submit(held)
-            batches, reclaimed = batches + 1, reclaimed + len(held)
+    with BatchWriter() as writer:
+        for stream in streams:
+            # This process's own unacknowledged entries first (a task of it failed mid-batch,
+            # e.g. Redis restarted): they are ours, no need to wait until they look abandoned.
+            while held := writer.drained() and stream.held(consumer, count=size):
+                writer.submit(stream, held)
+                batches, reclaimed = batches + 1, reclaimed + len(held)
         idle_ms = ledger_setting("LEDGER_CLAIM_IDLE_MS")
-        while claimed := writer.drained() and stream.claim(
-            consumer, min_idle_ms=idle_ms, count=size
-        ):
-            writer.submit(claimed)
-            batches, reclaimed = batches + 1, reclaimed + len(claimed)
+        for stream in streams:
+            while claimed := writer.drained() and stream.claim(
+                consumer, min_idle_ms=idle_ms, count=size
+            ):
+                writer.submit(stream, claimed)
+                batches, reclaimed = batches + 1, reclaimed + len(claimed)
         while True:
             wait = int(min(block_ms, (deadline - time.monotonic()) * 1000))
-            read = stream.read(consumer, count=size, block_ms=wait if wait > 0 else None)
-            if read:
-                writer.submit(read)
-                batches, entries = batches + 1, entries + len(read)
-            elif time.monotonic() >= deadline:
+            # a blocking read per stream: the wait shared among them (never 0: for ever)
+            block = max(1, wait // len(streams)) if wait > 0 else None
+            read_any = False
+            for stream in streams:
+                read = stream.read(consumer, count=size, block_ms=block)
+                if read:
+                    writer.submit(stream, read)
+                    batches, entries = batches + 1, entries + len(read)
+                    read_any = True
+            if not read_any and time.monotonic() >= deadline:
                 break
     return IngestReport(
         batches=batches, entries=entries + reclaimed, reclaimed=reclaimed, parked=writer.parked
@@ -121,8 +158,7 @@ class BatchWriter:
     while the next batch is read and parsed, so that the database works on its core while
     Python reads. Outside an open transaction only: a thread has its own connection."""
 
-    def __init__(self, stream: UsageStream) -> None:
-        self.stream = stream
+    def __init__(self) -> None:
         self.resolver = Resolver(plans.get())
         background = connection.vendor == "postgresql" and not connection.in_atomic_block
         self.pool = ThreadPoolExecutor(max_workers=1) if background else None
@@ -141,15 +177,13 @@ class BatchWriter:
                 self.pool.submit(lambda: connection.close()).result()
                 self.pool.shutdown()
 
-    def submit(self, entries: list[Entry]) -> None:
-        batch = batch_parse(entries, self.resolver)
+    def submit(self, stream: UsageStream, entries: list[Entry]) -> None:
+        batch = batch_parse(_named(stream, entries), self.resolver)
         if self.pool is None:
-            self.parked += batch_write(stream=self.stream, entries=entries, batch=batch)
+            self.parked += batch_write(stream=stream, entries=entries, batch=batch)
             return
         self.drained()
-        self.pending = self.pool.submit(
-            batch_write, stream=self.stream, entries=entries, batch=batch
-        )
+        self.pending = self.pool.submit(batch_write, stream=stream, entries=entries, batch=batch)
 
     def drained(self) -> bool:
         """Wait for the batch in flight (raising its error); True to read on."""
@@ -171,23 +205,31 @@ def batch_parse(entries: list[Entry], resolver: Resolver) -> Batch | None:
         return None
 
 
+def _named(stream: UsageStream, entries: list[Entry]) -> list[Entry]:
+    """The entries with their ids as the ledger stores them (see LedgerStream.named)."""
+    return stream.named(entries) if isinstance(stream, LedgerStream) else entries
+
+
 def entries_batch_write(*, stream: UsageStream, entries: list[Entry]) -> int:
-    """Write and acknowledge these entries as one batch; the number parked."""
+    """Write and acknowledge these entries (as `stream` gave them) as one batch; the number
+    parked."""
     resolver = Resolver(plans.get())
-    return batch_write(stream=stream, entries=entries, batch=batch_parse(entries, resolver))
+    batch = batch_parse(_named(stream, entries), resolver)
+    return batch_write(stream=stream, entries=entries, batch=batch)
 
 
 def batch_write(*, stream: UsageStream, entries: list[Entry], batch: Batch | None) -> int:
     """One transaction for the batch; the acknowledgement only once it has committed. When the
     database refuses a value of the batch, the batch is written again with the entries it
-    refuses parked as dead letters (`batch_isolate`). Returns how many were parked."""
+    refuses parked as dead letters (`batch_isolate`). Returns how many were parked. `entries`
+    as the stream gave them; `batch` made of them as named (`_named`)."""
     if batch is not None:
         try:
             batch_commit(batch)
         except ENTRY_ERRORS as error:
             log.warning("ledger: a batch of %d entries failed: %s", len(entries), error)
             batch = None
-    parked = batch_isolate(entries) if batch is None else 0
+    parked = batch_isolate(_named(stream, entries)) if batch is None else 0
     _fault("after_commit")
     stream.ack([entry_id for entry_id, _ in entries])
     return parked
@@ -269,9 +311,10 @@ def _fault(point: str) -> None:
 
 
 def usage_stream_trim() -> int:
-    """Drop what every consumer group has acknowledged, and forget long-dead consumers."""
-    stream = usage_stream()
-    stream.forget_idle_consumers(idle_ms=ledger_setting("LEDGER_CONSUMER_IDLE_MS"))
+    """Drop what every consumer group has acknowledged, and forget long-dead consumers, on
+    every partition's stream."""
+    for stream in usage_streams():
+        stream.forget_idle_consumers(idle_ms=ledger_setting("LEDGER_CONSUMER_IDLE_MS"))
     return get_engine().trim_events()
 
 

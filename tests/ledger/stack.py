@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 
 from ledger.conf import ledger_setting
 from ledger.models import UsageEvent
+from quotas.engine.core import KeySpace
+from quotas.engine.partitions import partition_tags
 from quotas.engine.stream import UsageStream
 from tests.config.test_gunicorn import GUNICORN, _own_options
 from tests.fakes import redis_server
@@ -33,8 +36,14 @@ from tests.fixtures import World
 
 ROOT = Path(__file__).resolve().parents[2]
 IN, OUT, USED_OUT = 4000, 4000, 1000  # 8,000 tokens reserved, 5,000 used
-VERSION_KEY = "q:{quota}:config_version"
-EVENTS_KEY = "q:{quota}:events"
+# The processes' keys: the settings' partitions (QUOTA_PARTITIONS reaches them through the
+# environment); the home partition's version is the plan's.
+SPACES = tuple(
+    KeySpace(tag, index, settings.QUOTA_PARTITIONS)
+    for index, tag in enumerate(partition_tags(settings.QUOTA_HASH_TAG, settings.QUOTA_PARTITIONS))
+)
+VERSION_KEY = SPACES[0].version
+EVENTS_KEY = SPACES[0].events
 
 
 PORTS = range(7130, 7150)
@@ -280,11 +289,20 @@ class Deployment:
 
     @property
     def stream(self) -> UsageStream:
-        return UsageStream(self.store.client, EVENTS_KEY, ledger_setting("LEDGER_GROUP"))
+        """The home partition's stream."""
+        return self.streams[0]
+
+    @property
+    def streams(self) -> list[UsageStream]:
+        group = ledger_setting("LEDGER_GROUP")
+        return [UsageStream(self.store.client, space.events, group) for space in SPACES]
 
     def drained(self) -> bool:
-        """Every entry of the usage stream is in the ledger and acknowledged."""
-        return self.stream.backlog() == 0 and self.store.client.exists(EVENTS_KEY) == 1
+        """Every entry of the usage streams is in the ledger and acknowledged (and there are
+        some)."""
+        return all(stream.backlog() == 0 for stream in self.streams) and (
+            self.store.client.exists(*(space.events for space in SPACES)) >= 1
+        )
 
     def settled_rows(self) -> dict[str, dict[str, Any]]:
         """The ledger once the stream is drained; a later ingest finds nothing more to add."""
@@ -302,7 +320,8 @@ def deployment(world: World, tmp: Path, store: RedisServer, **env: str) -> Itera
     everything is stopped on leaving."""
     ledger = Ledger(tmp)
     store.start()
-    store.client.set(VERSION_KEY, 1)
+    for space in SPACES:
+        store.client.set(space.version, 1)
     try:
         with Services(process_env(ledger.url, store.url, **env), tmp) as services:
             port = services.web()

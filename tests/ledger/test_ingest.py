@@ -9,7 +9,7 @@ from django.test import override_settings
 
 import quotas.degraded
 import quotas.reservations
-from ledger.models import LedgerState, PoolEvent, Refusal, UsageEvent
+from ledger.models import DeadLetter, LedgerState, PoolEvent, Refusal, UsageEvent
 from ledger.services import (
     consumer_name,
     degraded_leases_expire,
@@ -17,14 +17,17 @@ from ledger.services import (
     usage_ingest,
     usage_stream,
     usage_stream_trim,
+    usage_streams,
 )
 from quotas.engine import Engine
 from quotas.plan import plans
 from quotas.reservations import get_engine, leases_expire
 from quotas.store import redis_client
 from tests.fixtures import DEAD_STORE, World
+from tests.ledger.partitions import stream_of, tenant_elsewhere, three_partitions
 
 pytestmark = pytest.mark.django_db
+__all__ = ["three_partitions"]  # a fixture
 
 
 def commit(world: World, rid: str, **usage: Any) -> Any:
@@ -33,8 +36,8 @@ def commit(world: World, rid: str, **usage: Any) -> Any:
     return world.client().post(f"/api/v1/reservations/{rid}/commit", usage, format="json")
 
 
-def all_entries() -> list[tuple[str, dict[str, str]]]:
-    stream = usage_stream()
+def all_entries(world: World) -> list[tuple[str, dict[str, str]]]:
+    stream = stream_of(world)
     return list(stream.client.xrange(stream.key))
 
 
@@ -65,13 +68,14 @@ def test_a_committed_reservation_becomes_one_row_with_its_actual_usage(
     assert row.cost_nusd == 50 * 150 + 30 * 75 + 40 * 600  # $0.15, 0.075, 0.60 per Mtok
     assert row.finish_reason == "length"
     assert row.created_ms is not None and row.finished_ms is not None
-    assert usage_stream().backlog() == 0
+    assert stream_of(world).backlog() == 0
 
 
 def test_a_scheduled_reservation_records_its_promised_and_actual_wait(
     world: World, reserve: Any
 ) -> None:
-    world.limit(pool=world.pool, metric="tokens", amount=60_000)
+    # the tenant's own limit: on a partitioned store a pool's is split into allotments
+    world.limit(tenant=world.tenant, metric="tokens", amount=60_000)
     engine = get_engine()
     engine.frozen_ms = engine.now_ms()
     reserve(input_tokens=59_900, max_output_tokens=100)
@@ -90,10 +94,10 @@ def test_a_scheduled_reservation_records_its_promised_and_actual_wait(
 def test_a_batch_read_twice_makes_no_second_row(world: World, reserve: Any) -> None:
     rids = [reserve().json()["id"] for _ in range(3)]
     commit(world, rids[0])
-    entries = all_entries()
+    entries = all_entries(world)
 
-    entries_batch_write(stream=usage_stream(), entries=entries)
-    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
 
     assert UsageEvent.objects.count() == 3
     assert UsageEvent.objects.get(rid=rids[0]).state == "committed"
@@ -116,13 +120,13 @@ def test_a_commit_after_expiry_ends_committed_whatever_the_order(
     world: World, reserve: Any, order: str
 ) -> None:
     rid = _late_commit(world, reserve)
-    entries = all_entries()
+    entries = all_entries(world)
     assert [f["type"] for _, f in entries] == ["reserved", "expired", "committed"]
     if order == "reversed":
         entries.reverse()
 
     for entry in entries:  # one batch each: the merge happens in the database
-        entries_batch_write(stream=usage_stream(), entries=[entry])
+        entries_batch_write(stream=stream_of(world), entries=[entry])
 
     row = UsageEvent.objects.get(rid=rid)
     assert (row.state, row.output_tokens, row.lease_expired) == ("committed", 7, True)
@@ -146,16 +150,16 @@ def test_the_ledger_keeps_the_expiry_the_latest_extension_granted(
     assert extend(world, rid, 900).status_code == 200
     engine.frozen_ms += 10_000
     assert extend(world, rid, 300).status_code == 200  # shortens it again
-    entries = all_entries()
+    entries = all_entries(world)
     assert [f["type"] for _, f in entries] == ["reserved", "extended", "extended"]
     assert entries[1][1]["expires_ms"] == str(start + 10_000 + 900_000)
     assert entries[1][1]["feature"] == "chat"
 
     if order == "one batch":
-        entries_batch_write(stream=usage_stream(), entries=entries)
+        entries_batch_write(stream=stream_of(world), entries=entries)
     else:
         for entry in entries if order == "stream" else entries[::-1]:
-            entries_batch_write(stream=usage_stream(), entries=[entry])
+            entries_batch_write(stream=stream_of(world), entries=[entry])
 
     row = UsageEvent.objects.get(rid=rid)
     # the expiry granted last, whatever the order: the later extension shortened the lease
@@ -181,10 +185,10 @@ def test_refusals_are_counted_once_each(world: World, reserve: Any) -> None:
     reserve()
     assert reserve().status_code == 429
     assert reserve().status_code == 429
-    entries = all_entries()
+    entries = all_entries(world)
 
-    entries_batch_write(stream=usage_stream(), entries=entries)
-    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
 
     refusals = list(Refusal.objects.values_list("reason", "limit_id", "feature"))
     assert refusals == [("rate_limited", limit.id, "chat")] * 2
@@ -193,7 +197,7 @@ def test_refusals_are_counted_once_each(world: World, reserve: Any) -> None:
 @override_settings(LEDGER_CLAIM_IDLE_MS=0)
 def test_entries_a_dead_consumer_held_are_reclaimed(world: World, reserve: Any) -> None:
     rids = [reserve().json()["id"] for _ in range(4)]
-    stream = usage_stream()
+    stream = stream_of(world)
     stream.ensure_group()
     assert len(stream.read("dead-worker", count=3)) == 3  # read, never acknowledged
 
@@ -212,7 +216,7 @@ def test_what_this_process_read_and_never_acknowledged_is_finished_at_once(
     its entries pending under this process's own consumer: the next ingest writes them first,
     without waiting the claim idle time meant for dead consumers (30 s by default)."""
     rids = [reserve().json()["id"] for _ in range(4)]
-    stream = usage_stream()
+    stream = stream_of(world)
     stream.ensure_group()
     assert len(stream.read(consumer_name(), count=3)) == 3  # read, then the task failed
 
@@ -228,7 +232,7 @@ def test_the_stream_is_trimmed_only_below_what_every_group_acknowledged(
 ) -> None:
     for _ in range(3):
         reserve()
-    stream = usage_stream()
+    stream = stream_of(world)
     stream.ensure_group()
     stream.client.xgroup_create(stream.key, "audit", id="0")
     # another group read one entry and has not acknowledged it
@@ -322,10 +326,10 @@ def test_a_pools_adaptation_and_breaker_events_become_pool_events_once(
     release = f"/api/v1/reservations/{first}/release"
     assert world.client().post(release, {"upstream_status": 429}, format="json").status_code == 200
     assert commit(world, second, upstream_status=503).status_code == 200
-    entries = all_entries()
+    entries = all_entries(world)
 
-    entries_batch_write(stream=usage_stream(), entries=entries)
-    entries_batch_write(stream=usage_stream(), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
+    entries_batch_write(stream=stream_of(world), entries=entries)
 
     adapted = PoolEvent.objects.get(kind="adapted")
     assert (adapted.pool, adapted.pool_pk, adapted.share) == ("shared", world.pool.id, 0.7)
@@ -334,3 +338,65 @@ def test_a_pools_adaptation_and_breaker_events_become_pool_events_once(
     assert opened.detail["calls"] == "2" and opened.detail["failures"] == "1"
     assert PoolEvent.objects.count() == 2
     assert UsageEvent.objects.get(rid=first).upstream_status == 429
+
+
+# -- a partitioned store: a stream per partition ----------------------------------------------
+
+
+def test_events_of_tenants_on_different_partitions_are_each_written_once_though_ids_repeat(
+    world: World, reserve: Any, three_partitions: Engine
+) -> None:
+    """Two tenants on two partitions reserve and commit, each on its own stream; both streams
+    also hold a pool event and an unreadable entry under the same entry ids. Every reservation
+    is one row, every pool event and dead letter one of its own (named by its partition), and
+    reading everything again changes nothing."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = stream_of(world), usage_stream(engine.tenant_space(other.id).index)
+    assert ours.key != theirs.key
+    rids = {reserve().json()["id"] for _ in range(3)}
+    rids |= {reserve(client=other_client).json()["id"] for _ in range(2)}
+    for rid in sorted(rids)[:3]:
+        response = world.client() if rid.startswith(f"rsv_{ours.partition:02x}") else other_client
+        body = {"input_tokens": 80, "output_tokens": 40}
+        assert (
+            response.post(f"/api/v1/reservations/{rid}/commit", body, format="json").status_code
+            == 200
+        )
+    # the same ids on both streams, past either's last
+    last = max(
+        int(stream.client.xinfo_stream(stream.key)["last-generated-id"].split("-")[0])
+        for stream in (ours, theirs)
+    )
+    pool_event = {"type": "adapted", "pool": "shared", "at_ms": str(last), "share": "0.7000"}
+    unreadable = {"type": "reserved", "rid": "x", "metadata": "[" * 10**5}
+    for stream in (ours, theirs):
+        stream.client.xadd(stream.key, pool_event, id=f"{last + 1}-0")
+        stream.client.xadd(stream.key, unreadable, id=f"{last + 1}-1")
+
+    report = usage_ingest()
+
+    assert report.entries == 3 + 2 + 3 + 4 and report.parked == 2
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == rids
+    assert UsageEvent.objects.filter(state="committed").count() == 3
+    assert {(e.entry_id, e.pool) for e in PoolEvent.objects.all()} == {
+        (f"{ours.partition}:{last + 1}-0", "shared"),
+        (f"{theirs.partition}:{last + 1}-0", "shared"),
+    }
+    assert set(DeadLetter.objects.values_list("entry_id", flat=True)) == {
+        f"{ours.partition}:{last + 1}-1",
+        f"{theirs.partition}:{last + 1}-1",
+    }
+    assert all(stream.backlog() == 0 for stream in usage_streams())
+    assert LedgerState.objects.get().ingested_total == 3 + 2 + 3 + 4 - 2
+
+    rows = list(UsageEvent.objects.order_by("rid").values())
+    for stream in (ours, theirs):  # committed, never acknowledged: read again
+        assert (
+            entries_batch_write(stream=stream, entries=list(stream.client.xrange(stream.key))) == 1
+        )
+    assert usage_ingest().entries == 0
+    assert [dict(row, ingested_ms=0) for row in UsageEvent.objects.order_by("rid").values()] == [
+        dict(row, ingested_ms=0) for row in rows
+    ]
+    assert (PoolEvent.objects.count(), DeadLetter.objects.count()) == (2, 2)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ledger.metrics import LedgerCollector, stream_state
-from ledger.services import usage_ingest, usage_stream
+from ledger.services import usage_ingest
 from quotas.store import get_engine
 from tests.fixtures import World
+from tests.ledger.partitions import stream_of
 
 
 def scraped() -> dict[str, float]:
@@ -36,7 +37,7 @@ def test_the_stream_grows_with_traffic_and_the_lag_falls_to_zero_once_ingested(
 
 def test_entries_read_but_not_acknowledged_still_count_as_lag(world: World, reserve: Any) -> None:
     assert reserve().status_code == 201
-    stream = usage_stream()
+    stream = stream_of(world)
     stream.ensure_group()
     assert len(stream.read("a-consumer-that-dies", count=10)) == 1
     get_engine().clock_offset_ms = 5_000

@@ -14,6 +14,8 @@ from django.core.management import call_command
 from ledger.recovery import store_rebuild
 from ledger.services import usage_ingest
 from quotas import recovery
+from quotas.engine import Engine
+from quotas.engine.core import KeySpace
 from quotas.keys import api_key_create
 from quotas.models import ConfigVersion, Limit
 from quotas.plan import plans
@@ -21,10 +23,16 @@ from quotas.reservations import get_engine, leases_expire
 from quotas.store import config_version_bump, config_version_read
 from tests.factories import TenantFactory
 from tests.fixtures import World
+from tests.ledger.partitions import shared_limit, space_of, tenant_elsewhere, three_partitions
 
 pytestmark = pytest.mark.django_db
+__all__ = ["three_partitions"]  # a fixture
 
 HOUR_MS = 3_600_000
+
+
+def partitions() -> int:
+    return len(get_engine().spaces)
 
 
 @pytest.fixture(autouse=True)
@@ -42,14 +50,23 @@ def advance(seconds: float) -> None:
 
 
 def state(limit: Limit) -> dict[str, Any]:
+    """A limit as the world's tenant (acme) sees it: on its partition (of a limit shared by
+    every tenant on a partitioned store, that partition's allotment)."""
     plan, engine = plans.get(), get_engine()
-    check = plan.inspection_check(plan.limits[limit.id], engine.keys, engine.now_ms_estimate())
-    return engine.inspect([check])[0]
+    acme = next(tenant.id for tenant in plan.tenants.values() if tenant.slug == "acme")
+    space = engine.tenant_space(acme)
+    check = plan.inspection_check(plan.limits[limit.id], space, engine.now_ms_estimate())
+    return engine.inspect([check], space=space)[0]
+
+
+def lease_key(rid: str) -> str:
+    """A reservation's lease, on the partition its id names."""
+    return get_engine().reservation_space(rid).lease(rid)
 
 
 def lease_digest_of(client: Any, rid: str) -> str | None:
     """The API key's digest a lease recorded (see quotas.keys.lease_digest)."""
-    digest: str | None = json.loads(client.get(get_engine().keys.lease(rid))).get("kd")
+    digest: str | None = json.loads(client.get(lease_key(rid))).get("kd")
     return digest
 
 
@@ -83,7 +100,11 @@ def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
         ),
         world.limit(tenant=world.tenant, metric="cost_usd", window="month", amount=1),
         world.limit(
-            pool=world.pool, metric="input_tokens", window="day", amount=300, enforcement="soft"
+            pool=world.pool,
+            metric="input_tokens",
+            window="day",
+            amount=300 * partitions(),  # split on a partitioned store: 300 on each at least
+            enforcement="soft",
         ),
         world.limit(
             tenant=world.tenant,
@@ -94,24 +115,23 @@ def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
             enforcement="shadow",
         ),
     ]
-    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4 * partitions())
     held = traffic(world, reserve)
     usage_ingest()
-    before = {limit.id: state(limit)["remaining"] for limit in limits}
+    # what each counter holds (of a limit split into allotments, on a partitioned store, the
+    # allotment itself is the rebalancer's: lost with the data, it is not the ledger's)
+    before = {limit.id: state(limit)["used"] for limit in limits}
     assert all(state(limit)["used"] > 0 for limit in limits)  # the traffic touched every one
     assert state(slots)["used"] == 2
     digests = {rid: lease_digest_of(redis_db, rid) for rid in held}
 
     redis_db.flushdb()  # Redis restarted without persistence
     plans.clear()
-    assert all(
-        state(limit)["remaining"] == limit.amount * (10**9 if limit.metric == "cost_usd" else 1)
-        for limit in limits
-    )
+    assert all(state(limit)["used"] == 0 for limit in limits)
     out = StringIO()
     call_command("quota", "rebuild", stdout=out)
 
-    assert {limit.id: state(limit)["remaining"] for limit in limits} == before
+    assert {limit.id: state(limit)["used"] for limit in limits} == before
     assert state(slots)["used"] == 2
     assert "2 leases restored" in out.getvalue()
     # the key that made each may still settle it while the plan cannot be loaded
@@ -120,8 +140,9 @@ def test_rebuild_after_a_wipe_restores_every_budget_and_open_lease(
 
     # a restored lease settles like the original: the unused part comes back
     day = limits[0]
+    left = state(day)["remaining"]
     assert commit(world, held[0], input_tokens=400, output_tokens=20).status_code == 200
-    assert state(day)["remaining"] == before[day.id] + 80
+    assert state(day)["remaining"] == left + 80
     assert state(slots)["used"] == 1
 
     # and the hard limits hold: the day budget admits exactly what is left, then nothing
@@ -153,7 +174,7 @@ def test_rebuild_twice_changes_nothing_the_second_time(
 def test_a_restored_lease_keeps_the_expiry_it_was_granted(
     world: World, reserve: Any, redis_db: Any
 ) -> None:
-    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4 * partitions())
     long_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=600).json()["id"]
     short_call = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=5).json()["id"]
     usage_ingest()
@@ -183,7 +204,7 @@ def test_a_restored_lease_keeps_the_expiry_it_was_granted(
 def test_a_restored_lease_keeps_the_expiry_an_extension_granted(
     world: World, reserve: Any, redis_db: Any
 ) -> None:
-    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4)
+    slots = world.limit(pool=world.pool, metric="concurrent", window="", amount=4 * partitions())
     rid = reserve(input_tokens=100, max_output_tokens=100, ttl_seconds=30).json()["id"]
     advance(20)
     extended = world.client().post(
@@ -294,7 +315,7 @@ def test_commits_of_reservations_the_store_lost_are_accepted_and_charged(
     assert rebuilt == 5000 - 500 - 400
 
     assert commit(world, held, input_tokens=400, output_tokens=20).status_code == 200
-    redis_db.delete(get_engine().keys.lease(late))  # gone with the data; the ledger has it
+    redis_db.delete(lease_key(late))  # gone with the data; the ledger has it
     accepted = commit(world, late, input_tokens=300, output_tokens=10)
     assert accepted.status_code == 200, accepted.json()
     assert accepted.json()["lease_expired"] is True
@@ -303,7 +324,7 @@ def test_commits_of_reservations_the_store_lost_are_accepted_and_charged(
     other = TenantFactory(slug="other")
     stranger = world.client(api_key_create(tenant=other, name="x").secret)
     plans.clear()
-    redis_db.delete(get_engine().keys.lease(held))
+    redis_db.delete(lease_key(held))
     body = {"input_tokens": 1, "output_tokens": 1}
     answer = stranger.post(f"/api/v1/reservations/{held}/commit", body, format="json")
     assert answer.status_code == 404
@@ -315,8 +336,8 @@ def _committed_twice_if_restored(world: World, reserve: Any, redis_db: Any) -> t
     rid = reserve(input_tokens=400, max_output_tokens=100).json()["id"]
     usage_ingest()
     assert commit(world, rid, input_tokens=400, output_tokens=20).status_code == 200
-    redis_db.delete(get_engine().keys.lease(rid))
-    return rid, redis_db.xlen(get_engine().keys.events)
+    redis_db.delete(lease_key(rid))
+    return rid, redis_db.xlen(space_of(world).events)
 
 
 def test_a_missing_reservation_of_a_store_never_rebuilt_is_not_restored(
@@ -335,7 +356,7 @@ def test_a_missing_reservation_of_a_store_never_rebuilt_is_not_restored(
 
     assert again.status_code == 404, again.json()
     assert state(day)["remaining"] == left
-    assert redis_db.xlen(get_engine().keys.events) == events
+    assert redis_db.xlen(space_of(world).events) == events
 
 
 def test_only_reservations_made_before_the_last_rebuild_are_restored(
@@ -351,10 +372,10 @@ def test_only_reservations_made_before_the_last_rebuild_are_restored(
 
     assert commit(world, rid, input_tokens=400, output_tokens=20).status_code == 404
     assert state(day)["remaining"] == left
-    assert redis_db.xlen(get_engine().keys.events) == events
+    assert redis_db.xlen(space_of(world).events) == events
 
     usage_ingest()
-    redis_db.delete(get_engine().keys.lease(before))  # lost with the data before the rebuild
+    redis_db.delete(lease_key(before))  # lost with the data before the rebuild
     restored = commit(world, before, input_tokens=300, output_tokens=10)
     assert restored.status_code == 200, restored.json()
     assert state(day)["remaining"] == left + 90
@@ -382,3 +403,60 @@ def test_a_loss_seen_just_before_a_rebuild_finished_starts_no_other(
 
     assert started == []
     assert not redis_db.exists(get_engine().keys.rebuild_lock)
+
+
+# -- a partitioned store: one partition lost ---------------------------------------------------
+
+
+def partition_dump(client: Any, space: KeySpace) -> dict[bytes, Any]:
+    """Every key of a partition and its value (a stream's entries), its config version and
+    consumer groups aside."""
+    dump: dict[bytes, Any] = {}
+    for key in client.scan_iter(match=space.prefix.replace("{", "[{]") + "*", count=1000):
+        if key == space.version.encode():
+            continue
+        if key == space.events.encode():
+            dump[key] = client.xrange(key)
+        else:
+            dump[key] = client.dump(key)
+    return dump
+
+
+def test_a_lost_partition_alone_is_rebuilt_and_the_others_are_left_as_they_were(
+    three_partitions: Engine, world: World, reserve: Any, redis_db: Any, deployed: None
+) -> None:
+    """Two tenants on two partitions, each with a day budget, a day budget shared by every
+    tenant (split: a counter on each partition) and held reservations. The keys of the first
+    tenant's partition are deleted (its shard lost its data): its next decision sees the loss,
+    and that partition alone is rebuilt from the ledger's rows of its own tenants, with its
+    leases; every other partition keeps every key as it was, and goes on deciding."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = space_of(world), engine.tenant_space(other.id)
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    world.limit(tenant=other, metric="tokens", window="day", amount=5000)
+    shared = shared_limit(pool=world.pool, metric="tokens", window="day", amount=30_000)
+    plans.clear()
+    held = traffic(world, reserve)
+    their_held = [reserve(client=other_client, input_tokens=700).json()["id"] for _ in range(2)]
+    assert all(rid.startswith(f"rsv_{theirs.index:02x}") for rid in their_held)
+    usage_ingest()
+    before = {limit.id: state(limit)["used"] for limit in (day, shared)}
+    assert before[shared.id] == before[day.id] > 0  # on acme's partition: acme's usage alone
+    kept = {space.index: partition_dump(redis_db, space) for space in engine.spaces}
+    assert kept[theirs.index] and all(redis_db.exists(theirs.lease(rid)) for rid in their_held)
+
+    for key in redis_db.scan_iter(match=ours.prefix.replace("{", "[{]") + "*"):
+        redis_db.delete(key)  # its shard lost its data
+    assert reserve().status_code == 503  # this one's decisions see the loss: rebuilt
+
+    assert redis_db.exists(ours.version) and redis_db.exists(ours.rebuilt_at)
+    assert {limit.id: state(limit)["used"] for limit in (day, shared)} == before
+    assert all(redis_db.exists(ours.lease(rid)) for rid in held)
+    for space in engine.spaces:
+        if space is not ours:
+            assert partition_dump(redis_db, space) == kept[space.index]
+            assert not redis_db.exists(space.rebuilt_at)
+    assert reserve(client=other_client).status_code == 201
+    assert commit(world, held[0], input_tokens=400, output_tokens=20).status_code == 200
+    assert reserve().status_code == 201

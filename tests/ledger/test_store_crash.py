@@ -102,10 +102,11 @@ def test_a_redis_with_an_aof_killed_mid_traffic_keeps_its_budget_and_acknowledge
     assert "lost its data" not in web_log and "rebuilt" not in worker_log
 
 
-def _kill_worker_mid_batch(deployed: Deployment) -> int:
+def _kill_worker_mid_batch(deployed: Deployment, world: World) -> int:
     """SIGKILLs the worker as soon as it holds entries it read and has not acknowledged;
-    returns how many it left pending (0 when it acknowledged them before the signal landed)."""
-    stream = deployed.stream
+    returns how many it left pending (0 when it acknowledged them before the signal landed).
+    The entries are the world's tenant's: on its partition's stream."""
+    stream = deployed.streams[world.tenant.id % len(deployed.streams)]
     wait_until(lambda: stream.pending() > 0, seconds=20, what="the worker to read a batch")
     deployed.services.kill_worker()
     return stream.pending()
@@ -127,7 +128,7 @@ def test_a_worker_killed_mid_batch_under_traffic_loses_and_duplicates_nothing(
         done = threading.Event()
         clients = threads(lambda: traffic.spend(done.is_set), 3)
         wait_until(lambda: len(traffic.committed) >= 20, seconds=20, what="commits")
-        left_pending = _kill_worker_mid_batch(deployed)
+        left_pending = _kill_worker_mid_batch(deployed, world)
         deployed.services.start_worker()
         commits_at_kill = len(traffic.committed)
         wait_until(

@@ -23,8 +23,9 @@ from django.conf import settings
 from django.db.models import Sum
 
 from ledger.models import UsageEvent
-from ledger.services import FAULT_ENV, usage_stream
+from ledger.services import FAULT_ENV, usage_streams
 from tests.fixtures import World
+from tests.ledger.partitions import stream_of
 from tests.ledger.stack import ROOT, Ledger, celery_worker, process_env, wait_until
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -84,8 +85,11 @@ def workers(worker_database: Ledger, tmp_path: Path) -> Iterator[Workers]:
     started.stop()
 
 
-def drained() -> bool:
-    return usage_stream().backlog() == 0 and usage_stream().client.exists(usage_stream().key) == 1
+def drained(world: World) -> bool:
+    """Every partition's stream acknowledged, the world's tenant's not empty."""
+    stream = stream_of(world)
+    backlog = sum(other.backlog() for other in usage_streams())
+    return backlog == 0 and stream.client.exists(stream.key) == 1
 
 
 def traffic(world: World, reserve: Any, *, reservations: int, commits: int) -> list[str]:
@@ -120,10 +124,10 @@ def test_reservations_committed_through_the_api_reach_the_ledger_once_via_a_work
     workers.ingest()
     workers.ingest()  # a second run finds nothing new
 
-    wait_until(drained, seconds=30, what="the worker to drain the stream")
+    wait_until(lambda: drained(world), seconds=30, what="the worker to drain the stream")
     rids += traffic(world, reserve, reservations=2, commits=0)
     workers.ingest()
-    wait_until(drained, seconds=30, what="the worker to drain the stream")
+    wait_until(lambda: drained(world), seconds=30, what="the worker to drain the stream")
 
     workers.database.sync()
     assert_exactly_once(rids, commits=8)
@@ -138,7 +142,7 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
     workers.ingest()
     assert doomed.wait(timeout=30) == 75
 
-    stream = usage_stream()
+    stream = stream_of(world)
     # read by the dead worker, never acknowledged: its batch, and on PostgreSQL maybe the
     # next one, read while the first was being written
     assert stream.pending() in (4, 8)
@@ -148,7 +152,7 @@ def test_a_worker_killed_mid_batch_loses_and_duplicates_nothing(
     workers.start(LEDGER_CLAIM_IDLE_MS="100", LEDGER_BATCH_SIZE="4")
     time.sleep(0.15)
     workers.ingest()
-    wait_until(drained, seconds=30, what="a new worker to reclaim and drain")
+    wait_until(lambda: drained(world), seconds=30, what="a new worker to reclaim and drain")
 
     workers.database.sync()
     assert_exactly_once(rids, commits=4)
