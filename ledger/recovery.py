@@ -24,6 +24,7 @@ from ledger.leases import lease_for_row
 from ledger.models import UsageEvent
 from ledger.reconcile import BudgetReport, budgets_reconcile
 from ledger.services import ledger_state_lock, usage_ingest
+from quotas.allotments import allotments_restore, split_checks
 from quotas.engine import Owner
 from quotas.engine.types import LeaseRestore
 from quotas.plan import features_by_id, plans
@@ -57,7 +58,9 @@ def store_rebuild(*, force: bool = False) -> BudgetReport | None:
         report = budgets_reconcile(
             repair=True, restore_leases=True, partitions=[space.index for space in lost]
         )
+        plan = plans.get()
         for space in lost:
+            allotments_restore(engine, space, split_checks(plan, space, engine.now_ms_estimate()))
             rebuild_mark(space)
             config_version_restore(space)
     for space in engine.spaces:

@@ -144,3 +144,33 @@ def shared_limits(plan: Plan) -> list[LimitInfo]:
 def split_checks(plan: Plan, space: KeySpace, now_ms: int) -> list[Check]:
     """The checks of every split limit on one partition, in `shared_limits` order."""
     return [plan.inspection_check(limit, space, now_ms) for limit in shared_limits(plan)]
+
+
+def allotments_restore(engine: Engine, space: KeySpace, checks: list[Check]) -> None:
+    """After a partition lost its data: each shared limit's units there are what the other
+    partitions leave of the amount (their stored units, or their even split), not the even
+    split a missing allotment reads as, which could add up past the amount until the next
+    round. `checks`: the shared limits' checks on that partition (`split_checks`)."""
+    if not engine.partitioned:
+        return
+    units = {}
+    for check in checks:
+        amount = check.rate or check.cap
+        others = 0
+        for other in engine.spaces:
+            if other is not space:
+                raw = engine.client.hget(other.allot, str(check.limit_id))
+                others += _units(raw, amount, other)
+        units[check.limit_id] = max(0, amount - others)
+    engine.allotments_move(space, checks, units)
+
+
+def _units(raw: bytes | str | None, amount: int, space: KeySpace) -> int:
+    """A partition's units of `amount` as allot.lua reads them (allot_units)."""
+    if raw is None:
+        return amount // space.count + (1 if space.index < amount % space.count else 0)
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    held, _, of = text.partition(":")
+    if int(of) == amount:
+        return int(held)
+    return int(held) * amount // int(of) if int(of) > 0 else amount // space.count

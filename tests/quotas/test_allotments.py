@@ -18,7 +18,7 @@ import redis
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quotas.allotments import allot_targets, allotments_round
+from quotas.allotments import allot_targets, allotments_restore, allotments_round
 from quotas.engine import Check, Engine, Granted, Refused
 from quotas.engine.core import KeySpace
 from quotas.engine.types import Period
@@ -246,3 +246,22 @@ def test_processes_on_every_partition_never_admit_more_than_the_limit_while_it_m
             worst = max(worst, admitted - allowed)
     print(f"\n{len(grants)} grants of {total} tokens; closest to the bound: {worst:.0f} tokens")
     assert worst <= 0
+
+
+def test_a_partition_that_lost_its_data_takes_back_only_what_the_others_leave(
+    engine: Engine,
+) -> None:
+    """After rounds moved most of a pool to partition 0, partition 1 loses its keys: restored,
+    it holds what 0 and 2 leave, not the even third a missing allotment reads as."""
+    for i in range(50):
+        ask(engine, 0, f"rsv_{i}", 5_000, pool_bucket(engine.spaces[0], CAP))
+    engine.frozen_ms = NOW + 1_000
+    rebalance(engine)
+    before = units(engine)
+    assert before[0] > 0.95 * CAP and sum(before) == CAP
+    engine.client.delete(engine.spaces[1].allot)
+
+    allotments_restore(engine, engine.spaces[1], [pool_bucket(engine.spaces[1], CAP)])
+    after = units(engine)
+    assert after[1] == CAP - before[0] - before[2]
+    assert sum(after) == CAP
