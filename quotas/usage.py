@@ -10,7 +10,7 @@ from quotas.engine import Check
 from quotas.engine.core import KeySpace
 from quotas.engine.partitions import tenant_partition
 from quotas.errors import QuotaError, not_found
-from quotas.plan import KeyInfo, LimitInfo, Plan, features_by_id, plans
+from quotas.plan import KeyInfo, LimitInfo, Plan, plans
 from quotas.recovery import store_lost
 from quotas.refusals import limit_body, units_shown
 from quotas.reservations import STORE_DOWN, STORE_LOST, get_engine, key_recheck
@@ -72,9 +72,7 @@ def _spaces_of(plan: Plan, info: LimitInfo, spaces: tuple[KeySpace, ...]) -> tup
     limit, every one for a limit that tenants share."""
     if len(spaces) == 1:
         return spaces
-    tenant = info.tenant_id
-    if tenant is None and info.feature_id is not None:
-        tenant = features_by_id(plan)[info.feature_id].tenant_id
+    tenant = plan.tenant_of(info)
     if tenant is None:
         return spaces
     return (spaces[tenant_partition(tenant, len(spaces))],)

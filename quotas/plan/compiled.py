@@ -100,13 +100,18 @@ class Plan:
                 checks.extend(self._minute_checks(limit, feature, pool, priority, keyspace))
         return tuple(checks), valid_until
 
+    def tenant_of(self, limit: LimitInfo) -> int | None:
+        """The tenant whose partition holds a limit (its feature's, for a feature's limit);
+        None for a limit that tenants share."""
+        if limit.tenant_id is None and limit.feature_id is not None:
+            return features_by_id(self)[limit.feature_id].tenant_id
+        return limit.tenant_id
+
     def _on_partition(self, limit: LimitInfo, keyspace: KeySpace) -> bool:
         """Whether a tenant's or a feature's limit lives on the partition of `keyspace`."""
         if keyspace.count == 1:
             return True
-        tenant = limit.tenant_id
-        if tenant is None and limit.feature_id is not None:
-            tenant = features_by_id(self)[limit.feature_id].tenant_id
+        tenant = self.tenant_of(limit)
         return tenant is not None and tenant_partition(tenant, keyspace.count) == keyspace.index
 
     def feature_limits(self, feature: FeatureInfo) -> list[LimitInfo]:
