@@ -25,7 +25,8 @@ from tests.ledger.stack import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# a Redis of their own, killed and restarted: the cluster's own failover is test_cluster_failover
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.single_redis]
 
 BUDGET = 3_000_000
 # What a SIGKILLed Redis with `appendfsync everysec` may lose: commands it answered but had not

@@ -20,7 +20,8 @@ from quotas.models import ConfigVersion, Limit
 from tests.fixtures import World
 from tests.ledger.stack import IN, OUT, RedisServer, admitted, deployment, threads, wait_until
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
+# a Redis of their own, killed and restarted: the cluster's own failover is test_cluster_failover
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow, pytest.mark.single_redis]
 
 BUDGET = 1_000_000
 

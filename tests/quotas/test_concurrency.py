@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import httpx
 import pytest
 import redis
+import redis.cluster
 from django.conf import settings
 from django.core.servers.basehttp import WSGIRequestHandler
 
@@ -56,7 +57,7 @@ from quotas.reservations import (
     reservation_reserve,
 )
 from tests.factories import LanguageModelFactory
-from tests.fixtures import World
+from tests.fixtures import World, store_client
 
 # Clients in other threads must see the configuration: committed, not in a test transaction.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -185,6 +186,20 @@ class Snapshot:
         ]
 
 
+def _snapshot_reply(client: redis.Redis, patterns: list[str]) -> list[Any]:
+    """SNAPSHOT_LUA on one Redis; on a cluster on every master, the counters added up and the
+    leases put together (the clients' tenant decides on one partition, so on one master: its
+    keys are still read at one instant)."""
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return list(client.eval(SNAPSHOT_LUA, 0, *patterns))
+    counters, leases = [0] * len(COUNTERS), []
+    for node in client.get_primaries():
+        reply = client.execute_command("EVAL", SNAPSHOT_LUA, 0, *patterns, target_nodes=node)
+        counters = [c + int(v) for c, v in zip(counters, reply[: len(COUNTERS)], strict=True)]
+        leases += reply[len(COUNTERS) :]
+    return [*counters, *leases]
+
+
 def snapshot(ids: dict[str, int], engine: Engine | None = None) -> Snapshot:
     engine = engine or get_engine()
     patterns = [
@@ -196,7 +211,7 @@ def snapshot(ids: dict[str, int], engine: Engine | None = None) -> Snapshot:
             lambda keys: [keys.concurrency(ids["concurrent"])],
         )
     ]
-    reply = engine.client.eval(SNAPSHOT_LUA, 0, *patterns)
+    reply = _snapshot_reply(engine.client, patterns)
     leases = {}
     for raw in reply[len(COUNTERS) :]:
         lease = json.loads(raw)
@@ -392,7 +407,6 @@ class ServiceBackend:
 class EngineSpec:
     """Everything a process needs to call the engine: plain data compiled in the parent."""
 
-    redis_url: str
     hash_tag: str
     partitions: int
     retention_ms: int
@@ -420,7 +434,6 @@ def engine_spec(world: World) -> EngineSpec:
         )
         features[slug] = (feature.id, options)
     return EngineSpec(
-        redis_url=settings.REDIS_URL,
         hash_tag=settings.QUOTA_HASH_TAG,
         partitions=len(engine.spaces),
         retention_ms=engine.retention_ms,
@@ -433,9 +446,10 @@ def engine_spec(world: World) -> EngineSpec:
 
 
 def engine_for(spec: EngineSpec) -> Engine:
-    """An engine with a Redis connection of its own, as a freshly forked process needs."""
+    """An engine with a connection of its own to the store (one Redis or the cluster), as a
+    freshly forked process needs."""
     return Engine(
-        redis.Redis.from_url(spec.redis_url),
+        store_client(),
         hash_tag=spec.hash_tag,
         partitions=spec.partitions,
         retention_ms=spec.retention_ms,
