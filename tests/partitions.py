@@ -11,6 +11,7 @@ of it, the others none. What the split itself does is tested with the engine
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -58,14 +59,16 @@ def lone_tenant_allotments(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return
     reserve = Engine.reserve
     seen: set[int] = set()  # asked once per test: a decision stays one Redis call after
+    allotting = threading.Lock()  # a thread's reserve waits until another's allotment is in
 
     def allotted_reserve(self: Engine, call: ReserveCall) -> object:
         space = self.tenant_space(call.tenant_id)
-        for option in call.options:
-            for check in option.checks:
-                if check.split and check.limit_id not in seen:
-                    seen.add(check.limit_id)
-                    allot_whole(self, space, check)
+        with allotting:
+            for option in call.options:
+                for check in option.checks:
+                    if check.split and check.limit_id not in seen:
+                        seen.add(check.limit_id)
+                        allot_whole(self, space, check)
         return reserve(self, call)
 
     monkeypatch.setattr(Engine, "reserve", allotted_reserve)
