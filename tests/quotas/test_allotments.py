@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from quotas.allotments import allot_targets, allotments_restore, allotments_round
-from quotas.engine import Check, Engine, Granted, Refused
+from quotas.engine import Check, Engine, Granted, Owner, Refused, Usage
 from quotas.engine.core import KeySpace
 from quotas.engine.types import Period
 from quotas.store import get_redis
@@ -265,3 +265,111 @@ def test_a_partition_that_lost_its_data_takes_back_only_what_the_others_leave(
     after = units(engine)
     assert after[1] == CAP - before[0] - before[2]
     assert sum(after) == CAP
+
+
+BUDGET = 100_000  # tokens in the hour, shared by the 3 partitions
+SLOTS = 6  # reservations held at once, shared likewise
+
+
+def _hour_checks(space: KeySpace, start: int) -> list[Check]:
+    periods = tuple(
+        Period(space.period(7, s), s, s + HOUR) for s in (start - HOUR, start, start + HOUR)
+    )
+    return [
+        Check(7, "p", "tokens", BUDGET, periods=periods, split=True),
+        Check(8, "c", "concurrent", SLOTS, key=space.concurrency(8), split=True),
+    ]
+
+
+def _holder(tenant: int, out: str, stop_at: float, start: int, burst: int, pause: float) -> None:
+    """Reserves `burst` calls of 1,000 tokens in a row, holds them a moment, commits them."""
+    try:
+        engine = Engine(_client(), hash_tag="allotp", partitions=PARTS)
+        checks = _hour_checks(engine.tenant_space(tenant), start)
+        owner = Owner(tenant)
+        i = 0
+        while time.time() < stop_at:
+            held = []
+            for _ in range(burst):
+                rid = engine.reservation_id(tenant)
+                if isinstance(ask(engine, tenant, rid, 1_000, *checks), Granted):
+                    held.append(rid)
+                i += 1
+            time.sleep(0.01)
+            for rid in held:
+                engine.commit(reservation_id=rid, owner=owner, usage=Usage(999, 1), version=3)
+            time.sleep(pause)
+        result: dict[str, Any] = {"asks": i}
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
+
+
+def _budget_rebalancer(out: str, stop_at: float, start: int) -> None:
+    try:
+        engine = Engine(_client(), hash_tag="allotp", partitions=PARTS)
+        rounds = 0
+        while time.time() < stop_at:
+            allotments_round(engine, [_hour_checks(s, start) for s in engine.spaces])
+            rounds += 1
+            time.sleep(0.05)
+        result: dict[str, Any] = {"rounds": rounds}
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
+
+
+def test_processes_never_spend_a_split_budget_twice_nor_hold_more_slots_than_it_has(
+    redis_db: redis.Redis, tmp_path: Path
+) -> None:
+    """A budget of 100,000 tokens in the hour and 6 concurrent slots, shared by tenants on 3
+    partitions, one process each (one asking in bursts of 4, the others of 2, more slowly),
+    and a process moving the units 20 times a second. At the end the partitions' counters add
+    up to at most the budget; from the usage streams, at no instant were more than 6
+    reservations held (a settlement counted before a grant of the same millisecond)."""
+    engine = Engine(get_redis(), hash_tag="allotp", partitions=PARTS)
+    for space in engine.spaces:
+        engine.client.set(space.version, 3)
+    start = engine.now_ms() // HOUR * HOUR
+    context = multiprocessing.get_context("fork")
+    stop_at = time.time() + SECONDS
+    outputs = [tmp_path / f"p{i}.json" for i in range(PROCESSES + 1)]
+    processes = [
+        context.Process(
+            target=_holder,
+            args=(i, str(outputs[i]), stop_at, start, 4 if i == 0 else 2, 0.0 if i == 0 else 0.05),
+            daemon=True,
+        )
+        for i in range(PROCESSES)
+    ]
+    processes.append(
+        context.Process(
+            target=_budget_rebalancer, args=(str(outputs[-1]), stop_at, start), daemon=True
+        )
+    )
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    results = [json.loads(path.read_text()) for path in outputs]
+    assert not [r["error"] for r in results if "error" in r]
+    assert results[-1]["rounds"] > 10
+
+    spent = sum(int(engine.client.get(s.period(7, start)) or 0) for s in engine.spaces)
+    moves = []
+    for space in engine.spaces:
+        for _, f in engine.client.xrange(space.events):
+            if f[b"type"] == b"reserved":
+                moves.append((int(f[b"at_ms"]), 1))
+            elif f[b"type"] == b"committed":
+                moves.append((int(f[b"at_ms"]), -1))
+    held = most = 0
+    for _, step in sorted(moves):  # at one millisecond, -1 before +1
+        held += step
+        most = max(most, held)
+    grants = sum(1 for _, step in moves if step == 1)
+    print(f"\n{grants} grants, {spent} of {BUDGET} tokens spent, at most {most} held at once")
+    assert spent <= BUDGET
+    assert most <= SLOTS
+    assert spent >= BUDGET // 2 and most >= SLOTS // 2, "the limits should have been reached"
