@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 from django.conf import settings
 
@@ -140,6 +141,12 @@ def _tenants(cluster: RedisCluster, masters: dict[int, int]) -> list[Driven]:
     return sorted(driven.values(), key=lambda d: d.partition)
 
 
+def readiness(port: str) -> tuple[int, dict[str, Any]]:
+    """GET /readyz of a server."""
+    response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+    return response.status_code, response.json()
+
+
 @pytest.mark.parametrize("lost", ["other", "home"])
 def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fail_mode(
     cluster: RedisCluster, tmp_path: Path, lost: str
@@ -210,10 +217,14 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
             time.sleep(kill_at - time.monotonic())
             killed_at = time.monotonic()
             cluster.kill_master(victim.master)
+            # the servers stay ready, naming the partitions whose master is gone
+            first_port = ports.split(",")[0]
+            during = readiness(first_port)
             cluster.wait_failover()
             failed_over = time.monotonic()
             normal_from = failed_over + SETTLE
             time.sleep(SETTLE + AFTER)
+            after = readiness(first_port)
 
             def degraded_recorded() -> bool:
                 home = reserved_events(cluster, partitions[0])
@@ -239,6 +250,11 @@ def test_a_master_killed_under_traffic_fails_over_and_only_its_shard_sees_the_fa
     for tenant, pool, out, process in clients:
         assert process.returncode == 0, f"client {tenant.slug}/{pool} exited {process.returncode}"
         tenant.records[pool] = read_records(out)
+
+    # -- readiness --------------------------------------------------------------------------
+    assert during[0] == 200 and during[1]["status"] == "ready", during
+    assert victim.partition in during[1]["checks"]["redis"]["unreachable_partitions"], during
+    assert after[0] == 200 and "unreachable_partitions" not in after[1]["checks"]["redis"], after
 
     # -- answers ------------------------------------------------------------------------------
     every = [r for d in driven for r in d.calls()]
