@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from quotas.engine import Check, Engine
 from quotas.engine.core import KeySpace
+from quotas.metrics import ALLOTMENT_MOVED, ALLOTMENT_UNITS
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import LimitInfo
 
@@ -129,6 +130,10 @@ def _round(engine: Engine, checks: list[list[Check]]) -> Moved:
                 current[lid][i] += grow  # counted before it lands: the sum stays bounded
                 moved += grow
         engine.allotments_move(space, checks[space.index], up)
+    for lid in shared:
+        for index, units in enumerate(current[lid]):
+            ALLOTMENT_UNITS.labels(str(lid), str(index)).set(units)
+    ALLOTMENT_MOVED.inc(moved)
     return Moved(len(shared), moved)
 
 

@@ -8,7 +8,7 @@ number is bounded by the configuration. Under gunicorn, prometheus-client's mult
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 RESERVATIONS = Counter(
     "quota_reservations",
@@ -35,4 +35,15 @@ PLAN_RELOADS = Counter(
     "quota_plan_reloads",
     "Loads of the compiled plan from the database: loaded, or failed.",
     ["outcome"],
+)
+ALLOTMENT_UNITS = Gauge(
+    "quota_allotment_units",
+    "Units of a shared limit each partition holds, as the rebalancer's last round left them "
+    "(a partitioned store; quotas/allotments.py).",
+    ["limit", "partition"],
+    multiprocess_mode="mostrecent",
+)
+ALLOTMENT_MOVED = Counter(
+    "quota_allotment_moved_units",
+    "Units of shared limits the rebalancer gave to another partition.",
 )

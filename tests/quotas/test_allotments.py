@@ -17,6 +17,7 @@ import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import REGISTRY
 
 from quotas.allotments import allot_targets, allotments_restore, allotments_round
 from quotas.engine import Check, Engine, Granted, Owner, Refused, Usage
@@ -76,10 +77,19 @@ def test_a_round_moves_units_to_the_partition_that_asks(engine: Engine) -> None:
     for i in range(50):  # partition 0 asks for 5,000 tokens a time, and is mostly refused
         ask(engine, 0, f"rsv_{i}", 5_000, pool_bucket(engine.spaces[0], CAP))
     engine.frozen_ms = NOW + 1_000
+    moved_before = REGISTRY.get_sample_value("quota_allotment_moved_units_total") or 0
     rebalance(engine)
     after = units(engine)
     assert sum(after) == CAP
     assert after[0] > 0.95 * CAP, after
+    # the metrics say where the units are, and how many moved
+    shown = [
+        REGISTRY.get_sample_value("quota_allotment_units", {"limit": "1", "partition": str(i)})
+        for i in range(PARTS)
+    ]
+    assert shown == after
+    moved = REGISTRY.get_sample_value("quota_allotment_moved_units_total") - moved_before
+    assert moved == after[0] - CAP // PARTS
     # and back: once partition 2 asks and 0 has gone quiet, a few rounds even it out
     for round_ in range(1, 6):
         for i in range(20):
