@@ -42,6 +42,7 @@ from quotas.estimate import estimate_tokens
 from quotas.keys import lease_digest
 from quotas.metrics import DEGRADED_GRANTS, RESERVATIONS
 from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, plans
+from quotas.plan.compiled import pressure_of
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error, upstream_error
 from quotas.store import STORE_UNREACHABLE, get_engine
@@ -379,6 +380,7 @@ def reservation_commit(*, key: Caller, reservation_id: str, data: CommitInput) -
             raise not_started(result.wait_ms or 0)
         raise QuotaError("conflict", "This reservation was already committed with other usage.")
     assert isinstance(result, Settled)
+    _spread_429(result, reservation_id)
     return result
 
 
@@ -421,7 +423,40 @@ def reservation_release(
             )
         raise QuotaError("conflict", f"This reservation is already {result.state}.")
     assert isinstance(result, Settled)
+    _spread_429(result, reservation_id)
     return result
+
+
+def _spread_429(settled: Settled, reservation_id: str) -> None:
+    """A provider 429 reported on one partition reaches the pool's other partitions, which
+    share the provider's account (spread.lua): one script on each, best effort, only for a
+    429 (rare), never failing the settlement that reported it."""
+    engine = get_engine()
+    if settled.spread is None or not engine.partitioned:
+        return
+    try:
+        plan = plans.get()
+    except DatabaseError:
+        return
+    pool = next((p for p in plan.pools if p.slug == settled.spread), None)
+    if pool is None:
+        return
+    origin = engine.reservation_space(reservation_id)
+    now_ms = engine.now_ms_estimate()
+    own = [
+        limit
+        for limit in plan.by_tenant.get(None, [])
+        if limit.pool_id == pool.id and limit.is_shared_pool_limit
+        and limit.window == "minute" and limit.metric != "concurrent" and limit.amount is not None
+    ]  # fmt: skip
+    for space in engine.spaces:
+        if space is origin:
+            continue
+        checks = [plan.inspection_check(limit, space, now_ms) for limit in own]
+        try:
+            engine.spread_429(space, pool.slug, pressure_of(pool, space), checks)
+        except STORE_UNREACHABLE as exc:
+            log.warning("could not spread a provider 429 to partition %s: %s", space.index, exc)
 
 
 def reservation_extend(*, key: Caller, reservation_id: str, ttl_seconds: int) -> LeaseView:

@@ -31,6 +31,7 @@ from quotas.engine.types import (
     Missing,
     Owner,
     PoolOption,
+    Pressure,
     Refused,
     Report,
     ReserveCall,
@@ -330,6 +331,23 @@ class Engine:
         reply = self.scripts.call("allot_move", keys, payload)
         return {int(k): int(v) for k, v in dict(reply or {}).items()}
 
+    def spread_429(
+        self, space: KeySpace, pool: str, pressure: Pressure, checks: list[Check]
+    ) -> float:
+        """A provider 429 reported for `pool` on another partition, applied on `space` (see
+        spread.lua): its adaptive share decreased, its per-minute buckets emptied. `pressure`
+        and `checks`: the pool's settings and own per-minute limits on `space`."""
+        payload = {
+            **self._clock(),
+            "pool": pool,
+            "bp": pressure.as_lua(),
+            "checks": [c.as_lua() for c in checks],
+            "part": self._part(space),
+            "maxlen": self.stream_maxlen,
+        }
+        keys = [pressure.key, space.events, *(k for c in checks for k in c.redis_keys())]
+        return float(self.scripts.call("spread", [*keys, space.allot], payload))
+
     def pressure_state(self, pool_id: int) -> dict[str, float]:
         """A pool's adaptive share and breaker as the scripts keep them (pressure.lua), with
         the engine's time: `share` (1 when never adapted), `open_until_ms` (0: closed). Each
@@ -469,7 +487,7 @@ class Engine:
             return Missing()
         if "conflict" in reply:
             return Conflict(state=reply["conflict"], wait_ms=reply.get("wait_ms"))
-        return Settled(result=reply["result"])
+        return Settled(result=reply["result"], spread=reply.get("spread"))
 
     @staticmethod
     def _lease_result(reply: Reply) -> LeaseView | Conflict | Missing | Stale | Lost:

@@ -30,6 +30,7 @@ SCRIPT_NAMES = (
     "trim",
     "rebuild",
     "allot_move",
+    "spread",
 )
 
 

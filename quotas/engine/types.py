@@ -239,6 +239,7 @@ class Existing:
 @dataclass(frozen=True, slots=True)
 class Settled:
     result: dict[str, Any]
+    spread: str | None = None  # a provider 429 reported: the pool, for its other partitions
 
 
 @dataclass(frozen=True, slots=True)

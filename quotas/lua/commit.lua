@@ -16,7 +16,8 @@
 -- The limit keys touched are the ones the lease recorded at reserve time; they carry the same
 -- hash tag as KEYS[2], so the script stays within one Cluster slot.
 --
--- Returns JSON: {result = {...}} (also for a repeated identical commit; a commit after expiry
+-- Returns JSON: {result = {...}, spread = pool (after a provider 429, for the pool's other
+-- partitions)} (also for a repeated identical commit; a commit after expiry
 -- is accepted and says lease_expired = true), {missing = true}, or
 -- {conflict = state} (released, or committed with another body), or
 -- {conflict = 'scheduled', wait_ms} before a scheduled reservation's start.
@@ -40,4 +41,4 @@ local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- press
 local result = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
 bp_settled(lease, pressure, req.report, now, KEYS[4], req.maxlen)
-return cjson.encode({result = result})
+return cjson.encode({result = result, spread = bp_spread(lease, req.report)})

@@ -231,6 +231,13 @@ local function bp_settle(lease, report, now, stream, maxlen)
   return {h = h, set = set}
 end
 
+-- Commit and release: the pool whose other partitions should hear of a provider 429 this
+-- report carries (quotas/store.py spreads it; spread.lua), or nil.
+local function bp_spread(lease, report)
+  if lease.bp and report and report.st == 429 then return lease.pool end
+  return nil
+end
+
 -- Commit and release, after the settlement (whose refund the provider's `remaining` already
 -- counts): header sync, then the pool's state written back in at most one HSET.
 --

@@ -11,7 +11,8 @@
 --          retention_ms, clock, extra (event fields: upstream_status, latency_ms),
 --          report = {st, hd} (the provider's answer; see bp_settle in pressure.lua)
 --
--- Returns JSON: {result = {...}} (a repeated release returns the same result),
+-- Returns JSON: {result = {...}, spread = pool (after a provider 429, for the pool's other
+-- partitions)} (a repeated release returns the same result),
 -- {missing = true}, or {conflict = state} (already committed, or expired: an expired lease
 -- was charged in full because the call may have happened; commit it with its usage instead).
 
@@ -29,4 +30,4 @@ local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- press
 local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)
 bp_settled(lease, pressure, req.report, now, KEYS[4], req.maxlen)
-return cjson.encode({result = result})
+return cjson.encode({result = result, spread = bp_spread(lease, req.report)})

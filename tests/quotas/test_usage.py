@@ -139,3 +139,29 @@ def test_a_refusal_by_a_shared_limit_names_its_whole_amount(
     assert refused.json()["limit"]["id"] == minute.id
     assert refused.json()["retry_after_ms"] is not None  # the rebalancer may move units here
     assert refused.json()["limit"]["limit"] == 90_000
+
+
+def test_a_provider_429_one_tenant_reports_slows_the_pool_on_every_partition(
+    three_partitions: Engine, world: Any, neighbour: Neighbour
+) -> None:
+    """The pool's provider account is shared across partitions: a 429 released by the
+    world's tenant empties the neighbour's part of the pool too, and lowers its share."""
+    world.pool.backpressure = {"adaptive": True}
+    world.pool.save()
+    world.limit(pool=world.pool, metric="tokens", amount=90_000)
+    three_partitions.frozen_ms = three_partitions.now_ms()  # no refill meanwhile
+    rid = _reserve(world.client(), world.model.name, 1_000)["id"]
+    released = world.client().post(
+        f"/api/v1/reservations/{rid}/release", {"upstream_status": 429}, format="json"
+    )
+    assert released.status_code == 200, released.content
+    theirs = three_partitions.tenant_space(neighbour.tenant.id)
+    assert float(three_partitions.client.hget(theirs.pressure(world.pool.pk), "s")) < 1
+    refused = neighbour.client().post(
+        "/api/v1/reservations",
+        {"feature": "chat", "model": world.model.name, "input_tokens": 500,
+         "max_output_tokens": 500},
+        format="json",
+    )  # fmt: skip
+    assert refused.status_code == 429, refused.content
+    assert refused.json()["error"] == "rate_limited"

@@ -139,3 +139,46 @@ def _period(space: KeySpace, limit_id: int, start: int, stop: int) -> Any:
     from quotas.engine.types import Period
 
     return Period(space.period(limit_id, start), start, stop)
+
+
+def test_a_provider_429_on_one_partition_is_heard_on_the_others(engine: Engine) -> None:
+    """A release reporting a provider 429 on partition 0 names the pool to spread it to;
+    spread to partition 1, that partition's share drops once (the cooldown holds a second
+    spread) and its part of the pool is emptied; partition 2, not told, is untouched."""
+    from dataclasses import replace as with_
+
+    from quotas.engine.types import Report
+    from tests.quotas.engine.test_pressure import pressure
+
+    def option(space: KeySpace) -> tuple[Check, Any]:
+        bp = with_(pressure(engine, 5), key=space.pressure(5))
+        check = Check(1, "b", "tokens", 3_000, key=space.bucket(1), split=True, pool_limit=True)
+        return check, bp
+
+    def reserve(tenant: int, rid: str) -> Any:
+        check, bp = option(engine.spaces[tenant])
+        return engine.reserve(
+            call(rid, check, tenant_id=tenant, input_tokens=99, max_output_tokens=1,
+                 min_output_tokens=1, options=(PoolOption("main", (check,), bp),))
+        )  # fmt: skip
+
+    assert isinstance(reserve(0, engine.reservation_id(0)), Granted)
+    rid = engine.reservation_id(0)
+    assert isinstance(reserve(0, rid), Granted)
+    settled = engine.release(
+        reservation_id=rid, owner=Owner(0), version=3, report=Report(status=429)
+    )
+    assert isinstance(settled, Settled) and settled.spread == "main"
+    check, bp = option(engine.spaces[1])
+    assert engine.spread_429(engine.spaces[1], "main", bp, [check]) == pytest.approx(0.7)
+    assert engine.spread_429(engine.spaces[1], "main", bp, [check]) == pytest.approx(0.7)
+    refused = reserve(1, engine.reservation_id(1))
+    assert isinstance(refused, Refused) and refused.reason == "rate_limited"
+    assert isinstance(reserve(2, engine.reservation_id(2)), Granted)
+    assert engine.client.hget(engine.spaces[2].pressure(5), "s") is None
+    # a success settles without naming a pool
+    granted = reserve(2, engine.reservation_id(2))
+    done = engine.release(
+        reservation_id=granted.reservation_id, owner=Owner(2), version=3, report=Report(200)
+    )
+    assert isinstance(done, Settled) and done.spread is None
