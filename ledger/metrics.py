@@ -27,12 +27,26 @@ class StreamState:
 
 def ledger_lag_seconds() -> float:
     """How long the oldest usage event not yet in the ledger has waited (Redis's clock), of
-    every partition's stream."""
-    ages = [stream.oldest_unacknowledged_ms() for stream in usage_streams()]
+    every partition's stream that answers: a shard failing over is left out (its events wait
+    in its stream, and count once it is back); raises when none answers."""
+    streams = usage_streams()
+    ages, unreachable = [], []
+    for stream in streams:
+        try:
+            ages.append(stream.oldest_unacknowledged_ms())
+        except STORE_UNREACHABLE as exc:
+            unreachable.append(exc)
+    if len(unreachable) == len(streams):
+        raise unreachable[0]
     oldest = min((age for age in ages if age is not None), default=None)
     if oldest is None:
         return 0.0
-    return max(0, get_engine().now_ms() - oldest) / 1000
+    engine = get_engine()
+    try:
+        now_ms = engine.now_ms()
+    except STORE_UNREACHABLE:  # the node that tells the time is the one failing over
+        now_ms = engine.now_ms_estimate()
+    return max(0, now_ms - oldest) / 1000
 
 
 def stream_state() -> StreamState:
