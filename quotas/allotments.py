@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from quotas.engine import Check, Engine
 from quotas.engine.core import KeySpace
+from quotas.engine.partitions import tenant_partition
 from quotas.metrics import ALLOTMENT_MOVED, ALLOTMENT_UNITS
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import LimitInfo
@@ -75,26 +76,47 @@ def allotments_rebalance(engine: Engine, plan: Plan) -> Moved:
     if not engine.partitioned or not shared_limits(plan):
         return Moved(0, 0)
     now_ms = engine.now_ms_estimate()
-    return allotments_round(engine, [split_checks(plan, s, now_ms) for s in engine.spaces])
+    checks = [split_checks(plan, s, now_ms) for s in engine.spaces]
+    return allotments_round(engine, checks, kept=guarantees_kept(plan, len(engine.spaces)))
 
 
-def allotments_round(engine: Engine, checks: list[list[Check]]) -> Moved:
-    """One round: `checks[i]` are the split limits' checks on partition i, in one order.
-    Skipped while another round holds the lock; raises when a partition cannot be read
-    (then nothing moves: the allotments stay as they were while a shard fails over)."""
+def guarantees_kept(plan: Plan, count: int) -> dict[int, list[int]]:
+    """Of each pool's capacity limit, the units each partition keeps whatever the asks: the
+    guarantees of its tenants' features on that pool and metric, so that a guarantee holds
+    even while its feature is quiet and others ask for everything."""
+    kept: dict[int, list[int]] = {}
+    for limit in shared_limits(plan):
+        if not limit.is_pool_capacity or limit.pool_id is None:
+            continue
+        for guarantee in plan.guarantees.get(limit.pool_id, []):
+            tenant = plan.tenant_of(guarantee)
+            if guarantee.metric == limit.metric and tenant is not None:
+                units = kept.setdefault(limit.id, [0] * count)
+                units[tenant_partition(tenant, count)] += guarantee.guaranteed_units
+    return kept
+
+
+def allotments_round(
+    engine: Engine, checks: list[list[Check]], *, kept: dict[int, list[int]] | None = None
+) -> Moved:
+    """One round: `checks[i]` are the split limits' checks on partition i, in one order;
+    `kept[limit id][i]`: units partition i keeps of that limit whatever the asks (its
+    features' guarantees). Skipped while another round holds the lock; raises when a
+    partition cannot be read (then nothing moves: the allotments stay as they were while a
+    shard fails over)."""
     home = engine.keys
     holder = secrets.token_hex(8)
     lock = home.prefix + "allot_lock"
     if not engine.client.set(lock, holder, nx=True, px=LOCK_MS):
         return Moved(0, 0)  # another round is running
     try:
-        return _round(engine, checks)
+        return _round(engine, checks, kept or {})
     finally:
         if engine.client.get(lock) == holder.encode():
             engine.client.delete(lock)
 
 
-def _round(engine: Engine, checks: list[list[Check]]) -> Moved:
+def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]) -> Moved:
     shared = [check.limit_id for check in checks[0]]
     read = {
         space.index: {int(r["id"]): r for r in engine.allotments_read(space, checks[space.index])}
@@ -107,6 +129,10 @@ def _round(engine: Engine, checks: list[list[Check]]) -> Moved:
         amount = int(rows[0]["amount"])
         current[lid] = [int(r["units"]) for r in rows]
         floors = [min(int(r["used"]), int(r["units"])) for r in rows]
+        if lid in kept:
+            floors = [max(f, k) for f, k in zip(floors, kept[lid], strict=True)]
+            if sum(floors) > amount:  # guarantees past the capacity: kept in proportion
+                floors = [f * amount // sum(floors) for f in floors]
         targets[lid] = allot_targets(amount, [float(r["want"]) for r in rows], floors)
     # first take: every partition that gives units up
     for space in engine.spaces:

@@ -40,9 +40,9 @@ def engine(redis_db: redis.Redis) -> Engine:
 
 
 def units(engine: Engine, limit_id: int = 1) -> list[int]:
-    """Each partition's units of a limit as stored (after a round has written them)."""
+    """Each partition's units of a limit of CAP as stored, or its even split (none stored)."""
     stored = [engine.client.hget(space.allot, str(limit_id)) for space in engine.spaces]
-    return [int(raw.split(b":")[0]) if raw else -1 for raw in stored]
+    return [int(raw.split(b":")[0]) if raw else CAP // PARTS for raw in stored]
 
 
 def rebalance(engine: Engine, make: Any = pool_bucket, **kw: Any) -> None:
@@ -383,3 +383,33 @@ def test_processes_never_spend_a_split_budget_twice_nor_hold_more_slots_than_it_
     assert spent <= BUDGET
     assert most <= SLOTS
     assert spent >= BUDGET // 2 and most >= SLOTS // 2, "the limits should have been reached"
+
+
+def test_a_partition_keeps_its_features_guarantees_while_another_asks_for_everything(
+    engine: Engine,
+) -> None:
+    for i in range(50):
+        ask(engine, 0, f"rsv_{i}", 5_000, pool_bucket(engine.spaces[0], CAP))
+    engine.frozen_ms = NOW + 1_000
+    checks = [[pool_bucket(space, CAP)] for space in engine.spaces]
+    allotments_round(engine, checks, kept={1: [0, 0, 20_000]})
+    after = units(engine)
+    assert sum(after) == CAP and after[2] >= 20_000 and after[0] >= 39_000, after
+
+
+def test_the_guarantees_kept_are_each_tenant_s_on_its_partition(world: Any) -> None:
+    """A pool's capacity limit keeps, on each partition, the guarantees of its tenants'
+    features on that pool and metric (with 3 partitions, whatever the store has)."""
+    from quotas.allotments import guarantees_kept
+    from quotas.plan import plans
+
+    capacity = world.limit(pool=world.pool, metric="tokens", amount=100_000)
+    world.limit(pool=world.pool, metric="requests", amount=500)
+    world.limit(
+        tenant=world.tenant, feature=world.chat, pool=world.pool, metric="tokens",
+        guaranteed=20_000,
+    )  # fmt: skip
+    kept = guarantees_kept(plans.get(), 3)
+    expected = [0, 0, 0]
+    expected[world.tenant.pk % 3] = 20_000
+    assert kept == {capacity.id: expected}
