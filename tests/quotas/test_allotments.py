@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,9 +172,19 @@ PROCESSES = 3
 SECONDS = 4.0
 
 
+def _reported(out: str, work: Callable[[], dict[str, Any]]) -> None:
+    """A forked process's work: its result, or its traceback, written to `out`."""
+    try:
+        result = work()
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
+
+
 def _hammer(tenant: int, out: str, stop_at: float, tokens: int, pause: float) -> None:
     """A forked process with its own connection: reserves on its tenant's partition."""
-    try:
+
+    def work() -> dict[str, Any]:
         engine = Engine(_client(), hash_tag="allot", partitions=PARTS)
         check = pool_bucket(engine.tenant_space(tenant), 6_000)
         i = 0
@@ -181,24 +192,26 @@ def _hammer(tenant: int, out: str, stop_at: float, tokens: int, pause: float) ->
             ask(engine, tenant, f"rsv_{tenant}_{i}", tokens, check)
             i += 1
             time.sleep(pause)
-        result: dict[str, Any] = {"asks": i}
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    Path(out).write_text(json.dumps(result))
+        return {"asks": i}
+
+    _reported(out, work)
 
 
-def _rebalancer(out: str, stop_at: float) -> None:
-    try:
-        engine = Engine(_client(), hash_tag="allot", partitions=PARTS)
+def _rebalancer(
+    out: str, stop_at: float, tag: str, checks_of: Callable[[KeySpace], list[Check]]
+) -> None:
+    """A forked process moving the units of `checks_of(partition)` 20 times a second."""
+
+    def work() -> dict[str, Any]:
+        engine = Engine(_client(), hash_tag=tag, partitions=PARTS)
         rounds = 0
         while time.time() < stop_at:
-            allotments_round(engine, [[pool_bucket(s, 6_000)] for s in engine.spaces])
+            allotments_round(engine, [checks_of(s) for s in engine.spaces])
             rounds += 1
             time.sleep(0.05)
-        result: dict[str, Any] = {"rounds": rounds}
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    Path(out).write_text(json.dumps(result))
+        return {"rounds": rounds}
+
+    _reported(out, work)
 
 
 def _client() -> redis.Redis:
@@ -226,7 +239,11 @@ def test_processes_on_every_partition_never_admit_more_than_the_limit_while_it_m
         for i in range(PROCESSES)
     ]
     processes.append(
-        context.Process(target=_rebalancer, args=(str(outputs[-1]), stop_at), daemon=True)
+        context.Process(
+            target=_rebalancer,
+            args=(str(outputs[-1]), stop_at, "allot", lambda s: [pool_bucket(s, 6_000)]),
+            daemon=True,
+        )
     )
     for process in processes:
         process.start()
@@ -293,7 +310,8 @@ def _hour_checks(space: KeySpace, start: int) -> list[Check]:
 
 def _holder(tenant: int, out: str, stop_at: float, start: int, burst: int, pause: float) -> None:
     """Reserves `burst` calls of 1,000 tokens in a row, holds them a moment, commits them."""
-    try:
+
+    def work() -> dict[str, Any]:
         engine = Engine(_client(), hash_tag="allotp", partitions=PARTS)
         checks = _hour_checks(engine.tenant_space(tenant), start)
         owner = Owner(tenant)
@@ -309,24 +327,9 @@ def _holder(tenant: int, out: str, stop_at: float, start: int, burst: int, pause
             for rid in held:
                 engine.commit(reservation_id=rid, owner=owner, usage=Usage(999, 1), version=3)
             time.sleep(pause)
-        result: dict[str, Any] = {"asks": i}
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    Path(out).write_text(json.dumps(result))
+        return {"asks": i}
 
-
-def _budget_rebalancer(out: str, stop_at: float, start: int) -> None:
-    try:
-        engine = Engine(_client(), hash_tag="allotp", partitions=PARTS)
-        rounds = 0
-        while time.time() < stop_at:
-            allotments_round(engine, [_hour_checks(s, start) for s in engine.spaces])
-            rounds += 1
-            time.sleep(0.05)
-        result: dict[str, Any] = {"rounds": rounds}
-    except BaseException:
-        result = {"error": traceback.format_exc()}
-    Path(out).write_text(json.dumps(result))
+    _reported(out, work)
 
 
 def test_processes_never_spend_a_split_budget_twice_nor_hold_more_slots_than_it_has(
@@ -354,7 +357,9 @@ def test_processes_never_spend_a_split_budget_twice_nor_hold_more_slots_than_it_
     ]
     processes.append(
         context.Process(
-            target=_budget_rebalancer, args=(str(outputs[-1]), stop_at, start), daemon=True
+            target=_rebalancer,
+            args=(str(outputs[-1]), stop_at, "allotp", lambda s: _hour_checks(s, start)),
+            daemon=True,
         )
     )
     for process in processes:
