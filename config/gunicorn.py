@@ -14,6 +14,7 @@ slowly. A buffering proxy in front of the sync workers is the cure for those.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -45,3 +46,17 @@ def child_exit(server: Any, worker: Any) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(worker.pid)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """A worker leaving gracefully (a deploy, --max-requests) writes the degraded-mode events
+    its spool still owes the ledger, if the store answers; what it cannot write is logged."""
+    from quotas.degraded import spool_drain, spool_size
+    from quotas.store import get_engine
+
+    if spool_size():
+        spool_drain(get_engine())
+    if spool_size():
+        logging.getLogger("quotas.degraded").error(
+            "a worker exits with %d degraded events the store did not take", spool_size()
+        )

@@ -2,8 +2,10 @@
 
 A pool with `fail_mode: open` keeps admitting when Redis is unreachable: the reservation is
 marked degraded (a header and a field), nothing is enforced, and its events wait in this
-process's spool until Redis answers again. The spool is bounded: an outage that outlasts it
-loses the oldest events, and says so in the log.
+process's spool until Redis answers again: the next decision that reaches the store writes
+them, and a thread of the process tries every DRAIN_SECONDS meanwhile, so they never wait for
+traffic. The spool is bounded: an outage that outlasts it loses the oldest events, and says so
+in the log.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ import hmac
 import logging
 import math
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from quotas.engine import (
     Engine,
@@ -35,9 +40,11 @@ log = logging.getLogger(__name__)
 DEGRADED_PREFIX = "rsv_d_"
 SIGNATURE_CHARS = 16
 SPOOL_LIMIT = 100_000
+DRAIN_SECONDS = 1.0
 
 _spool: deque[dict[str, Any]] = deque(maxlen=SPOOL_LIMIT)
 _lock = threading.Lock()
+_drainer: threading.Thread | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,11 +139,46 @@ def spool_flush(client: redis.Redis, stream: str, maxlen: int) -> int:
         for event in events:
             pipe.xadd(stream, event, maxlen=maxlen or None, approximate=True)  # type: ignore[arg-type]
         pipe.execute()
-    except redis.RedisError:
+    except BaseException:  # whatever stopped the write, the events stay owed
         with _lock:
             _spool.extendleft(reversed(events))
         raise
     return len(events)
+
+
+def spool_drain(engine: Engine) -> None:
+    """Write what the spool holds once the store answers; keep it while it does not."""
+    if spool_size():
+        try:
+            spool_flush(engine.client, engine.keys.events, engine.stream_maxlen)
+        except (redis.RedisError, RedisClusterException):
+            log.warning("degraded events still waiting for the store", exc_info=True)
+
+
+def drain_in_background(engine_of: Callable[[], Engine]) -> None:
+    """Make sure a thread of this process drains the spool every DRAIN_SECONDS until it is
+    empty (one thread at most; `engine_of` is asked each time, so it follows the app's)."""
+    global _drainer
+    with _lock:
+        if _drainer is None:
+            _drainer = threading.Thread(
+                target=_drain_until_empty, args=(engine_of,), name="degraded-spool", daemon=True
+            )
+            _drainer.start()
+
+
+def _drain_until_empty(engine_of: Callable[[], Engine]) -> None:
+    global _drainer
+    while True:
+        time.sleep(DRAIN_SECONDS)
+        try:
+            spool_drain(engine_of())
+        except Exception:
+            log.exception("draining the degraded-event spool failed")
+        with _lock:  # an event spooled after this check starts a thread of its own
+            if not _spool:
+                _drainer = None
+                return
 
 
 def degraded_admit(
@@ -239,12 +281,3 @@ def degraded_lease(
         "r": {},
     }
     return LeaseView(data=data, now_ms=now)
-
-
-def spool_drain(engine: Engine) -> None:
-    """Write what the spool holds once the store answers; keep it while it does not."""
-    if spool_size():
-        try:
-            spool_flush(engine.client, engine.keys.events, engine.stream_maxlen)
-        except redis.RedisError:
-            log.warning("degraded events still waiting for the store", exc_info=True)

@@ -17,8 +17,10 @@ from quotas.degraded import (
     degraded_admit,
     degraded_lease,
     degraded_settle,
+    drain_in_background,
     is_degraded_id,
     spool_drain,
+    spool_size,
 )
 from quotas.engine import (
     Conflict,
@@ -592,13 +594,15 @@ def _unenforced(call: ReserveCall, pool: PoolInfo, trouble: StoreTrouble) -> Gra
     RESERVATIONS.labels("degraded", trouble.reason, tenant, feature, pool.slug).inc()
     DEGRADED_GRANTS.labels(trouble.reason, tenant, feature, pool.slug).inc()
     model = pool.models.get(call.meta["model"])
-    return degraded_admit(
+    granted = degraded_admit(
         engine=get_engine(),
         call=call,
         pool_slug=pool.slug,
         subject=Subject(call.feature_id, pool.id, model.id if model else None),
         secret=settings.QUOTA_API_KEY_PEPPER,
     )
+    drain_in_background(lambda: get_engine())  # the engine of the moment, when it runs
+    return granted
 
 
 def _degraded_settle(key: Caller, reservation_id: str, outcome: str, usage: Usage) -> Settled:
@@ -613,6 +617,8 @@ def _degraded_settle(key: Caller, reservation_id: str, outcome: str, usage: Usag
         usage=usage,
         secret=settings.QUOTA_API_KEY_PEPPER,
     )
+    if spool_size():  # the store did not take them yet
+        drain_in_background(lambda: get_engine())
     return _found(settled)
 
 

@@ -25,8 +25,10 @@ class StoreBusyError(redis.ResponseError):
 # The errors that say the store cannot serve now: only these answer 503 or admit fail-open.
 # Unreachable (connection refused, reset or timed out, or a server still loading its data),
 # a replica that cannot take writes (a failover in progress), out of memory under
-# `noeviction`, a cluster that is down or resharding, and a script holding the server (BUSY).
-# Any other (a script's ResponseError) is a bug, answered as one, never retried as an outage.
+# `noeviction`, a cluster that is down or resharding, a slot the cluster client knows no master
+# for (its map reloaded mid-failover) or a cluster it cannot reach at all, and a script holding
+# the server (BUSY). Any other (a script's ResponseError) is a bug, answered as one, never
+# retried as an outage.
 STORE_UNREACHABLE = (
     redis.ConnectionError,  # BusyLoadingError too
     redis.TimeoutError,
@@ -34,6 +36,8 @@ STORE_UNREACHABLE = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,  # MasterDownError too
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.RedisClusterUnreachableError,
     StoreBusyError,
 )
 

@@ -15,6 +15,7 @@ import redis.cluster
 from django.conf import settings
 from rest_framework.test import APIClient
 
+import quotas.degraded
 from providers.models import LanguageModel, Pool
 from quotas.keys import api_key_create
 from quotas.models import Limit
@@ -54,13 +55,26 @@ def _shared_redis() -> redis.Redis:
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
+def _spool_emptied() -> None:
+    """The degraded events a test left in this process's spool are dropped, and the thread
+    draining it is gone, so that none is written into another test's store."""
+    while True:
+        quotas.degraded._spool.clear()
+        drainer = quotas.degraded._drainer
+        if drainer is None:
+            return
+        drainer.join(timeout=quotas.degraded.DRAIN_SECONDS * 3)
+
+
 @pytest.fixture(autouse=True)
 def redis_db() -> Iterator[redis.Redis]:
     client = get_redis()
+    _spool_emptied()
     _flush(client)
     plans.clear()
     get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None
     yield client
+    _spool_emptied()
     _flush(client)
     plans.clear()
     get_engine().clock_offset_ms, get_engine().frozen_ms = 0, None

@@ -15,8 +15,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 
-from config.gunicorn import defer_accept
+import quotas.store
+from config.gunicorn import defer_accept, worker_exit
+from quotas.degraded import spool_event, spool_size
+from quotas.engine.core import Engine
+from quotas.store import get_engine, redis_client
+from tests.fixtures import DEAD_STORE
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).parent / "gunicorn"
@@ -111,3 +117,26 @@ def test_without_the_settings_a_silent_connection_holds_the_only_worker():
         time.sleep(0.2)
         with pytest.raises(TimeoutError):
             _get(port, timeout=2)
+
+
+def test_a_worker_leaving_writes_the_degraded_events_it_still_holds(caplog):
+    engine = get_engine()
+    spool_event({"type": "reserved", "rid": "rsv_d_1.2.3-left", "degraded": 1})
+
+    worker_exit(None, None)
+
+    assert spool_size() == 0
+    events = engine.client.xrange(engine.keys.events)
+    assert [fields[b"rid"] for _, fields in events] == [b"rsv_d_1.2.3-left"]
+    assert "degraded events" not in caplog.text
+
+
+def test_a_worker_leaving_while_the_store_is_down_says_what_it_could_not_write(monkeypatch, caplog):
+    dead = Engine(redis_client(DEAD_STORE), hash_tag=settings.QUOTA_HASH_TAG)
+    monkeypatch.setattr(quotas.store, "get_engine", lambda: dead)
+    spool_event({"type": "reserved", "rid": "rsv_d_1.2.3-kept", "degraded": 1})
+
+    worker_exit(None, None)
+
+    assert spool_size() == 1
+    assert "a worker exits with 1 degraded events the store did not take" in caplog.text

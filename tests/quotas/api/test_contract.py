@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from datetime import time as clock_time
@@ -34,6 +35,7 @@ from quotas.plan import plans
 from quotas.reservations import get_engine
 from quotas.store import config_version_bump, redis_client
 from tests.factories import FeatureFactory, LanguageModelFactory, PoolFactory, TenantFactory
+from tests.fakes.redis_server import wait_until
 from tests.fixtures import DEAD_STORE
 
 RESERVATIONS = "/api/v1/reservations"
@@ -994,6 +996,22 @@ def test_a_fail_open_pool_admits_degraded_and_flushes_its_events_once_the_store_
     assert events[0][b"degraded"] == b"1"
     assert events[0][b"type"] == b"reserved"
     assert events[0][b"feature"] == b"chat"
+    assert quotas.degraded.spool_size() == 0
+
+
+def test_a_degraded_grants_event_reaches_the_stream_without_another_request(
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch, store_down: Engine, open_pool: None
+) -> None:
+    """The process that admitted it may serve nothing more: a thread of its own writes the
+    spool once the store answers."""
+    degraded_id = reserve().json()["id"]
+    time.sleep(quotas.degraded.DRAIN_SECONDS * 1.5)  # a drain tried on the dead store kept it
+    assert quotas.degraded.spool_size() == 1
+
+    monkeypatch.undo()  # the store is back; no request follows
+
+    wait_until(lambda: _events(degraded_id) != [], seconds=10, what="the spool's drain")
+    assert [e[b"type"] for e in _events(degraded_id)] == [b"reserved"]
     assert quotas.degraded.spool_size() == 0
 
 
