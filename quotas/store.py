@@ -42,6 +42,10 @@ STORE_UNREACHABLE = (
 )
 
 
+def _busy(exc: redis.ResponseError) -> bool:
+    return type(exc) is redis.ResponseError and str(exc).startswith("BUSY ")
+
+
 class StoreClient(redis.Redis):
     """redis.Redis that tells a BUSY reply from other errors (see StoreBusyError)."""
 
@@ -49,7 +53,19 @@ class StoreClient(redis.Redis):
         try:
             return super().parse_response(connection, command_name, **options)
         except redis.ResponseError as exc:
-            if type(exc) is redis.ResponseError and str(exc).startswith("BUSY "):
+            if _busy(exc):
+                raise StoreBusyError(*exc.args) from exc
+            raise
+
+
+class StoreCluster(RedisCluster):
+    """RedisCluster that tells a BUSY reply of one of its nodes from other errors."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().execute_command(*args, **kwargs)
+        except redis.ResponseError as exc:
+            if _busy(exc):
                 raise StoreBusyError(*exc.args) from exc
             raise
 
@@ -73,7 +89,7 @@ def cluster_client(seeds: list[str]) -> RedisCluster:
     for seed in seeds:
         host, _, port = seed.strip().rpartition(":")
         nodes.append(ClusterNode(host or "127.0.0.1", int(port)))
-    return RedisCluster(
+    return StoreCluster(
         startup_nodes=nodes,
         socket_timeout=2.0,
         socket_connect_timeout=1.0,

@@ -1,6 +1,7 @@
 """A store that answers but cannot serve now (a read-only replica, out of memory, a script
 holding it) is down like an unreachable one: 503 on a fail-closed pool, degraded admission on
-a fail-open one. Against a redis-server of the test's own on a loopback port (7170-7179)."""
+a fail-open one. Against a redis-server of the test's own on a loopback port (7170-7179), or
+a Redis Cluster of its own (tests/fakes/redis_cluster.py)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import quotas.degraded
 import quotas.reservations
 from quotas.engine.core import Engine
 from quotas.plan import plans
-from quotas.store import StoreBusyError, redis_client
+from quotas.store import StoreBusyError, cluster_client, redis_client
+from tests.fakes.redis_cluster import RedisCluster
 from tests.fakes.redis_server import RedisServer, free_port, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is missing"
 )
 PORTS = range(7170, 7180)
+SPIN = "local t = redis.call('TIME')[1] + 5 while tonumber(redis.call('TIME')[1]) < t do end"
 
 
 @pytest.fixture
@@ -114,8 +117,7 @@ def test_a_fail_open_pool_admits_degraded_when_the_store_cannot_write(
 def test_a_script_holding_the_store_is_an_outage(reserve: Any, own_store: redis.Redis) -> None:
     own_store.config_set("busy-reply-threshold", 50)
     port = own_store.connection_pool.connection_kwargs["port"]
-    spin = "local t = redis.call('TIME')[1] + 5 while tonumber(redis.call('TIME')[1]) < t do end"
-    runner = threading.Thread(target=_run_killed, args=(redis.Redis(port=port), spin))
+    runner = threading.Thread(target=_run_killed, args=(redis.Redis(port=port), SPIN))
     runner.start()
     try:
         wait_until(lambda: _busy(own_store), seconds=10, what="the script to hold the store")
@@ -147,3 +149,41 @@ def _busy(client: redis.Redis) -> bool:
     except StoreBusyError:
         return True
     return False
+
+
+@pytest.mark.single_redis  # a cluster of its own
+@pytest.mark.slow
+def test_a_script_holding_a_master_of_a_cluster_is_an_outage_of_its_shard_only(
+    world: Any, reserve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = RedisCluster()
+    cluster.start()
+    try:
+        engine = Engine(
+            cluster_client(cluster.seeds.split(",")),
+            hash_tag=settings.QUOTA_HASH_TAG,
+            partitions=12,
+        )
+        for space in engine.spaces:
+            engine.client.set(space.version, plans.get().version)
+        monkeypatch.setattr(quotas.reservations, "get_engine", lambda: engine)
+        assert reserve().status_code == 201
+        home = engine.tenant_space(world.tenant.id)
+        held = cluster.master_of(home.version)
+        elsewhere = next(s for s in engine.spaces if cluster.master_of(s.version) != held)
+        master = redis_client(f"redis://127.0.0.1:{held}")
+        master.config_set("busy-reply-threshold", 50)
+        runner = threading.Thread(target=_run_killed, args=(redis.Redis(port=held), SPIN))
+        runner.start()
+        try:
+            wait_until(lambda: _busy(master), seconds=10, what="the script to hold the master")
+            with pytest.raises(StoreBusyError):  # told apart by the app's cluster client
+                engine.client.get(home.version)
+            assert error_of(reserve(), 503) == "unavailable"
+            assert engine.client.get(elsewhere.version)  # the other shards serve
+        finally:
+            master.script_kill()
+            runner.join(timeout=10)
+        assert reserve().status_code == 201
+    finally:
+        cluster.stop()
