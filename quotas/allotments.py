@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from quotas.engine import Check, Engine
 from quotas.engine.core import KeySpace
 from quotas.engine.partitions import tenant_partition
-from quotas.metrics import ALLOTMENT_MOVED, ALLOTMENT_UNITS
+from quotas.metrics import ALLOTMENT_MOVED, ALLOTMENT_ROUND, ALLOTMENT_UNITS
 from quotas.plan.compiled import Plan
 from quotas.plan.infos import LimitInfo
 
@@ -160,6 +160,7 @@ def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]
         for index, units in enumerate(current[lid]):
             ALLOTMENT_UNITS.labels(str(lid), str(index)).set(units)
     ALLOTMENT_MOVED.inc(moved)
+    ALLOTMENT_ROUND.set_to_current_time()
     return Moved(len(shared), moved)
 
 

@@ -47,3 +47,9 @@ ALLOTMENT_MOVED = Counter(
     "quota_allotment_moved_units",
     "Units of shared limits the rebalancer gave to another partition.",
 )
+ALLOTMENT_ROUND = Gauge(
+    "quota_allotment_last_round_timestamp_seconds",
+    "When the rebalancer last finished a round (Unix time): on a partitioned store, shared "
+    "limits stop following demand when it no longer moves.",
+    multiprocess_mode="max",
+)

@@ -79,6 +79,7 @@ def test_a_round_moves_units_to_the_partition_that_asks(engine: Engine) -> None:
         ask(engine, 0, f"rsv_{i}", 5_000, pool_bucket(engine.spaces[0], CAP))
     engine.frozen_ms = NOW + 1_000
     moved_before = REGISTRY.get_sample_value("quota_allotment_moved_units_total") or 0
+    started = time.time()
     rebalance(engine)
     after = units(engine)
     assert sum(after) == CAP
@@ -91,6 +92,8 @@ def test_a_round_moves_units_to_the_partition_that_asks(engine: Engine) -> None:
     assert shown == after
     moved = REGISTRY.get_sample_value("quota_allotment_moved_units_total") - moved_before
     assert moved == after[0] - CAP // PARTS
+    last_round = REGISTRY.get_sample_value("quota_allotment_last_round_timestamp_seconds")
+    assert started <= last_round <= time.time()
     # and back: once partition 2 asks and 0 has gone quiet, a few rounds even it out
     for round_ in range(1, 6):
         for i in range(20):
