@@ -12,11 +12,14 @@ when a round stops half-way.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from quotas.engine import Check, Engine
 from quotas.engine.core import KeySpace
@@ -77,7 +80,8 @@ def allotments_rebalance(engine: Engine, plan: Plan) -> Moved:
         return Moved(0, 0)
     now_ms = engine.now_ms_estimate()
     checks = [split_checks(plan, s, now_ms) for s in engine.spaces]
-    return allotments_round(engine, checks, kept=guarantees_kept(plan, len(engine.spaces)))
+    kept = guarantees_kept(plan, len(engine.spaces))
+    return allotments_round(engine, checks, kept=kept, version=plan.version)
 
 
 def guarantees_kept(plan: Plan, count: int) -> dict[int, list[int]]:
@@ -97,23 +101,42 @@ def guarantees_kept(plan: Plan, count: int) -> dict[int, list[int]]:
 
 
 def allotments_round(
-    engine: Engine, checks: list[list[Check]], *, kept: dict[int, list[int]] | None = None
+    engine: Engine,
+    checks: list[list[Check]],
+    *,
+    kept: dict[int, list[int]] | None = None,
+    version: int = 0,
 ) -> Moved:
     """One round: `checks[i]` are the split limits' checks on partition i, in one order;
     `kept[limit id][i]`: units partition i keeps of that limit whatever the asks (its
-    features' guarantees). Skipped while another round holds the lock; raises when a
-    partition cannot be read (then nothing moves: the allotments stay as they were while a
-    shard fails over)."""
-    home = engine.keys
-    holder = secrets.token_hex(8)
-    lock = home.prefix + "allot_lock"
-    if not engine.client.set(lock, holder, nx=True, px=LOCK_MS):
+    features' guarantees); `version`: the plan's. Skipped while another round holds the
+    lock, and while a partition lost its data (its version is missing while the plan has one:
+    until its rebuild); raises when a partition cannot be read (then nothing moves: the
+    allotments stay as they were while a shard fails over)."""
+    lock = _lock(engine)
+    if not lock.acquire(blocking=False):
         return Moved(0, 0)  # another round is running
     try:
+        lost = [s.index for s in engine.spaces if version and not engine.client.exists(s.version)]
+        if lost:
+            # a partition without its data reads as having used nothing: its budgets' units
+            # would be given away before the rebuild restores what it had spent
+            log.warning("allotments: no round while partitions %s wait for their rebuild", lost)
+            return Moved(0, 0)
         return _round(engine, checks, kept or {})
     finally:
-        if engine.client.get(lock) == holder.encode():
-            engine.client.delete(lock)
+        _release(lock)
+
+
+def _lock(engine: Engine) -> Lock:
+    """The lock that rounds and restores take: one at a time on the allotments. A holder that
+    crashed frees it after LOCK_MS."""
+    return engine.client.lock(engine.keys.prefix + "allot_lock", timeout=LOCK_MS / 1000)
+
+
+def _release(lock: Lock) -> None:
+    with contextlib.suppress(LockError):  # it expired meanwhile: someone else may hold it
+        lock.release()
 
 
 def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]) -> Moved:
@@ -185,16 +208,23 @@ def allotments_restore(engine: Engine, space: KeySpace, checks: list[Check]) -> 
     round. `checks`: the shared limits' checks on that partition (`split_checks`)."""
     if not engine.partitioned:
         return
-    units = {}
-    for check in checks:
-        amount = check.rate or check.cap
-        others = 0
-        for other in engine.spaces:
-            if other is not space:
-                raw = engine.client.hget(other.allot, str(check.limit_id))
-                others += _units(raw, amount, other)
-        units[check.limit_id] = max(0, amount - others)
-    engine.allotments_move(space, checks, units)
+    lock = _lock(engine)
+    # under the rounds' lock, so that no round gives units between these reads and the write
+    if not lock.acquire(blocking=True, blocking_timeout=LOCK_MS / 1000 + 1):
+        log.warning("allotments: restoring partition %s without the rounds' lock", space.index)
+    try:
+        units = {}
+        for check in checks:
+            amount = check.rate or check.cap
+            others = 0
+            for other in engine.spaces:
+                if other is not space:
+                    raw = engine.client.hget(other.allot, str(check.limit_id))
+                    others += _units(raw, amount, other)
+            units[check.limit_id] = max(0, amount - others)
+        engine.allotments_move(space, checks, units)
+    finally:
+        _release(lock)
 
 
 def _units(raw: bytes | str | None, amount: int, space: KeySpace) -> int:
@@ -205,4 +235,6 @@ def _units(raw: bytes | str | None, amount: int, space: KeySpace) -> int:
     held, _, of = text.partition(":")
     if int(of) == amount:
         return int(held)
-    return int(held) * amount // int(of) if int(of) > 0 else amount // space.count
+    if int(of) <= 0:
+        return _units(None, amount, space)
+    return min(int(held), int(held) * amount // int(of))

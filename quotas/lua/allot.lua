@@ -10,7 +10,10 @@
 --
 -- State: one hash per partition, q:{tag.i}:allot:
 --   <limit id>   "units:amount": the units allotted, of the amount they were allotted from
---                 (an amount changed since scales them: units * new / old, rounded down)
+--                 (an amount lowered since scales them down: units * new / old, rounded
+--                 down; a raised one leaves them as they are until the rebalancer hands out
+--                 the new units, so that parts stored against different amounts never add
+--                 up past the new one)
 --   w<limit id>  units asked on this partition since the rebalancer last read them
 --   e<limit id>  units asked per minute, smoothed over the rebalancer's reads
 --
@@ -32,7 +35,7 @@ local function allot_units(raw, amount, part)
   units, from = tonumber(units), tonumber(from)
   if from == amount then return units end
   if from <= 0 then return allot_even(amount, part) end
-  return math.floor(units * amount / from)
+  return math.min(units, math.floor(units * amount / from))
 end
 
 -- The amount a check's allotment is a share of: a bucket's refill per minute, a budget's or

@@ -30,9 +30,10 @@ local function bp_event(stream, maxlen, kind, pool, now, fields)
   emit(stream, maxlen, fields)
 end
 
--- A pool's effective capacity for a configured one at `share` (never below one unit).
+-- A pool's effective capacity for a configured one at `share` (never below one unit, but
+-- a partition's part of a split limit that holds nothing stays nothing).
 local function bp_scaled(cap, share)
-  if share >= 1 then return cap end
+  if share >= 1 or cap <= 0 then return cap end
   return math.max(1, math.floor(cap * share))
 end
 

@@ -11,6 +11,7 @@ import multiprocessing
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace as with_
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,13 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from quotas.allotments import allot_targets, allotments_restore, allotments_round
-from quotas.engine import Check, Engine, Granted, Owner, Refused, Usage
+from quotas.engine import Check, Engine, Granted, Owner, PoolOption, Refused, Usage
 from quotas.engine.core import KeySpace
-from quotas.engine.types import Period
+from quotas.engine.types import Period, Pressure
 from quotas.store import get_redis
-from tests.quotas.engine.test_core import HOUR, NOW
+from tests.quotas.engine.test_core import HOUR, NOW, call
 from tests.quotas.engine.test_partitions import PARTS, ask, pool_bucket
+from tests.quotas.engine.test_pressure import pressure
 
 CAP = 60_000  # tokens a minute: 1 a millisecond
 
@@ -278,6 +280,85 @@ def test_processes_on_every_partition_never_admit_more_than_the_limit_while_it_m
             worst = max(worst, admitted - allowed)
     print(f"\n{len(grants)} grants of {total} tokens; closest to the bound: {worst:.0f} tokens")
     assert worst <= 0
+
+
+def test_a_raised_amount_never_makes_the_parts_add_up_past_it(engine: Engine) -> None:
+    """A round writes only the parts that move: here 40 and 27 of 100, partition 2 keeping
+    its even 33 unwritten. Raised to 1,000, the written parts stay as they are until the
+    rebalancer hands out the new units, and the unwritten one reads its even part of 1,000:
+    at most 1,000 together (scaled up, 400 + 270 + 333 = 1,003)."""
+    for i, asked in enumerate([80, 54, 66]):
+        engine.client.hset(engine.spaces[i].allot, "e1", asked)
+    allotments_round(engine, [[pool_bucket(space, 100)] for space in engine.spaces])
+    assert engine.client.hget(engine.spaces[2].allot, "1") is None
+    engine.frozen_ms = NOW + 120_000  # every part full
+    held = []
+    for i, space in enumerate(engine.spaces):
+        refused = ask(engine, i, f"rsv_all_{i}", 10**9, pool_bucket(space, 1_000))
+        assert isinstance(refused, Refused)
+        held.append(refused.remaining)
+    assert held == [40, 27, 333] and sum(held) <= 1_000
+
+
+def test_a_partition_holding_nothing_admits_nothing_at_a_reduced_share(engine: Engine) -> None:
+    """A pool limit of 10 requests a minute held [10, 0, 0] at an adaptive share of 0.9: the
+    partitions holding nothing admit nothing (a share never rounds nothing up to one unit),
+    and the three together at most 9."""
+
+    def option(space: KeySpace) -> tuple[Check, Pressure]:
+        check = Check(1, "b", "requests", 10, key=space.bucket(1), split=True, pool_limit=True)
+        return check, with_(pressure(engine, 5), key=space.pressure(5))
+
+    for space, units_ in zip(engine.spaces, [10, 0, 0], strict=True):
+        engine.allotments_move(space, [option(space)[0]], {1: units_})
+        engine.client.hset(space.pressure(5), "s", 0.9)
+    admitted = []
+    for i, space in enumerate(engine.spaces):
+        granted = 0
+        for _ in range(15):
+            check, bp = option(space)
+            decided = engine.reserve(
+                call(
+                    engine.reservation_id(i),
+                    check,
+                    tenant_id=i,
+                    input_tokens=1,
+                    max_output_tokens=1,
+                    min_output_tokens=1,
+                    options=(PoolOption("main", (check,), bp),),
+                )
+            )
+            granted += isinstance(decided, Granted)
+        admitted.append(granted)
+    assert admitted[1:] == [0, 0] and 0 < admitted[0] <= 9, admitted
+
+
+def test_no_round_moves_units_while_a_partition_waits_for_its_rebuild(engine: Engine) -> None:
+    """A partition that lost its data reads as having used nothing: a round then would give
+    its spent budget away. Rounds wait until its rebuild wrote its version back."""
+    start = NOW - NOW % HOUR
+    engine.frozen_ms = start + HOUR // 2
+
+    def budget(space: KeySpace) -> Check:
+        periods = tuple(
+            Period(space.period(5, s), s, s + HOUR) for s in (start - HOUR, start, start + HOUR)
+        )
+        return Check(5, "p", "tokens", 99, periods=periods, split=True)
+
+    assert isinstance(ask(engine, 1, "rsv_spent", 33, budget(engine.spaces[1])), Granted)
+    for key in engine.client.scan_iter(match=engine.spaces[1].prefix + "*"):
+        engine.client.delete(key)  # partition 1 lost its data, its version with it
+    for i in range(20):
+        ask(engine, 0, f"rsv_{i}", 10, budget(engine.spaces[0]))
+    engine.frozen_ms += 1_000
+
+    moved = allotments_round(engine, [[budget(space)] for space in engine.spaces], version=3)
+
+    assert moved.units == 0
+    assert [engine.client.hget(space.allot, "5") for space in engine.spaces] == [None] * PARTS
+    engine.client.set(engine.spaces[1].version, 3)  # rebuilt
+    checks = [[budget(space)] for space in engine.spaces]
+    assert allotments_round(engine, checks, version=3).units > 0
 
 
 def test_a_partition_that_lost_its_data_takes_back_only_what_the_others_leave(
