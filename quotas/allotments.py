@@ -141,8 +141,11 @@ def _release(lock: Lock) -> None:
 
 def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]) -> Moved:
     shared = [check.limit_id for check in checks[0]]
+    fence = _fence(engine)
     read = {
-        space.index: {int(r["id"]): r for r in engine.allotments_read(space, checks[space.index])}
+        space.index: {
+            int(r["id"]): r for r in engine.allotments_read(space, checks[space.index], fence=fence)
+        }
         for space in engine.spaces
     }
     current: dict[int, list[int]] = {}
@@ -164,7 +167,10 @@ def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]
             for lid in targets
             if targets[lid][space.index] < current[lid][space.index]
         }
-        for lid, units in engine.allotments_move(space, checks[space.index], down).items():
+        taken = engine.allotments_move(space, checks[space.index], down, fence=fence)
+        if taken is None:
+            return _superseded(len(shared))
+        for lid, units in taken.items():
             current[lid][space.index] = units
     # then give, never past the amount whatever the takes left
     moved = 0
@@ -178,13 +184,27 @@ def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]
                 up[lid] = current[lid][i] + grow
                 current[lid][i] += grow  # counted before it lands: the sum stays bounded
                 moved += grow
-        engine.allotments_move(space, checks[space.index], up)
+        if engine.allotments_move(space, checks[space.index], up, fence=fence) is None:
+            return _superseded(len(shared))
     for lid in shared:
         for index, units in enumerate(current[lid]):
             ALLOTMENT_UNITS.labels(str(lid), str(index)).set(units)
     ALLOTMENT_MOVED.inc(moved)
     ALLOTMENT_ROUND.set_to_current_time()
     return Moved(len(shared), moved)
+
+
+def _fence(engine: Engine) -> int:
+    """A number for a round or a restore, higher than every earlier one's (see allot_move.lua:
+    a partition refuses the moves of a round older than the last it saw)."""
+    return int(engine.client.incr(engine.keys.prefix + "allot_fence"))
+
+
+def _superseded(limits: int) -> Moved:
+    """A round that stalled past its lock while a newer one ran stops where it is: what it
+    took stays taken (the sum only lower), and it gives nothing."""
+    log.warning("allotments: a round stopped, a newer one has run since it began")
+    return Moved(limits, 0)
 
 
 def shared_limits(plan: Plan) -> list[LimitInfo]:
@@ -222,7 +242,7 @@ def allotments_restore(engine: Engine, space: KeySpace, checks: list[Check]) -> 
                     raw = engine.client.hget(other.allot, str(check.limit_id))
                     others += _units(raw, amount, other)
             units[check.limit_id] = max(0, amount - others)
-        engine.allotments_move(space, checks, units)
+        engine.allotments_move(space, checks, units, fence=_fence(engine))
     finally:
         _release(lock)
 

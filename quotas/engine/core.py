@@ -307,28 +307,34 @@ class Engine:
         partition's stream."""
         return sum(int(self.scripts.call("trim", [s.events], {})) for s in self.spaces)
 
-    def allotments_read(self, space: KeySpace, checks: list[Check]) -> list[dict[str, Any]]:
+    def allotments_read(
+        self, space: KeySpace, checks: list[Check], *, fence: int = 0
+    ) -> list[dict[str, Any]]:
         """Of each split limit on one partition: its `units` there, the `amount` they are of,
         the units asked per minute (`want`, smoothed) and the `used` units it must keep
-        (allot_move.lua). Resets the asks."""
-        payload = {**self._clock(), "part": self._part(space), "read": True}
+        (allot_move.lua). Resets the asks. `fence`: the round's number, after which the
+        partition refuses the moves of an older round."""
+        payload = {**self._clock(), "part": self._part(space), "read": True, "fence": fence}
         payload["checks"] = [c.as_lua() for c in checks]
         keys = [space.allot, *(k for c in checks for k in c.redis_keys())]
         return _as_list(self.scripts.call("allot_move", keys, payload))
 
     def allotments_move(
-        self, space: KeySpace, checks: list[Check], units: dict[int, int]
-    ) -> dict[int, int]:
+        self, space: KeySpace, checks: list[Check], units: dict[int, int], *, fence: int = 0
+    ) -> dict[int, int] | None:
         """Move split limits on one partition to `units` (by limit id); the units each holds
-        now (a budget or concurrency limit keeps what it uses)."""
+        now (a budget or concurrency limit keeps what it uses). None, moving nothing, when a
+        round numbered after `fence` has read the partition since (0: no fence)."""
         moving = [c for c in checks if c.limit_id in units]
         if not moving:
             return {}
-        payload = {**self._clock(), "part": self._part(space)}
+        payload = {**self._clock(), "part": self._part(space), "fence": fence}
         payload["checks"] = [c.as_lua() for c in moving]
         payload["units"] = {str(c.limit_id): units[c.limit_id] for c in moving}
         keys = [space.allot, *(k for c in moving for k in c.redis_keys())]
         reply = self.scripts.call("allot_move", keys, payload)
+        if reply == "superseded":
+            return None
         return {int(k): int(v) for k, v in dict(reply or {}).items()}
 
     def spread_429(

@@ -12,11 +12,19 @@
 --     brought to the moment first at its old size, so that the refill until now counts at
 --     the old rate and from now on at the new one; its level is cut to the new depth.
 --
+-- `fence` (both): the round's number (0: none). A read records the highest seen; a move of
+-- a round older than that (one that stalled past its lock while a newer round ran) applies
+-- nothing and answers "superseded", so two rounds never both give.
+--
 -- Returns JSON: [{id, units, amount, want, used}] (read) or {<limit id> = units} (units).
 
 local req = cjson.decode(ARGV[1])
 local now = clock(req)
 local part = req.part
+local fence = tonumber(req.fence) or 0
+local fenced = tonumber(redis.call('HGET', part.k, 'fence') or '0')
+if fence > 0 and fence < fenced then return cjson.encode('superseded') end
+if fence > fenced then redis.call('HSET', part.k, 'fence', fence) end
 
 local function sized(check, units)
   local copy = {}

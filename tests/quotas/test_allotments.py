@@ -361,6 +361,40 @@ def test_no_round_moves_units_while_a_partition_waits_for_its_rebuild(engine: En
     assert allotments_round(engine, checks, version=3).units > 0
 
 
+def test_a_round_that_outlived_its_lock_gives_nothing_once_a_newer_round_ran(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 slots asked for on partition 0. Round A takes from partitions 1 and 2 and stalls
+    past its lock before giving; meanwhile the asks move to partition 2 and round B runs
+    whole. A, resuming, gives nothing: the slots never add up past 12."""
+
+    def slots(space: KeySpace) -> Check:
+        return Check(4, "c", "concurrent", 12, key=space.concurrency(4), split=True)
+
+    checks = [[slots(space)] for space in engine.spaces]
+    for space, asked in zip(engine.spaces, [24, 0, 0], strict=True):
+        engine.client.hset(space.allot, "e4", asked)
+    move = Engine.allotments_move
+    moves = []
+
+    def stalling(self: Engine, *args: Any, **kw: Any) -> Any:
+        moves.append(args[0].index)
+        if len(moves) == 4:  # A has taken, and is about to give: its lock expires, B runs
+            self.client.delete(self.keys.prefix + "allot_lock")
+            for space, asked in zip(self.spaces, [0, 0, 24], strict=True):
+                self.client.hset(space.allot, "e4", asked)
+            monkeypatch.setattr(Engine, "allotments_move", move)
+            assert allotments_round(self, checks).limits == 1
+        return move(self, *args, **kw)
+
+    monkeypatch.setattr(Engine, "allotments_move", stalling)
+    allotments_round(engine, checks)
+
+    held = [int(engine.client.hget(space.allot, "4").split(b":")[0]) for space in engine.spaces]
+    assert sum(held) <= 12, held
+    assert held[2] > held[0], held  # B's targets stand
+
+
 def test_a_partition_that_lost_its_data_takes_back_only_what_the_others_leave(
     engine: Engine,
 ) -> None:
