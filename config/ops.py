@@ -26,7 +26,7 @@ from redis.exceptions import RedisClusterException
 
 from ledger.metrics import LedgerCollector, ledger_lag_seconds
 from quotas.plan import plans
-from quotas.store import get_engine, get_redis
+from quotas.store import STORE_UNREACHABLE, get_engine, get_redis
 
 log = logging.getLogger(__name__)
 Check = Callable[[], dict[str, Any]]
@@ -69,7 +69,7 @@ def _redis() -> dict[str, Any]:
     for name, indices in masters.items():
         try:
             client.ping(target_nodes=client.get_node(node_name=name))
-        except redis.RedisError as exc:
+        except (redis.RedisError, *STORE_UNREACHABLE) as exc:
             unreachable.extend(indices)
             errors.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
     body: dict[str, Any] = {"ok": len(unreachable) < len(spaces), "partitions": len(spaces)}
@@ -107,9 +107,12 @@ READINESS: dict[str, Check] = {
 
 
 def _run(check: Check) -> dict[str, Any]:
+    """The check's answer; not ready with the error when the store or the database cannot
+    answer (the cluster client's SlotNotCoveredError and RedisClusterUnreachableError are no
+    RedisError)."""
     try:
         return check()
-    except (redis.RedisError, DatabaseError) as exc:
+    except (redis.RedisError, *STORE_UNREACHABLE, DatabaseError) as exc:
         log.info("not ready: %s", exc)  # the probe's own answer says it; not an error here
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
 

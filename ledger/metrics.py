@@ -1,7 +1,8 @@
 """The ledger's Prometheus metrics, computed when `/metrics` is scraped: how long the usage
 stream is and how far the ledger is behind it (a few Redis reads per partition, once per
 scrape). On a partitioned store the lengths and backlogs are summed over the partitions'
-streams and the lag is the worst of them."""
+streams and the lag is the worst of them, of the streams that answer (a shard failing over
+is left out)."""
 
 from __future__ import annotations
 
@@ -50,12 +51,19 @@ def ledger_lag_seconds() -> float:
 
 
 def stream_state() -> StreamState:
+    """Summed over every partition's stream that answers: a shard failing over is left out,
+    as from the lag; raises when none answers."""
     streams = usage_streams()
-    return StreamState(
-        length=sum(stream.length() for stream in streams),
-        backlog=sum(stream.backlog() for stream in streams),
-        lag_seconds=ledger_lag_seconds(),
-    )
+    length = backlog = 0
+    unreachable = []
+    for stream in streams:
+        try:
+            length, backlog = length + stream.length(), backlog + stream.backlog()
+        except STORE_UNREACHABLE as exc:
+            unreachable.append(exc)
+    if len(unreachable) == len(streams):
+        raise unreachable[0]
+    return StreamState(length=length, backlog=backlog, lag_seconds=ledger_lag_seconds())
 
 
 class LedgerCollector:

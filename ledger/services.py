@@ -16,7 +16,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -47,6 +49,7 @@ from quotas.engine.types import MAX_TTL
 from quotas.keys import api_keys_used
 from quotas.plan import plans
 from quotas.reservations import get_engine
+from quotas.store import STORE_UNREACHABLE
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class IngestReport:
     entries: int = 0
     reclaimed: int = 0
     parked: int = 0
+    unreachable: tuple[int, ...] = ()  # partitions whose stream was left (store unreachable)
 
 
 class LedgerStream(UsageStream):
@@ -114,56 +118,120 @@ def usage_ingest(
     """Finish what this process left pending, reclaim what dead consumers left, then drain
     the streams in batches; with `max_seconds`, keep waiting for new entries that long (the
     beat task does). Each partition's stream in turn, round by round, so that none waits on
-    another's backlog."""
+    another's backlog. A stream whose store cannot serve (a shard failing over) is left for
+    the rest of the run, its entries waiting in it, while the others are drained; the run
+    raises only when every stream failed."""
     size = batch_size or ledger_setting("LEDGER_BATCH_SIZE")
     streams, consumer = usage_streams(), consumer_name()
-    for stream in streams:
-        stream.ensure_group()
+    skipped = _Skipped(streams)
+    for stream in skipped.live():
+        with skipped.isolated(stream):
+            stream.ensure_group()
     deadline = time.monotonic() + max_seconds
     batches = entries = reclaimed = 0
-    with BatchWriter() as writer:
-        for stream in streams:
+    with BatchWriter(on_unreachable=skipped.fail) as writer:
+        for stream in skipped.live():
             # This process's own unacknowledged entries first (a task of it failed mid-batch,
             # e.g. Redis restarted): they are ours, no need to wait until they look abandoned.
-            while held := writer.drained() and stream.held(consumer, count=size):
-                writer.submit(stream, held)
-                batches, reclaimed = batches + 1, reclaimed + len(held)
+            with skipped.isolated(stream):
+                while skipped.drained(writer, stream) and (
+                    held := stream.held(consumer, count=size)
+                ):
+                    writer.submit(stream, held)
+                    batches, reclaimed = batches + 1, reclaimed + len(held)
         idle_ms = ledger_setting("LEDGER_CLAIM_IDLE_MS")
-        for stream in streams:
-            while claimed := writer.drained() and stream.claim(
-                consumer, min_idle_ms=idle_ms, count=size
-            ):
-                writer.submit(stream, claimed)
-                batches, reclaimed = batches + 1, reclaimed + len(claimed)
-        while True:
+        for stream in skipped.live():
+            with skipped.isolated(stream):
+                while skipped.drained(writer, stream) and (
+                    claimed := stream.claim(consumer, min_idle_ms=idle_ms, count=size)
+                ):
+                    writer.submit(stream, claimed)
+                    batches, reclaimed = batches + 1, reclaimed + len(claimed)
+        while live := skipped.live():
             wait = int(min(block_ms, (deadline - time.monotonic()) * 1000))
             # a blocking read per stream: the wait shared among them (never 0: for ever)
-            block = max(1, wait // len(streams)) if wait > 0 else None
+            block = max(1, wait // len(live)) if wait > 0 else None
             read_any = False
-            for stream in streams:
-                read = stream.read(consumer, count=size, block_ms=block)
-                if read:
-                    writer.submit(stream, read)
-                    batches, entries = batches + 1, entries + len(read)
-                    read_any = True
+            for stream in live:
+                if stream in skipped.failed:  # its batch in flight failed meanwhile
+                    continue
+                with skipped.isolated(stream):
+                    read = stream.read(consumer, count=size, block_ms=block)
+                    if read:
+                        writer.submit(stream, read)
+                        batches, entries = batches + 1, entries + len(read)
+                        read_any = True
             if not read_any and time.monotonic() >= deadline:
                 break
+    skipped.raise_if_all()
     return IngestReport(
-        batches=batches, entries=entries + reclaimed, reclaimed=reclaimed, parked=writer.parked
+        batches=batches,
+        entries=entries + reclaimed,
+        reclaimed=reclaimed,
+        parked=writer.parked,
+        unreachable=skipped.partitions(),
     )
+
+
+class _Skipped:
+    """The streams of one ingest run whose store could not serve, each with its first error:
+    logged once, then left alone for the rest of the run."""
+
+    def __init__(self, streams: list[LedgerStream]) -> None:
+        self.streams = streams
+        self.failed: dict[UsageStream, Exception] = {}
+
+    def live(self) -> list[LedgerStream]:
+        return [stream for stream in self.streams if stream not in self.failed]
+
+    def fail(self, stream: UsageStream, exc: Exception) -> None:
+        if stream in self.failed:
+            return
+        self.failed[stream] = exc
+        log.warning(
+            "ledger: usage stream %s unreachable, left until the next run: %s: %s",
+            stream.key,
+            type(exc).__name__,
+            exc,
+        )
+
+    @contextmanager
+    def isolated(self, stream: UsageStream) -> Iterator[None]:
+        try:
+            yield
+        except STORE_UNREACHABLE as exc:
+            self.fail(stream, exc)
+
+    def drained(self, writer: BatchWriter, stream: UsageStream) -> bool:
+        """Wait for the batch in flight; True to read on from `stream` (it has not failed,
+        whichever stream that batch was of)."""
+        return writer.drained() and stream not in self.failed
+
+    def raise_if_all(self) -> None:
+        if self.streams and len(self.failed) == len(self.streams):
+            raise next(iter(self.failed.values()))
+
+    def partitions(self) -> tuple[int, ...]:
+        return tuple(sorted(s.partition for s in self.streams if s in self.failed))
 
 
 class BatchWriter:
     """Writes each batch (and then acknowledges it); on PostgreSQL, in a thread of its own
     while the next batch is read and parsed, so that the database works on its core while
-    Python reads. Outside an open transaction only: a thread has its own connection."""
+    Python reads. Outside an open transaction only: a thread has its own connection. With
+    `on_unreachable`, a batch whose stream's store cannot serve (its acknowledgement failed:
+    its entries stay pending, read again later) is handed to it with the error, as the
+    batch's stream's failure, instead of raising where the writer is waited for."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, on_unreachable: Callable[[UsageStream, Exception], None] | None = None
+    ) -> None:
         self.resolver = Resolver(plans.get())
         background = connection.vendor == "postgresql" and not connection.in_atomic_block
         self.pool = ThreadPoolExecutor(max_workers=1) if background else None
-        self.pending: Future[int] | None = None
+        self.pending: tuple[UsageStream, Future[int]] | None = None
         self.parked = 0
+        self.on_unreachable = on_unreachable
 
     def __enter__(self) -> BatchWriter:
         return self
@@ -180,17 +248,31 @@ class BatchWriter:
     def submit(self, stream: UsageStream, entries: list[Entry]) -> None:
         batch = batch_parse(_named(stream, entries), self.resolver)
         if self.pool is None:
-            self.parked += batch_write(stream=stream, entries=entries, batch=batch)
+            with self._of(stream):
+                self.parked += batch_write(stream=stream, entries=entries, batch=batch)
             return
         self.drained()
-        self.pending = self.pool.submit(batch_write, stream=stream, entries=entries, batch=batch)
+        future = self.pool.submit(batch_write, stream=stream, entries=entries, batch=batch)
+        self.pending = (stream, future)
 
     def drained(self) -> bool:
-        """Wait for the batch in flight (raising its error); True to read on."""
+        """Wait for the batch in flight (raising its error, or handing a store's to
+        `on_unreachable`); True to read on."""
         pending, self.pending = self.pending, None
         if pending is not None:
-            self.parked += pending.result()
+            stream, future = pending
+            with self._of(stream):
+                self.parked += future.result()
         return True
+
+    @contextmanager
+    def _of(self, stream: UsageStream) -> Iterator[None]:
+        try:
+            yield
+        except STORE_UNREACHABLE as exc:
+            if self.on_unreachable is None:
+                raise
+            self.on_unreachable(stream, exc)
 
 
 def batch_parse(entries: list[Entry], resolver: Resolver) -> Batch | None:

@@ -553,15 +553,29 @@ def _engine(call: EngineCall, owner: Owner | KeyHolder, version: int | None) -> 
 
 
 def leases_expire(*, batch: int = 500) -> int:
-    """Expire held reservations whose time is up; charged as reserved, slots freed."""
+    """Expire held reservations whose time is up; charged as reserved, slots freed. Every
+    partition that answers: one whose shard cannot serve (failing over) is logged and left
+    to the next run; raises only when none answers."""
     engine = get_engine()
     total = 0
+    unreachable: list[Exception] = []
     for space in engine.spaces:
-        while True:
-            done = engine.reap(batch=batch, space=space)
-            total += done
-            if done < batch:
-                break
+        try:
+            while True:
+                done = engine.reap(batch=batch, space=space)
+                total += done
+                if done < batch:
+                    break
+        except STORE_UNREACHABLE as exc:
+            log.warning(
+                "leases of partition %d not expired, its store cannot serve: %s: %s",
+                space.index,
+                type(exc).__name__,
+                exc,
+            )
+            unreachable.append(exc)
+    if unreachable and len(unreachable) == len(engine.spaces):
+        raise unreachable[0]
     return total
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from django.conf import settings
 from django.db import DatabaseError
 from django.test import Client, override_settings
@@ -20,6 +21,7 @@ import config.celery  # its metrics are exported too
 import config.ops
 import quotas.store
 from ledger.metrics import LedgerCollector
+from ledger.services import usage_streams
 from quotas.store import redis_client
 from tests.fixtures import DEAD_STORE, World
 from tests.ledger.stack import Ledger, Services, call, process_env, wait_until
@@ -78,6 +80,36 @@ def test_readyz_is_503_when_the_database_is_down(
         "ok": False,
         "error": "DatabaseError: connection refused",
     }
+
+
+def test_readyz_is_503_json_when_the_cluster_client_cannot_reach_the_store(
+    world: World, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Errors of the cluster client that are no RedisError answer not ready, not a 500: no
+    stream answering the ledger's lag (every shard's slot uncovered), or no node reachable."""
+    for stream in usage_streams():
+        monkeypatch.setattr(stream, "oldest_unacknowledged_ms", _slot_not_covered)
+
+    def unreachable() -> Any:
+        raise redis.exceptions.RedisClusterUnreachableError("no startup node answered")
+
+    monkeypatch.setattr(config.ops, "get_redis", unreachable)
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    checks = response.json()["checks"]
+    assert checks["ledger"] == {
+        "ok": False,
+        "error": "SlotNotCoveredError: no master for the slot",
+    }
+    assert checks["redis"] == {
+        "ok": False,
+        "error": "RedisClusterUnreachableError: no startup node answered",
+    }
+    assert checks["database"]["ok"] is True
+
+
+def _slot_not_covered(*args: Any) -> Any:
+    raise redis.exceptions.SlotNotCoveredError("no master for the slot")
 
 
 def test_readyz_is_503_while_the_ledger_lags_past_the_threshold(

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
+import redis
 from django.test import override_settings
 
 import quotas.degraded
 import quotas.reservations
 from ledger.models import DeadLetter, LedgerState, PoolEvent, Refusal, UsageEvent
 from ledger.services import (
+    LedgerStream,
     consumer_name,
     degraded_leases_expire,
     entries_batch_write,
@@ -400,3 +403,73 @@ def test_events_of_tenants_on_different_partitions_are_each_written_once_though_
         dict(row, ingested_ms=0) for row in rows
     ]
     assert (PoolEvent.objects.count(), DeadLetter.objects.count()) == (2, 2)
+
+
+def _unreachable(stream: LedgerStream, monkeypatch: pytest.MonkeyPatch, *methods: str) -> None:
+    """The stream's store cannot serve these calls (its shard failing over)."""
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.SlotNotCoveredError("no master for the slot")
+
+    for method in methods:
+        monkeypatch.setattr(stream, method, down)
+
+
+def test_a_partition_failing_over_leaves_the_others_ingested_and_its_events_for_later(
+    world: World, reserve: Any, three_partitions: Engine, caplog: Any
+) -> None:
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = stream_of(world), usage_stream(engine.tenant_space(other.id).index)
+    ours_rid = reserve().json()["id"]
+    theirs_rid = reserve(client=other_client).json()["id"]
+    with pytest.MonkeyPatch.context() as shard_down, caplog.at_level(logging.WARNING):
+        _unreachable(ours, shard_down, "ensure_group", "held", "read")
+        report = usage_ingest()
+
+    assert report.unreachable == (ours.partition,)
+    assert report.entries == 1
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == {theirs_rid}
+    assert theirs.backlog() == 0
+    assert len([r for r in caplog.records if ours.key in r.getMessage()]) == 1  # once a run
+
+    assert usage_ingest().entries == 1  # the shard is back
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == {ours_rid, theirs_rid}
+
+
+def test_ingest_raises_when_no_stream_answers(
+    world: World, reserve: Any, three_partitions: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reserve()
+    for stream in usage_streams():
+        _unreachable(stream, monkeypatch, "ensure_group")
+    with pytest.raises(redis.exceptions.SlotNotCoveredError):
+        usage_ingest()
+    assert not UsageEvent.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)  # batches written in the writer's own thread
+def test_a_failed_acknowledgement_is_its_own_streams_and_its_entries_are_read_again(
+    three_partitions: Engine, world: World, reserve: Any
+) -> None:
+    """A batch in flight whose acknowledgement fails (its shard went away after the commit)
+    fails its own stream, not the one being read meanwhile; its entries stay pending and are
+    read again later, merging into the rows they made."""
+    engine = three_partitions
+    other, other_client = tenant_elsewhere(world, "globex")
+    ours, theirs = stream_of(world), usage_stream(engine.tenant_space(other.id).index)
+    rids = {reserve().json()["id"], reserve(client=other_client).json()["id"]}
+    with pytest.MonkeyPatch.context() as shard_down:
+        _unreachable(ours, shard_down, "ack")
+        report = usage_ingest()
+
+    assert report.unreachable == (ours.partition,)
+    assert set(UsageEvent.objects.values_list("rid", flat=True)) == rids  # committed
+    assert (ours.backlog(), theirs.backlog()) == (1, 0)
+    rows = list(UsageEvent.objects.order_by("rid").values())
+
+    assert usage_ingest().reclaimed == 1  # this process's own pending entry
+    assert ours.backlog() == 0
+    assert [dict(row, ingested_ms=0) for row in UsageEvent.objects.order_by("rid").values()] == [
+        dict(row, ingested_ms=0) for row in rows
+    ]

@@ -3,12 +3,18 @@ nothing to rebalance) or the cluster pass's cluster (12 partitions)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
+import redis
 from django.conf import settings
 
 from config.celery import app
 from quotas import tasks
+from quotas.engine import Engine
+from quotas.engine.core import KeySpace
+from quotas.reservations import leases_expire
 from quotas.store import get_engine
 from tests.fixtures import World
 
@@ -40,3 +46,52 @@ def test_the_rebalance_task_moves_a_pool_limit_toward_its_tenant(
     home = engine.tenant_space(world.tenant.pk).index
     assert units[home] > 110_000, units
     assert moved > 0
+
+
+@pytest.fixture
+def partitions(monkeypatch: pytest.MonkeyPatch) -> Engine:
+    """The store split into three partitions at least (as QUOTA_PARTITIONS=3 makes it)."""
+    engine = get_engine()
+    if len(engine.spaces) < 3:
+        spaces = Engine(engine.client, hash_tag=settings.QUOTA_HASH_TAG, partitions=3).spaces
+        monkeypatch.setattr(engine, "spaces", spaces)
+        monkeypatch.setattr(engine, "keys", spaces[0])
+    return engine
+
+
+def test_the_reaper_expires_leases_of_the_partitions_that_answer_while_others_fail_over(
+    partitions: Engine,
+    world: World,
+    reserve: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = partitions
+    home = engine.tenant_space(world.tenant.id).index
+    engine.frozen_ms = engine.now_ms()
+    assert reserve(ttl_seconds=1).status_code == 201
+    engine.frozen_ms += 2_000
+    reap = engine.reap
+
+    def reap_or_fail(*, batch: int, space: KeySpace) -> int:
+        if space.index != home:
+            raise redis.exceptions.SlotNotCoveredError(f"no master for {space.index}")
+        return reap(batch=batch, space=space)
+
+    monkeypatch.setattr(engine, "reap", reap_or_fail)
+    with caplog.at_level(logging.WARNING):
+        assert tasks.expire_leases.delay().get() == 1
+
+    failing = [r for r in caplog.records if "not expired" in r.getMessage()]
+    assert len(failing) == len(engine.spaces) - 1
+
+
+def test_the_reaper_fails_when_no_partition_answers(
+    partitions: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def down(*, batch: int, space: KeySpace) -> int:
+        raise redis.ConnectionError("refused")
+
+    monkeypatch.setattr(partitions, "reap", down)
+    with pytest.raises(redis.ConnectionError):
+        leases_expire()
