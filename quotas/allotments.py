@@ -242,7 +242,7 @@ def allotments_restore(engine: Engine, space: KeySpace, checks: list[Check]) -> 
                     raw = engine.client.hget(other.allot, str(check.limit_id))
                     others += _units(raw, amount, other)
             units[check.limit_id] = max(0, amount - others)
-        engine.allotments_move(space, checks, units, fence=_fence(engine))
+        engine.allotments_move(space, checks, units)
     finally:
         _release(lock)
 
