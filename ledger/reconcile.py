@@ -84,7 +84,7 @@ def budgets_reconcile(
                 for row in rows
                 if row.drift != 0 or restore_leases
             ]
-            held = [row for row in report.held if _partition_of(row) == space.index]
+            held = [row for row in report.held if _restored_on(row) == space.index]
             leases = _leases(held, space) if restore_leases else []
             if not adjustments and not leases:
                 continue
@@ -95,8 +95,14 @@ def budgets_reconcile(
     return report
 
 
-def _partition_of(row: Row) -> int:
-    return reservation_partition(row["rid"], len(get_engine().spaces))
+def _restored_on(row: Row) -> int | None:
+    """The partition a held reservation's lease is restored on: the one its id names, where
+    its settlement will look, when that is its tenant's. None when they differ (the number
+    of partitions changed since it was made): no lease is restored, and the reservation,
+    charged in full to its tenant's partition by the repair, expires in the ledger."""
+    engine = get_engine()
+    named = reservation_partition(row["rid"], len(engine.spaces))
+    return named if named == engine.tenant_space(row["tenant_pk"]).index else None
 
 
 def _budget_report(spaces: Sequence[KeySpace], *, with_held: bool) -> BudgetReport:

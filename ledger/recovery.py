@@ -100,6 +100,8 @@ def lease_from_ledger(
     if owner.feature_ids and row["feature_pk"] not in owner.feature_ids:
         return None
     engine, plan = get_engine(), plans.get()
+    if engine.reservation_space(reservation_id) is not engine.tenant_space(owner.tenant_id):
+        return None  # made before the number of partitions changed: its keys are elsewhere
     now = engine.now_ms()
     granted = row["expires_ms"] or row["created_ms"]
     if granted + engine.retention_ms <= now:

@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from django.core.management import call_command
 
+from ledger.models import UsageEvent
+from ledger.reconcile import budgets_reconcile
 from ledger.recovery import store_rebuild
 from ledger.services import usage_ingest
 from quotas import recovery
@@ -460,3 +462,30 @@ def test_a_lost_partition_alone_is_rebuilt_and_the_others_are_left_as_they_were(
     assert reserve(client=other_client).status_code == 201
     assert commit(world, held[0], input_tokens=400, output_tokens=20).status_code == 200
     assert reserve().status_code == 201
+
+
+def test_a_held_reservation_made_under_another_number_of_partitions_is_not_restored_elsewhere(
+    three_partitions: Engine, world: World, reserve: Any, redis_db: Any
+) -> None:
+    """A reservation whose id names another partition than its tenant's (made before
+    QUOTA_PARTITIONS changed) gets no lease on the rebuild: restored where its id points, its
+    keys would be another partition's, and its settlement would refund the wrong counters.
+    The repair charges it in full on its tenant's partition; the other partitions' keys are
+    left as they were."""
+    engine = three_partitions
+    ours = space_of(world)
+    elsewhere = next(space for space in engine.spaces if space is not ours)
+    day = world.limit(tenant=world.tenant, metric="tokens", window="day", amount=5000)
+    made = reserve(input_tokens=400, max_output_tokens=100).json()["id"]
+    usage_ingest()
+    renamed = f"rsv_{elsewhere.index:02x}{made[6:]}"
+    UsageEvent.objects.filter(rid=made).update(rid=renamed)
+    redis_db.delete(ours.lease(made))
+    kept = partition_dump(redis_db, elsewhere)
+
+    report = budgets_reconcile(repair=True, restore_leases=True)
+
+    assert report.leases_restored == 0
+    assert not any(redis_db.exists(space.lease(renamed)) for space in engine.spaces)
+    assert partition_dump(redis_db, elsewhere) == kept
+    assert state(day)["used"] == 500  # reserved, charged on the tenant's partition
