@@ -441,6 +441,8 @@ class Engine:
 
     def _lease_call(self, script: str, reservation_id: str, payload: dict[str, Any]) -> Reply:
         space = self.reservation_space(reservation_id)
+        if self.partitioned:  # a settlement refunds split limits at their part now
+            payload["part"] = self._part(space)
         keys = [space.version, space.lease(reservation_id), space.leases, space.events]
         reply: Reply = self.scripts.call(script, keys, payload)
         return reply

@@ -94,3 +94,26 @@ local function allot_want(check, amount, part)
     redis.call('HINCRBY', part.k, 'w' .. check.id, int(amount))
   end
 end
+
+-- At a settlement: a lease's split bucket, recorded at its partition's part when reserved,
+-- brought to the part the partition holds now (the rebalancer may have moved units since), so
+-- that the refund lands, and the refill runs, at the current depth and rate. Checks recorded
+-- without their limit's id (leases made before ids were recorded) stay as they are.
+local function allot_refresh(checks, part)
+  if not part then return end
+  for _, check in ipairs(checks) do
+    if check.id and check.kind == 'b' and check.al and check.al > 0 and check.whole then
+      local raw = redis.call('HGET', part.k, tostring(check.id)) or nil
+      local units = allot_units(raw, check.whole, part)
+      if units ~= check.al then
+        local function scaled(value)
+          if value then return math.floor(value * units / check.al) end
+          return nil
+        end
+        check.cap, check.rate = scaled(check.cap), scaled(check.rate)
+        check.cfg, check.cd = scaled(check.cfg), scaled(check.cd)
+        check.al = units
+      end
+    end
+  end
+end

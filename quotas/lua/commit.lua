@@ -12,6 +12,7 @@
 --          requests (1), hash (of the commit body), extra (event fields: finish_reason,
 --          upstream_status, latency_ms)}, report = {st (the provider's status),
 --          hd (its stated limits by metric: {l, r})} (see bp_settle in pressure.lua)
+--          part (on a partitioned store: split limits refund at their part now, allot.lua)
 --
 -- The limit keys touched are the ones the lease recorded at reserve time; they carry the same
 -- hash tag as KEYS[2], so the script stays within one Cluster slot.
@@ -37,6 +38,7 @@ if lease.st == 'released' then return cjson.encode({conflict = 'released'}) end
 if lease.sa and now < lease.sa then
   return cjson.encode({conflict = 'scheduled', wait_ms = lease.sa - now})
 end
+allot_refresh(lease.ck, req.part) -- allot.lua: the partition's part of split limits now
 local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
 local result = settle(KEYS[2], lease, req.usage, 'committed', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)

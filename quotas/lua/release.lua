@@ -10,6 +10,7 @@
 --          API key's digest, when the plan cannot be loaded: see owns in lib.lua), maxlen,
 --          retention_ms, clock, extra (event fields: upstream_status, latency_ms),
 --          report = {st, hd} (the provider's answer; see bp_settle in pressure.lua)
+--          part (on a partitioned store: split limits refund at their part now, allot.lua)
 --
 -- Returns JSON: {result = {...}, spread = pool (after a provider 429, for the pool's other
 -- partitions)} (a repeated release returns the same result),
@@ -26,6 +27,7 @@ if lease.st == 'released' then return cjson.encode({result = lease.res}) end
 if lease.st ~= 'held' then return cjson.encode({conflict = lease.st}) end
 local nothing = {in_ = 0, cached = 0, out = 0, cost = 0, requests = 0, hash = 'release',
                  extra = req.extra}
+allot_refresh(lease.ck, req.part) -- allot.lua: the partition's part of split limits now
 local pressure = bp_settle(lease, req.report, now, KEYS[4], req.maxlen) -- pressure.lua
 local result = settle(KEYS[2], lease, nothing, 'released', KEYS[3], KEYS[4], req.maxlen,
                       req.retention_ms, now)

@@ -206,7 +206,7 @@ local function grant(option, out, start)
     recorded[#recorded + 1] = {k = check.k, kind = check.kind, m = check.m, cap = check.cap,
                                amt = check.amt, took = check.took, cfg = check.cfg,
                                cd = check.cd, rate = check.rate, al = check.al,
-                               whole = check.whole}
+                               whole = check.whole, id = check.al and check.id}
   end
   local expires = (start or now) + req.ttl_ms
   local cost = amount_for(req.cost, out)

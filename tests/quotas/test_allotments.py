@@ -395,6 +395,33 @@ def test_a_round_that_outlived_its_lock_gives_nothing_once_a_newer_round_ran(
     assert held[2] > held[0], held  # B's targets stand
 
 
+def test_a_refund_after_a_partitions_part_shrank_refills_at_the_part_it_holds_now(
+    engine: Engine,
+) -> None:
+    """A lease taken on partition 0 while it held 40,000 of a 60,000-token pool; then its
+    part shrinks to 20,000 (partition 1 gets 40,000) and both are emptied. Committed 30 s
+    later with 999 tokens unused, partition 0 holds what a bucket of 20,000 a minute refills in
+    30 s and the refund: 10,999, not the 20,000 its old rate would have refilled."""
+    spaces = engine.spaces
+    checks = [[pool_bucket(space, CAP)] for space in spaces]
+    engine.allotments_move(spaces[2], checks[2], {1: 0})
+    engine.allotments_move(spaces[0], checks[0], {1: 40_000})
+    lease = engine.reservation_id(0)
+    assert isinstance(ask(engine, 0, lease, 1_000, pool_bucket(spaces[0], CAP)), Granted)
+    engine.allotments_move(spaces[0], checks[0], {1: 20_000})
+    engine.allotments_move(spaces[1], checks[1], {1: 40_000})
+    engine.frozen_ms = NOW + 60_000  # both full
+    assert isinstance(ask(engine, 0, "rsv_p0", 20_000, pool_bucket(spaces[0], CAP)), Granted)
+    assert isinstance(ask(engine, 1, "rsv_p1", 40_000, pool_bucket(spaces[1], CAP)), Granted)
+    engine.frozen_ms = NOW + 90_000
+
+    engine.commit(reservation_id=lease, owner=Owner(0), usage=Usage(0, 1), version=3)
+
+    refused = ask(engine, 0, "rsv_probe", 10**9, pool_bucket(spaces[0], CAP))
+    assert isinstance(refused, Refused)
+    assert refused.remaining == 10_000 + 999
+
+
 def test_a_partition_that_lost_its_data_takes_back_only_what_the_others_leave(
     engine: Engine,
 ) -> None:
