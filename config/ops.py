@@ -7,6 +7,7 @@ refused by ALLOWED_HOSTS or redirected to HTTPS.
 
 from __future__ import annotations
 
+import glob
 import hmac
 import ipaddress
 import logging
@@ -129,11 +130,28 @@ def _registry() -> CollectorRegistry:
     and a scrape sums them; a single process (runserver, tests) answers its own."""
     registry = CollectorRegistry()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)
+        _StartedFiles(registry)
     else:
         registry.register(_Delegate(REGISTRY))
     registry.register(LedgerCollector())
     return registry
+
+
+class _StartedFiles(MultiProcessCollector):
+    """prometheus-client's multiprocess collector, leaving out the files of processes that are
+    creating theirs: such a file exists empty for a moment before it is sized, and reading it
+    would fail the whole scrape (prometheus/client_python#1199)."""
+
+    def collect(self) -> Any:
+        files = glob.glob(os.path.join(self._path, "*.db"))
+        return self.merge([f for f in files if _sized(f)], accumulate=True)
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # its process died, and the file was removed meanwhile
+        return False
 
 
 class _Delegate(Collector):

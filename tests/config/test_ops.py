@@ -15,7 +15,8 @@ import redis
 from django.conf import settings
 from django.db import DatabaseError
 from django.test import Client, override_settings
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 import config.celery  # its metrics are exported too
 import config.ops
@@ -265,3 +266,20 @@ def test_one_scrape_sums_every_gunicorn_worker_and_the_celery_worker(
     # reap.lua runs in the Celery worker alone: its count came from another process's file
     writers = {path.stem.rsplit("_", 1)[1] for path in shared.glob("*.db")}
     assert len(writers) >= 2
+
+
+def test_a_scrape_leaves_out_the_file_a_starting_process_has_not_sized_yet(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A process creating its metrics file leaves it empty for a moment; a scrape then still
+    answers, with the other processes' values."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    written = MmapedDict(str(tmp_path / "counter_1.db"))
+    key = mmap_key("quota_test_starts", "quota_test_starts_total", [], [], "Starts.")
+    written.write_value(key, 3.0, 0.0)
+    written.close()
+    (tmp_path / "counter_2.db").touch()  # the starting process's
+
+    shown = generate_latest(config.ops._registry()).decode()
+
+    assert "quota_test_starts_total 3.0" in shown
