@@ -145,13 +145,19 @@ local function field_text(value)
   return tostring(value)
 end
 
--- One usage event, its fields from a table.
-local function emit(stream, maxlen, fields)
+-- A table's fields as a command takes them: name, value, name, value...
+local function flat_fields(fields)
   local flat = {}
   for name, value in pairs(fields) do
     flat[#flat + 1] = name
     flat[#flat + 1] = field_text(value)
   end
+  return flat
+end
+
+-- One usage event, its fields from a table.
+local function emit(stream, maxlen, fields)
+  local flat = flat_fields(fields)
   if maxlen > 0 then
     redis.call('XADD', stream, 'MAXLEN', '~', maxlen, '*', unpack(flat))
   else

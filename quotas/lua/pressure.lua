@@ -25,6 +25,12 @@ local PROBE_EVERY_MS = 1000
 -- The breaker states that changed this reserve's decision, for its answer.
 local bp_notes = {}
 
+-- Write the fields of a pool's state that a script changed (`set`), if any.
+local function bp_store(key, set)
+  local flat = flat_fields(set)
+  if #flat > 0 then redis.call('HSET', key, unpack(flat)) end
+end
+
 local function bp_event(stream, maxlen, kind, pool, now, fields)
   fields.type, fields.pool, fields.at_ms = kind, pool, now
   emit(stream, maxlen, fields)
@@ -257,10 +263,5 @@ local function bp_settled(lease, state, report, now, stream, maxlen)
   if report and report.hd then
     bp_sync(lease, report.hd, state.h, set, now, stream, maxlen)
   end
-  local flat = {}
-  for name, value in pairs(set) do
-    flat[#flat + 1] = name
-    flat[#flat + 1] = field_text(value)
-  end
-  if #flat > 0 then redis.call('HSET', lease.bp.k, unpack(flat)) end
+  bp_store(lease.bp.k, set)
 end

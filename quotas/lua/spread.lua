@@ -28,10 +28,5 @@ for _, check in ipairs(req.checks) do
   bp_rescale(check, share)
   bp_lower(check, 0, now)
 end
-local flat = {}
-for name, value in pairs(set) do
-  flat[#flat + 1] = name
-  flat[#flat + 1] = field_text(value)
-end
-if #flat > 0 then redis.call('HSET', bp.k, unpack(flat)) end
+bp_store(bp.k, set)
 return string.format('%.6f', share)

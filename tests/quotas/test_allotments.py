@@ -221,6 +221,38 @@ def _rebalancer(
     _reported(out, work)
 
 
+def _with_rebalancer(
+    tmp_path: Path,
+    worker: Callable[..., None],
+    args_of: Callable[[int], tuple[Any, ...]],
+    tag: str,
+    checks_of: Callable[[KeySpace], list[Check]],
+) -> list[dict[str, Any]]:
+    """PROCESSES forked `worker(i, out, stop_at, *args_of(i))`, one a partition, beside a
+    `_rebalancer` of `checks_of`, for SECONDS; what each reported (the rebalancer's last),
+    once every one exited cleanly."""
+    context = multiprocessing.get_context("fork")
+    stop_at = time.time() + SECONDS
+    outputs = [tmp_path / f"p{i}.json" for i in range(PROCESSES + 1)]
+    processes = [
+        context.Process(target=worker, args=(i, str(outputs[i]), stop_at, *args_of(i)), daemon=True)
+        for i in range(PROCESSES)
+    ]
+    processes.append(
+        context.Process(
+            target=_rebalancer, args=(str(outputs[-1]), stop_at, tag, checks_of), daemon=True
+        )
+    )
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+    results = [json.loads(path.read_text()) for path in outputs]
+    assert not [r["error"] for r in results if "error" in r]
+    return results
+
+
 def _client() -> redis.Redis:
     """A new connection to the store in a forked process (the parent's must not be shared)."""
     get_redis.cache_clear()
@@ -234,31 +266,13 @@ def test_processes_on_every_partition_never_admit_more_than_the_limit_while_it_m
     asking much more than the others, with a rebalancing process moving the units 20 times a
     second. From the grants in every partition's stream: between any two instants, the pool
     admitted at most its depth plus its refill."""
-    context = multiprocessing.get_context("fork")
-    stop_at = time.time() + SECONDS
-    outputs = [tmp_path / f"p{i}.json" for i in range(PROCESSES + 1)]
-    processes = [
-        context.Process(
-            target=_hammer,
-            args=(i, str(outputs[i]), stop_at, 100, 0.002 if i == 0 else 0.05),
-            daemon=True,
-        )
-        for i in range(PROCESSES)
-    ]
-    processes.append(
-        context.Process(
-            target=_rebalancer,
-            args=(str(outputs[-1]), stop_at, "allot", lambda s: [pool_bucket(s, 6_000)]),
-            daemon=True,
-        )
+    results = _with_rebalancer(
+        tmp_path,
+        _hammer,
+        lambda i: (100, 0.002 if i == 0 else 0.05),
+        "allot",
+        lambda s: [pool_bucket(s, 6_000)],
     )
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    results = [json.loads(path.read_text()) for path in outputs]
-    assert not [r["error"] for r in results if "error" in r]
     grants = sorted(
         (int(f[b"at_ms"]), int(f[b"reserved_input_tokens"]) + int(f[b"granted_output_tokens"]))
         for space in engine.spaces
@@ -494,31 +508,13 @@ def test_processes_never_spend_a_split_budget_twice_nor_hold_more_slots_than_it_
     if left_ms < (SECONDS + 10) * 1000:  # the budget's hour must not end during the run
         time.sleep(left_ms / 1000 + 0.1)
     start = engine.now_ms() // HOUR * HOUR
-    context = multiprocessing.get_context("fork")
-    stop_at = time.time() + SECONDS
-    outputs = [tmp_path / f"p{i}.json" for i in range(PROCESSES + 1)]
-    processes = [
-        context.Process(
-            target=_holder,
-            args=(i, str(outputs[i]), stop_at, start, 4 if i == 0 else 2, 0.0 if i == 0 else 0.05),
-            daemon=True,
-        )
-        for i in range(PROCESSES)
-    ]
-    processes.append(
-        context.Process(
-            target=_rebalancer,
-            args=(str(outputs[-1]), stop_at, "allotp", lambda s: _hour_checks(s, start)),
-            daemon=True,
-        )
+    results = _with_rebalancer(
+        tmp_path,
+        _holder,
+        lambda i: (start, 4 if i == 0 else 2, 0.0 if i == 0 else 0.05),
+        "allotp",
+        lambda s: _hour_checks(s, start),
     )
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(60)
-    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
-    results = [json.loads(path.read_text()) for path in outputs]
-    assert not [r["error"] for r in results if "error" in r]
     assert results[-1]["rounds"] > 10
 
     spent = sum(int(engine.client.get(s.period(7, start)) or 0) for s in engine.spaces)
