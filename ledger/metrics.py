@@ -14,7 +14,7 @@ import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ledger.services import usage_streams
-from quotas.store import STORE_UNREACHABLE, get_engine
+from quotas.store import STORE_UNREACHABLE, each_answering, get_engine
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,7 @@ def ledger_lag_seconds() -> float:
     """How long the oldest usage event not yet in the ledger has waited (Redis's clock), of
     every partition's stream that answers: a shard failing over is left out (its events wait
     in its stream, and count once it is back); raises when none answers."""
-    streams = usage_streams()
-    ages, unreachable = [], []
-    for stream in streams:
-        try:
-            ages.append(stream.oldest_unacknowledged_ms())
-        except STORE_UNREACHABLE as exc:
-            unreachable.append(exc)
-    if len(unreachable) == len(streams):
-        raise unreachable[0]
+    ages = each_answering(usage_streams(), lambda stream: stream.oldest_unacknowledged_ms())
     oldest = min((age for age in ages if age is not None), default=None)
     if oldest is None:
         return 0.0
@@ -53,17 +45,12 @@ def ledger_lag_seconds() -> float:
 def stream_state() -> StreamState:
     """Summed over every partition's stream that answers: a shard failing over is left out,
     as from the lag; raises when none answers."""
-    streams = usage_streams()
-    length = backlog = 0
-    unreachable = []
-    for stream in streams:
-        try:
-            length, backlog = length + stream.length(), backlog + stream.backlog()
-        except STORE_UNREACHABLE as exc:
-            unreachable.append(exc)
-    if len(unreachable) == len(streams):
-        raise unreachable[0]
-    return StreamState(length=length, backlog=backlog, lag_seconds=ledger_lag_seconds())
+    sizes = each_answering(usage_streams(), lambda stream: (stream.length(), stream.backlog()))
+    return StreamState(
+        length=sum(length for length, _ in sizes),
+        backlog=sum(backlog for _, backlog in sizes),
+        lag_seconds=ledger_lag_seconds(),
+    )
 
 
 class LedgerCollector:

@@ -39,6 +39,7 @@ from quotas.engine import (
     Unavailable,
     Usage,
 )
+from quotas.engine.core import KeySpace
 from quotas.errors import QuotaError, database_unavailable, invalid, not_found
 from quotas.estimate import estimate_tokens
 from quotas.keys import lease_digest
@@ -47,7 +48,7 @@ from quotas.plan import PRIORITY_RANK, FeatureInfo, KeyInfo, Plan, PoolInfo, pla
 from quotas.plan.compiled import pressure_of
 from quotas.recovery import lease_restore, store_lost
 from quotas.refusals import refusal_error, upstream_error
-from quotas.store import STORE_UNREACHABLE, get_engine
+from quotas.store import STORE_UNREACHABLE, each_answering, get_engine
 from quotas.upstream_headers import provider_limits
 
 log = logging.getLogger(__name__)
@@ -557,25 +558,25 @@ def leases_expire(*, batch: int = 500) -> int:
     partition that answers: one whose shard cannot serve (failing over) is logged and left
     to the next run; raises only when none answers."""
     engine = get_engine()
-    total = 0
-    unreachable: list[Exception] = []
-    for space in engine.spaces:
-        try:
-            while True:
-                done = engine.reap(batch=batch, space=space)
-                total += done
-                if done < batch:
-                    break
-        except STORE_UNREACHABLE as exc:
-            log.warning(
-                "leases of partition %d not expired, its store cannot serve: %s: %s",
-                space.index,
-                type(exc).__name__,
-                exc,
-            )
-            unreachable.append(exc)
-    if unreachable and len(unreachable) == len(engine.spaces):
-        raise unreachable[0]
+    total = 0  # what a partition that failed half-way expired counts too
+
+    def reap_all(space: KeySpace) -> None:
+        nonlocal total
+        while True:
+            done = engine.reap(batch=batch, space=space)
+            total += done
+            if done < batch:
+                return
+
+    def left(space: KeySpace, exc: Exception) -> None:
+        log.warning(
+            "leases of partition %d not expired, its store cannot serve: %s: %s",
+            space.index,
+            type(exc).__name__,
+            exc,
+        )
+
+    each_answering(engine.spaces, reap_all, left=left)
     return total
 
 

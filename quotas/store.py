@@ -3,8 +3,9 @@ caches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import redis
 from django.conf import settings
@@ -40,6 +41,32 @@ STORE_UNREACHABLE = (
     redis.exceptions.RedisClusterUnreachableError,
     StoreBusyError,
 )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def each_answering(
+    items: Sequence[T],
+    read: Callable[[T], R],
+    *,
+    left: Callable[[T, Exception], None] | None = None,
+) -> list[R]:
+    """`read` of each item (a partition, its stream) whose store answers: one whose store
+    cannot serve (a shard failing over) is left out, and handed to `left` with its error;
+    raises the first such error when none answered."""
+    answers, errors = [], []
+    for item in items:
+        try:
+            answers.append(read(item))
+        except STORE_UNREACHABLE as exc:
+            if left is not None:
+                left(item, exc)
+            errors.append(exc)
+    if errors and len(errors) == len(items):
+        raise errors[0]
+    return answers
 
 
 def _busy(exc: redis.ResponseError) -> bool:
