@@ -195,8 +195,8 @@ def _round(engine: Engine, checks: list[list[Check]], kept: dict[int, list[int]]
 
 
 def _fence(engine: Engine) -> int:
-    """A number for a round or a restore, higher than every earlier one's (see allot_move.lua:
-    a partition refuses the moves of a round older than the last it saw)."""
+    """A number for a round, higher than every earlier round's (see allot_move.lua: a
+    partition refuses the moves of a round older than the last it saw)."""
     return int(engine.client.incr(engine.keys.prefix + "allot_fence"))
 
 

@@ -239,7 +239,7 @@ local function bp_settle(lease, report, now, stream, maxlen)
 end
 
 -- Commit and release: the pool whose other partitions should hear of a provider 429 this
--- report carries (quotas/store.py spreads it; spread.lua), or nil.
+-- report carries (quotas/reservations.py spreads it: spread.lua), or nil.
 local function bp_spread(lease, report)
   if lease.bp and report and report.st == 429 then return lease.pool end
   return nil
